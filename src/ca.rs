@@ -1,0 +1,216 @@
+//! The local certificate authority and the per-host TLS server configs minted from it.
+//!
+//! The CA lives in `[ca] dir` as `ca.crt` (PEM, public, served at `/ca.crt`) and `ca.key`
+//! (PEM, created with mode 0600, never served). Each host gets its own ECDSA P-256 leaf key,
+//! a certificate whose SAN is that host (DNS name or IP), and a rustls `ServerConfig`
+//! offering h2 and http/1.1. Configs are kept in a moka cache whose `try_get_with` runs one
+//! mint per host, so a burst of first connections mints once.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+};
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use time::OffsetDateTime;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("CA file {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("CA in {dir}: {message}")]
+    Invalid { dir: PathBuf, message: String },
+    #[error("minting a certificate for {host}: {message}")]
+    Mint { host: String, message: String },
+}
+
+/// How long a minted leaf is valid, and how long it is kept in memory (well inside validity).
+const LEAF_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+const LEAF_CACHE_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Leaves are backdated for clients whose clocks run a little behind.
+const BACKDATE: Duration = Duration::from_secs(24 * 3600);
+const MAX_CACHED_LEAVES: u64 = 10_000;
+
+pub struct CertificateAuthority {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+    cert_der: CertificateDer<'static>,
+    leaves: moka::future::Cache<String, Arc<ServerConfig>>,
+    minted: AtomicU64,
+}
+
+impl CertificateAuthority {
+    /// Loads `ca.crt` + `ca.key` from `dir`, or creates both when neither exists.
+    pub fn load_or_create(dir: &Path) -> Result<CertificateAuthority, CaError> {
+        let crt = dir.join("ca.crt");
+        let key = dir.join("ca.key");
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| CaError::Io { path, source }
+        };
+        let invalid = |message: String| CaError::Invalid { dir: dir.to_owned(), message };
+        match (crt.exists(), key.exists()) {
+            (true, true) => {
+                let mode = fs::metadata(&key).map_err(io(&key))?.permissions().mode();
+                if mode & 0o077 != 0 {
+                    tracing::warn!(path = %key.display(), mode = format!("{:o}", mode & 0o777), "CA key is readable by others; chmod 600 it");
+                }
+                let cert_pem = fs::read_to_string(&crt).map_err(io(&crt))?;
+                let key_pem = fs::read_to_string(&key).map_err(io(&key))?;
+                let key_pair = KeyPair::from_pem(&key_pem).map_err(|e| invalid(format!("ca.key: {e}")))?;
+                let issuer = Issuer::from_ca_cert_pem(&cert_pem, key_pair).map_err(|e| invalid(format!("ca.crt: {e}")))?;
+                Self::from_parts(issuer, cert_pem).map_err(invalid)
+            }
+            (false, false) => {
+                fs::create_dir_all(dir).map_err(io(dir))?;
+                let key_pair = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| invalid(e.to_string()))?;
+                let mut params = CertificateParams::default();
+                let mut dn = DistinguishedName::new();
+                dn.push(DnType::CommonName, "Stowage local CA");
+                dn.push(DnType::OrganizationName, "Stowage");
+                params.distinguished_name = dn;
+                params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+                params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+                let now = OffsetDateTime::now_utc();
+                params.not_before = now - BACKDATE;
+                params.not_after = now + Duration::from_secs(10 * 365 * 24 * 3600);
+                let cert = params.self_signed(&key_pair).map_err(|e| invalid(e.to_string()))?;
+                // Key first, with 0600 from the start, so a crash never leaves a cert without its key
+                // being noticed as "both missing" and regenerated over a trusted cert.
+                write_new(&key, key_pair.serialize_pem().as_bytes(), 0o600).map_err(io(&key))?;
+                write_new(&crt, cert.pem().as_bytes(), 0o644).map_err(io(&crt))?;
+                tracing::info!(dir = %dir.display(), "created a new CA; trust ca.crt on your clients");
+                let issuer = Issuer::new(params, key_pair);
+                Self::from_parts(issuer, cert.pem()).map_err(invalid)
+            }
+            (true, false) => Err(invalid("ca.crt exists but ca.key is missing; restore the key or remove ca.crt".into())),
+            (false, true) => Err(invalid("ca.key exists but ca.crt is missing; restore the certificate or remove ca.key".into())),
+        }
+    }
+
+    fn from_parts(issuer: Issuer<'static, KeyPair>, cert_pem: String) -> Result<CertificateAuthority, String> {
+        let cert_der = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .next()
+            .ok_or("ca.crt holds no certificate")?
+            .map_err(|e| format!("ca.crt: {e}"))?;
+        Ok(CertificateAuthority {
+            issuer,
+            cert_pem,
+            cert_der,
+            leaves: moka::future::Cache::builder()
+                .max_capacity(MAX_CACHED_LEAVES)
+                .time_to_live(LEAF_CACHE_TTL)
+                .build(),
+            minted: AtomicU64::new(0),
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Number of leaf certificates minted since start.
+    pub fn minted(&self) -> u64 {
+        self.minted.load(Ordering::Relaxed)
+    }
+
+    /// The TLS server config for `host`, minted on first use. Concurrent callers for the same
+    /// host share one mint.
+    pub async fn server_config(&self, host: &str) -> Result<Arc<ServerConfig>, Arc<CaError>> {
+        self.leaves.try_get_with(host.to_owned(), async { self.mint(host).map(Arc::new) }).await
+    }
+
+    fn mint(&self, host: &str) -> Result<ServerConfig, CaError> {
+        let err = |message: String| CaError::Mint { host: host.to_owned(), message };
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| err(e.to_string()))?;
+        let mut params = CertificateParams::new(vec![host.to_owned()]).map_err(|e| err(e.to_string()))?;
+        let mut dn = DistinguishedName::new();
+        // An IP literal is a SAN of type IP (CertificateParams::new does that); the CN is cosmetic.
+        dn.push(DnType::CommonName, host);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + LEAF_VALIDITY;
+        let cert = params.signed_by(&key, &self.issuer).map_err(|e| err(e.to_string()))?;
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let chain = vec![cert.der().clone(), self.cert_der.clone()];
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| err(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(chain, key_der)
+            .map_err(|e| err(e.to_string()))?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        self.minted.fetch_add(1, Ordering::Relaxed);
+        let kind = if host.parse::<IpAddr>().is_ok() { "ip" } else { "dns" };
+        tracing::debug!(host, kind, "minted leaf certificate");
+        Ok(config)
+    }
+}
+
+/// Creates `path` exclusively with `mode`, writes and fsyncs it.
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    // The umask may have narrowed the mode; make it exact.
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn creates_then_loads_the_same_ca_with_a_private_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = CertificateAuthority::load_or_create(dir.path()).unwrap();
+        let mode = fs::metadata(dir.path().join("ca.key")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let b = CertificateAuthority::load_or_create(dir.path()).unwrap();
+        assert_eq!(a.cert_pem(), b.cert_pem());
+        b.server_config("quay.io").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn half_a_ca_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        CertificateAuthority::load_or_create(dir.path()).unwrap();
+        fs::remove_file(dir.path().join("ca.key")).unwrap();
+        let e = CertificateAuthority::load_or_create(dir.path()).err().unwrap();
+        assert!(e.to_string().contains("ca.key is missing"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn concurrent_first_connections_mint_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Arc::new(CertificateAuthority::load_or_create(dir.path()).unwrap());
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let ca = ca.clone();
+                tokio::spawn(async move { ca.server_config("ghcr.io").await.unwrap() })
+            })
+            .collect();
+        let configs: Vec<_> = futures_util::future::join_all(tasks).await.into_iter().map(|r| r.unwrap()).collect();
+        assert_eq!(ca.minted(), 1);
+        assert!(configs.iter().all(|c| Arc::ptr_eq(c, &configs[0])));
+        ca.server_config("127.0.0.1").await.unwrap();
+        assert_eq!(ca.minted(), 2);
+    }
+}

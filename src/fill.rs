@@ -1,0 +1,390 @@
+//! Coalesced fills: one upstream download per digest, any number of readers.
+//!
+//! The first request for a missing digest becomes the `Leader`: it owns the `BlobWriter`
+//! and publishes progress on a watch channel. Later requests for the same digest are
+//! followers: they read the growing temp file with positioned reads and wake on progress,
+//! so each gets bytes as soon as they are on disk. No reader ever delivers the last byte of
+//! a blob before the digest is verified, so a corrupt fill can never look complete to a
+//! client. A leader dropped before it finishes marks the fill failed and removes it.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::Stream;
+use http_body::Frame;
+use http_body_util::BodyExt;
+use tokio::sync::watch;
+
+use crate::oci::Digest;
+use crate::store::{BlobStore, BlobWriter, StoreError};
+use crate::upstream::BoxError;
+
+/// Bytes read from disk per body frame.
+const CHUNK: usize = 256 * 1024;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FillState {
+    /// Upstream response headers not in yet.
+    Waiting,
+    Streaming { written: u64, total: Option<u64> },
+    Complete { len: u64 },
+    /// `streaming` tells whether any bytes were published before the failure.
+    Failed { streaming: bool, reason: String },
+}
+
+pub struct Fill {
+    file: Arc<File>,
+    state: watch::Sender<FillState>,
+}
+
+impl Fill {
+    pub fn subscribe(&self) -> watch::Receiver<FillState> {
+        self.state.subscribe()
+    }
+
+    pub fn file(&self) -> Arc<File> {
+        self.file.clone()
+    }
+}
+
+#[derive(Default)]
+pub struct Fills {
+    inflight: Mutex<HashMap<Digest, Arc<Fill>>>,
+}
+
+pub enum Join {
+    /// The content is already stored.
+    Stored,
+    Leader(Leader),
+    Follower(Arc<Fill>),
+}
+
+impl Fills {
+    pub fn join(self: &Arc<Self>, store: &BlobStore, digest: &Digest) -> Result<Join, StoreError> {
+        let mut map = self.inflight.lock().expect("fills lock");
+        if let Some(fill) = map.get(digest) {
+            return Ok(Join::Follower(fill.clone()));
+        }
+        // A fill may have finished between the caller's store lookup and this lock.
+        if store.contains(digest) {
+            return Ok(Join::Stored);
+        }
+        let writer = store.writer(digest)?;
+        let (tx, _) = watch::channel(FillState::Waiting);
+        let fill = Arc::new(Fill { file: writer.file(), state: tx });
+        map.insert(digest.clone(), fill.clone());
+        Ok(Join::Leader(Leader { fills: self.clone(), digest: digest.clone(), fill, writer: Some(writer) }))
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.inflight.lock().expect("fills lock").len()
+    }
+}
+
+pub struct Leader {
+    fills: Arc<Fills>,
+    digest: Digest,
+    fill: Arc<Fill>,
+    writer: Option<BlobWriter>,
+}
+
+/// Why a fill did not produce stored content.
+#[derive(Debug, thiserror::Error)]
+pub enum FillError {
+    #[error("upstream sent {got} bytes, announced {announced}")]
+    Truncated { got: u64, announced: u64 },
+    #[error("upstream sent more than the announced {announced} bytes")]
+    TooLong { announced: u64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Upstream(String),
+}
+
+impl FillError {
+    pub fn is_mismatch(&self) -> bool {
+        matches!(self, FillError::Store(StoreError::Mismatch { .. }))
+    }
+}
+
+impl Leader {
+    pub fn fill(&self) -> Arc<Fill> {
+        self.fill.clone()
+    }
+
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    /// Fails the fill before any byte was published (upstream refused, unreachable, ...).
+    pub fn abandon(mut self, reason: &str) {
+        self.fail(false, reason);
+    }
+
+    fn fail(&mut self, streaming: bool, reason: &str) {
+        self.writer = None; // removes the temp file
+        self.fill.state.send_replace(FillState::Failed { streaming, reason: reason.to_owned() });
+        self.remove();
+    }
+
+    fn remove(&self) {
+        let mut map = self.fills.inflight.lock().expect("fills lock");
+        if map.get(&self.digest).is_some_and(|f| Arc::ptr_eq(f, &self.fill)) {
+            map.remove(&self.digest);
+        }
+    }
+
+    /// Streams `body` into the store, publishing progress, then verifies and publishes the
+    /// outcome. Runs to completion even when every client has gone, so the cache still fills.
+    pub async fn run<B>(mut self, mut body: B, total: Option<u64>, idle: Duration) -> Result<u64, FillError>
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        self.fill.state.send_replace(FillState::Streaming { written: 0, total });
+        let result = async {
+            loop {
+                let frame = match tokio::time::timeout(idle, body.frame()).await {
+                    Err(_) => return Err(FillError::Upstream(format!("upstream body stalled for {idle:?}"))),
+                    Ok(None) => break,
+                    Ok(Some(Err(e))) => return Err(FillError::Upstream(format!("upstream body: {e}"))),
+                    Ok(Some(Ok(frame))) => frame,
+                };
+                let Ok(data) = frame.into_data() else { continue };
+                let writer = self.writer.as_mut().expect("writer present until finish");
+                if let Some(t) = total {
+                    if writer.written() + data.len() as u64 > t {
+                        return Err(FillError::TooLong { announced: t });
+                    }
+                }
+                blocking(|| writer.write(&data))?;
+                let written = writer.written();
+                self.fill.state.send_modify(|s| *s = FillState::Streaming { written, total });
+            }
+            let writer = self.writer.take().expect("writer present until finish");
+            let written = writer.written();
+            if let Some(t) = total {
+                if written != t {
+                    return Err(FillError::Truncated { got: written, announced: t });
+                }
+            }
+            blocking(|| writer.finish())?;
+            Ok(written)
+        }
+        .await;
+        match &result {
+            Ok(len) => {
+                self.fill.state.send_replace(FillState::Complete { len: *len });
+                self.remove();
+            }
+            Err(e) => self.fail(true, &e.to_string()),
+        }
+        result
+    }
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        let terminal = matches!(*self.fill.state.borrow(), FillState::Complete { .. } | FillState::Failed { .. });
+        if !terminal {
+            let streaming = !matches!(*self.fill.state.borrow(), FillState::Waiting);
+            self.fail(streaming, "fill abandoned");
+        }
+    }
+}
+
+/// Runs short blocking file work without stalling other tasks on this worker.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+fn read_chunk(file: &File, pos: u64, max: u64) -> std::io::Result<Bytes> {
+    let n = max.min(CHUNK as u64) as usize;
+    let mut buf = BytesMut::zeroed(n);
+    let mut filled = 0;
+    while filled < n {
+        let r = file.read_at(&mut buf[filled..], pos + filled as u64)?;
+        if r == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "cached file shorter than expected"));
+        }
+        filled += r;
+    }
+    Ok(buf.freeze())
+}
+
+type FrameResult = Result<Frame<Bytes>, BoxError>;
+
+/// The bytes `start..end` of a complete, verified file.
+pub fn file_stream(file: Arc<File>, start: u64, end: u64) -> impl Stream<Item = FrameResult> + Send {
+    futures_util::stream::try_unfold(start, move |pos| {
+        let file = file.clone();
+        async move {
+            if pos >= end {
+                return Ok(None);
+            }
+            let chunk = read_chunk(&file, pos, end - pos)?;
+            let next = pos + chunk.len() as u64;
+            Ok::<_, BoxError>(Some((Frame::data(chunk), next)))
+        }
+    })
+}
+
+/// The bytes of a fill from `start`, following it as it grows. The final byte is held back
+/// until the fill is verified; a failed fill ends the stream with an error.
+pub fn fill_stream(fill: Arc<Fill>, start: u64) -> impl Stream<Item = FrameResult> + Send {
+    let rx = fill.subscribe();
+    // The state carries the Fill itself: it owns the watch sender and the file.
+    futures_util::stream::try_unfold((rx, start, fill), move |(mut rx, pos, fill)| async move {
+        let file = fill.file();
+        loop {
+            let state = rx.borrow_and_update().clone();
+            let limit = match state {
+                FillState::Waiting => None,
+                FillState::Streaming { written, total } => Some(match total {
+                    Some(t) => written.min(t.saturating_sub(1)),
+                    None => written.saturating_sub(1),
+                }),
+                FillState::Complete { len } => {
+                    if pos >= len {
+                        return Ok(None);
+                    }
+                    Some(len)
+                }
+                FillState::Failed { reason, .. } => return Err(BoxError::from(format!("fill failed: {reason}"))),
+            };
+            if let Some(limit) = limit {
+                if pos < limit {
+                    let chunk = read_chunk(&file, pos, limit - pos)?;
+                    let next = pos + chunk.len() as u64;
+                    return Ok(Some((Frame::data(chunk), (rx, next, fill))));
+                }
+            }
+            if rx.changed().await.is_err() {
+                // Unreachable while we hold `fill` (it owns the sender); stay safe anyway.
+                return Err(BoxError::from("fill ended without a result"));
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::Algorithm;
+    use futures_util::StreamExt;
+    use http_body_util::StreamBody;
+
+    fn sha256(b: &[u8]) -> Digest {
+        Digest::from_bytes(Algorithm::Sha256, aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b).as_ref())
+    }
+
+    async fn collect(s: impl Stream<Item = FrameResult>) -> Result<Vec<u8>, BoxError> {
+        let mut out = Vec::new();
+        let mut s = std::pin::pin!(s);
+        while let Some(f) = s.next().await {
+            out.extend_from_slice(&f?.into_data().unwrap());
+        }
+        Ok(out)
+    }
+
+    fn chunked(data: &[u8]) -> (tokio::sync::mpsc::Sender<Result<Frame<Bytes>, String>>, impl http_body::Body<Data = Bytes, Error = String> + Unpin) {
+        let _ = data;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let body = StreamBody::new(tokio_stream_from(rx));
+        (tx, body)
+    }
+
+    fn tokio_stream_from<T>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl Stream<Item = T> + Unpin {
+        Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn followers_get_bytes_as_they_arrive_and_the_fill_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let fills = Arc::new(Fills::default());
+        let data: Vec<u8> = (0..3 * CHUNK + 17).map(|i| (i * 7 % 251) as u8).collect();
+        let d = sha256(&data);
+        let Join::Leader(leader) = fills.join(&store, &d).unwrap() else { panic!() };
+        let Join::Follower(f) = fills.join(&store, &d).unwrap() else { panic!() };
+        let (tx, body) = chunked(&data);
+        let reader = tokio::spawn(collect(fill_stream(f.clone(), 0)));
+        let run = tokio::spawn(leader.run(body, Some(data.len() as u64), Duration::from_secs(5)));
+        // The follower has seen a first piece before the upstream finished sending.
+        tx.send(Ok(Frame::data(Bytes::copy_from_slice(&data[..1000])))).await.unwrap();
+        let mut rx = f.subscribe();
+        rx.wait_for(|s| matches!(s, FillState::Streaming { written: 1000, .. })).await.unwrap();
+        for c in data[1000..].chunks(50_000) {
+            tx.send(Ok(Frame::data(Bytes::copy_from_slice(c)))).await.unwrap();
+        }
+        drop(tx);
+        assert_eq!(run.await.unwrap().unwrap(), data.len() as u64);
+        assert_eq!(reader.await.unwrap().unwrap(), data);
+        assert!(store.contains(&d));
+        assert_eq!(fills.in_flight(), 0);
+        assert!(matches!(fills.join(&store, &d).unwrap(), Join::Stored));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_corrupt_fill_never_delivers_the_last_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let fills = Arc::new(Fills::default());
+        let good = vec![1u8; 5000];
+        let bad = vec![2u8; 5000];
+        let d = sha256(&good);
+        let Join::Leader(leader) = fills.join(&store, &d).unwrap() else { panic!() };
+        let f = leader.fill();
+        let (tx, body) = chunked(&bad);
+        let reader = tokio::spawn(async move {
+            let mut got = 0usize;
+            let mut s = std::pin::pin!(fill_stream(f, 0));
+            while let Some(frame) = s.next().await {
+                match frame {
+                    Ok(fr) => got += fr.into_data().unwrap().len(),
+                    Err(_) => return (got, true),
+                }
+            }
+            (got, false)
+        });
+        let run = tokio::spawn(leader.run(body, Some(5000), Duration::from_secs(5)));
+        tx.send(Ok(Frame::data(Bytes::from(bad)))).await.unwrap();
+        drop(tx);
+        let err = run.await.unwrap().unwrap_err();
+        assert!(err.is_mismatch(), "{err}");
+        let (got, errored) = reader.await.unwrap();
+        assert!(errored);
+        assert!(got < 5000, "delivered {got}");
+        assert!(!store.contains(&d));
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn truncated_and_abandoned_fills_fail_their_followers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let fills = Arc::new(Fills::default());
+        let d = sha256(b"abc");
+        let Join::Leader(leader) = fills.join(&store, &d).unwrap() else { panic!() };
+        let f = leader.fill();
+        let (tx, body) = chunked(b"");
+        let run = tokio::spawn(leader.run(body, Some(3), Duration::from_secs(5)));
+        tx.send(Ok(Frame::data(Bytes::from_static(b"ab")))).await.unwrap();
+        drop(tx);
+        assert!(matches!(run.await.unwrap(), Err(FillError::Truncated { got: 2, announced: 3 })));
+        assert!(collect(fill_stream(f, 0)).await.is_err());
+
+        let Join::Leader(leader) = fills.join(&store, &d).unwrap() else { panic!() };
+        let f = leader.fill();
+        drop(leader);
+        assert!(matches!(*f.subscribe().borrow(), FillState::Failed { streaming: false, .. }));
+        assert_eq!(fills.in_flight(), 0);
+    }
+}

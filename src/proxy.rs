@@ -1,0 +1,267 @@
+//! The forward-proxy listener: `CONNECT`, absolute-form `http://` requests, and the
+//! proxy's own endpoints.
+//!
+//! `CONNECT` to a registry or auth host is answered `200`, then the tunnel's ClientHello is
+//! read (`LazyConfigAcceptor`), the leaf for the CONNECT host is fetched from the CA's cache,
+//! TLS is terminated, and HTTP/1.1 or h2 inside is served by `registry::handle`. `CONNECT`
+//! to any other host is a blind TCP tunnel (or `403`). Origin-form requests are the proxy's
+//! own: `/ca.crt`, `/healthz`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::LazyConfigAcceptor;
+use tracing::Instrument;
+
+use crate::config::{valid_host, OtherHosts};
+use crate::registry::{self, Target};
+use crate::response::{empty, full, text, Body};
+use crate::server::{HostKind, State};
+
+fn http_builder(state: &State) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.header_timeout)
+        .keep_alive(true)
+        .max_buf_size(64 * 1024);
+    b.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(state.idle_timeout / 2))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .max_concurrent_streams(256)
+        .max_header_list_size(64 * 1024)
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(8 << 20);
+    b
+}
+
+/// Serves one client connection to the proxy listener until it closes or shutdown ends it.
+pub async fn serve_connection(state: Arc<State>, stream: TcpStream, peer: SocketAddr) {
+    let svc_state = state.clone();
+    let svc = service_fn(move |req| {
+        let state = svc_state.clone();
+        async move { Ok::<_, Infallible>(proxy_request(state, req, peer).await) }
+    });
+    let builder = http_builder(&state);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = state.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "client connection ended with an error");
+    }
+}
+
+async fn proxy_request(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    if req.method() == Method::CONNECT {
+        return connect(state, req, peer).await;
+    }
+    if req.uri().scheme().is_some() {
+        return absolute_form(state, req).await;
+    }
+    match (req.method(), req.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/ca.crt") => {
+            let mut r = Response::new(full(state.ca.cert_pem().to_owned()));
+            r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/x-pem-file"));
+            r
+        }
+        (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok"),
+        (_, "/ca.crt" | "/healthz") => text(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: this is Stowage, a registry proxy. Use it as HTTPS_PROXY; GET /ca.crt for its CA, /healthz for health",
+        ),
+    }
+}
+
+/// `host:port` from a CONNECT target, lowercased and checked.
+fn connect_target(req: &Request<Incoming>) -> Option<(String, u16)> {
+    let authority = req.uri().authority()?;
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+    let host = host.strip_suffix('.').map(str::to_owned).unwrap_or(host);
+    if !valid_host(&host) {
+        return None;
+    }
+    Some((host, authority.port_u16().unwrap_or(443)))
+}
+
+async fn connect(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let Some((host, port)) = connect_target(&req) else {
+        return text(StatusCode::BAD_REQUEST, "CONNECT needs a host:port target");
+    };
+    match state.host_kind(&host) {
+        Some(kind) => {
+            let span = tracing::info_span!("tunnel", %host, port, mode = "tls");
+            let st = state.clone();
+            state.tasks.spawn(
+                async move {
+                    match hyper::upgrade::on(req).await {
+                        Ok(upgraded) => terminate_tls(st, TokioIo::new(upgraded), host, port, kind).await,
+                        Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+                    }
+                }
+                .instrument(span),
+            );
+            Response::new(empty())
+        }
+        None if state.other_hosts == OtherHosts::Deny => {
+            tracing::info!(%peer, %host, port, "CONNECT refused: not a registry");
+            text(StatusCode::FORBIDDEN, "this proxy only serves container registries")
+        }
+        None => {
+            let upstream = match state.upstream.connect_tcp(&host, port).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::info!(%host, port, error = %e, "tunnel connect failed");
+                    return text(StatusCode::BAD_GATEWAY, &e.to_string());
+                }
+            };
+            let span = tracing::info_span!("tunnel", %host, port, mode = "blind");
+            let st = state.clone();
+            state.tasks.spawn(
+                async move {
+                    match hyper::upgrade::on(req).await {
+                        Ok(upgraded) => {
+                            let (up, down) = relay(TokioIo::new(upgraded), upstream, st.idle_timeout, &st).await;
+                            tracing::debug!(bytes_up = up, bytes_down = down, "tunnel closed");
+                        }
+                        Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+                    }
+                }
+                .instrument(span),
+            );
+            Response::new(empty())
+        }
+    }
+}
+
+/// Terminates TLS inside a CONNECT tunnel and serves the registry API for `host:port`.
+async fn terminate_tls<IO>(state: Arc<State>, io: IO, host: String, port: u16, kind: HostKind)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
+    let start = match tokio::time::timeout(state.header_timeout, acceptor).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return tracing::info!(error = %e, "TLS ClientHello rejected"),
+        Err(_) => return tracing::info!("no TLS ClientHello in time"),
+    };
+    if let Some(sni) = start.client_hello().server_name() {
+        if !sni.eq_ignore_ascii_case(&host) {
+            tracing::debug!(sni, "SNI differs from the CONNECT host; using the CONNECT host");
+        }
+    }
+    let config = match state.ca.server_config(&host).await {
+        Ok(c) => c,
+        Err(e) => return tracing::error!(error = %e, "cannot mint a certificate"),
+    };
+    let tls = match tokio::time::timeout(state.header_timeout, start.into_stream(config)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return tracing::info!(error = %e, "TLS handshake failed"),
+        Err(_) => return tracing::info!("TLS handshake timed out"),
+    };
+    let target = Arc::new(Target { scheme: "https", host, port, auth_host: kind == HostKind::AuthHost });
+    let svc_state = state.clone();
+    let svc = service_fn(move |req| {
+        let (state, target) = (svc_state.clone(), target.clone());
+        async move { Ok::<_, Infallible>(registry::handle(state, target, req).await) }
+    });
+    let builder = http_builder(&state);
+    let conn = builder.serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = state.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "tunnel connection ended with an error");
+    }
+}
+
+/// Plain-HTTP requests in absolute form (`GET http://host/...`): registries speaking plain
+/// HTTP get the registry path; anything else is forwarded or refused like a tunnel.
+async fn absolute_form(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let uri = req.uri();
+    if uri.scheme_str() != Some("http") {
+        return text(StatusCode::BAD_REQUEST, "only http:// URLs can be proxied in absolute form; use CONNECT for https");
+    }
+    let Some(host) = uri.host().map(|h| h.to_ascii_lowercase()).filter(|h| valid_host(h)) else {
+        return text(StatusCode::BAD_REQUEST, "request URL has no valid host");
+    };
+    let port = uri.port_u16().unwrap_or(80);
+    let kind = state.host_kind(&host);
+    if kind.is_none() && state.other_hosts == OtherHosts::Deny {
+        return text(StatusCode::FORBIDDEN, "this proxy only serves container registries");
+    }
+    let target = Arc::new(Target { scheme: "http", host, port, auth_host: kind != Some(HostKind::Registry) });
+    registry::handle(state, target, req).await
+}
+
+/// Copies bytes both ways until either side closes, or neither sends anything for `idle`
+/// or shutdown is requested. Returns bytes client→upstream and upstream→client.
+async fn relay<A, B>(client: A, upstream: B, idle: Duration, state: &State) -> (u64, u64)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let epoch = Instant::now();
+    let last = AtomicU64::new(0);
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    let up = pump(&mut cr, &mut uw, &last, epoch, idle);
+    let down = pump(&mut ur, &mut cw, &last, epoch, idle);
+    tokio::select! {
+        (a, b) = async { tokio::join!(up, down) } => (a, b),
+        () = state.shutdown.cancelled() => (0, 0),
+    }
+}
+
+async fn pump<R, W>(r: &mut R, w: &mut W, last: &AtomicU64, epoch: Instant, idle: Duration) -> u64
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match tokio::time::timeout(idle, r.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => n,
+            Err(_) => {
+                // Idle in this direction; the tunnel lives while the other one is active.
+                let quiet = epoch.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+                if quiet >= idle {
+                    break;
+                }
+                continue;
+            }
+        };
+        last.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        if w.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        total += n as u64;
+    }
+    let _ = w.shutdown().await;
+    total
+}

@@ -1,0 +1,316 @@
+//! Stowage's own connections to registries and storage hosts.
+//!
+//! One pooled hyper client over rustls (HTTP/2 where offered), trusting the public web PKI
+//! plus `[upstream] extra_ca`. Host names pinned in `[upstream.resolve]` never reach DNS.
+//! Every wait is bounded: connect, response headers, and (in the callers) body idleness.
+//! Redirects are followed here only when asked for (blob and manifest fetches), with a hop
+//! limit and `Authorization` dropped whenever the origin changes.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, HOST, LOCATION};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::dns::Name;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rustls_pki_types::pem::PemObject;
+use tokio::net::TcpStream;
+
+use crate::config::UpstreamConfig;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Request bodies sent upstream: empty for fetches, the client's own body when forwarding.
+pub type UpBody = UnsyncBoxBody<Bytes, BoxError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to {host}: {message}")]
+    Connect { host: String, message: String },
+    #[error("{host} sent no response within {after:?}")]
+    Timeout { host: String, after: Duration },
+    #[error("more than {0} redirects")]
+    TooManyRedirects(u32),
+    #[error("redirect with an unusable Location: {0}")]
+    BadRedirect(String),
+    #[error("bad upstream address {0}")]
+    BadUri(String),
+    #[error("reading the upstream body: {0}")]
+    Body(String),
+    #[error("upstream body stalled for {0:?}")]
+    BodyStalled(Duration),
+}
+
+impl UpstreamError {
+    fn from_client(host: &str, e: hyper_util::client::legacy::Error) -> UpstreamError {
+        // Walk the source chain for the innermost message: "connection refused", a TLS alert, ...
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            message = s.to_string();
+            source = s.source();
+        }
+        UpstreamError::Connect { host: host.to_owned(), message }
+    }
+}
+
+/// Resolves names through `[upstream.resolve]` pins first, the system resolver otherwise.
+#[derive(Clone)]
+pub struct Resolver {
+    pins: Arc<BTreeMap<String, IpAddr>>,
+}
+
+impl Resolver {
+    pub fn new(pins: BTreeMap<String, IpAddr>) -> Resolver {
+        Resolver { pins: Arc::new(pins) }
+    }
+
+    pub async fn resolve(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+        if let Some(ip) = self.pins.get(host) {
+            return Ok(vec![SocketAddr::new(*ip, port)]);
+        }
+        if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, port)]);
+        }
+        let addrs: Vec<_> = tokio::net::lookup_host((host, port)).await?.collect();
+        if addrs.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::NotFound, format!("{host} has no addresses")));
+        }
+        Ok(addrs)
+    }
+}
+
+impl tower_service::Service<Name> for Resolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let this = self.clone();
+        // HttpConnector fills in the port after resolution.
+        Box::pin(async move { this.resolve(name.as_str(), 0).await.map(Vec::into_iter) })
+    }
+}
+
+pub struct Upstream {
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector<Resolver>>, UpBody>,
+    resolver: Resolver,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+    idle_timeout: Duration,
+    max_redirects: u32,
+}
+
+/// A response together with the URI that finally produced it (after redirects).
+pub struct Fetched {
+    pub response: Response<Incoming>,
+    pub uri: Uri,
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig) -> Result<Upstream, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        for path in &config.extra_ca {
+            let pem = std::fs::read(path).map_err(|e| format!("upstream.extra_ca {}: {e}", path.display()))?;
+            let mut n = 0;
+            for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| format!("upstream.extra_ca {}: {e}", path.display()))?;
+                roots.add(cert).map_err(|e| format!("upstream.extra_ca {}: {e}", path.display()))?;
+                n += 1;
+            }
+            if n == 0 {
+                return Err(format!("upstream.extra_ca {}: no PEM certificate in the file", path.display()));
+            }
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let resolver = Resolver::new(config.resolve.clone());
+        let mut http = HttpConnector::new_with_resolver(resolver.clone());
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout.0));
+        http.set_happy_eyeballs_timeout(Some(Duration::from_millis(300)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(64)
+            .http2_initial_stream_window_size(Some(4 << 20))
+            .http2_initial_connection_window_size(Some(8 << 20))
+            .build(https);
+        Ok(Upstream {
+            client,
+            resolver,
+            connect_timeout: config.connect_timeout.0,
+            response_timeout: config.response_timeout.0,
+            idle_timeout: config.idle_timeout.0,
+            max_redirects: config.max_redirects,
+        })
+    }
+
+    pub fn resolver(&self) -> &Resolver {
+        &self.resolver
+    }
+
+    /// How long an upstream body may send nothing before it is abandoned.
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
+    }
+
+    /// Opens a TCP connection for a blind tunnel, trying each resolved address in turn.
+    pub async fn connect_tcp(&self, host: &str, port: u16) -> Result<TcpStream, UpstreamError> {
+        let err = |message: String| UpstreamError::Connect { host: host.to_owned(), message };
+        let addrs = self.resolver.resolve(host, port).await.map_err(|e| err(e.to_string()))?;
+        let mut last = String::from("no address");
+        for addr in addrs {
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    return Ok(s);
+                }
+                Ok(Err(e)) => last = format!("{addr}: {e}"),
+                Err(_) => last = format!("{addr}: connect timed out after {:?}", self.connect_timeout),
+            }
+        }
+        Err(err(last))
+    }
+
+    /// Sends one request; no redirects followed.
+    pub async fn send(&self, req: Request<UpBody>) -> Result<Response<Incoming>, UpstreamError> {
+        let host = req.uri().host().unwrap_or_default().to_owned();
+        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(UpstreamError::from_client(&host, e)),
+            Err(_) => Err(UpstreamError::Timeout { host, after: self.response_timeout }),
+        }
+    }
+
+    /// A bodiless `GET`/`HEAD` that follows redirects itself. `Authorization` goes only to
+    /// the origin it was meant for; a hop to another scheme, host or port drops it.
+    pub async fn fetch(&self, method: Method, uri: Uri, mut headers: HeaderMap) -> Result<Fetched, UpstreamError> {
+        headers.remove(HOST);
+        let mut uri = uri;
+        let mut method = method;
+        for _ in 0..=self.max_redirects {
+            let mut req = Request::builder().method(method.clone()).uri(uri.clone()).body(empty()).expect("valid parts");
+            *req.headers_mut() = headers.clone();
+            let resp = self.send(req).await?;
+            let status = resp.status();
+            if !is_redirect(status) {
+                return Ok(Fetched { response: resp, uri });
+            }
+            let Some(location) = resp.headers().get(LOCATION).and_then(|l| l.to_str().ok()) else {
+                return Ok(Fetched { response: resp, uri });
+            };
+            let next = resolve_location(&uri, location)?;
+            if origin(&next) != origin(&uri) {
+                headers.remove(AUTHORIZATION);
+            }
+            if status == StatusCode::SEE_OTHER && method != Method::HEAD {
+                method = Method::GET;
+            }
+            tracing::debug!(from = %redact(&uri), to = %redact(&next), status = status.as_u16(), "following redirect");
+            uri = next;
+        }
+        Err(UpstreamError::TooManyRedirects(self.max_redirects))
+    }
+}
+
+pub fn empty() -> UpBody {
+    Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+fn is_redirect(s: StatusCode) -> bool {
+    matches!(s.as_u16(), 301 | 302 | 303 | 307 | 308)
+}
+
+fn origin(u: &Uri) -> (Option<&str>, Option<&str>, Option<u16>) {
+    (u.scheme_str(), u.host(), u.port_u16())
+}
+
+/// Resolves an absolute, scheme-relative or path-relative `Location` against `base`.
+pub fn resolve_location(base: &Uri, location: &str) -> Result<Uri, UpstreamError> {
+    let bad = || UpstreamError::BadRedirect(location.chars().take(200).collect());
+    if location.starts_with("https://") || location.starts_with("http://") {
+        let u: Uri = location.parse().map_err(|_| bad())?;
+        if u.host().is_none() {
+            return Err(bad());
+        }
+        return Ok(u);
+    }
+    let scheme = base.scheme_str().unwrap_or("https");
+    let authority = base.authority().ok_or_else(bad)?.as_str();
+    let joined = if let Some(rest) = location.strip_prefix("//") {
+        format!("{scheme}://{rest}")
+    } else if location.starts_with('/') {
+        format!("{scheme}://{authority}{location}")
+    } else {
+        let dir = base.path().rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+        format!("{scheme}://{authority}{dir}/{location}")
+    };
+    let u: Uri = joined.parse().map_err(|_| bad())?;
+    if u.host().is_none() {
+        return Err(bad());
+    }
+    Ok(u)
+}
+
+/// A URI for logs: scheme, host and path only. Presigned storage URLs carry credentials in
+/// their query string, so queries are never logged.
+pub fn redact(u: &Uri) -> String {
+    format!("{}://{}{}", u.scheme_str().unwrap_or("https"), u.authority().map(|a| a.as_str()).unwrap_or(""), u.path())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_resolve_against_the_base() {
+        let base: Uri = "https://quay.io:5443/v2/a/blobs/sha256:00?x=1".parse().unwrap();
+        let r = |l: &str| resolve_location(&base, l).unwrap().to_string();
+        assert_eq!(r("https://s3.test/b?sig=1"), "https://s3.test/b?sig=1");
+        assert_eq!(r("/storage/x"), "https://quay.io:5443/storage/x");
+        assert_eq!(r("//cdn.test/x"), "https://cdn.test/x");
+        assert_eq!(r("other"), "https://quay.io:5443/v2/a/blobs/other");
+        assert!(resolve_location(&base, "https://").is_err());
+    }
+
+    #[test]
+    fn redaction_drops_queries() {
+        let u: Uri = "https://s3.test/bucket/key?X-Amz-Signature=secret".parse().unwrap();
+        assert_eq!(redact(&u), "https://s3.test/bucket/key");
+    }
+
+    #[tokio::test]
+    async fn pins_win_over_dns_and_keep_the_port() {
+        let mut pins = BTreeMap::new();
+        pins.insert("quay.io".to_string(), "127.0.0.7".parse().unwrap());
+        let r = Resolver::new(pins);
+        assert_eq!(r.resolve("quay.io", 5443).await.unwrap(), vec!["127.0.0.7:5443".parse().unwrap()]);
+        assert_eq!(r.resolve("127.0.0.9", 1).await.unwrap(), vec!["127.0.0.9:1".parse().unwrap()]);
+    }
+}
