@@ -99,12 +99,74 @@ pub struct CacheConfig {
     pub dir: PathBuf,
     /// Largest manifest that is cached; larger ones are passed through. Default `4MiB`.
     pub max_manifest_size: Size,
+    /// How long a manifest fetched by tag is served without asking upstream. Default `5m`.
+    pub manifest_ttl: HumanDuration,
+    /// Per-tag overrides of `manifest_ttl`; the first matching rule wins.
+    pub ttl: Vec<TtlRule>,
+    /// Serve everything cached without asking upstream (tags never revalidated).
+    pub offline: bool,
+    /// Who may read cached content: `upstream` (upstream must have let this client read the
+    /// repository) or `none` (UNSAFE: anyone who reaches the proxy gets every cached object).
+    pub auth_check: AuthCheck,
+    /// How long an upstream "yes" for (registry, repository, credential) is trusted. Default `5m`.
+    pub auth_ttl: HumanDuration,
+    /// How long a repository seen readable without credentials is served to anyone without
+    /// asking upstream. Default `1h`.
+    pub public_ttl: HumanDuration,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        CacheConfig { dir: "cache".into(), max_manifest_size: Size(4 << 20) }
+        CacheConfig {
+            dir: "cache".into(),
+            max_manifest_size: Size(4 << 20),
+            manifest_ttl: HumanDuration(Duration::from_secs(300)),
+            ttl: Vec::new(),
+            offline: false,
+            auth_check: AuthCheck::Upstream,
+            auth_ttl: HumanDuration(Duration::from_secs(300)),
+            public_ttl: HumanDuration(Duration::from_secs(3600)),
+        }
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthCheck {
+    Upstream,
+    None,
+}
+
+/// `[[cache.ttl]] tag = "v*"  registry = "quay.io"  ttl = "7d"`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtlRule {
+    /// Tag glob; `*` matches any run of characters.
+    pub tag: String,
+    /// Limit the rule to one registry host.
+    #[serde(default)]
+    pub registry: Option<String>,
+    pub ttl: HumanDuration,
+}
+
+/// Matches `text` against a glob where `*` is any run of characters.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -145,6 +207,73 @@ pub struct RegistryConfig {
     /// Token or auth hosts this registry sends clients to; their TLS is terminated too.
     #[serde(default)]
     pub auth_hosts: Vec<String>,
+    /// Account used upstream for clients that send no credentials of their own.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Environment variable holding the password or access token.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// File holding the password or access token (trailing newline ignored).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Add these credentials to clients' anonymous token requests to the auth hosts.
+    /// Default: on when credentials are set.
+    #[serde(default)]
+    pub inject_credentials: Option<bool>,
+    /// Overrides `[cache] manifest_ttl` for this registry.
+    #[serde(default)]
+    pub manifest_ttl: Option<HumanDuration>,
+}
+
+/// A registry account. The password never appears in `Debug` output or logs.
+#[derive(Clone)]
+pub struct Credentials {
+    pub username: String,
+    password: String,
+}
+
+impl Credentials {
+    pub fn new(username: impl Into<String>, password: impl Into<String>) -> Credentials {
+        Credentials { username: username.into(), password: password.into() }
+    }
+
+    /// `Basic base64(user:password)`, marked sensitive so hyper never logs it.
+    pub fn basic(&self) -> http::HeaderValue {
+        use base64::Engine;
+        let raw = format!("{}:{}", self.username, self.password);
+        let mut v = http::HeaderValue::from_str(&format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw)))
+            .expect("base64 is ascii");
+        v.set_sensitive(true);
+        v
+    }
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials").field("username", &self.username).field("password", &"<redacted>").finish()
+    }
+}
+
+impl RegistryConfig {
+    /// Reads the configured password now (environment or file).
+    pub fn credentials(&self, index: usize) -> Result<Option<Credentials>, ConfigError> {
+        let Some(user) = &self.username else { return Ok(None) };
+        let key = format!("registry[{index}]");
+        let password = match (&self.password_env, &self.password_file) {
+            (Some(var), None) => std::env::var(var)
+                .map_err(|_| invalid(format!("{key}.password_env"), format!("environment variable {var} is not set")))?,
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| invalid(format!("{key}.password_file"), format!("{}: {e}", path.display())))?
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+            _ => unreachable!("validate() requires exactly one password source"),
+        };
+        Ok(Some(Credentials::new(user.clone(), password)))
+    }
+
+    pub fn inject(&self) -> bool {
+        self.inject_credentials.unwrap_or(self.username.is_some())
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -166,6 +295,11 @@ pub fn builtin_registries() -> Vec<RegistryConfig> {
     let r = |host: &str, auth: &[&str]| RegistryConfig {
         host: host.into(),
         auth_hosts: auth.iter().map(|s| s.to_string()).collect(),
+        username: None,
+        password_env: None,
+        password_file: None,
+        inject_credentials: None,
+        manifest_ttl: None,
     };
     vec![
         r("registry-1.docker.io", &["auth.docker.io"]),
@@ -218,6 +352,24 @@ impl Config {
                     return Err(invalid(format!("registry[{i}].auth_hosts"), format!("{h:?} is not a lowercase host name")));
                 }
             }
+            match (&r.username, &r.password_env, &r.password_file) {
+                (Some(_), Some(_), None) | (Some(_), None, Some(_)) | (None, None, None) => {}
+                (Some(_), None, None) => {
+                    return Err(invalid(format!("registry[{i}]"), "username needs password_env or password_file (inline passwords are not supported)"))
+                }
+                (Some(_), Some(_), Some(_)) => {
+                    return Err(invalid(format!("registry[{i}]"), "set only one of password_env and password_file"))
+                }
+                (None, _, _) => return Err(invalid(format!("registry[{i}].username"), "a password source needs a username")),
+            }
+            if r.manifest_ttl.is_some_and(|t| t.0.is_zero()) {
+                return Err(invalid(format!("registry[{i}].manifest_ttl"), "must be greater than zero"));
+            }
+        }
+        for (i, rule) in self.cache.ttl.iter().enumerate() {
+            if rule.tag.is_empty() {
+                return Err(invalid(format!("cache.ttl[{i}].tag"), "must not be empty (use \"*\" for every tag)"));
+            }
         }
         for host in self.upstream.resolve.keys() {
             if !valid_host(host) {
@@ -240,11 +392,36 @@ impl Config {
             .map_err(|_| invalid("proxy.listen", format!("{:?} is not an address like 127.0.0.1:3128", self.proxy.listen)))
     }
 
-    /// Built-in registries followed by configured ones.
+    /// Built-in registries merged with configured ones: a configured entry for a built-in
+    /// host replaces it (keeping the built-in auth hosts when it names none).
     pub fn registries(&self) -> Vec<RegistryConfig> {
         let mut all = builtin_registries();
-        all.extend(self.registry.iter().cloned());
+        for r in &self.registry {
+            match all.iter_mut().find(|b| b.host == r.host) {
+                Some(b) => {
+                    let auth_hosts = if r.auth_hosts.is_empty() { b.auth_hosts.clone() } else { r.auth_hosts.clone() };
+                    *b = RegistryConfig { auth_hosts, ..r.clone() };
+                }
+                None => all.push(r.clone()),
+            }
+        }
         all
+    }
+
+    /// The tag TTL for `registry`/`tag`: first matching `[[cache.ttl]]` rule, else the
+    /// registry's own `manifest_ttl`, else `[cache] manifest_ttl`.
+    pub fn tag_ttl(&self, registry: &str, tag: &str) -> Duration {
+        for rule in &self.cache.ttl {
+            if rule.registry.as_deref().is_none_or(|r| r == registry) && glob_match(&rule.tag, tag) {
+                return rule.ttl.0;
+            }
+        }
+        self.registry
+            .iter()
+            .find(|r| r.host == registry)
+            .and_then(|r| r.manifest_ttl)
+            .map(|t| t.0)
+            .unwrap_or(self.cache.manifest_ttl.0)
     }
 }
 
@@ -392,6 +569,42 @@ mod tests {
         assert_eq!("250ms".parse::<HumanDuration>().unwrap().0, Duration::from_millis(250));
         assert!("10".parse::<HumanDuration>().is_err());
         assert!("m".parse::<HumanDuration>().is_err());
+    }
+
+    #[test]
+    fn credentials_come_from_env_or_file_never_inline() {
+        let e = Config::from_toml_str("[[registry]]\nhost = \"quay.io\"\nusername = \"u\"\n").unwrap_err();
+        assert!(e.to_string().contains("password_env"), "{e}");
+        let e = Config::from_toml_str("[[registry]]\nhost = \"quay.io\"\nusername = \"u\"\npassword = \"x\"\n").unwrap_err();
+        assert!(e.to_string().contains("password"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pw");
+        std::fs::write(&f, "s3cret\n").unwrap();
+        let c = Config::from_toml_str(&format!("[[registry]]\nhost = \"quay.io\"\nusername = \"u\"\npassword_file = {:?}\n", f)).unwrap();
+        let creds = c.registry[0].credentials(0).unwrap().unwrap();
+        assert_eq!(creds.basic(), "Basic dTpzM2NyZXQ=");
+        assert!(!format!("{creds:?}").contains("s3cret"));
+        assert!(c.registry[0].inject());
+        let c = Config::from_toml_str("[[registry]]\nhost = \"quay.io\"\nusername = \"u\"\npassword_env = \"STOWAGE_TEST_UNSET_VAR\"\n").unwrap();
+        let e = c.registry[0].credentials(0).unwrap_err();
+        assert!(e.to_string().contains("STOWAGE_TEST_UNSET_VAR"), "{e}");
+    }
+
+    #[test]
+    fn tag_ttls_by_rule_registry_and_default() {
+        let c = Config::from_toml_str(
+            "[cache]\nmanifest_ttl = \"5m\"\n[[cache.ttl]]\ntag = \"v*\"\nttl = \"7d\"\n[[cache.ttl]]\ntag = \"*\"\nregistry = \"gcr.io\"\nttl = \"1m\"\n[[registry]]\nhost = \"quay.io\"\nmanifest_ttl = \"30s\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.tag_ttl("ghcr.io", "v1.2"), Duration::from_secs(7 * 86400));
+        assert_eq!(c.tag_ttl("gcr.io", "latest"), Duration::from_secs(60));
+        assert_eq!(c.tag_ttl("quay.io", "latest"), Duration::from_secs(30));
+        assert_eq!(c.tag_ttl("ghcr.io", "latest"), Duration::from_secs(300));
+        // A configured built-in keeps its auth hosts.
+        let c = Config::from_toml_str("[[registry]]\nhost = \"registry-1.docker.io\"\nmanifest_ttl = \"1m\"\n").unwrap();
+        let hub = c.registries().into_iter().find(|r| r.host == "registry-1.docker.io").unwrap();
+        assert_eq!(hub.auth_hosts, ["auth.docker.io"]);
+        assert!(glob_match("a*b*c", "aXXbYYc") && !glob_match("a*b*c", "acb") && glob_match("*", ""));
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //! - [`response`] turns errors into registry JSON and writes the access log;
 //! - [`config`] parses and validates the TOML configuration.
 
+pub mod access;
+pub mod auth;
 pub mod ca;
 pub mod config;
 pub mod fill;

@@ -1,28 +1,39 @@
 //! Serving the registry API for one upstream host: the request path inside a terminated
 //! TLS tunnel (and, later, the mirror and direct listeners).
 //!
-//! `handle` classifies the request (`oci::Route`) and picks one of three paths:
-//! blobs by digest (disk hit, or a coalesced streaming fill), manifests by digest (buffered,
-//! verified, then stored with their media type), and everything else forwarded unchanged.
-//! Every response gets `X-Cache` and one access-log line.
+//! `handle` classifies the request (`oci::Route`) and picks one of four paths:
+//! blobs by digest (disk hit, or a coalesced streaming fill), manifests by digest and by
+//! tag (buffered, verified, then stored with their media type; tags with a TTL and `HEAD`
+//! revalidation, stale on upstream failure), and everything else forwarded unchanged.
+//! No cached byte is served before `authorize` (see `access`) agrees. Every response gets
+//! `X-Cache` and one access-log line.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{ACCEPT_ENCODING, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, RANGE};
+use http::header::{
+    ACCEPT, ACCEPT_ENCODING, ACCEPT_RANGES, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, RANGE,
+    WARNING, WWW_AUTHENTICATE,
+};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Limited, StreamBody};
 use hyper::body::Incoming;
 
+use tracing::Instrument;
+
+use crate::access::{now_ms, repo_key};
+use crate::auth::{self, credential_id, Answer};
+use crate::config::AuthCheck;
 use crate::fill::{file_stream, fill_stream, FillState, Join};
-use crate::oci::{Digest, Reference, Route};
+use crate::oci::{Algorithm, Digest, Reference, RepoName, Route, Tag};
 use crate::response::{
-    empty, full, set_len, strip_hop_by_hop, Body, CacheStatus, LogLine, Logged, ServeError, DOCKER_CONTENT_DIGEST,
-    X_CACHE,
+    empty, full, registry_error, set_len, strip_hop_by_hop, Body, CacheStatus, LogLine, Logged, ServeError,
+    DOCKER_CONTENT_DIGEST, X_CACHE,
 };
 use crate::server::State;
-use crate::upstream::{BoxError, UpBody};
+use crate::store::{StoreError, TagEntry};
+use crate::upstream::{BoxError, UpBody, UpstreamError};
 
 /// The upstream a tunnel (or listener) serves.
 #[derive(Clone, Debug)]
@@ -49,10 +60,15 @@ pub async fn handle(state: Arc<State>, target: Arc<Target>, req: Request<Incomin
     let started = Instant::now();
     let route = if target.auth_host { Route::Other } else { Route::classify(req.uri().path()) };
     let method = req.method().clone();
+    let credential = credential_id(req.headers());
+    let path = req.uri().path().to_owned();
     let (outcome, resp) = match (&route, &method) {
-        (Route::Blob { digest, .. }, &Method::GET | &Method::HEAD) => blob(&state, &target, req, digest).await,
-        (Route::Manifest { reference: Reference::Digest(digest), .. }, &Method::GET | &Method::HEAD) => {
-            manifest(&state, &target, req, digest).await
+        (Route::Blob { name, digest }, &Method::GET | &Method::HEAD) => blob(&state, &target, req, name, digest).await,
+        (Route::Manifest { name, reference: Reference::Digest(digest) }, &Method::GET | &Method::HEAD) => {
+            manifest_by_digest(&state, &target, req, name, digest).await
+        }
+        (Route::Manifest { name, reference: Reference::Tag(tag) }, &Method::GET | &Method::HEAD) => {
+            manifest_by_tag(&state, &target, req, name, tag).await
         }
         _ => pass(&state, &target, req).await,
     };
@@ -63,6 +79,18 @@ pub async fn handle(state: Arc<State>, target: Arc<Target>, req: Request<Incomin
             e.into_response()
         }
     };
+    // Upstream just let this credential read this repository: remember it, and learn in
+    // the background whether the repository is public.
+    if let Some(repo) = route.repo() {
+        let asked_upstream = matches!(outcome, CacheStatus::Miss | CacheStatus::Pass);
+        if asked_upstream && (resp.status().is_success() || resp.status().is_redirection()) {
+            let key = repo_key(&target.host, repo);
+            state.access.grant(&key, credential);
+            if state.auth_check() == AuthCheck::Upstream && state.access.should_probe(&key) {
+                spawn_public_probe(state.clone(), target.clone(), key, path);
+            }
+        }
+    }
     resp.headers_mut().insert(X_CACHE, HeaderValue::from_static(outcome.as_str()));
     let line = LogLine {
         registry: target.host.clone(),
@@ -98,8 +126,28 @@ fn relay(resp: Response<Incoming>) -> Response<Body> {
     Response::from_parts(parts, incoming_body(body))
 }
 
+fn path_and_query(req: &Request<Incoming>) -> &str {
+    req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/")
+}
+
+/// A bodiless request upstream on behalf of the client (its credentials, or Stowage's
+/// configured account when it has none).
+async fn upstream_fetch(state: &State, target: &Target, method: Method, pq: &str, headers: &HeaderMap, follow: bool) -> Result<Response<Incoming>, ServeError> {
+    let uri = target.uri(pq)?;
+    let answer = state.proxy_answer(&target.host);
+    let fetched = auth::fetch(&state.upstream, &state.tokens, method, uri, upstream_headers(headers), answer, follow).await?;
+    Ok(fetched.response)
+}
+
 async fn pass(state: &State, target: &Target, req: Request<Incoming>) -> Served {
-    let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_owned();
+    let pq = path_and_query(&req).to_owned();
+    let bodiless = matches!(*req.method(), Method::GET | Method::HEAD) && !req.headers().contains_key(CONTENT_LENGTH);
+    if bodiless && !target.auth_host && state.credentials.contains_key(&target.host) && !req.headers().contains_key(AUTHORIZATION) {
+        // Answer the challenge with the configured account (the `/v2/` ping included), so
+        // anonymous clients pull as that account.
+        let r = upstream_fetch(state, target, req.method().clone(), &pq, req.headers(), false).await;
+        return (CacheStatus::Pass, r.map(relay));
+    }
     let uri = match target.uri(&pq) {
         Ok(u) => u,
         Err(e) => return (CacheStatus::Pass, Err(e)),
@@ -107,10 +155,103 @@ async fn pass(state: &State, target: &Target, req: Request<Incoming>) -> Served 
     let (parts, body) = req.into_parts();
     let mut up = Request::builder().method(parts.method).uri(uri).body(body.map_err(BoxError::from).boxed_unsync() as UpBody).expect("valid parts");
     *up.headers_mut() = upstream_headers(&parts.headers);
+    if target.auth_host && !up.headers().contains_key(AUTHORIZATION) {
+        if let Some(c) = state.inject.get(&target.host) {
+            up.headers_mut().insert(AUTHORIZATION, c.basic());
+        }
+    }
     match state.upstream.send(up).await {
         Ok(resp) => (CacheStatus::Pass, Ok(relay(resp))),
         Err(e) => (CacheStatus::Pass, Err(e.into())),
     }
+}
+
+/// Decides whether cached content of `repo` may go to this client; `Err` is the refusal
+/// to send instead. See `access` for the rules.
+async fn authorize(state: &State, target: &Target, repo: &RepoName, headers: &HeaderMap, pq: &str) -> Result<(), Response<Body>> {
+    if state.auth_check() == AuthCheck::None {
+        return Ok(());
+    }
+    let key = repo_key(&target.host, repo);
+    let credential = credential_id(headers);
+    if state.access.granted(&key, credential) {
+        return Ok(());
+    }
+    let public_since = state.store.public_since(&key).unwrap_or(None);
+    if state.access.public_fresh(public_since) {
+        return Ok(());
+    }
+    if state.offline() {
+        return match public_since {
+            Some(_) => Ok(()),
+            None => Err(registry_error(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", "offline mode: this repository is not known to be public, and upstream cannot be asked")),
+        };
+    }
+    match upstream_fetch(state, target, Method::HEAD, pq, headers, false).await {
+        Ok(resp) if resp.status().is_success() || resp.status().is_redirection() => {
+            state.access.grant(&key, credential);
+            Ok(())
+        }
+        Ok(resp) if matches!(resp.status().as_u16(), 401 | 403 | 404) => {
+            tracing::info!(registry = %target.host, %repo, status = resp.status().as_u16(), "cached content refused: upstream denies this client");
+            Err(refusal(resp))
+        }
+        other => {
+            let why = match &other {
+                Ok(r) => format!("upstream answered {}", r.status()),
+                Err(e) => e.to_string(),
+            };
+            if public_since.is_some() {
+                tracing::info!(registry = %target.host, %repo, %why, "upstream unavailable; serving a public repository from the cache");
+                Ok(())
+            } else {
+                tracing::info!(registry = %target.host, %repo, %why, "upstream unavailable and repository not known public; refusing cached content");
+                Err(match other {
+                    Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS => refusal(r),
+                    _ => registry_error(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", "upstream registry unavailable; cannot confirm access to this repository"),
+                })
+            }
+        }
+    }
+}
+
+/// Upstream's refusal as the client should see it: status and challenge, a JSON body.
+fn refusal(resp: Response<Incoming>) -> Response<Body> {
+    let status = resp.status();
+    let code = match status.as_u16() {
+        401 => "UNAUTHORIZED",
+        403 => "DENIED",
+        404 => "NAME_UNKNOWN",
+        429 => "TOOMANYREQUESTS",
+        _ => "UNAVAILABLE",
+    };
+    let mut out = registry_error(status, code, "upstream registry refused access");
+    for name in [WWW_AUTHENTICATE, http::header::RETRY_AFTER] {
+        for v in resp.headers().get_all(&name) {
+            out.headers_mut().append(name.clone(), v.clone());
+        }
+    }
+    out
+}
+
+/// Learns, without credentials, whether upstream serves `repo_key` to anyone.
+fn spawn_public_probe(state: Arc<State>, target: Arc<Target>, key: String, path: String) {
+    let tasks = state.tasks.clone();
+    tasks.spawn(async move {
+        let uri = match target.uri(&path) {
+            Ok(u) => u,
+            Err(_) => return,
+        };
+        let r = auth::fetch(&state.upstream, &state.tokens, Method::HEAD, uri, HeaderMap::new(), Answer::With(None), false).await;
+        let public = match r {
+            Ok(f) if f.response.status().is_success() || f.response.status().is_redirection() => Some(now_ms()),
+            Ok(f) if matches!(f.response.status().as_u16(), 401 | 403 | 404) => None,
+            _ => return,
+        };
+        tracing::debug!(repo = %key, public = public.is_some(), "anonymous access probe");
+        let store = state.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.set_public(&key, public)).await;
+    });
 }
 
 /// A single byte range, as `start..end` (end exclusive), from a `Range` header.
@@ -182,10 +323,14 @@ fn serve_stored(
 
 const OCTET_STREAM: &str = "application/octet-stream";
 
-async fn blob(state: &State, target: &Target, req: Request<Incoming>, digest: &Digest) -> Served {
+async fn blob(state: &State, target: &Target, req: Request<Incoming>, repo: &RepoName, digest: &Digest) -> Served {
     let method = req.method().clone();
+    let pq = path_and_query(&req).to_owned();
     match state.store.open_blob(digest) {
         Ok(Some((file, len))) => {
+            if let Err(refused) = authorize(state, target, repo, req.headers(), &pq).await {
+                return (CacheStatus::Hit, Ok(refused));
+            }
             return (CacheStatus::Hit, serve_stored(file, len, digest, OCTET_STREAM, &method, req.headers().get(RANGE)));
         }
         Ok(None) => {}
@@ -207,35 +352,40 @@ async fn blob(state: &State, target: &Target, req: Request<Incoming>, digest: &D
     };
     match join {
         Join::Stored => match state.store.open_blob(digest) {
-            Ok(Some((file, len))) => (CacheStatus::Hit, serve_stored(file, len, digest, OCTET_STREAM, &method, None)),
+            Ok(Some((file, len))) => {
+                if let Err(refused) = authorize(state, target, repo, req.headers(), &pq).await {
+                    return (CacheStatus::Hit, Ok(refused));
+                }
+                (CacheStatus::Hit, serve_stored(file, len, digest, OCTET_STREAM, &method, None))
+            }
             _ => fetch_uncached(state, target, req).await,
         },
         Join::Follower(fill) => {
+            // Joining someone else's download is a hit on bytes this client has not been
+            // authorized for yet.
+            if let Err(refused) = authorize(state, target, repo, req.headers(), &pq).await {
+                return (CacheStatus::Coalesced, Ok(refused));
+            }
             let mut rx = fill.subscribe();
             let state_now = rx.wait_for(|s| !matches!(s, FillState::Waiting)).await.map(|s| s.clone());
             match state_now {
-                Ok(FillState::Streaming { total, .. }) => (CacheStatus::Coalesced, Ok(fill_response(fill_body(fill, total), total, digest))),
-                Ok(FillState::Complete { len }) => (CacheStatus::Coalesced, Ok(fill_response(fill_body(fill, Some(len)), Some(len), digest))),
+                Ok(FillState::Streaming { total, .. }) => (CacheStatus::Coalesced, Ok(fill_response(fill, total, digest))),
+                Ok(FillState::Complete { len }) => (CacheStatus::Coalesced, Ok(fill_response(fill, Some(len), digest))),
                 // The leader's upstream answer was not content (401, 404, error): this client
                 // asks upstream itself, with its own credentials.
                 _ => fetch_uncached(state, target, req).await,
             }
         }
         Join::Leader(leader) => {
-            let uri = match target.uri(req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/")) {
-                Ok(u) => u,
-                Err(e) => return (CacheStatus::Miss, Err(e)),
-            };
-            let mut headers = upstream_headers(req.headers());
+            let mut headers = req.headers().clone();
             headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-            let fetched = match state.upstream.fetch(Method::GET, uri, headers).await {
-                Ok(f) => f,
+            let resp = match upstream_fetch(state, target, Method::GET, &pq, &headers, true).await {
+                Ok(r) => r,
                 Err(e) => {
                     leader.abandon(&e.to_string());
-                    return (CacheStatus::Miss, Err(e.into()));
+                    return (CacheStatus::Miss, Err(e));
                 }
             };
-            let resp = fetched.response;
             if resp.status() != StatusCode::OK {
                 leader.abandon(&format!("upstream answered {}", resp.status()));
                 return (CacheStatus::Miss, Ok(relay(resp)));
@@ -243,31 +393,26 @@ async fn blob(state: &State, target: &Target, req: Request<Incoming>, digest: &D
             let total = resp.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
             let fill = leader.fill();
             let idle = state.upstream.idle_timeout();
-            let digest_s = digest.to_string();
-            let span = tracing::info_span!("fill", digest = %digest_s);
+            let span = tracing::info_span!("fill", %digest);
             // Detached: the fill completes for the cache (and other readers) even if this
             // client goes away.
-            state.tasks.spawn(tracing::Instrument::instrument(
+            state.tasks.spawn(
                 async move {
                     match leader.run(resp.into_body(), total, idle).await {
                         Ok(len) => tracing::debug!(bytes = len, "stored"),
                         Err(e) if e.is_mismatch() => tracing::error!(error = %e, "digest mismatch: upstream content discarded"),
                         Err(e) => tracing::warn!(error = %e, "fill failed"),
                     }
-                },
-                span,
-            ));
-            (CacheStatus::Miss, Ok(fill_response(fill_body(fill, total), total, digest)))
+                }
+                .instrument(span),
+            );
+            (CacheStatus::Miss, Ok(fill_response(fill, total, digest)))
         }
     }
 }
 
-fn fill_body(fill: Arc<crate::fill::Fill>, _total: Option<u64>) -> Body {
-    StreamBody::new(fill_stream(fill, 0)).boxed_unsync()
-}
-
-fn fill_response(body: Body, total: Option<u64>, digest: &Digest) -> Response<Body> {
-    let mut resp = Response::new(body);
+fn fill_response(fill: Arc<crate::fill::Fill>, total: Option<u64>, digest: &Digest) -> Response<Body> {
+    let mut resp = Response::new(StreamBody::new(fill_stream(fill, 0)).boxed_unsync());
     let h = resp.headers_mut();
     blob_headers(h, digest);
     h.insert(CONTENT_TYPE, HeaderValue::from_static(OCTET_STREAM));
@@ -277,93 +422,98 @@ fn fill_response(body: Body, total: Option<u64>, digest: &Digest) -> Response<Bo
     resp
 }
 
-/// A request that is answered upstream without filling the cache, redirects followed.
+/// A request that is answered upstream without filling the cache. `GET` follows storage
+/// redirects itself; `HEAD` is relayed as it is (storage URLs are often signed for GET only).
 async fn fetch_uncached(state: &State, target: &Target, req: Request<Incoming>) -> Served {
-    let uri = match target.uri(req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/")) {
-        Ok(u) => u,
-        Err(e) => return (CacheStatus::Pass, Err(e)),
-    };
     let method = req.method().clone();
-    if method == Method::HEAD {
-        // A HEAD is relayed as it is: storage URLs are often signed for GET only.
-        let mut up = Request::builder().method(Method::HEAD).uri(uri).body(crate::upstream::empty()).expect("valid parts");
-        *up.headers_mut() = upstream_headers(req.headers());
-        return match state.upstream.send(up).await {
-            Ok(r) => (CacheStatus::Miss, Ok(relay(r))),
-            Err(e) => (CacheStatus::Miss, Err(e.into())),
-        };
-    }
-    match state.upstream.fetch(method, uri, upstream_headers(req.headers())).await {
-        Ok(f) => (CacheStatus::Miss, Ok(relay(f.response))),
-        Err(e) => (CacheStatus::Miss, Err(e.into())),
-    }
+    let follow = method != Method::HEAD;
+    let r = upstream_fetch(state, target, method, path_and_query(&req), req.headers(), follow).await;
+    (CacheStatus::Miss, r.map(relay))
 }
 
-async fn manifest(state: &State, target: &Target, req: Request<Incoming>, digest: &Digest) -> Served {
-    let method = req.method().clone();
+/// Stored manifest content with its media type, if both are present.
+async fn stored_manifest(state: &State, digest: &Digest) -> Option<(std::fs::File, u64, String)> {
     let store = state.store.clone();
     let d = digest.clone();
-    let cached = tokio::task::spawn_blocking(move || -> Option<(std::fs::File, u64, String)> {
+    tokio::task::spawn_blocking(move || {
         let media_type = store.media_type(&d).ok()??;
         let (file, len) = store.open_blob(&d).ok()??;
         Some((file, len, media_type))
     })
     .await
     .ok()
-    .flatten();
-    if let Some((file, len, media_type)) = cached {
+    .flatten()
+}
+
+async fn manifest_by_digest(state: &State, target: &Target, req: Request<Incoming>, repo: &RepoName, digest: &Digest) -> Served {
+    let method = req.method().clone();
+    let pq = path_and_query(&req).to_owned();
+    if let Some((file, len, media_type)) = stored_manifest(state, digest).await {
+        if let Err(refused) = authorize(state, target, repo, req.headers(), &pq).await {
+            return (CacheStatus::Hit, Ok(refused));
+        }
         return (CacheStatus::Hit, serve_stored(file, len, digest, &media_type, &method, None));
     }
     if method == Method::HEAD {
         return fetch_uncached(state, target, req).await;
     }
-    let uri = match target.uri(req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/")) {
-        Ok(u) => u,
-        Err(e) => return (CacheStatus::Miss, Err(e)),
-    };
-    let resp = match state.upstream.fetch(Method::GET, uri, upstream_headers(req.headers())).await {
-        Ok(f) => f.response,
-        Err(e) => return (CacheStatus::Miss, Err(e.into())),
-    };
+    match fetch_manifest(state, target, &pq, req.headers(), Some(digest)).await {
+        Ok(Fetch::Stored(resp, _)) => (CacheStatus::Miss, Ok(resp)),
+        Ok(Fetch::Relayed(resp)) => (CacheStatus::Miss, Ok(resp)),
+        Err(e) => (CacheStatus::Miss, Err(e)),
+    }
+}
+
+enum Fetch {
+    /// A verified manifest, stored, with the response to send and its digest.
+    Stored(Response<Body>, Digest),
+    /// Upstream's answer was not a cacheable manifest; relayed as is.
+    Relayed(Response<Body>),
+}
+
+/// GETs a manifest upstream, verifies it (against `expected`, or against the
+/// `Docker-Content-Digest` upstream sent for a tag), and stores it with its media type.
+async fn fetch_manifest(state: &State, target: &Target, pq: &str, headers: &HeaderMap, expected: Option<&Digest>) -> Result<Fetch, ServeError> {
+    let resp = upstream_fetch(state, target, Method::GET, pq, headers, true).await?;
     if resp.status() != StatusCode::OK {
-        return (CacheStatus::Miss, Ok(relay(resp)));
+        return Ok(Fetch::Relayed(relay(resp)));
     }
     let limit = state.max_manifest_size;
     let announced = resp.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if announced.is_some_and(|n| n > limit) {
         // Too big to buffer: relay it unverified and uncached.
-        return (CacheStatus::Pass, Ok(relay(resp)));
+        return Ok(Fetch::Relayed(relay(resp)));
     }
     let (mut parts, body) = resp.into_parts();
     let idle = state.upstream.idle_timeout();
-    let collected = tokio::time::timeout(idle, Limited::new(body, limit as usize).collect()).await;
-    let bytes: Bytes = match collected {
-        Err(_) => return (CacheStatus::Miss, Err(crate::upstream::UpstreamError::BodyStalled(idle).into())),
-        Ok(Err(e)) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                return (CacheStatus::Miss, Err(ServeError::ManifestTooLarge(limit)));
-            }
-            return (CacheStatus::Miss, Err(crate::upstream::UpstreamError::Body(e.to_string()).into()));
-        }
+    let bytes: Bytes = match tokio::time::timeout(idle, Limited::new(body, limit as usize).collect()).await {
+        Err(_) => return Err(UpstreamError::BodyStalled(idle).into()),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return Err(ServeError::ManifestTooLarge(limit)),
+        Ok(Err(e)) => return Err(UpstreamError::Body(e.to_string()).into()),
         Ok(Ok(c)) => c.to_bytes(),
+    };
+    let announced_digest = parts.headers.get(DOCKER_CONTENT_DIGEST).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<Digest>().ok());
+    let digest = match (expected, announced_digest) {
+        (Some(d), _) => d.clone(),
+        (None, Some(d)) => d,
+        (None, None) => Digest::from_bytes(Algorithm::Sha256, aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes).as_ref()),
     };
     let media_type = parts.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     let store = state.store.clone();
-    let d = digest.clone();
-    let b = bytes.clone();
+    let (d, b) = (digest.clone(), bytes.clone());
     let stored = tokio::task::spawn_blocking(move || {
         store.put(&d, &b)?;
         if !media_type.is_empty() {
             store.set_media_type(&d, &media_type)?;
         }
-        Ok::<_, crate::store::StoreError>(())
+        Ok::<_, StoreError>(())
     })
     .await;
     match stored {
         Ok(Ok(())) => {}
-        Ok(Err(crate::store::StoreError::Mismatch { expected, actual })) => {
+        Ok(Err(StoreError::Mismatch { expected, actual })) => {
             tracing::error!(%expected, %actual, "manifest digest mismatch: discarded");
-            return (CacheStatus::Miss, Err(ServeError::DigestMismatch));
+            return Err(ServeError::DigestMismatch);
         }
         Ok(Err(e)) => tracing::warn!(%digest, error = %e, "manifest verified but not cached"),
         Err(e) => tracing::warn!(%digest, error = %e, "manifest store task failed"),
@@ -371,7 +521,109 @@ async fn manifest(state: &State, target: &Target, req: Request<Incoming>, digest
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.insert(DOCKER_CONTENT_DIGEST, HeaderValue::from_str(&digest.to_string()).expect("ascii"));
     set_len(&mut parts.headers, bytes.len() as u64);
-    (CacheStatus::Miss, Ok(Response::from_parts(parts, full(bytes))))
+    Ok(Fetch::Stored(Response::from_parts(parts, full(bytes)), digest))
+}
+
+/// The media types a client accepts, normalised (sorted, parameters dropped) so the same
+/// client always hits the same tag entry.
+fn accept_key(headers: &HeaderMap) -> String {
+    let mut types: Vec<String> = headers
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    types.sort();
+    types.dedup();
+    types.join(",")
+}
+
+async fn manifest_by_tag(state: &State, target: &Target, req: Request<Incoming>, repo: &RepoName, tag: &Tag) -> Served {
+    let method = req.method().clone();
+    let pq = path_and_query(&req).to_owned();
+    let key = format!("{}:{}#{}", repo_key(&target.host, repo), tag.as_str(), accept_key(req.headers()));
+    let entry = state.store.tag(&key).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "tag lookup failed; treating as a miss");
+        None
+    });
+    let cached = match entry {
+        Some(e) => match e.digest.parse::<Digest>() {
+            Ok(d) => stored_manifest(state, &d).await.map(|(f, len, _)| (e, d, f, len)),
+            Err(_) => None,
+        },
+        None => None,
+    };
+    if let Some((entry, digest, file, len)) = cached {
+        let ttl = state.config.tag_ttl(&target.host, tag.as_str());
+        let age = now_ms().saturating_sub(entry.checked_at_ms);
+        if state.offline() || age < ttl.as_millis() as u64 {
+            if let Err(refused) = authorize(state, target, repo, req.headers(), &pq).await {
+                return (CacheStatus::Hit, Ok(refused));
+            }
+            return (CacheStatus::Hit, serve_stored(file, len, &digest, &entry.media_type, &method, None));
+        }
+        // Stale: revalidate with HEAD, which Docker Hub does not count against pull limits.
+        let head = upstream_fetch(state, target, Method::HEAD, &pq, req.headers(), false).await;
+        match head {
+            Ok(r) if r.status() == StatusCode::OK => {
+                let upstream_digest = r.headers().get(DOCKER_CONTENT_DIGEST).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<Digest>().ok());
+                if upstream_digest.as_ref() == Some(&digest) {
+                    state.access.grant(&repo_key(&target.host, repo), credential_id(req.headers()));
+                    let updated = TagEntry { checked_at_ms: now_ms(), ..entry.clone() };
+                    let store = state.store.clone();
+                    let k = key.clone();
+                    let _ = tokio::task::spawn_blocking(move || store.set_tag(&k, &updated)).await;
+                    return (CacheStatus::Hit, serve_stored(file, len, &digest, &entry.media_type, &method, None));
+                }
+                // The tag moved (or upstream did not say where): fetch it below.
+            }
+            Ok(r) if matches!(r.status().as_u16(), 401 | 403 | 404) => return (CacheStatus::Miss, Ok(relay(r))),
+            other => {
+                let why = match &other {
+                    Ok(r) => format!("upstream answered {}", r.status()),
+                    Err(e) => e.to_string(),
+                };
+                let rkey = repo_key(&target.host, repo);
+                let allowed = state.auth_check() == AuthCheck::None
+                    || state.access.granted(&rkey, credential_id(req.headers()))
+                    || state.store.public_since(&rkey).unwrap_or(None).is_some();
+                if allowed {
+                    tracing::warn!(registry = %target.host, %repo, tag = tag.as_str(), %why, "serving a stale manifest");
+                    let mut resp = match serve_stored(file, len, &digest, &entry.media_type, &method, None) {
+                        Ok(r) => r,
+                        Err(e) => return (CacheStatus::Stale, Err(e)),
+                    };
+                    resp.headers_mut().insert(WARNING, HeaderValue::from_static("110 stowage \"Response is Stale\""));
+                    return (CacheStatus::Stale, Ok(resp));
+                }
+                return match other {
+                    Ok(r) => (CacheStatus::Miss, Ok(relay(r))),
+                    Err(e) => (CacheStatus::Miss, Err(e)),
+                };
+            }
+        }
+    }
+    if method == Method::HEAD {
+        return fetch_uncached(state, target, req).await;
+    }
+    match fetch_manifest(state, target, &pq, req.headers(), None).await {
+        Ok(Fetch::Stored(resp, digest)) => {
+            let media_type = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+            if !media_type.is_empty() {
+                let entry = TagEntry { digest: digest.to_string(), media_type, checked_at_ms: now_ms() };
+                let store = state.store.clone();
+                let r = tokio::task::spawn_blocking(move || store.set_tag(&key, &entry)).await;
+                if let Ok(Err(e)) = r {
+                    tracing::warn!(error = %e, "tag not recorded");
+                }
+            }
+            (CacheStatus::Miss, Ok(resp))
+        }
+        Ok(Fetch::Relayed(resp)) => (CacheStatus::Miss, Ok(resp)),
+        Err(e) => (CacheStatus::Miss, Err(e)),
+    }
 }
 
 #[cfg(test)]

@@ -32,6 +32,8 @@ pub enum CacheStatus {
     Miss,
     /// Joined another request's in-flight fill.
     Coalesced,
+    /// A cached manifest served because upstream failed or rate-limited its revalidation.
+    Stale,
     /// Forwarded without caching.
     Pass,
 }
@@ -42,6 +44,7 @@ impl CacheStatus {
             CacheStatus::Hit => "hit",
             CacheStatus::Miss => "miss",
             CacheStatus::Coalesced => "coalesced",
+            CacheStatus::Stale => "stale",
             CacheStatus::Pass => "pass",
         }
     }

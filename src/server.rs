@@ -16,8 +16,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::access::Access;
+use crate::auth::{Answer, Tokens};
 use crate::ca::{CaError, CertificateAuthority};
-use crate::config::{Config, ConfigError, OtherHosts};
+use crate::config::{AuthCheck, Config, ConfigError, Credentials, OtherHosts};
 use crate::fill::Fills;
 use crate::store::{BlobStore, StoreError};
 use crate::upstream::Upstream;
@@ -50,6 +52,13 @@ pub struct State {
     pub fills: Arc<Fills>,
     pub upstream: Upstream,
     pub hosts: HashMap<String, HostKind>,
+    /// Registry host → configured account.
+    pub credentials: HashMap<String, Credentials>,
+    /// Auth host → account added to clients' anonymous token requests.
+    pub inject: HashMap<String, Credentials>,
+    pub tokens: Tokens,
+    pub access: Access,
+    pub config: Arc<Config>,
     pub other_hosts: OtherHosts,
     pub max_manifest_size: u64,
     pub idle_timeout: Duration,
@@ -63,6 +72,23 @@ pub struct State {
 impl State {
     pub fn host_kind(&self, host: &str) -> Option<HostKind> {
         self.hosts.get(host).copied()
+    }
+
+    /// How Stowage answers upstream challenges for clients without credentials of their
+    /// own, in forward-proxy mode: with the registry's configured account, if any.
+    pub fn proxy_answer(&self, registry: &str) -> Answer<'_> {
+        match self.credentials.get(registry) {
+            Some(c) => Answer::With(Some(c)),
+            None => Answer::No,
+        }
+    }
+
+    pub fn auth_check(&self) -> AuthCheck {
+        self.config.cache.auth_check
+    }
+
+    pub fn offline(&self) -> bool {
+        self.config.cache.offline
     }
 }
 
@@ -85,13 +111,29 @@ impl Server {
         let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
         let proxy_addr = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
         let mut hosts = HashMap::new();
-        for r in config.registries() {
+        let mut credentials = HashMap::new();
+        let mut inject = HashMap::new();
+        let registries = config.registries();
+        for (i, r) in registries.iter().enumerate() {
             for a in &r.auth_hosts {
                 hosts.insert(a.clone(), HostKind::AuthHost);
             }
+            let index = config.registry.iter().position(|c| c.host == r.host).unwrap_or(i);
+            if let Some(c) = r.credentials(index)? {
+                tracing::info!(registry = %r.host, username = %c.username, "using configured upstream credentials");
+                if r.inject() {
+                    for a in &r.auth_hosts {
+                        inject.insert(a.clone(), c.clone());
+                    }
+                }
+                credentials.insert(r.host.clone(), c);
+            }
         }
-        for r in config.registries() {
+        for r in &registries {
             hosts.insert(r.host.clone(), HostKind::Registry);
+        }
+        if config.cache.auth_check == AuthCheck::None {
+            tracing::warn!("cache.auth_check = \"none\": every cached object is served to anyone who reaches the proxy");
         }
         let state = Arc::new(State {
             ca,
@@ -99,6 +141,10 @@ impl Server {
             fills: Arc::new(Fills::default()),
             upstream,
             hosts,
+            credentials,
+            inject,
+            tokens: Tokens::default(),
+            access: Access::new(config.cache.auth_ttl.0, config.cache.public_ttl.0),
             other_hosts: config.proxy.other_hosts,
             max_manifest_size: config.cache.max_manifest_size.0,
             idle_timeout: config.proxy.idle_timeout.0,
@@ -106,6 +152,7 @@ impl Server {
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             proxy_addr,
+            config: Arc::new(config.clone()),
         });
         Ok(Server { state, listener, grace: config.proxy.shutdown_grace.0 })
     }

@@ -22,6 +22,19 @@ use redb::TableDefinition;
 use crate::oci::{Algorithm, Digest};
 
 const MEDIA_TYPES: TableDefinition<&str, &str> = TableDefinition::new("media_types");
+/// `<registry>/<repo>:<tag>#<accept>` → JSON `TagEntry`.
+const TAGS: TableDefinition<&str, &str> = TableDefinition::new("tags");
+/// `<registry>/<repo>` → unix seconds when upstream last served it without credentials.
+const PUBLIC_REPOS: TableDefinition<&str, u64> = TableDefinition::new("public_repos");
+
+/// What a tag pointed to when it was last fetched or revalidated upstream.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TagEntry {
+    pub digest: String,
+    pub media_type: String,
+    /// Unix milliseconds of the last upstream confirmation.
+    pub checked_at_ms: u64,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -58,6 +71,8 @@ impl BlobStore {
         let meta = redb::Database::create(&meta_path).map_err(|e| StoreError::Meta(format!("{}: {e}", meta_path.display())))?;
         let txn = meta.begin_write().map_err(|e| StoreError::Meta(e.to_string()))?;
         txn.open_table(MEDIA_TYPES).map_err(|e| StoreError::Meta(e.to_string()))?;
+        txn.open_table(TAGS).map_err(|e| StoreError::Meta(e.to_string()))?;
+        txn.open_table(PUBLIC_REPOS).map_err(|e| StoreError::Meta(e.to_string()))?;
         txn.commit().map_err(|e| StoreError::Meta(e.to_string()))?;
         Ok(Arc::new(BlobStore { blobs, tmp, meta, next_tmp: AtomicU64::new(0) }))
     }
@@ -133,6 +148,55 @@ impl BlobStore {
             let mut table = txn.open_table(MEDIA_TYPES).map_err(|e| m(&e))?;
             let key = digest.to_string();
             table.insert(key.as_str(), media_type).map_err(|e| m(&e))?;
+        }
+        txn.commit().map_err(|e| m(&e))
+    }
+}
+
+impl BlobStore {
+    pub fn tag(&self, key: &str) -> Result<Option<TagEntry>, StoreError> {
+        let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
+        let txn = self.meta.begin_read().map_err(|e| m(&e))?;
+        let table = txn.open_table(TAGS).map_err(|e| m(&e))?;
+        let value = table.get(key).map_err(|e| m(&e))?;
+        // An entry that does not parse is treated as absent: it will be refetched.
+        Ok(value.and_then(|v| serde_json::from_str(v.value()).ok()))
+    }
+
+    /// Records a tag → digest entry. Only after the manifest content itself is stored.
+    pub fn set_tag(&self, key: &str, entry: &TagEntry) -> Result<(), StoreError> {
+        let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
+        let json = serde_json::to_string(entry).map_err(|e| m(&e))?;
+        let txn = self.meta.begin_write().map_err(|e| m(&e))?;
+        {
+            let mut table = txn.open_table(TAGS).map_err(|e| m(&e))?;
+            table.insert(key, json.as_str()).map_err(|e| m(&e))?;
+        }
+        txn.commit().map_err(|e| m(&e))
+    }
+
+    /// When upstream last served `repo_key` without credentials, if it ever did.
+    pub fn public_since(&self, repo_key: &str) -> Result<Option<u64>, StoreError> {
+        let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
+        let txn = self.meta.begin_read().map_err(|e| m(&e))?;
+        let table = txn.open_table(PUBLIC_REPOS).map_err(|e| m(&e))?;
+        Ok(table.get(repo_key).map_err(|e| m(&e))?.map(|v| v.value()))
+    }
+
+    /// Records (`Some`) or forgets (`None`) that a repository is readable anonymously.
+    pub fn set_public(&self, repo_key: &str, at: Option<u64>) -> Result<(), StoreError> {
+        let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
+        let txn = self.meta.begin_write().map_err(|e| m(&e))?;
+        {
+            let mut table = txn.open_table(PUBLIC_REPOS).map_err(|e| m(&e))?;
+            match at {
+                Some(t) => {
+                    table.insert(repo_key, t).map_err(|e| m(&e))?;
+                }
+                None => {
+                    table.remove(repo_key).map_err(|e| m(&e))?;
+                }
+            }
         }
         txn.commit().map_err(|e| m(&e))
     }
@@ -261,5 +325,23 @@ mod tests {
         let store = BlobStore::open(dir.path()).unwrap();
         assert_eq!(store.media_type(&d).unwrap().as_deref(), Some("application/vnd.oci.image.manifest.v1+json"));
         assert!(store.put(&sha256(b"a"), b"b").is_err());
+    }
+
+    #[test]
+    fn tags_and_public_repos_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = TagEntry { digest: sha256(b"m").to_string(), media_type: "x".into(), checked_at_ms: 7 };
+        {
+            let store = BlobStore::open(dir.path()).unwrap();
+            assert_eq!(store.tag("quay.io/a:latest#").unwrap(), None);
+            store.set_tag("quay.io/a:latest#", &e).unwrap();
+            store.set_public("quay.io/a", Some(9)).unwrap();
+            store.set_public("quay.io/b", Some(9)).unwrap();
+            store.set_public("quay.io/b", None).unwrap();
+        }
+        let store = BlobStore::open(dir.path()).unwrap();
+        assert_eq!(store.tag("quay.io/a:latest#").unwrap(), Some(e));
+        assert_eq!(store.public_since("quay.io/a").unwrap(), Some(9));
+        assert_eq!(store.public_since("quay.io/b").unwrap(), None);
     }
 }

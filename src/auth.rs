@@ -1,0 +1,288 @@
+//! Upstream authentication that Stowage does itself: answering a registry's Bearer
+//! challenge with configured credentials (or anonymously), and caching the tokens.
+//!
+//! A client's own `Authorization` always wins and is never replaced. Tokens are cached per
+//! (realm, service, scope, account) until shortly before they expire. Credentials and
+//! tokens are sensitive header values and never logged.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use http_body_util::{BodyExt, Limited};
+
+use crate::config::Credentials;
+use crate::upstream::{Fetched, Upstream, UpstreamError};
+
+/// A parsed `WWW-Authenticate: Bearer realm="...",service="...",scope="..."`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Challenge {
+    pub realm: String,
+    pub service: Option<String>,
+    pub scope: Option<String>,
+}
+
+/// Parses a Bearer challenge; `None` for other schemes or a challenge without a realm.
+pub fn parse_bearer(value: &str) -> Option<Challenge> {
+    let rest = value.trim();
+    let (scheme, params) = rest.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let mut realm = None;
+    let mut service = None;
+    let mut scope = None;
+    let mut s = params.trim();
+    while !s.is_empty() {
+        let (key, after) = s.split_once('=')?;
+        let key = key.trim().to_ascii_lowercase();
+        let after = after.trim_start();
+        let (val, next) = if let Some(q) = after.strip_prefix('"') {
+            // Quoted string; scopes contain commas ("repository:a:pull,push").
+            let mut out = String::new();
+            let mut chars = q.char_indices();
+            let mut end = None;
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, n)) = chars.next() {
+                            out.push(n);
+                        }
+                    }
+                    '"' => {
+                        end = Some(i);
+                        break;
+                    }
+                    c => out.push(c),
+                }
+            }
+            let end = end?;
+            (out, &q[end + 1..])
+        } else {
+            let end = after.find(',').unwrap_or(after.len());
+            (after[..end].trim().to_owned(), &after[end..])
+        };
+        match key.as_str() {
+            "realm" => realm = Some(val),
+            "service" => service = Some(val),
+            "scope" => scope = Some(val),
+            _ => {}
+        }
+        s = next.trim_start().trim_start_matches(',').trim_start();
+    }
+    Some(Challenge { realm: realm?, service, scope })
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct TokenKey {
+    challenge: Challenge,
+    account: Option<String>,
+}
+
+#[derive(Clone)]
+struct Token {
+    value: HeaderValue,
+    expires: Instant,
+}
+
+/// Bearer tokens Stowage obtained itself.
+pub struct Tokens {
+    cache: moka::future::Cache<TokenKey, Token>,
+}
+
+impl Default for Tokens {
+    fn default() -> Self {
+        Tokens { cache: moka::future::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(3600)).build() }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct TokenResponse {
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    access_token: Option<String>,
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+impl Tokens {
+    /// An `Authorization: Bearer` value for `challenge`, from the cache or the token service.
+    pub async fn get(&self, upstream: &Upstream, challenge: &Challenge, creds: Option<&Credentials>) -> Result<HeaderValue, UpstreamError> {
+        let key = TokenKey { challenge: challenge.clone(), account: creds.map(|c| c.username.clone()) };
+        if let Some(t) = self.cache.get(&key).await {
+            if t.expires > Instant::now() {
+                return Ok(t.value);
+            }
+            self.cache.invalidate(&key).await;
+        }
+        let token = self
+            .cache
+            .try_get_with(key, fetch_token(upstream, challenge, creds))
+            .await
+            .map_err(|e| UpstreamError::Body(e.to_string()))?;
+        Ok(token.value)
+    }
+}
+
+async fn fetch_token(upstream: &Upstream, ch: &Challenge, creds: Option<&Credentials>) -> Result<Token, UpstreamError> {
+    let mut url = ch.realm.clone();
+    let mut sep = if url.contains('?') { '&' } else { '?' };
+    for (k, v) in [("service", &ch.service), ("scope", &ch.scope)] {
+        if let Some(v) = v {
+            url.push(sep);
+            url.push_str(k);
+            url.push('=');
+            url.push_str(&urlencode(v));
+            sep = '&';
+        }
+    }
+    let uri: Uri = url.parse().map_err(|_| UpstreamError::BadUri("token realm".into()))?;
+    if !matches!(uri.scheme_str(), Some("https") | Some("http")) || uri.host().is_none() {
+        return Err(UpstreamError::BadUri("token realm".into()));
+    }
+    let mut headers = HeaderMap::new();
+    if let Some(c) = creds {
+        headers.insert(AUTHORIZATION, c.basic());
+    }
+    let Fetched { response, .. } = upstream.fetch(Method::GET, uri, headers).await?;
+    let status = response.status();
+    let body = Limited::new(response.into_body(), 1 << 20)
+        .collect()
+        .await
+        .map_err(|e| UpstreamError::Body(format!("token response: {e}")))?
+        .to_bytes();
+    if status != StatusCode::OK {
+        return Err(UpstreamError::Body(format!("token service answered {status}")));
+    }
+    let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|_| UpstreamError::Body("token response is not JSON".into()))?;
+    let token = parsed.token.or(parsed.access_token).filter(|t| !t.is_empty()).ok_or_else(|| UpstreamError::Body("token response has no token".into()))?;
+    let mut value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| UpstreamError::Body("token is not a header value".into()))?;
+    value.set_sensitive(true);
+    // Docker's default lifetime is 60 s; renew a little before expiry.
+    let lifetime = Duration::from_secs(parsed.expires_in.unwrap_or(60).clamp(10, 3600));
+    Ok(Token { value, expires: Instant::now() + lifetime - Duration::from_secs(5) })
+}
+
+fn urlencode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Whether and how Stowage answers an upstream challenge for a request without client
+/// credentials.
+#[derive(Clone, Copy)]
+pub enum Answer<'a> {
+    /// Pass the challenge to the client.
+    No,
+    /// Answer with these credentials, or anonymously when `None`.
+    With(Option<&'a Credentials>),
+}
+
+/// A bodiless request upstream (redirects followed when `follow`), answering a `401`
+/// Bearer challenge per `answer` when the client sent no `Authorization`.
+pub async fn fetch(
+    upstream: &Upstream,
+    tokens: &Tokens,
+    method: Method,
+    uri: Uri,
+    mut headers: HeaderMap,
+    answer: Answer<'_>,
+    follow: bool,
+) -> Result<Fetched, UpstreamError> {
+    let send = |method: Method, uri: Uri, headers: HeaderMap| async move {
+        if follow {
+            upstream.fetch(method, uri, headers).await
+        } else {
+            let mut req = http::Request::builder().method(method).uri(uri.clone()).body(crate::upstream::empty()).expect("valid parts");
+            *req.headers_mut() = headers;
+            req.headers_mut().remove(http::header::HOST);
+            upstream.send(req).await.map(|response| Fetched { response, uri })
+        }
+    };
+    let client_auth = headers.contains_key(AUTHORIZATION);
+    let first = send(method.clone(), uri.clone(), headers.clone()).await?;
+    let Answer::With(creds) = answer else { return Ok(first) };
+    if client_auth || first.response.status() != StatusCode::UNAUTHORIZED {
+        return Ok(first);
+    }
+    let challenge = first.response.headers().get_all(WWW_AUTHENTICATE).iter().filter_map(|v| v.to_str().ok()).find_map(parse_bearer);
+    let value = match challenge {
+        Some(ch) => match tokens.get(upstream, &ch, creds).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(realm = %ch.realm, error = %e, "could not get an upstream token; passing the challenge on");
+                return Ok(first);
+            }
+        },
+        // A Basic challenge: the configured account answers it directly.
+        None => match creds {
+            Some(c) => c.basic(),
+            None => return Ok(first),
+        },
+    };
+    drop(first);
+    headers.insert(AUTHORIZATION, value);
+    send(method, uri, headers).await
+}
+
+/// Stable, non-reversible identity of a client credential for access decisions: the
+/// SHA-256 of its `Authorization` value, or all zeros for none.
+pub fn credential_id(headers: &HeaderMap) -> [u8; 32] {
+    match headers.get(AUTHORIZATION) {
+        None => [0; 32],
+        Some(v) => {
+            let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, v.as_bytes());
+            let mut out = [0u8; 32];
+            out.copy_from_slice(d.as_ref());
+            out
+        }
+    }
+}
+
+/// Shared helper so `Arc<Tokens>` can be passed around cheaply.
+pub type SharedTokens = Arc<Tokens>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_challenges_parse() {
+        let c = parse_bearer(r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull,push""#).unwrap();
+        assert_eq!(c.realm, "https://auth.docker.io/token");
+        assert_eq!(c.service.as_deref(), Some("registry.docker.io"));
+        assert_eq!(c.scope.as_deref(), Some("repository:library/alpine:pull,push"));
+        let c = parse_bearer(r#"bearer realm=https://x/token, service="a\"b""#).unwrap();
+        assert_eq!(c.realm, "https://x/token");
+        assert_eq!(c.service.as_deref(), Some("a\"b"));
+        assert!(parse_bearer(r#"Basic realm="x""#).is_none());
+        assert!(parse_bearer(r#"Bearer service="x""#).is_none());
+        assert!(parse_bearer(r#"Bearer realm="unterminated"#).is_none());
+        assert!(parse_bearer("Bearer").is_none());
+    }
+
+    #[test]
+    fn credential_ids_are_hashes() {
+        let mut h = HeaderMap::new();
+        assert_eq!(credential_id(&h), [0; 32]);
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer abc"));
+        let a = credential_id(&h);
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer abd"));
+        assert_ne!(a, credential_id(&h));
+        assert_ne!(a, [0; 32]);
+    }
+
+    #[test]
+    fn scope_is_url_encoded() {
+        assert_eq!(urlencode("repository:a/b:pull,push"), "repository%3Aa%2Fb%3Apull%2Cpush");
+    }
+}
