@@ -41,6 +41,71 @@ pub struct Config {
     /// Registries whose TLS is terminated, in addition to the built-in list.
     pub registry: Vec<RegistryConfig>,
     pub log: LogConfig,
+    pub mirror: MirrorConfig,
+    pub direct: DirectConfig,
+}
+
+/// The registry-mirror listener (`dockerd --registry-mirror`, containerd `hosts.toml`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MirrorConfig {
+    /// Address to listen on; empty (the default) turns the mirror off.
+    pub listen: String,
+    /// `off` (plain HTTP), `ca` (a leaf minted from Stowage's CA) or `files` (`cert_file`/`key_file`).
+    pub tls: MirrorTls,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Name in the minted certificate when clients send no SNI (they connect by IP).
+    pub hostname: String,
+    /// Registry for requests without `?ns=` and without a registry path prefix.
+    pub default_registry: String,
+    /// Accept any `ns=`/prefix host, not only known registries. Default false.
+    pub any_registry: bool,
+    /// If set, clients must authenticate with one of these accounts (HTTP Basic).
+    pub user: Vec<UserConfig>,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        MirrorConfig {
+            listen: String::new(),
+            tls: MirrorTls::Off,
+            cert_file: None,
+            key_file: None,
+            hostname: "stowage.local".into(),
+            default_registry: "registry-1.docker.io".into(),
+            any_registry: false,
+            user: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MirrorTls {
+    Off,
+    Ca,
+    Files,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub username: String,
+    #[serde(default)]
+    pub password_env: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+/// TLS for hosts redirected to Stowage by `/etc/hosts` or DNS: SNI picks the registry.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DirectConfig {
+    /// Address to listen on, usually `0.0.0.0:443`; empty (the default) turns it off.
+    pub listen: String,
+    /// Port of the real registries upstream. Default 443.
+    pub upstream_port: Option<u16>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -376,6 +441,22 @@ impl Config {
                 return Err(invalid("upstream.resolve", format!("{host:?} is not a lowercase host name")));
             }
         }
+        self.mirror_listen()?;
+        self.direct_listen()?;
+        if self.mirror.tls == MirrorTls::Files && (self.mirror.cert_file.is_none() || self.mirror.key_file.is_none()) {
+            return Err(invalid("mirror.tls", "\"files\" needs mirror.cert_file and mirror.key_file"));
+        }
+        if !valid_host(&self.mirror.default_registry) {
+            return Err(invalid("mirror.default_registry", "must be a lowercase host name"));
+        }
+        if !valid_host(&self.mirror.hostname) {
+            return Err(invalid("mirror.hostname", "must be a lowercase host name"));
+        }
+        for (i, u) in self.mirror.user.iter().enumerate() {
+            if u.password_env.is_some() == u.password_file.is_some() {
+                return Err(invalid(format!("mirror.user[{i}]"), "set exactly one of password_env and password_file"));
+            }
+        }
         if self.cache.dir.as_os_str().is_empty() {
             return Err(invalid("cache.dir", "must not be empty"));
         }
@@ -383,6 +464,36 @@ impl Config {
             return Err(invalid("ca.dir", "must not be empty"));
         }
         Ok(())
+    }
+
+    pub fn mirror_listen(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        optional_addr("mirror.listen", &self.mirror.listen)
+    }
+
+    pub fn direct_listen(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        optional_addr("direct.listen", &self.direct.listen)
+    }
+
+    /// The mirror's accounts, passwords read now.
+    pub fn mirror_users(&self) -> Result<Vec<Credentials>, ConfigError> {
+        let mut out = Vec::new();
+        for (i, u) in self.mirror.user.iter().enumerate() {
+            let r = RegistryConfig {
+                host: String::new(),
+                auth_hosts: Vec::new(),
+                username: Some(u.username.clone()),
+                password_env: u.password_env.clone(),
+                password_file: u.password_file.clone(),
+                inject_credentials: None,
+                manifest_ttl: None,
+            };
+            let c = r.credentials(i).map_err(|e| match e {
+                ConfigError::Invalid { key, message } => invalid(key.replace("registry[", "mirror.user["), message),
+                e => e,
+            })?;
+            out.extend(c);
+        }
+        Ok(out)
     }
 
     pub fn proxy_listen(&self) -> Result<SocketAddr, ConfigError> {
@@ -423,6 +534,13 @@ impl Config {
             .map(|t| t.0)
             .unwrap_or(self.cache.manifest_ttl.0)
     }
+}
+
+fn optional_addr(key: &str, value: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    value.parse().map(Some).map_err(|_| invalid(key, format!("{value:?} is not an address like 0.0.0.0:5000")))
 }
 
 /// A DNS name or IP literal as it may appear in `CONNECT`: lowercase letters, digits,

@@ -29,7 +29,7 @@ use crate::registry::{self, Target};
 use crate::response::{empty, full, text, Body};
 use crate::server::{HostKind, State};
 
-fn http_builder(state: &State) -> auto::Builder<TokioExecutor> {
+pub fn http_builder(state: &State) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
@@ -69,6 +69,49 @@ pub async fn serve_connection(state: Arc<State>, stream: TcpStream, peer: Socket
     }
 }
 
+/// Serves HTTP/1.1 or h2 on `io` with `svc` until the peer closes or shutdown ends it.
+pub async fn serve_until_shutdown<IO, S>(state: &State, io: IO, svc: S)
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let builder = http_builder(state);
+    let conn = builder.serve_connection(io, svc);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = state.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Serves the registry API for `target` on a terminated TLS stream.
+pub async fn serve_registry<IO>(state: Arc<State>, io: IO, target: Arc<Target>)
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let looped = crate::mirror::loop_check(&state, &target).await.is_some();
+    let svc_state = state.clone();
+    let svc = service_fn(move |req| {
+        let (state, target) = (svc_state.clone(), target.clone());
+        async move {
+            if looped {
+                if let Some(resp) = crate::mirror::loop_check(&state, &target).await {
+                    return Ok::<_, Infallible>(resp);
+                }
+            }
+            Ok::<_, Infallible>(registry::handle(state, target, req).await)
+        }
+    });
+    serve_until_shutdown(&state, io, svc).await
+}
+
 async fn proxy_request(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     if req.method() == Method::CONNECT {
         return connect(state, req, peer).await;
@@ -106,6 +149,11 @@ async fn connect(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) ->
     let Some((host, port)) = connect_target(&req) else {
         return text(StatusCode::BAD_REQUEST, "CONNECT needs a host:port target");
     };
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        if state.is_own_address(&SocketAddr::new(ip, port)) {
+            return text(StatusCode::LOOP_DETECTED, "CONNECT to this proxy's own address is refused");
+        }
+    }
     match state.host_kind(&host) {
         Some(kind) => {
             let span = tracing::info_span!("tunnel", %host, port, mode = "tls");
@@ -177,25 +225,8 @@ where
         Ok(Err(e)) => return tracing::info!(error = %e, "TLS handshake failed"),
         Err(_) => return tracing::info!("TLS handshake timed out"),
     };
-    let target = Arc::new(Target { scheme: "https", host, port, auth_host: kind == HostKind::AuthHost });
-    let svc_state = state.clone();
-    let svc = service_fn(move |req| {
-        let (state, target) = (svc_state.clone(), target.clone());
-        async move { Ok::<_, Infallible>(registry::handle(state, target, req).await) }
-    });
-    let builder = http_builder(&state);
-    let conn = builder.serve_connection(TokioIo::new(tls), svc);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        () = state.shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "tunnel connection ended with an error");
-    }
+    let target = Arc::new(Target { scheme: "https", host, port, auth_host: kind == HostKind::AuthHost, mirror: false });
+    serve_registry(state, TokioIo::new(tls), target).await
 }
 
 /// Plain-HTTP requests in absolute form (`GET http://host/...`): registries speaking plain
@@ -213,7 +244,7 @@ async fn absolute_form(state: Arc<State>, req: Request<Incoming>) -> Response<Bo
     if kind.is_none() && state.other_hosts == OtherHosts::Deny {
         return text(StatusCode::FORBIDDEN, "this proxy only serves container registries");
     }
-    let target = Arc::new(Target { scheme: "http", host, port, auth_host: kind != Some(HostKind::Registry) });
+    let target = Arc::new(Target { scheme: "http", host, port, auth_host: kind != Some(HostKind::Registry), mirror: false });
     registry::handle(state, target, req).await
 }
 

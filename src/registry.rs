@@ -43,6 +43,9 @@ pub struct Target {
     pub port: u16,
     /// A registry's auth host (token service): everything is forwarded.
     pub auth_host: bool,
+    /// Served through the mirror listener: clients bring no upstream credentials, so
+    /// Stowage answers upstream challenges itself (its account, or anonymously).
+    pub mirror: bool,
 }
 
 impl Target {
@@ -134,7 +137,7 @@ fn path_and_query(req: &Request<Incoming>) -> &str {
 /// configured account when it has none).
 async fn upstream_fetch(state: &State, target: &Target, method: Method, pq: &str, headers: &HeaderMap, follow: bool) -> Result<Response<Incoming>, ServeError> {
     let uri = target.uri(pq)?;
-    let answer = state.proxy_answer(&target.host);
+    let answer = state.answer(target);
     let fetched = auth::fetch(&state.upstream, &state.tokens, method, uri, upstream_headers(headers), answer, follow).await?;
     Ok(fetched.response)
 }
@@ -142,7 +145,8 @@ async fn upstream_fetch(state: &State, target: &Target, method: Method, pq: &str
 async fn pass(state: &State, target: &Target, req: Request<Incoming>) -> Served {
     let pq = path_and_query(&req).to_owned();
     let bodiless = matches!(*req.method(), Method::GET | Method::HEAD) && !req.headers().contains_key(CONTENT_LENGTH);
-    if bodiless && !target.auth_host && state.credentials.contains_key(&target.host) && !req.headers().contains_key(AUTHORIZATION) {
+    let answers = target.mirror || state.credentials.contains_key(&target.host);
+    if bodiless && !target.auth_host && answers && !req.headers().contains_key(AUTHORIZATION) {
         // Answer the challenge with the configured account (the `/v2/` ping included), so
         // anonymous clients pull as that account.
         let r = upstream_fetch(state, target, req.method().clone(), &pq, req.headers(), false).await;
@@ -653,11 +657,11 @@ mod tests {
 
     #[test]
     fn target_uris_keep_non_default_ports() {
-        let t = Target { scheme: "https", host: "quay.io".into(), port: 5443, auth_host: false };
+        let t = Target { scheme: "https", host: "quay.io".into(), port: 5443, auth_host: false, mirror: false };
         assert_eq!(t.uri("/v2/?x=1").unwrap().to_string(), "https://quay.io:5443/v2/?x=1");
-        let t = Target { scheme: "https", host: "ghcr.io".into(), port: 443, auth_host: false };
+        let t = Target { scheme: "https", host: "ghcr.io".into(), port: 443, auth_host: false, mirror: false };
         assert_eq!(t.uri("/v2/").unwrap().to_string(), "https://ghcr.io/v2/");
-        let t = Target { scheme: "https", host: "::1".into(), port: 8443, auth_host: false };
+        let t = Target { scheme: "https", host: "::1".into(), port: 8443, auth_host: false, mirror: false };
         assert_eq!(t.uri("/v2/").unwrap().to_string(), "https://[::1]:8443/v2/");
     }
 }

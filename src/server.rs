@@ -67,6 +67,12 @@ pub struct State {
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
     pub proxy_addr: SocketAddr,
+    pub mirror_addr: Option<SocketAddr>,
+    pub direct_addr: Option<SocketAddr>,
+    /// Accounts the mirror listener accepts (empty: open).
+    pub mirror_users: Vec<Credentials>,
+    /// The mirror's TLS config from `cert_file`/`key_file`, when `tls = "files"`.
+    pub mirror_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl State {
@@ -75,12 +81,22 @@ impl State {
     }
 
     /// How Stowage answers upstream challenges for clients without credentials of their
-    /// own, in forward-proxy mode: with the registry's configured account, if any.
-    pub fn proxy_answer(&self, registry: &str) -> Answer<'_> {
-        match self.credentials.get(registry) {
+    /// own: with the registry's configured account if any; else anonymously for mirror
+    /// clients (who cannot log in upstream), and not at all for proxy clients (they do
+    /// their own token dance).
+    pub fn answer(&self, target: &crate::registry::Target) -> Answer<'_> {
+        match self.credentials.get(&target.host) {
             Some(c) => Answer::With(Some(c)),
+            None if target.mirror => Answer::With(None),
             None => Answer::No,
         }
+    }
+
+    /// Whether `addr` is one of Stowage's own listeners (a request loop if used upstream).
+    pub fn is_own_address(&self, addr: &SocketAddr) -> bool {
+        [Some(self.proxy_addr), self.mirror_addr, self.direct_addr].into_iter().flatten().any(|own| {
+            own.port() == addr.port() && (own.ip() == addr.ip() || (own.ip().is_unspecified() && addr.ip().is_loopback()))
+        })
     }
 
     pub fn auth_check(&self) -> AuthCheck {
@@ -92,10 +108,42 @@ impl State {
     }
 }
 
+#[derive(Clone, Copy, Debug)]
+enum Listener {
+    Proxy,
+    Mirror,
+    Direct,
+}
+
 pub struct Server {
     state: Arc<State>,
-    listener: TcpListener,
+    listeners: Vec<(Listener, TcpListener)>,
     grace: Duration,
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
+    let l = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+    let local = l.local_addr().map_err(|source| Error::Bind { addr, source })?;
+    Ok((l, local))
+}
+
+fn load_tls_files(cert: &std::path::Path, key: &std::path::Path) -> Result<Arc<rustls::ServerConfig>, Error> {
+    use rustls_pki_types::pem::PemObject;
+    let bad = |m: String| Error::Config(ConfigError::Invalid { key: "mirror.cert_file".into(), message: m });
+    let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad(format!("{}: {e}", cert.display())))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(format!("{}: {e}", cert.display())))?;
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key).map_err(|e| bad(format!("{}: {e}", key.display())))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| bad(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 impl Server {
@@ -108,8 +156,26 @@ impl Server {
             tokio::task::spawn_blocking(move || BlobStore::open(&dir)).await.expect("store open task")?
         };
         let upstream = Upstream::new(&config.upstream).map_err(Error::Upstream)?;
-        let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
-        let proxy_addr = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
+        let mut listeners = Vec::new();
+        let (l, proxy_addr) = bind(addr).await?;
+        listeners.push((Listener::Proxy, l));
+        let mut mirror_addr = None;
+        if let Some(a) = config.mirror_listen()? {
+            let (l, local) = bind(a).await?;
+            listeners.push((Listener::Mirror, l));
+            mirror_addr = Some(local);
+        }
+        let mut direct_addr = None;
+        if let Some(a) = config.direct_listen()? {
+            let (l, local) = bind(a).await?;
+            listeners.push((Listener::Direct, l));
+            direct_addr = Some(local);
+        }
+        let mirror_users = config.mirror_users()?;
+        let mirror_tls = match (&config.mirror.tls, &config.mirror.cert_file, &config.mirror.key_file) {
+            (crate::config::MirrorTls::Files, Some(c), Some(k)) => Some(load_tls_files(c, k)?),
+            _ => None,
+        };
         let mut hosts = HashMap::new();
         let mut credentials = HashMap::new();
         let mut inject = HashMap::new();
@@ -152,13 +218,25 @@ impl Server {
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             proxy_addr,
+            mirror_addr,
+            direct_addr,
+            mirror_users,
+            mirror_tls,
             config: Arc::new(config.clone()),
         });
-        Ok(Server { state, listener, grace: config.proxy.shutdown_grace.0 })
+        Ok(Server { state, listeners, grace: config.proxy.shutdown_grace.0 })
     }
 
     pub fn proxy_addr(&self) -> SocketAddr {
         self.state.proxy_addr
+    }
+
+    pub fn mirror_addr(&self) -> Option<SocketAddr> {
+        self.state.mirror_addr
+    }
+
+    pub fn direct_addr(&self) -> Option<SocketAddr> {
+        self.state.direct_addr
     }
 
     pub fn ca_cert_pem(&self) -> String {
@@ -167,33 +245,58 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {
-        let Server { state, listener, grace } = self;
-        tracing::info!(listen = %state.proxy_addr, "stowage proxy listening");
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let _ = stream.set_nodelay(true);
-                        let span = tracing::info_span!("conn", %peer);
-                        state.tasks.spawn(crate::proxy::serve_connection(state.clone(), stream, peer).instrument(span));
-                    }
-                    Err(e) => {
-                        // Out of file descriptors and similar: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
-                () = &mut shutdown => break,
-            }
+        let Server { state, listeners, grace } = self;
+        let mut accept_loops = Vec::new();
+        for (kind, listener) in listeners {
+            let addr = listener.local_addr().ok();
+            tracing::info!(listener = ?kind, listen = ?addr, "listening");
+            accept_loops.push(tokio::spawn(accept_loop(state.clone(), kind, listener)));
         }
-        drop(listener);
+        shutdown.await;
         tracing::info!(in_flight = state.tasks.len(), grace = ?grace, "shutting down");
         state.shutdown.cancel();
+        for l in accept_loops {
+            let _ = l.await;
+        }
         state.tasks.close();
         if tokio::time::timeout(grace, state.tasks.wait()).await.is_err() {
             tracing::warn!(cut = state.tasks.len(), "shutdown grace over; closing remaining connections");
         }
         Ok(())
+    }
+}
+
+/// Accepts connections on one listener until shutdown, each served in its own task.
+async fn accept_loop(state: Arc<State>, kind: Listener, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = state.shutdown.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let st = state.clone();
+                match kind {
+                    Listener::Proxy => {
+                        let span = tracing::info_span!("conn", %peer);
+                        state.tasks.spawn(crate::proxy::serve_connection(st, stream, peer).instrument(span))
+                    }
+                    Listener::Mirror => {
+                        let span = tracing::info_span!("mirror", %peer);
+                        state.tasks.spawn(crate::mirror::serve_mirror_connection(st, stream, peer).instrument(span))
+                    }
+                    Listener::Direct => {
+                        let span = tracing::info_span!("direct", %peer);
+                        state.tasks.spawn(crate::mirror::serve_direct_connection(st, stream, peer).instrument(span))
+                    }
+                };
+            }
+            Err(e) => {
+                // Out of file descriptors and similar: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
     }
 }
