@@ -126,6 +126,14 @@ async fn proxy_request(state: Arc<State>, req: Request<Incoming>, peer: SocketAd
             r
         }
         (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok"),
+        (&Method::GET, "/metrics") => {
+            let mut r = Response::new(full(state.render_metrics()));
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            r
+        }
         (_, "/ca.crt" | "/healthz") => text(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
         _ => text(
             StatusCode::NOT_FOUND,

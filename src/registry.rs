@@ -76,9 +76,25 @@ pub async fn handle(state: Arc<State>, target: Arc<Target>, req: Request<Incomin
         _ => pass(&state, &target, req).await,
     };
     let mut resp = match resp {
-        Ok(r) => r,
+        Ok(r) => {
+            let from_upstream = matches!(outcome, CacheStatus::Miss | CacheStatus::Pass);
+            if from_upstream && (r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS) {
+                state.metrics.upstream_error(&target.host, r.status().as_str());
+            }
+            r
+        }
         Err(e) => {
             tracing::warn!(host = %target.host, error = %e, "request failed");
+            let kind = match &e {
+                ServeError::Upstream(UpstreamError::Timeout { .. } | UpstreamError::BodyStalled(_)) => Some("timeout"),
+                ServeError::Upstream(UpstreamError::Body(_)) => Some("body"),
+                ServeError::Upstream(_) => Some("connect"),
+                ServeError::DigestMismatch => Some("digest"),
+                _ => None,
+            };
+            if let Some(k) = kind {
+                state.metrics.upstream_error(&target.host, k);
+            }
             e.into_response()
         }
     };
@@ -103,6 +119,7 @@ pub async fn handle(state: Arc<State>, target: Arc<Target>, req: Request<Incomin
         outcome,
         status: resp.status().as_u16(),
         started,
+        metrics: state.metrics.clone(),
     };
     Logged::wrap(resp, line)
 }
@@ -350,6 +367,7 @@ async fn blob(state: &State, target: &Target, req: Request<Incoming>, repo: &Rep
     let join = match state.fills.join(&state.store, digest) {
         Ok(j) => j,
         Err(e) => {
+            state.metrics.write_error("create");
             tracing::warn!(%digest, error = %e, "cannot start a fill; passing through");
             return fetch_uncached(state, target, req).await;
         }
@@ -370,6 +388,7 @@ async fn blob(state: &State, target: &Target, req: Request<Incoming>, repo: &Rep
             if let Err(refused) = authorize(state, target, repo, req.headers(), &pq).await {
                 return (CacheStatus::Coalesced, Ok(refused));
             }
+            state.metrics.coalesced_readers.inc();
             let mut rx = fill.subscribe();
             let state_now = rx.wait_for(|s| !matches!(s, FillState::Waiting)).await.map(|s| s.clone());
             match state_now {
@@ -398,13 +417,21 @@ async fn blob(state: &State, target: &Target, req: Request<Incoming>, repo: &Rep
             let fill = leader.fill();
             let idle = state.upstream.idle_timeout();
             let span = tracing::info_span!("fill", %digest);
+            let metrics = state.metrics.clone();
             // Detached: the fill completes for the cache (and other readers) even if this
             // client goes away.
             state.tasks.spawn(
                 async move {
                     match leader.run(resp.into_body(), total, idle).await {
                         Ok(len) => tracing::debug!(bytes = len, "stored"),
-                        Err(e) if e.is_mismatch() => tracing::error!(error = %e, "digest mismatch: upstream content discarded"),
+                        Err(e) if e.is_mismatch() => {
+                            metrics.digest_mismatches.inc();
+                            tracing::error!(error = %e, "digest mismatch: upstream content discarded")
+                        }
+                        Err(crate::fill::FillError::Store(e)) => {
+                            metrics.write_error("write");
+                            tracing::error!(error = %e, "cache write failed")
+                        }
                         Err(e) => tracing::warn!(error = %e, "fill failed"),
                     }
                 }
@@ -516,10 +543,14 @@ async fn fetch_manifest(state: &State, target: &Target, pq: &str, headers: &Head
     match stored {
         Ok(Ok(())) => {}
         Ok(Err(StoreError::Mismatch { expected, actual })) => {
+            state.metrics.digest_mismatches.inc();
             tracing::error!(%expected, %actual, "manifest digest mismatch: discarded");
             return Err(ServeError::DigestMismatch);
         }
-        Ok(Err(e)) => tracing::warn!(%digest, error = %e, "manifest verified but not cached"),
+        Ok(Err(e)) => {
+            state.metrics.write_error("write");
+            tracing::warn!(%digest, error = %e, "manifest verified but not cached")
+        }
         Err(e) => tracing::warn!(%digest, error = %e, "manifest store task failed"),
     }
     strip_hop_by_hop(&mut parts.headers);

@@ -145,6 +145,7 @@ pub struct LogLine {
     pub outcome: CacheStatus,
     pub status: u16,
     pub started: Instant,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// A response body that counts what it sends and logs the request when it ends.
@@ -209,6 +210,16 @@ impl Drop for Logged {
             duration_ms = l.started.elapsed().as_secs_f64() * 1000.0,
             "request"
         );
+        use crate::metrics::{RequestLabels, SourceLabels};
+        l.metrics
+            .requests
+            .get_or_create(&RequestLabels { registry: l.registry.clone(), kind: l.kind.into(), outcome: l.outcome.as_str().into() })
+            .inc();
+        let source = match l.outcome {
+            CacheStatus::Hit | CacheStatus::Coalesced | CacheStatus::Stale => "cache",
+            CacheStatus::Miss | CacheStatus::Pass => "upstream",
+        };
+        l.metrics.bytes_served.get_or_create(&SourceLabels { source: source.into() }).inc_by(self.bytes);
     }
 }
 

@@ -57,6 +57,7 @@ pub struct State {
     /// Auth host → account added to clients' anonymous token requests.
     pub inject: HashMap<String, Credentials>,
     pub tokens: Tokens,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub access: Access,
     pub config: Arc<Config>,
     pub other_hosts: OtherHosts,
@@ -97,6 +98,18 @@ impl State {
         [Some(self.proxy_addr), self.mirror_addr, self.direct_addr].into_iter().flatten().any(|own| {
             own.port() == addr.port() && (own.ip() == addr.ip() || (own.ip().is_unspecified() && addr.ip().is_loopback()))
         })
+    }
+
+    /// The metrics text, with live gauges read now.
+    pub fn render_metrics(&self) -> String {
+        let m = &self.metrics;
+        m.fills_in_flight.set(self.fills.in_flight() as i64);
+        let minted = self.ca.minted();
+        let counted = m.certificates_minted.get();
+        if minted > counted {
+            m.certificates_minted.inc_by(minted - counted);
+        }
+        m.render()
     }
 
     pub fn auth_check(&self) -> AuthCheck {
@@ -155,7 +168,8 @@ impl Server {
             let dir = config.cache.dir.clone();
             tokio::task::spawn_blocking(move || BlobStore::open(&dir)).await.expect("store open task")?
         };
-        let upstream = Upstream::new(&config.upstream).map_err(Error::Upstream)?;
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let upstream = Upstream::new(&config.upstream, Some(metrics.clone())).map_err(Error::Upstream)?;
         let mut listeners = Vec::new();
         let (l, proxy_addr) = bind(addr).await?;
         listeners.push((Listener::Proxy, l));
@@ -210,6 +224,7 @@ impl Server {
             credentials,
             inject,
             tokens: Tokens::default(),
+            metrics,
             access: Access::new(config.cache.auth_ttl.0, config.cache.public_ttl.0),
             other_hosts: config.proxy.other_hosts,
             max_manifest_size: config.cache.max_manifest_size.0,

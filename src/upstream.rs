@@ -114,6 +114,7 @@ pub struct Upstream {
     response_timeout: Duration,
     idle_timeout: Duration,
     max_redirects: u32,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// A response together with the URI that finally produced it (after redirects).
@@ -123,7 +124,7 @@ pub struct Fetched {
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig) -> Result<Upstream, String> {
+    pub fn new(config: &UpstreamConfig, metrics: Option<Arc<crate::metrics::Metrics>>) -> Result<Upstream, String> {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         for path in &config.extra_ca {
@@ -168,6 +169,7 @@ impl Upstream {
             response_timeout: config.response_timeout.0,
             idle_timeout: config.idle_timeout.0,
             max_redirects: config.max_redirects,
+            metrics,
         })
     }
 
@@ -202,7 +204,12 @@ impl Upstream {
     pub async fn send(&self, req: Request<UpBody>) -> Result<Response<Incoming>, UpstreamError> {
         let host = req.uri().host().unwrap_or_default().to_owned();
         match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(resp)) => {
+                if let Some(m) = &self.metrics {
+                    m.observe_ratelimit(&host, resp.headers());
+                }
+                Ok(resp)
+            }
             Ok(Err(e)) => Err(UpstreamError::from_client(&host, e)),
             Err(_) => Err(UpstreamError::Timeout { host, after: self.response_timeout }),
         }

@@ -1,0 +1,143 @@
+//! Prometheus metrics, served at `GET /metrics` on the proxy listener.
+//!
+//! Counters are bumped where things happen (the access-log body, fills, the CA, the
+//! evictor); gauges that mirror live state (cache size, fills in flight) are read when a
+//! scrape renders, so they can never drift.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry, Unit};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub registry: String,
+    pub kind: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// `cache` or `upstream`.
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub registry: String,
+    /// An HTTP status, or `connect` / `timeout` / `body`.
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RegistryLabels {
+    pub registry: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub bytes_served: Family<SourceLabels, Counter>,
+    pub upstream_errors: Family<ErrorLabels, Counter>,
+    pub fills_in_flight: Gauge,
+    pub coalesced_readers: Counter,
+    pub cache_size: Gauge,
+    pub cache_objects: Gauge,
+    pub evictions: Counter,
+    pub evicted_bytes: Counter,
+    pub ratelimit_remaining: Family<RegistryLabels, Gauge>,
+    pub certificates_minted: Counter,
+    pub cache_write_errors: Family<ReasonLabels, Counter>,
+    pub digest_mismatches: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("stowage");
+        let m = Metrics {
+            requests: Family::default(),
+            bytes_served: Family::default(),
+            upstream_errors: Family::default(),
+            fills_in_flight: Gauge::default(),
+            coalesced_readers: Counter::default(),
+            cache_size: Gauge::default(),
+            cache_objects: Gauge::default(),
+            evictions: Counter::default(),
+            evicted_bytes: Counter::default(),
+            ratelimit_remaining: Family::default(),
+            certificates_minted: Counter::default(),
+            cache_write_errors: Family::default(),
+            digest_mismatches: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("requests", "Registry requests served, by registry, kind and cache outcome", m.requests.clone());
+        registry.register_with_unit("served", "Response body bytes sent to clients, by where they came from", Unit::Bytes, m.bytes_served.clone());
+        registry.register("upstream_errors", "Upstream failures and error statuses, by registry and status", m.upstream_errors.clone());
+        registry.register("fills_in_flight", "Blob downloads into the cache in progress", m.fills_in_flight.clone());
+        registry.register("coalesced_readers", "Requests that joined another request's download", m.coalesced_readers.clone());
+        registry.register_with_unit("cache_size", "Bytes of verified content in the cache", Unit::Bytes, m.cache_size.clone());
+        registry.register("cache_objects", "Objects (blobs and manifests) in the cache", m.cache_objects.clone());
+        registry.register("evictions", "Objects evicted to keep the cache under max_size", m.evictions.clone());
+        registry.register_with_unit("evicted", "Bytes evicted", Unit::Bytes, m.evicted_bytes.clone());
+        registry.register(
+            "upstream_ratelimit_remaining",
+            "Pulls left in the upstream rate-limit window (the ratelimit-remaining header, as Docker Hub sends it)",
+            m.ratelimit_remaining.clone(),
+        );
+        registry.register("certificates_minted", "Leaf certificates minted from the local CA", m.certificates_minted.clone());
+        registry.register("cache_write_errors", "Cache writes that failed (the request was served from upstream)", m.cache_write_errors.clone());
+        registry.register("digest_mismatches", "Upstream content that did not match its digest and was discarded", m.digest_mismatches.clone());
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus/OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn upstream_error(&self, registry: &str, status: &str) {
+        self.upstream_errors.get_or_create(&ErrorLabels { registry: registry.to_owned(), status: status.to_owned() }).inc();
+    }
+
+    /// Records `ratelimit-remaining: 76;w=21600` as 76.
+    pub fn observe_ratelimit(&self, registry: &str, headers: &http::HeaderMap) {
+        let Some(v) = headers.get("ratelimit-remaining").and_then(|v| v.to_str().ok()) else { return };
+        if let Ok(n) = v.split(';').next().unwrap_or("").trim().parse::<i64>() {
+            self.ratelimit_remaining.get_or_create(&RegistryLabels { registry: registry.to_owned() }).set(n);
+        }
+    }
+
+    pub fn write_error(&self, reason: &str) {
+        self.cache_write_errors.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_with_conventional_names() {
+        let m = Metrics::default();
+        m.requests.get_or_create(&RequestLabels { registry: "quay.io".into(), kind: "blob".into(), outcome: "hit".into() }).inc();
+        m.bytes_served.get_or_create(&SourceLabels { source: "cache".into() }).inc_by(10);
+        let mut h = http::HeaderMap::new();
+        h.insert("ratelimit-remaining", "76;w=21600".parse().unwrap());
+        m.observe_ratelimit("registry-1.docker.io", &h);
+        let text = m.render();
+        assert!(text.contains(r#"stowage_requests_total{registry="quay.io",kind="blob",outcome="hit"} 1"#), "{text}");
+        assert!(text.contains(r#"stowage_served_bytes_total{source="cache"} 10"#), "{text}");
+        assert!(text.contains(r#"stowage_upstream_ratelimit_remaining{registry="registry-1.docker.io"} 76"#), "{text}");
+        assert!(text.contains("stowage_cache_size_bytes"), "{text}");
+    }
+}
