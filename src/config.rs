@@ -164,6 +164,12 @@ pub struct CacheConfig {
     pub dir: PathBuf,
     /// Largest manifest that is cached; larger ones are passed through. Default `4MiB`.
     pub max_manifest_size: Size,
+    /// Size bound of the cache; above it, least recently used objects are evicted in the
+    /// background down to 90%. Default `50GiB`.
+    pub max_size: Size,
+    /// Below this much free disk space nothing new is cached (requests are served from
+    /// upstream). Default `1GiB`.
+    pub min_free: Size,
     /// How long a manifest fetched by tag is served without asking upstream. Default `5m`.
     pub manifest_ttl: HumanDuration,
     /// Per-tag overrides of `manifest_ttl`; the first matching rule wins.
@@ -185,6 +191,8 @@ impl Default for CacheConfig {
         CacheConfig {
             dir: "cache".into(),
             max_manifest_size: Size(4 << 20),
+            max_size: Size(50 << 30),
+            min_free: Size(1 << 30),
             manifest_ttl: HumanDuration(Duration::from_secs(300)),
             ttl: Vec::new(),
             offline: false,
@@ -456,6 +464,9 @@ impl Config {
             if u.password_env.is_some() == u.password_file.is_some() {
                 return Err(invalid(format!("mirror.user[{i}]"), "set exactly one of password_env and password_file"));
             }
+        }
+        if self.cache.max_size.0 == 0 {
+            return Err(invalid("cache.max_size", "must be greater than zero"));
         }
         if self.cache.dir.as_os_str().is_empty() {
             return Err(invalid("cache.dir", "must not be empty"));

@@ -64,7 +64,7 @@ pub enum Join {
 }
 
 impl Fills {
-    pub fn join(self: &Arc<Self>, store: &BlobStore, digest: &Digest) -> Result<Join, StoreError> {
+    pub fn join(self: &Arc<Self>, store: &Arc<BlobStore>, digest: &Digest) -> Result<Join, StoreError> {
         let mut map = self.inflight.lock().expect("fills lock");
         if let Some(fill) = map.get(digest) {
             return Ok(Join::Follower(fill.clone()));

@@ -17,6 +17,7 @@ pub mod auth;
 pub mod ca;
 pub mod config;
 pub mod fill;
+pub mod index;
 pub mod metrics;
 pub mod mirror;
 pub mod oci;

@@ -344,7 +344,7 @@ fn serve_stored(
 
 const OCTET_STREAM: &str = "application/octet-stream";
 
-async fn blob(state: &State, target: &Target, req: Request<Incoming>, repo: &RepoName, digest: &Digest) -> Served {
+async fn blob(state: &Arc<State>, target: &Target, req: Request<Incoming>, repo: &RepoName, digest: &Digest) -> Served {
     let method = req.method().clone();
     let pq = path_and_query(&req).to_owned();
     match state.store.open_blob(digest) {
@@ -362,6 +362,11 @@ async fn blob(state: &State, target: &Target, req: Request<Incoming>, repo: &Rep
     }
     // A HEAD or a ranged GET on a miss is answered upstream and does not start a fill.
     if method == Method::HEAD || req.headers().contains_key(RANGE) {
+        return fetch_uncached(state, target, req).await;
+    }
+    if let Err(why) = state.may_cache() {
+        state.metrics.write_error(why);
+        tracing::debug!(%digest, why, "not caching; passing through");
         return fetch_uncached(state, target, req).await;
     }
     let join = match state.fills.join(&state.store, digest) {
@@ -414,10 +419,15 @@ async fn blob(state: &State, target: &Target, req: Request<Incoming>, repo: &Rep
                 return (CacheStatus::Miss, Ok(relay(resp)));
             }
             let total = resp.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+            if total.is_some_and(|t| t > state.max_size) {
+                leader.abandon("larger than the whole cache");
+                return (CacheStatus::Miss, Ok(relay(resp)));
+            }
             let fill = leader.fill();
             let idle = state.upstream.idle_timeout();
             let span = tracing::info_span!("fill", %digest);
             let metrics = state.metrics.clone();
+            let st = state.clone();
             // Detached: the fill completes for the cache (and other readers) even if this
             // client goes away.
             state.tasks.spawn(
@@ -430,7 +440,8 @@ async fn blob(state: &State, target: &Target, req: Request<Incoming>, repo: &Rep
                         }
                         Err(crate::fill::FillError::Store(e)) => {
                             metrics.write_error("write");
-                            tracing::error!(error = %e, "cache write failed")
+                            st.pause_caching();
+                            tracing::error!(error = %e, "cache write failed; caching paused for a while")
                         }
                         Err(e) => tracing::warn!(error = %e, "fill failed"),
                     }

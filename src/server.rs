@@ -38,6 +38,11 @@ pub enum Error {
     Bind { addr: SocketAddr, source: std::io::Error },
 }
 
+const WRITE_ERROR_PAUSE: Duration = Duration::from_secs(30);
+/// Evict down to this fraction of `max_size`.
+const LOW_WATERMARK: f64 = 0.9;
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(30);
+
 /// What a host in a `CONNECT` is to Stowage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HostKind {
@@ -62,6 +67,10 @@ pub struct State {
     pub config: Arc<Config>,
     pub other_hosts: OtherHosts,
     pub max_manifest_size: u64,
+    pub max_size: u64,
+    /// After a cache write error, new fills are paused until this time (unix ms), so a
+    /// full or failing disk does not cause a storm of failing writes.
+    pub cache_paused_until: std::sync::atomic::AtomicU64,
     pub idle_timeout: Duration,
     pub header_timeout: Duration,
     /// Connections and fills; waited for on shutdown.
@@ -104,12 +113,32 @@ impl State {
     pub fn render_metrics(&self) -> String {
         let m = &self.metrics;
         m.fills_in_flight.set(self.fills.in_flight() as i64);
+        m.cache_size.set(self.store.index.total() as i64);
+        m.cache_objects.set(self.store.index.len() as i64);
         let minted = self.ca.minted();
         let counted = m.certificates_minted.get();
         if minted > counted {
             m.certificates_minted.inc_by(minted - counted);
         }
         m.render()
+    }
+
+    /// Whether a new object may be written to the cache now; `Err` names why not.
+    pub fn may_cache(&self) -> Result<(), &'static str> {
+        use std::sync::atomic::Ordering;
+        if crate::access::now_ms() < self.cache_paused_until.load(Ordering::Relaxed) {
+            return Err("paused after a write error");
+        }
+        match self.store.free_space() {
+            Some(free) if free < self.config.cache.min_free.0 => Err("disk_full"),
+            _ => Ok(()),
+        }
+    }
+
+    /// Pauses new fills for a while after a write error.
+    pub fn pause_caching(&self) {
+        let until = crate::access::now_ms() + WRITE_ERROR_PAUSE.as_millis() as u64;
+        self.cache_paused_until.store(until, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn auth_check(&self) -> AuthCheck {
@@ -168,6 +197,8 @@ impl Server {
             let dir = config.cache.dir.clone();
             tokio::task::spawn_blocking(move || BlobStore::open(&dir)).await.expect("store open task")?
         };
+        store.set_max_size(config.cache.max_size.0);
+        tracing::info!(objects = store.index.len(), bytes = store.index.total(), "cache opened");
         let metrics = Arc::new(crate::metrics::Metrics::default());
         let upstream = Upstream::new(&config.upstream, Some(metrics.clone())).map_err(Error::Upstream)?;
         let mut listeners = Vec::new();
@@ -228,6 +259,8 @@ impl Server {
             access: Access::new(config.cache.auth_ttl.0, config.cache.public_ttl.0),
             other_hosts: config.proxy.other_hosts,
             max_manifest_size: config.cache.max_manifest_size.0,
+            max_size: config.cache.max_size.0,
+            cache_paused_until: std::sync::atomic::AtomicU64::new(0),
             idle_timeout: config.proxy.idle_timeout.0,
             header_timeout: config.proxy.header_timeout.0,
             tasks: TaskTracker::new(),
@@ -267,6 +300,7 @@ impl Server {
             tracing::info!(listener = ?kind, listen = ?addr, "listening");
             accept_loops.push(tokio::spawn(accept_loop(state.clone(), kind, listener)));
         }
+        let housekeeping = tokio::spawn(housekeeping(state.clone()));
         shutdown.await;
         tracing::info!(in_flight = state.tasks.len(), grace = ?grace, "shutting down");
         state.shutdown.cancel();
@@ -277,7 +311,42 @@ impl Server {
         if tokio::time::timeout(grace, state.tasks.wait()).await.is_err() {
             tracing::warn!(cut = state.tasks.len(), "shutdown grace over; closing remaining connections");
         }
+        let _ = housekeeping.await;
+        let store = state.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.flush_atimes()).await;
         Ok(())
+    }
+}
+
+/// Keeps the cache under `max_size` and persists access times, until shutdown.
+async fn housekeeping(state: Arc<State>) {
+    loop {
+        tokio::select! {
+            () = state.store.pressure.notified() => {}
+            () = tokio::time::sleep(HOUSEKEEPING_INTERVAL) => {}
+            () = state.shutdown.cancelled() => return,
+        }
+        let st = state.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut evicted = (0, 0);
+            if st.store.index.total() > st.max_size {
+                let target = (st.max_size as f64 * LOW_WATERMARK) as u64;
+                evicted = st.store.evict(target, None)?;
+            }
+            st.store.flush_atimes()?;
+            Ok::<_, StoreError>(evicted)
+        })
+        .await;
+        match result {
+            Ok(Ok((0, _))) => {}
+            Ok(Ok((n, bytes))) => {
+                state.metrics.evictions.inc_by(n);
+                state.metrics.evicted_bytes.inc_by(bytes);
+                tracing::info!(objects = n, bytes, size = state.store.index.total(), "evicted least recently used objects");
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "cache housekeeping failed"),
+            Err(e) => tracing::warn!(error = %e, "cache housekeeping task failed"),
+        }
     }
 }
 

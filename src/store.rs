@@ -10,6 +10,7 @@
 //! compared with its digest, fsynced, renamed, directory fsynced. A writer dropped before
 //! `finish` removes its temp file. Paths are built only from a parsed `Digest`.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -17,13 +18,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use aws_lc_rs::digest::{Context, SHA256, SHA512};
-use redb::TableDefinition;
+use redb::{ReadableTable, TableDefinition};
 
+use crate::index::Index;
 use crate::oci::{Algorithm, Digest};
 
 const MEDIA_TYPES: TableDefinition<&str, &str> = TableDefinition::new("media_types");
 /// `<registry>/<repo>:<tag>#<accept>` → JSON `TagEntry`.
 const TAGS: TableDefinition<&str, &str> = TableDefinition::new("tags");
+/// `<digest>` → unix milliseconds of the last read (LRU eviction survives restarts).
+const ATIMES: TableDefinition<&str, u64> = TableDefinition::new("atimes");
 /// `<registry>/<repo>` → unix seconds when upstream last served it without credentials.
 const PUBLIC_REPOS: TableDefinition<&str, u64> = TableDefinition::new("public_repos");
 
@@ -55,6 +59,19 @@ pub struct BlobStore {
     tmp: PathBuf,
     meta: redb::Database,
     next_tmp: AtomicU64,
+    /// What is on disk, with sizes and access times.
+    pub index: Index,
+    /// Woken when an insert takes the cache past `max_size`.
+    pub pressure: tokio::sync::Notify,
+    max_size: AtomicU64,
+}
+
+/// What `verify` found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct VerifyReport {
+    pub checked: u64,
+    pub corrupt: u64,
+    pub bytes: u64,
 }
 
 impl BlobStore {
@@ -73,8 +90,188 @@ impl BlobStore {
         txn.open_table(MEDIA_TYPES).map_err(|e| StoreError::Meta(e.to_string()))?;
         txn.open_table(TAGS).map_err(|e| StoreError::Meta(e.to_string()))?;
         txn.open_table(PUBLIC_REPOS).map_err(|e| StoreError::Meta(e.to_string()))?;
+        txn.open_table(ATIMES).map_err(|e| StoreError::Meta(e.to_string()))?;
         txn.commit().map_err(|e| StoreError::Meta(e.to_string()))?;
-        Ok(Arc::new(BlobStore { blobs, tmp, meta, next_tmp: AtomicU64::new(0) }))
+        let store = BlobStore {
+            blobs,
+            tmp,
+            meta,
+            next_tmp: AtomicU64::new(0),
+            index: Index::default(),
+            pressure: tokio::sync::Notify::new(),
+            max_size: AtomicU64::new(u64::MAX),
+        };
+        store.rebuild_index()?;
+        Ok(Arc::new(store))
+    }
+
+    /// Scans `blobs/` (the truth) and joins persisted access times. Files whose path is not
+    /// a digest are removed; access-time rows without content are dropped.
+    fn rebuild_index(&self) -> Result<(), StoreError> {
+        let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
+        let mut atimes = HashMap::new();
+        {
+            let txn = self.meta.begin_read().map_err(|e| m(&e))?;
+            let table = txn.open_table(ATIMES).map_err(|e| m(&e))?;
+            for row in table.iter().map_err(|e| m(&e))? {
+                let (k, v) = row.map_err(|e| m(&e))?;
+                atimes.insert(k.value().to_owned(), v.value());
+            }
+        }
+        for alg_entry in fs::read_dir(&self.blobs).map_err(io_err(&self.blobs))? {
+            let alg_entry = alg_entry.map_err(io_err(&self.blobs))?;
+            let alg = alg_entry.file_name().to_string_lossy().into_owned();
+            for fan in fs::read_dir(alg_entry.path()).map_err(io_err(&alg_entry.path()))? {
+                let fan = fan.map_err(io_err(&alg_entry.path()))?;
+                let prefix = fan.file_name().to_string_lossy().into_owned();
+                let Ok(files) = fs::read_dir(fan.path()) else {
+                    let _ = fs::remove_file(fan.path());
+                    continue;
+                };
+                for f in files {
+                    let f = f.map_err(io_err(&fan.path()))?;
+                    let name = f.file_name().to_string_lossy().into_owned();
+                    let digest = format!("{alg}:{name}").parse::<Digest>().ok().filter(|d| d.hex().starts_with(&prefix));
+                    let meta = f.metadata().ok().filter(|m| m.is_file());
+                    match (digest, meta) {
+                        (Some(d), Some(meta)) => {
+                            let key = d.to_string();
+                            let atime = atimes.remove(&key).or_else(|| {
+                                meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64)
+                            });
+                            self.index.insert(d, meta.len(), Some(atime.unwrap_or(0)));
+                        }
+                        _ => {
+                            tracing::warn!(path = %f.path().display(), "removing a file that is not cached content");
+                            let _ = fs::remove_file(f.path()).or_else(|_| fs::remove_dir_all(f.path()));
+                        }
+                    }
+                }
+            }
+        }
+        if !atimes.is_empty() {
+            let txn = self.meta.begin_write().map_err(|e| m(&e))?;
+            {
+                let mut table = txn.open_table(ATIMES).map_err(|e| m(&e))?;
+                for k in atimes.keys() {
+                    table.remove(k.as_str()).map_err(|e| m(&e))?;
+                }
+            }
+            txn.commit().map_err(|e| m(&e))?;
+        }
+        Ok(())
+    }
+
+    /// Persists access times changed since the last flush.
+    pub fn flush_atimes(&self) -> Result<usize, StoreError> {
+        let dirty = self.index.take_dirty();
+        if dirty.is_empty() {
+            return Ok(0);
+        }
+        let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
+        let txn = self.meta.begin_write().map_err(|e| m(&e))?;
+        {
+            let mut table = txn.open_table(ATIMES).map_err(|e| m(&e))?;
+            for (d, t) in &dirty {
+                table.insert(d.to_string().as_str(), *t).map_err(|e| m(&e))?;
+            }
+        }
+        txn.commit().map_err(|e| m(&e))?;
+        Ok(dirty.len())
+    }
+
+    /// Deletes `victims` (readers holding them open keep reading: unlink does not cut
+    /// them off). Returns objects and bytes removed.
+    pub fn remove_objects(&self, victims: &[Digest]) -> Result<(u64, u64), StoreError> {
+        let (mut n, mut bytes) = (0, 0);
+        for d in victims {
+            let path = self.path(d);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+            if let Some(e) = self.index.remove(d) {
+                n += 1;
+                bytes += e.size;
+            }
+        }
+        let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
+        let txn = self.meta.begin_write().map_err(|e| m(&e))?;
+        {
+            let mut atimes = txn.open_table(ATIMES).map_err(|e| m(&e))?;
+            let mut types = txn.open_table(MEDIA_TYPES).map_err(|e| m(&e))?;
+            for d in victims {
+                let k = d.to_string();
+                atimes.remove(k.as_str()).map_err(|e| m(&e))?;
+                types.remove(k.as_str()).map_err(|e| m(&e))?;
+            }
+        }
+        txn.commit().map_err(|e| m(&e))?;
+        Ok((n, bytes))
+    }
+
+    /// Evicts least recently used objects until the total is at most `target` bytes, and
+    /// every object unused since `older_than_ms` when given.
+    pub fn evict(&self, target: u64, older_than_ms: Option<u64>) -> Result<(u64, u64), StoreError> {
+        let victims: Vec<Digest> = self.index.victims(target, older_than_ms).into_iter().map(|(d, _)| d).collect();
+        if victims.is_empty() {
+            return Ok((0, 0));
+        }
+        self.remove_objects(&victims)
+    }
+
+    /// Re-hashes every object; corrupt ones are removed. `progress` gets bytes checked.
+    pub fn verify(&self, mut progress: impl FnMut(u64, &Digest, bool)) -> Result<VerifyReport, StoreError> {
+        let mut report = VerifyReport::default();
+        let mut corrupt = Vec::new();
+        for (d, _) in self.index.snapshot() {
+            let path = self.path(&d);
+            let ok = match File::open(&path) {
+                Ok(mut f) => {
+                    let alg = match d.algorithm() {
+                        Algorithm::Sha256 => &SHA256,
+                        Algorithm::Sha512 => &SHA512,
+                    };
+                    let mut ctx = Context::new(alg);
+                    let mut buf = vec![0u8; 1 << 20];
+                    let mut n = 0u64;
+                    loop {
+                        let r = io::Read::read(&mut f, &mut buf).map_err(io_err(&path))?;
+                        if r == 0 {
+                            break;
+                        }
+                        ctx.update(&buf[..r]);
+                        n += r as u64;
+                    }
+                    report.bytes += n;
+                    Digest::from_bytes(d.algorithm(), ctx.finish().as_ref()) == d
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                Err(e) => return Err(io_err(&path)(e)),
+            };
+            report.checked += 1;
+            if !ok {
+                report.corrupt += 1;
+                corrupt.push(d.clone());
+            }
+            progress(report.bytes, &d, ok);
+        }
+        if !corrupt.is_empty() {
+            self.remove_objects(&corrupt)?;
+        }
+        Ok(report)
+    }
+
+    /// The size above which inserts wake the evictor.
+    pub fn set_max_size(&self, bytes: u64) {
+        self.max_size.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes free for the cache directory's file system (for unprivileged users).
+    pub fn free_space(&self) -> Option<u64> {
+        let s = rustix::fs::statvfs(&self.blobs).ok()?;
+        Some(s.f_bavail.saturating_mul(s.f_frsize))
     }
 
     /// Where verified content for `digest` lives.
@@ -83,12 +280,13 @@ impl BlobStore {
         self.blobs.join(digest.algorithm().as_str()).join(&hex[..2]).join(hex)
     }
 
-    /// Opens verified content, with its length, or `None` when absent.
+    /// Opens verified content, with its length, or `None` when absent. Counts as a use.
     pub fn open_blob(&self, digest: &Digest) -> Result<Option<(File, u64)>, StoreError> {
         let path = self.path(digest);
         match File::open(&path) {
             Ok(f) => {
                 let len = f.metadata().map_err(io_err(&path))?.len();
+                self.index.touch(digest);
                 Ok(Some((f, len)))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -101,7 +299,7 @@ impl BlobStore {
     }
 
     /// Starts writing content expected to hash to `digest`.
-    pub fn writer(&self, digest: &Digest) -> Result<BlobWriter, StoreError> {
+    pub fn writer(self: &Arc<Self>, digest: &Digest) -> Result<BlobWriter, StoreError> {
         let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
         let path = self.tmp.join(format!("{}-{}.{}", digest.hex(), std::process::id(), n));
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io_err(&path))?;
@@ -110,6 +308,7 @@ impl BlobStore {
             Algorithm::Sha512 => &SHA512,
         };
         Ok(BlobWriter {
+            store: self.clone(),
             file: Arc::new(file),
             tmp: path,
             dest: self.path(digest),
@@ -121,7 +320,7 @@ impl BlobStore {
     }
 
     /// Stores a complete, small object (a manifest) after checking its digest.
-    pub fn put(&self, digest: &Digest, bytes: &[u8]) -> Result<(), StoreError> {
+    pub fn put(self: &Arc<Self>, digest: &Digest, bytes: &[u8]) -> Result<(), StoreError> {
         if self.contains(digest) {
             return Ok(());
         }
@@ -205,6 +404,7 @@ impl BlobStore {
 /// A fill in progress: a temp file being hashed as it is written. Readers of a growing
 /// fill share `file()` and read it with positioned reads.
 pub struct BlobWriter {
+    store: Arc<BlobStore>,
     file: Arc<File>,
     tmp: PathBuf,
     dest: PathBuf,
@@ -246,6 +446,10 @@ impl BlobWriter {
         fs::rename(&self.tmp, &self.dest).map_err(io_err(&self.dest))?;
         self.finished = true;
         File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+        self.store.index.insert(self.expected.clone(), self.written, None);
+        if self.store.index.total() > self.store.max_size.load(Ordering::Relaxed) {
+            self.store.pressure.notify_one();
+        }
         Ok(())
     }
 }
@@ -325,6 +529,48 @@ mod tests {
         let store = BlobStore::open(dir.path()).unwrap();
         assert_eq!(store.media_type(&d).unwrap().as_deref(), Some("application/vnd.oci.image.manifest.v1+json"));
         assert!(store.put(&sha256(b"a"), b"b").is_err());
+    }
+
+    #[test]
+    fn the_index_is_rebuilt_from_disk_with_persisted_access_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (sha256(b"aaaa"), sha256(b"bb"));
+        {
+            let store = BlobStore::open(dir.path()).unwrap();
+            store.put(&a, b"aaaa").unwrap();
+            store.put(&b, b"bb").unwrap();
+            assert_eq!(store.index.total(), 6);
+            store.flush_atimes().unwrap();
+        }
+        let before = BlobStore::open(dir.path()).unwrap().index.get(&a).unwrap();
+        // Debris in blobs/ is removed, content removed behind our back is forgotten.
+        fs::write(dir.path().join("blobs/sha256/zz"), b"junk").unwrap();
+        fs::remove_file(BlobStore::open(dir.path()).unwrap().path(&b)).unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        assert_eq!(store.index.len(), 1);
+        assert_eq!(store.index.get(&a).unwrap().atime_ms, before.atime_ms);
+        assert!(!dir.path().join("blobs/sha256/zz").exists());
+    }
+
+    #[test]
+    fn eviction_removes_least_recently_used_and_verify_removes_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let objs: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 100]).collect();
+        for (i, o) in objs.iter().enumerate() {
+            let d = sha256(o);
+            store.put(&d, o).unwrap();
+            store.index.insert(d, 100, Some(i as u64));
+        }
+        let (n, bytes) = store.evict(250, None).unwrap();
+        assert_eq!((n, bytes), (2, 200));
+        assert!(!store.contains(&sha256(&objs[0])) && !store.contains(&sha256(&objs[1])));
+        assert!(store.contains(&sha256(&objs[2])));
+        fs::write(store.path(&sha256(&objs[3])), vec![9u8; 100]).unwrap();
+        let report = store.verify(|_, _, _| {}).unwrap();
+        assert_eq!((report.checked, report.corrupt), (2, 1));
+        assert!(!store.contains(&sha256(&objs[3])));
+        assert_eq!(store.index.len(), 1);
     }
 
     #[test]
