@@ -13,6 +13,7 @@
 //! - [`config`] parses and validates the TOML configuration.
 
 pub mod access;
+pub mod admin;
 pub mod auth;
 pub mod ca;
 pub mod config;
@@ -25,6 +26,7 @@ pub mod proxy;
 pub mod registry;
 pub mod response;
 pub mod server;
+pub mod setup;
 pub mod store;
 pub mod upstream;
 

@@ -1,10 +1,14 @@
-//! The `stowage` command: parse arguments, load configuration, run the server.
+//! The `stowage` command: parse arguments, load configuration, then run the server or
+//! one of the administration commands. Everything else lives in the library.
 
-use std::path::PathBuf;
+use std::io::{IsTerminal, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 
-use anyhow::Context;
-use clap::Parser;
-use stowage::config::{Config, LogFormat};
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use stowage::admin;
+use stowage::config::{Config, HumanDuration, LogFormat, Size};
 use tracing_subscriber::EnvFilter;
 
 /// A caching forward proxy for container registries: point HTTPS_PROXY at it, trust its CA,
@@ -13,20 +17,77 @@ use tracing_subscriber::EnvFilter;
 #[command(version, about, long_about = None)]
 struct Cli {
     /// Configuration file. Default: ./config.toml when present, built-in defaults otherwise.
-    #[arg(short, long, value_name = "FILE")]
+    #[arg(short, long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
     /// Override [proxy] listen, e.g. 0.0.0.0:3128.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", global = true)]
     listen: Option<String>,
     /// Override [cache] dir.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", global = true)]
     cache_dir: Option<PathBuf>,
     /// Override [ca] dir.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", global = true)]
     ca_dir: Option<PathBuf>,
     /// Print the default configuration (every key, commented) and exit.
     #[arg(long)]
     print_default_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Inspect and maintain the cache (talks to the running server, or opens the cache
+    /// directly when none runs).
+    #[command(subcommand)]
+    Cache(CacheCommand),
+    /// The local certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Print a configuration snippet for a container runtime, filled in for this instance.
+    Setup {
+        /// One of: docker, docker-mirror, containerd, containerd-proxy, k3s, kind, podman,
+        /// gitlab, etc-hosts, compose, kubernetes.
+        runtime: String,
+        /// The address clients use to reach Stowage (default: the proxy listener's).
+        #[arg(long)]
+        address: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CacheCommand {
+    /// Size, objects, and (when running) hit ratio and bytes saved.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cached repositories and tags per registry, with sizes and last use.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash every object; report and remove corrupt ones.
+    Verify,
+    /// Remove least recently used objects down to a size, and/or those unused for a time.
+    Prune {
+        #[arg(long, value_name = "SIZE")]
+        max_size: Option<Size>,
+        #[arg(long, value_name = "DURATION")]
+        older_than: Option<HumanDuration>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Print the CA certificate (PEM), creating the CA if needed.
+    Export {
+        /// Write to this file instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,7 +98,7 @@ fn main() -> anyhow::Result<()> {
     }
     let mut config = match &cli.config {
         Some(path) => Config::load(path)?,
-        None if std::path::Path::new("config.toml").exists() => Config::load("config.toml".as_ref())?,
+        None if Path::new("config.toml").exists() => Config::load("config.toml".as_ref())?,
         None => Config::default(),
     };
     if let Some(listen) = cli.listen {
@@ -50,8 +111,29 @@ fn main() -> anyhow::Result<()> {
         config.ca.dir = dir;
     }
     config.validate()?;
-    init_logging(config.log.format);
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(config),
+        Command::Cache(c) => cache_command(&config, c),
+        Command::Ca(CaCommand::Export { out }) => {
+            let ca = stowage::ca::CertificateAuthority::load_or_create(&config.ca.dir)?;
+            match out {
+                Some(path) => std::fs::write(&path, ca.cert_pem()).with_context(|| format!("writing {}", path.display()))?,
+                None => print!("{}", ca.cert_pem()),
+            }
+            Ok(())
+        }
+        Command::Setup { runtime, address } => {
+            let ca = stowage::ca::CertificateAuthority::load_or_create(&config.ca.dir)?;
+            let address = address.unwrap_or_else(|| client_address(&config).map(|a| a.to_string()).unwrap_or_default());
+            let text = stowage::setup::snippet(&runtime, &address, &config, ca.cert_pem()).map_err(anyhow::Error::msg)?;
+            print!("{text}");
+            Ok(())
+        }
+    }
+}
 
+fn run(config: Config) -> anyhow::Result<()> {
+    init_logging(config.log.format);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(async {
         let server = stowage::Server::bind(config).await?;
@@ -65,7 +147,6 @@ fn main() -> anyhow::Result<()> {
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -83,4 +164,175 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
         _ = term.recv() => tracing::info!("SIGTERM received"),
     }
+}
+
+/// Where a local client reaches the proxy listener.
+fn client_address(config: &Config) -> Option<SocketAddr> {
+    let mut a = config.proxy_listen().ok()?;
+    if a.ip().is_unspecified() {
+        a.set_ip(match a.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        });
+    }
+    Some(a)
+}
+
+/// Asks the running server, if there is one. `Ok(None)`: nothing listens there.
+fn ask_server(config: &Config, method: &str, path: &str) -> anyhow::Result<Option<String>> {
+    let Some(addr) = client_address(config) else { return Ok(None) };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let stream = match tokio::net::TcpStream::connect(addr).await {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", addr.to_string())
+            .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        let resp = send.send_request(req).await?;
+        let status = resp.status();
+        use http_body_util::BodyExt;
+        let body = String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).into_owned();
+        if !status.is_success() {
+            bail!("the server at {addr} answered {status}: {}", body.trim());
+        }
+        Ok(Some(body))
+    })
+}
+
+fn open_store(config: &Config) -> anyhow::Result<std::sync::Arc<stowage::store::BlobStore>> {
+    stowage::store::BlobStore::open(&config.cache.dir).with_context(|| {
+        format!("opening the cache at {} (is a Stowage server using it on another address?)", config.cache.dir.display())
+    })
+}
+
+fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
+    match cmd {
+        CacheCommand::Stats { json } => {
+            let stats: admin::Stats = match ask_server(config, "GET", "/admin/stats")? {
+                Some(body) => serde_json::from_str(&body)?,
+                None => admin::stats(&*open_store(config)?, config.cache.max_size.0),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+                return Ok(());
+            }
+            println!("cache:    {} ({})", config.cache.dir.display(), if stats.since_start.is_some() { "server running" } else { "server not running" });
+            println!("size:     {} of {} ({:.1}%)", admin::human_bytes(stats.bytes), admin::human_bytes(stats.max_size), 100.0 * stats.bytes as f64 / stats.max_size.max(1) as f64);
+            println!("objects:  {}", stats.objects);
+            if let Some(t) = stats.since_start {
+                let ratio = t.hit_ratio().map(|r| format!("{:.1}%", r * 100.0)).unwrap_or_else(|| "n/a".into());
+                println!("since start: hit ratio {ratio} ({} hits, {} coalesced, {} stale, {} misses)", t.hits, t.coalesced, t.stale, t.misses);
+                println!("bytes saved: {} served from cache, {} from upstream", admin::human_bytes(t.bytes_saved), admin::human_bytes(t.bytes_from_upstream));
+            }
+            Ok(())
+        }
+        CacheCommand::Ls { json } => {
+            let list: Vec<admin::TagListing> = match ask_server(config, "GET", "/admin/ls")? {
+                Some(body) => serde_json::from_str(&body)?,
+                None => admin::list(&*open_store(config)?)?,
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            if list.is_empty() {
+                println!("no tags cached yet");
+            }
+            let mut last_registry = String::new();
+            for t in &list {
+                if t.registry != last_registry {
+                    println!("{}", t.registry);
+                    last_registry = t.registry.clone();
+                }
+                let age = stowage::access::now_ms().saturating_sub(t.last_used_ms) / 1000;
+                let missing = if t.missing > 0 { format!(", {} objects not cached", t.missing) } else { String::new() };
+                println!("  {}:{}  {}  {}  last used {} ago{}", t.repository, t.tag, &t.digest[..t.digest.len().min(19)], admin::human_bytes(t.cached_bytes), human_age(age), missing);
+            }
+            Ok(())
+        }
+        CacheCommand::Verify => {
+            let report: stowage::store::VerifyReport = match ask_server(config, "POST", "/admin/verify")? {
+                Some(body) => serde_json::from_str(&body)?,
+                None => {
+                    let store = open_store(config)?;
+                    let total = store.index.total();
+                    let bar = progress(total);
+                    let mut last_line = std::time::Instant::now();
+                    let r = admin::verify(&store, |bytes, d, ok| {
+                        if let Some(b) = &bar {
+                            b.set_position(bytes);
+                        } else if last_line.elapsed().as_secs() >= 5 {
+                            println!("verified {} of {}", admin::human_bytes(bytes), admin::human_bytes(total));
+                            last_line = std::time::Instant::now();
+                        }
+                        if !ok {
+                            let msg = format!("corrupt: {d} (removed)");
+                            match &bar {
+                                Some(b) => b.println(msg),
+                                None => println!("{msg}"),
+                            }
+                        }
+                    })?;
+                    if let Some(b) = bar {
+                        b.finish_and_clear();
+                    }
+                    r
+                }
+            };
+            println!("verified {} objects ({}), {} corrupt and removed", report.checked, admin::human_bytes(report.bytes), report.corrupt);
+            std::io::stdout().flush()?;
+            if report.corrupt > 0 {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        CacheCommand::Prune { max_size, older_than } => {
+            if max_size.is_none() && older_than.is_none() {
+                bail!("say what to prune: --max-size 20GiB and/or --older-than 30d");
+            }
+            let mut q = Vec::new();
+            if let Some(s) = max_size {
+                q.push(format!("max_size={}", s.0));
+            }
+            if let Some(d) = older_than {
+                q.push(format!("older_than={}ms", d.0.as_millis()));
+            }
+            let report: admin::PruneReport = match ask_server(config, "POST", &format!("/admin/prune?{}", q.join("&")))? {
+                Some(body) => serde_json::from_str(&body)?,
+                None => admin::prune(&*open_store(config)?, max_size.map(|s| s.0), older_than.map(|d| d.0))?,
+            };
+            println!("removed {} objects ({})", report.objects, admin::human_bytes(report.bytes));
+            Ok(())
+        }
+    }
+}
+
+fn human_age(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+/// A progress bar on a terminal; `None` (plain lines) otherwise.
+fn progress(total: u64) -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} verifying [{bar:40}] {bytes}/{total_bytes} ({eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    Some(bar)
 }

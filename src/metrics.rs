@@ -4,6 +4,8 @@
 //! evictor); gauges that mirror live state (cache size, fills in flight) are read when a
 //! scrape renders, so they can never drift.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -40,8 +42,22 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// Plain totals since start, for `stowage cache stats` (the Prometheus families are
+/// write-only by design).
+#[derive(Default)]
+pub struct Totals {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub coalesced: AtomicU64,
+    pub stale: AtomicU64,
+    pub passed: AtomicU64,
+    pub bytes_cache: AtomicU64,
+    pub bytes_upstream: AtomicU64,
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub totals: Totals,
     pub requests: Family<RequestLabels, Counter>,
     pub bytes_served: Family<SourceLabels, Counter>,
     pub upstream_errors: Family<ErrorLabels, Counter>,
@@ -75,6 +91,7 @@ impl Default for Metrics {
             cache_write_errors: Family::default(),
             digest_mismatches: Counter::default(),
             registry: Registry::default(),
+            totals: Totals::default(),
         };
         registry.register("requests", "Registry requests served, by registry, kind and cache outcome", m.requests.clone());
         registry.register_with_unit("served", "Response body bytes sent to clients, by where they came from", Unit::Bytes, m.bytes_served.clone());
@@ -114,6 +131,20 @@ impl Metrics {
         let Some(v) = headers.get("ratelimit-remaining").and_then(|v| v.to_str().ok()) else { return };
         if let Ok(n) = v.split(';').next().unwrap_or("").trim().parse::<i64>() {
             self.ratelimit_remaining.get_or_create(&RegistryLabels { registry: registry.to_owned() }).set(n);
+        }
+    }
+
+    pub fn traffic(&self) -> crate::admin::Traffic {
+        let t = &self.totals;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        crate::admin::Traffic {
+            hits: g(&t.hits),
+            misses: g(&t.misses),
+            coalesced: g(&t.coalesced),
+            stale: g(&t.stale),
+            passed: g(&t.passed),
+            bytes_saved: g(&t.bytes_cache),
+            bytes_from_upstream: g(&t.bytes_upstream),
         }
     }
 

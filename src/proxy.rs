@@ -119,6 +119,12 @@ async fn proxy_request(state: Arc<State>, req: Request<Incoming>, peer: SocketAd
     if req.uri().scheme().is_some() {
         return absolute_form(state, req).await;
     }
+    if req.uri().path().starts_with("/admin/") {
+        if !peer.ip().is_loopback() {
+            return text(StatusCode::FORBIDDEN, "admin endpoints answer loopback clients only");
+        }
+        return admin(state, req).await;
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET | &Method::HEAD, "/ca.crt") => {
             let mut r = Response::new(full(state.ca.cert_pem().to_owned()));
@@ -126,6 +132,19 @@ async fn proxy_request(state: Arc<State>, req: Request<Incoming>, peer: SocketAd
             r
         }
         (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok"),
+        (&Method::GET, p) if p.starts_with("/setup/") => {
+            let runtime = &p["/setup/".len()..];
+            let address = req
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+                .unwrap_or_else(|| state.proxy_addr.to_string());
+            match crate::setup::snippet(runtime, &address, &state.config, state.ca.cert_pem()) {
+                Ok(s) => text(StatusCode::OK, s.trim_end()),
+                Err(e) => text(StatusCode::NOT_FOUND, &e),
+            }
+        }
         (&Method::GET, "/metrics") => {
             let mut r = Response::new(full(state.render_metrics()));
             r.headers_mut().insert(
@@ -139,6 +158,60 @@ async fn proxy_request(state: Arc<State>, req: Request<Incoming>, peer: SocketAd
             StatusCode::NOT_FOUND,
             "not found: this is Stowage, a registry proxy. Use it as HTTPS_PROXY; GET /ca.crt for its CA, /healthz for health",
         ),
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Response<Body> {
+    let mut r = Response::new(full(serde_json::to_string_pretty(v).unwrap_or_default()));
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// `/admin/*`: the running server's side of `stowage cache ...`.
+async fn admin(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    use crate::admin;
+    let query: std::collections::HashMap<String, String> = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    let st = state.clone();
+    let result = tokio::task::spawn_blocking(move || -> Result<Response<Body>, String> {
+        let store = &st.store;
+        Ok(match (method, path.as_str()) {
+            (Method::GET, "/admin/stats") => {
+                let mut s = admin::stats(store, st.max_size);
+                s.since_start = Some(st.metrics.traffic());
+                json(&s)
+            }
+            (Method::GET, "/admin/ls") => json(&admin::list(store).map_err(|e| e.to_string())?),
+            (Method::POST, "/admin/verify") => {
+                let report = admin::verify(store, |_, d, ok| {
+                    if !ok {
+                        tracing::warn!(digest = %d, "verify: corrupt object removed");
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+                json(&report)
+            }
+            (Method::POST, "/admin/prune") => {
+                let max = query.get("max_size").map(|v| v.parse::<crate::config::Size>()).transpose()?.map(|s| s.0);
+                let older = query.get("older_than").map(|v| v.parse::<crate::config::HumanDuration>()).transpose()?.map(|d| d.0);
+                json(&admin::prune(store, max, older).map_err(|e| e.to_string())?)
+            }
+            _ => text(StatusCode::NOT_FOUND, "admin: GET stats, GET ls, POST verify, POST prune?max_size=&older_than="),
+        })
+    })
+    .await;
+    match result {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => text(StatusCode::BAD_REQUEST, &e),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }
 

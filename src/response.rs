@@ -220,6 +220,18 @@ impl Drop for Logged {
             CacheStatus::Miss | CacheStatus::Pass => "upstream",
         };
         l.metrics.bytes_served.get_or_create(&SourceLabels { source: source.into() }).inc_by(self.bytes);
+        let t = &l.metrics.totals;
+        use std::sync::atomic::Ordering::Relaxed;
+        if l.kind != "other" {
+            match l.outcome {
+                CacheStatus::Hit => t.hits.fetch_add(1, Relaxed),
+                CacheStatus::Miss => t.misses.fetch_add(1, Relaxed),
+                CacheStatus::Coalesced => t.coalesced.fetch_add(1, Relaxed),
+                CacheStatus::Stale => t.stale.fetch_add(1, Relaxed),
+                CacheStatus::Pass => t.passed.fetch_add(1, Relaxed),
+            };
+        }
+        if source == "cache" { t.bytes_cache.fetch_add(self.bytes, Relaxed) } else { t.bytes_upstream.fetch_add(self.bytes, Relaxed) };
     }
 }
 

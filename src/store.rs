@@ -67,7 +67,7 @@ pub struct BlobStore {
 }
 
 /// What `verify` found.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VerifyReport {
     pub checked: u64,
     pub corrupt: u64,
@@ -353,6 +353,21 @@ impl BlobStore {
 }
 
 impl BlobStore {
+    /// Every recorded tag: `<registry>/<repo>:<tag>#<accept>` → entry.
+    pub fn tags(&self) -> Result<Vec<(String, TagEntry)>, StoreError> {
+        let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
+        let txn = self.meta.begin_read().map_err(|e| m(&e))?;
+        let table = txn.open_table(TAGS).map_err(|e| m(&e))?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(|e| m(&e))? {
+            let (k, v) = row.map_err(|e| m(&e))?;
+            if let Ok(entry) = serde_json::from_str(v.value()) {
+                out.push((k.value().to_owned(), entry));
+            }
+        }
+        Ok(out)
+    }
+
     pub fn tag(&self, key: &str) -> Result<Option<TagEntry>, StoreError> {
         let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
         let txn = self.meta.begin_read().map_err(|e| m(&e))?;

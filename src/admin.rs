@@ -1,0 +1,205 @@
+//! Cache administration: stats, listing, verify and prune.
+//!
+//! Each operation is one function over a `BlobStore`, used two ways: by the running
+//! server at `/admin/*` on the proxy listener (loopback clients only), and by the
+//! `stowage cache ...` command directly on the cache directory when no server runs
+//! (the metadata store admits one process at a time).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::access::now_ms;
+use crate::oci::Digest;
+use crate::store::{BlobStore, StoreError, VerifyReport};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Stats {
+    pub objects: u64,
+    pub bytes: u64,
+    pub max_size: u64,
+    /// Present when asked of a running server.
+    pub since_start: Option<Traffic>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Traffic {
+    pub hits: u64,
+    pub misses: u64,
+    pub coalesced: u64,
+    pub stale: u64,
+    pub passed: u64,
+    /// Bytes served from the cache: what upstream did not have to send.
+    pub bytes_saved: u64,
+    pub bytes_from_upstream: u64,
+}
+
+impl Traffic {
+    /// Hits (including coalesced and stale) over requests that could be cached.
+    pub fn hit_ratio(&self) -> Option<f64> {
+        let served = self.hits + self.coalesced + self.stale;
+        let total = served + self.misses;
+        (total > 0).then(|| served as f64 / total as f64)
+    }
+}
+
+pub fn stats(store: &BlobStore, max_size: u64) -> Stats {
+    Stats { objects: store.index.len() as u64, bytes: store.index.total(), max_size, since_start: None }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TagListing {
+    pub registry: String,
+    pub repository: String,
+    pub tag: String,
+    pub digest: String,
+    /// Bytes of this image (manifest, config, layers) present in the cache.
+    pub cached_bytes: u64,
+    /// Objects referenced by the manifest that are not (or no longer) cached.
+    pub missing: u64,
+    /// Unix milliseconds of the last use of any of its objects.
+    pub last_used_ms: u64,
+}
+
+/// Digests a manifest (or index) references, with the sizes it declares.
+fn references(bytes: &[u8]) -> Vec<Digest> {
+    #[derive(Deserialize)]
+    struct Desc {
+        digest: String,
+    }
+    #[derive(Deserialize)]
+    struct Manifest {
+        #[serde(default)]
+        config: Option<Desc>,
+        #[serde(default)]
+        layers: Vec<Desc>,
+        #[serde(default)]
+        manifests: Vec<Desc>,
+    }
+    let Ok(m) = serde_json::from_slice::<Manifest>(bytes) else { return Vec::new() };
+    m.config.into_iter().chain(m.layers).chain(m.manifests).filter_map(|d| d.digest.parse().ok()).collect()
+}
+
+/// Cached tags per registry and repository, with what each holds in the cache.
+pub fn list(store: &BlobStore) -> Result<Vec<TagListing>, StoreError> {
+    let mut seen: BTreeMap<(String, String, String), TagListing> = BTreeMap::new();
+    for (key, entry) in store.tags()? {
+        // key: <registry>/<repo>:<tag>#<accept>
+        let Some((name, _accept)) = key.split_once('#') else { continue };
+        let Some((reg_repo, tag)) = name.rsplit_once(':') else { continue };
+        let Some((registry, repo)) = reg_repo.split_once('/') else { continue };
+        let Ok(root) = entry.digest.parse::<Digest>() else { continue };
+        let mut listing = TagListing {
+            registry: registry.into(),
+            repository: repo.into(),
+            tag: tag.into(),
+            digest: entry.digest.clone(),
+            cached_bytes: 0,
+            missing: 0,
+            last_used_ms: 0,
+        };
+        // Walk manifest → (child manifests →) config and layers, bounded.
+        let mut queue = vec![root];
+        let mut visited = 0;
+        while let Some(d) = queue.pop() {
+            visited += 1;
+            if visited > 10_000 {
+                break;
+            }
+            match store.index.get(&d) {
+                Some(e) => {
+                    listing.cached_bytes += e.size;
+                    listing.last_used_ms = listing.last_used_ms.max(e.atime_ms);
+                    if store.media_type(&d).ok().flatten().is_some() {
+                        if let Ok(bytes) = std::fs::read(store.path(&d)) {
+                            queue.extend(references(&bytes));
+                        }
+                    }
+                }
+                None => listing.missing += 1,
+            }
+        }
+        // Several Accept variants of one tag: keep the most complete one.
+        let k = (listing.registry.clone(), listing.repository.clone(), listing.tag.clone());
+        match seen.get(&k) {
+            Some(old) if old.cached_bytes >= listing.cached_bytes => {}
+            _ => {
+                seen.insert(k, listing);
+            }
+        }
+    }
+    Ok(seen.into_values().collect())
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct PruneReport {
+    pub objects: u64,
+    pub bytes: u64,
+}
+
+pub fn prune(store: &BlobStore, max_size: Option<u64>, older_than: Option<Duration>) -> Result<PruneReport, StoreError> {
+    let cutoff = older_than.map(|d| now_ms().saturating_sub(d.as_millis() as u64));
+    let (objects, bytes) = store.evict(max_size.unwrap_or(u64::MAX), cutoff)?;
+    Ok(PruneReport { objects, bytes })
+}
+
+pub fn verify(store: &BlobStore, progress: impl FnMut(u64, &Digest, bool)) -> Result<VerifyReport, StoreError> {
+    store.verify(progress)
+}
+
+/// `1.5 GiB` style sizes for people.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::Algorithm;
+    use crate::store::TagEntry;
+
+    fn sha(b: &[u8]) -> Digest {
+        Digest::from_bytes(Algorithm::Sha256, aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b).as_ref())
+    }
+
+    #[test]
+    fn lists_tags_with_their_cached_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let layer = vec![7u8; 1000];
+        let config = b"{}".to_vec();
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "config": {"digest": sha(&config).to_string(), "size": 2},
+            "layers": [{"digest": sha(&layer).to_string(), "size": 1000}, {"digest": sha(b"gone").to_string(), "size": 4}],
+        })
+        .to_string();
+        let md = sha(manifest.as_bytes());
+        store.put(&sha(&layer), &layer).unwrap();
+        store.put(&sha(&config), &config).unwrap();
+        store.put(&md, manifest.as_bytes()).unwrap();
+        store.set_media_type(&md, "application/vnd.oci.image.manifest.v1+json").unwrap();
+        store.set_tag("quay.io/org/app:v1#application/json", &TagEntry { digest: md.to_string(), media_type: "x".into(), checked_at_ms: 1 }).unwrap();
+        let l = list(&store).unwrap();
+        assert_eq!(l.len(), 1);
+        assert_eq!((l[0].registry.as_str(), l[0].repository.as_str(), l[0].tag.as_str()), ("quay.io", "org/app", "v1"));
+        assert_eq!(l[0].cached_bytes, 1000 + 2 + manifest.len() as u64);
+        assert_eq!(l[0].missing, 1);
+        assert!(l[0].last_used_ms > 0);
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        let s = stats(&store, 10);
+        assert_eq!(s.objects, 3);
+    }
+}
