@@ -63,6 +63,8 @@ pub struct MirrorConfig {
     pub any_registry: bool,
     /// If set, clients must authenticate with one of these accounts (HTTP Basic).
     pub user: Vec<UserConfig>,
+    /// Client networks allowed; empty allows everyone.
+    pub allow: Vec<ipnet::IpNet>,
 }
 
 impl Default for MirrorConfig {
@@ -76,6 +78,7 @@ impl Default for MirrorConfig {
             default_registry: "registry-1.docker.io".into(),
             any_registry: false,
             user: Vec::new(),
+            allow: Vec::new(),
         }
     }
 }
@@ -106,6 +109,8 @@ pub struct DirectConfig {
     pub listen: String,
     /// Port of the real registries upstream. Default 443.
     pub upstream_port: Option<u16>,
+    /// Client networks allowed; empty allows everyone.
+    pub allow: Vec<ipnet::IpNet>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -121,6 +126,16 @@ pub struct ProxyConfig {
     pub header_timeout: HumanDuration,
     /// On shutdown, how long in-flight requests may take before they are cut. Default `10s`.
     pub shutdown_grace: HumanDuration,
+    /// Client networks allowed to use this listener; empty allows everyone.
+    pub allow: Vec<ipnet::IpNet>,
+    /// htpasswd-style file (`user:<bcrypt hash>` lines, `htpasswd -B`): when set, clients
+    /// must send `Proxy-Authorization: Basic` to CONNECT or proxy.
+    pub users_file: Option<PathBuf>,
+    /// Ports that blind tunnels (non-registry hosts) may reach. Registries themselves are
+    /// reachable on any port, since only the registry API is spoken to them.
+    pub tunnel_ports: Vec<u16>,
+    /// Most client connections at once (all listeners); more are closed at accept.
+    pub max_connections: usize,
 }
 
 impl Default for ProxyConfig {
@@ -131,6 +146,10 @@ impl Default for ProxyConfig {
             idle_timeout: HumanDuration(Duration::from_secs(120)),
             header_timeout: HumanDuration(Duration::from_secs(30)),
             shutdown_grace: HumanDuration(Duration::from_secs(10)),
+            allow: Vec::new(),
+            users_file: None,
+            tunnel_ports: vec![443],
+            max_connections: 4096,
         }
     }
 }
@@ -170,6 +189,8 @@ pub struct CacheConfig {
     /// Below this much free disk space nothing new is cached (requests are served from
     /// upstream). Default `1GiB`.
     pub min_free: Size,
+    /// Most blob downloads into the cache at once; beyond it requests pass through. Default 64.
+    pub max_concurrent_fills: usize,
     /// How long a manifest fetched by tag is served without asking upstream. Default `5m`.
     pub manifest_ttl: HumanDuration,
     /// Per-tag overrides of `manifest_ttl`; the first matching rule wins.
@@ -193,6 +214,7 @@ impl Default for CacheConfig {
             max_manifest_size: Size(4 << 20),
             max_size: Size(50 << 30),
             min_free: Size(1 << 30),
+            max_concurrent_fills: 64,
             manifest_ttl: HumanDuration(Duration::from_secs(300)),
             ttl: Vec::new(),
             offline: false,
@@ -465,6 +487,12 @@ impl Config {
                 return Err(invalid(format!("mirror.user[{i}]"), "set exactly one of password_env and password_file"));
             }
         }
+        if self.proxy.max_connections == 0 {
+            return Err(invalid("proxy.max_connections", "must be greater than zero"));
+        }
+        if self.cache.max_concurrent_fills == 0 {
+            return Err(invalid("cache.max_concurrent_fills", "must be greater than zero"));
+        }
         if self.cache.max_size.0 == 0 {
             return Err(invalid("cache.max_size", "must be greater than zero"));
         }
@@ -685,6 +713,14 @@ mod tests {
         assert!(e.to_string().contains("connect_timeout"), "{e}");
         let e = Config::from_toml_str("[upstream.resolve]\n\"quay.io\" = \"not-an-ip\"\n").unwrap_err();
         assert!(e.to_string().contains("quay.io") || e.to_string().contains("resolve"), "{e}");
+    }
+
+    #[test]
+    fn allow_lists_parse_cidrs() {
+        let c = Config::from_toml_str("[proxy]\nallow = [\"10.0.0.0/8\", \"::1/128\"]\n").unwrap();
+        assert!(c.proxy.allow[0].contains(&"10.1.2.3".parse::<IpAddr>().unwrap()));
+        let e = Config::from_toml_str("[proxy]\nallow = [\"10.0.0.0/33\"]\n").unwrap_err();
+        assert!(e.to_string().contains("allow") || e.to_string().contains("invalid"), "{e}");
     }
 
     #[test]

@@ -80,6 +80,10 @@ impl Fills {
         Ok(Join::Leader(Leader { fills: self.clone(), digest: digest.clone(), fill, writer: Some(writer) }))
     }
 
+    pub fn is_filling(&self, digest: &Digest) -> bool {
+        self.inflight.lock().expect("fills lock").contains_key(digest)
+    }
+
     pub fn in_flight(&self) -> usize {
         self.inflight.lock().expect("fills lock").len()
     }

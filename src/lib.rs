@@ -18,6 +18,7 @@ pub mod auth;
 pub mod ca;
 pub mod config;
 pub mod fill;
+pub mod guard;
 pub mod index;
 pub mod metrics;
 pub mod mirror;

@@ -113,6 +113,17 @@ where
 }
 
 async fn proxy_request(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let proxied = req.method() == Method::CONNECT || req.uri().scheme().is_some();
+    if proxied {
+        if let Some(users) = &state.proxy_users {
+            if !users.check(req.headers().get(http::header::PROXY_AUTHORIZATION)).await {
+                tracing::info!(%peer, "proxy authentication required or failed");
+                let mut r = text(StatusCode::PROXY_AUTHENTICATION_REQUIRED, "proxy authentication required");
+                r.headers_mut().insert(http::header::PROXY_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"stowage\""));
+                return r;
+            }
+        }
+    }
     if req.method() == Method::CONNECT {
         return connect(state, req, peer).await;
     }
@@ -253,6 +264,10 @@ async fn connect(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) ->
         None if state.other_hosts == OtherHosts::Deny => {
             tracing::info!(%peer, %host, port, "CONNECT refused: not a registry");
             text(StatusCode::FORBIDDEN, "this proxy only serves container registries")
+        }
+        None if !state.config.proxy.tunnel_ports.contains(&port) => {
+            tracing::info!(%peer, %host, port, "CONNECT refused: port not in proxy.tunnel_ports");
+            text(StatusCode::FORBIDDEN, "tunnels to this port are not allowed (proxy.tunnel_ports)")
         }
         None => {
             let upstream = match state.upstream.connect_tcp(&host, port).await {

@@ -364,6 +364,10 @@ async fn blob(state: &Arc<State>, target: &Target, req: Request<Incoming>, repo:
     if method == Method::HEAD || req.headers().contains_key(RANGE) {
         return fetch_uncached(state, target, req).await;
     }
+    if state.fills.in_flight() >= state.config.cache.max_concurrent_fills && !state.fills.is_filling(digest) {
+        tracing::debug!(%digest, "fill limit reached; passing through");
+        return fetch_uncached(state, target, req).await;
+    }
     if let Err(why) = state.may_cache() {
         state.metrics.write_error(why);
         tracing::debug!(%digest, why, "not caching; passing through");

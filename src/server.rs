@@ -83,6 +83,10 @@ pub struct State {
     pub mirror_users: Vec<Credentials>,
     /// The mirror's TLS config from `cert_file`/`key_file`, when `tls = "files"`.
     pub mirror_tls: Option<Arc<rustls::ServerConfig>>,
+    /// Proxy users, when `[proxy] users_file` is set.
+    pub proxy_users: Option<Arc<crate::guard::ProxyUsers>>,
+    /// Bounds client connections across listeners.
+    pub connections: Arc<tokio::sync::Semaphore>,
 }
 
 impl State {
@@ -217,6 +221,7 @@ impl Server {
             direct_addr = Some(local);
         }
         let mirror_users = config.mirror_users()?;
+        let proxy_users = config.proxy.users_file.as_deref().map(crate::guard::ProxyUsers::load).transpose()?;
         let mirror_tls = match (&config.mirror.tls, &config.mirror.cert_file, &config.mirror.key_file) {
             (crate::config::MirrorTls::Files, Some(c), Some(k)) => Some(load_tls_files(c, k)?),
             _ => None,
@@ -270,6 +275,8 @@ impl Server {
             direct_addr,
             mirror_users,
             mirror_tls,
+            proxy_users,
+            connections: Arc::new(tokio::sync::Semaphore::new(config.proxy.max_connections)),
             config: Arc::new(config.clone()),
         });
         Ok(Server { state, listeners, grace: config.proxy.shutdown_grace.0 })
@@ -350,6 +357,18 @@ async fn housekeeping(state: Arc<State>) {
     }
 }
 
+/// Answers a refused HTTP client with a short response and closes.
+async fn refuse(mut stream: tokio::net::TcpStream, status: &str, message: &str) {
+    use tokio::io::AsyncWriteExt;
+    let body = format!("{message}\n");
+    let resp = format!("HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = stream.write_all(resp.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
 /// Accepts connections on one listener until shutdown, each served in its own task.
 async fn accept_loop(state: Arc<State>, kind: Listener, listener: TcpListener) {
     loop {
@@ -358,23 +377,39 @@ async fn accept_loop(state: Arc<State>, kind: Listener, listener: TcpListener) {
             () = state.shutdown.cancelled() => return,
         };
         match accepted {
-            Ok((stream, peer)) => {
+            Ok((mut stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let st = state.clone();
-                match kind {
-                    Listener::Proxy => {
-                        let span = tracing::info_span!("conn", %peer);
-                        state.tasks.spawn(crate::proxy::serve_connection(st, stream, peer).instrument(span))
-                    }
-                    Listener::Mirror => {
-                        let span = tracing::info_span!("mirror", %peer);
-                        state.tasks.spawn(crate::mirror::serve_mirror_connection(st, stream, peer).instrument(span))
-                    }
-                    Listener::Direct => {
-                        let span = tracing::info_span!("direct", %peer);
-                        state.tasks.spawn(crate::mirror::serve_direct_connection(st, stream, peer).instrument(span))
-                    }
+                let allow = match kind {
+                    Listener::Proxy => &state.config.proxy.allow,
+                    Listener::Mirror => &state.config.mirror.allow,
+                    Listener::Direct => &state.config.direct.allow,
                 };
+                if !crate::guard::allowed(allow, peer.ip()) {
+                    tracing::info!(%peer, listener = ?kind, "client not in the allow list: refused");
+                    if !matches!(kind, Listener::Direct) {
+                        state.tasks.spawn(refuse(stream, "403 Forbidden", "your address may not use this proxy"));
+                    }
+                    continue;
+                }
+                let Ok(permit) = state.connections.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "connection limit reached: refused");
+                    if !matches!(kind, Listener::Direct) {
+                        state.tasks.spawn(refuse(stream, "503 Service Unavailable", "too many connections"));
+                    } else {
+                        let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+                    }
+                    continue;
+                };
+                let st = state.clone();
+                let conn = async move {
+                    match kind {
+                        Listener::Proxy => crate::proxy::serve_connection(st, stream, peer).instrument(tracing::info_span!("conn", %peer)).await,
+                        Listener::Mirror => crate::mirror::serve_mirror_connection(st, stream, peer).instrument(tracing::info_span!("mirror", %peer)).await,
+                        Listener::Direct => crate::mirror::serve_direct_connection(st, stream, peer).instrument(tracing::info_span!("direct", %peer)).await,
+                    }
+                    drop(permit);
+                };
+                state.tasks.spawn(conn);
             }
             Err(e) => {
                 // Out of file descriptors and similar: back off instead of spinning.
