@@ -278,7 +278,7 @@ fn spawn_public_probe(state: Arc<State>, target: Arc<Target>, key: String, path:
 /// A single byte range, as `start..end` (end exclusive), from a `Range` header.
 /// `None`: no usable range (absent, multi-range or malformed: serve the whole body, as
 /// RFC 9110 allows). `Some(Err)`: a well-formed range that lies outside the content.
-fn parse_range(header: Option<&HeaderValue>, len: u64) -> Option<Result<(u64, u64), ServeError>> {
+pub fn parse_range(header: Option<&HeaderValue>, len: u64) -> Option<Result<(u64, u64), ServeError>> {
     let spec = header?.to_str().ok()?.trim().strip_prefix("bytes=")?;
     if spec.contains(',') {
         return None;
