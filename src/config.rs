@@ -277,8 +277,37 @@ pub struct UpstreamConfig {
     pub idle_timeout: HumanDuration,
     /// Redirects followed for one request (blob storage). Default `5`.
     pub max_redirects: u32,
-    /// Host name → address pins; the port of the request is kept.
-    pub resolve: BTreeMap<String, IpAddr>,
+    /// Host name → address pins (one address or a list, tried in order with IPv4/IPv6
+    /// fallback); the port of the request is kept.
+    pub resolve: BTreeMap<String, IpList>,
+    /// Corporate proxy for all upstream connections, e.g. `http://proxy.corp:3128`.
+    /// Unset: taken from `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` in Stowage's environment.
+    /// `""`: never use a proxy.
+    pub proxy: Option<String>,
+    /// Hosts reached directly, bypassing `proxy` (curl's NO_PROXY syntax).
+    pub no_proxy: String,
+    /// How long system DNS answers are reused. Default `60s`.
+    pub dns_ttl: HumanDuration,
+}
+
+/// One address or a list of them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IpList(pub Vec<IpAddr>);
+
+impl<'de> Deserialize<'de> for IpList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(IpAddr),
+            Many(Vec<IpAddr>),
+        }
+        match Raw::deserialize(d).map_err(|_| serde::de::Error::custom("expected an IP address or a list of IP addresses"))? {
+            Raw::One(ip) => Ok(IpList(vec![ip])),
+            Raw::Many(v) if !v.is_empty() => Ok(IpList(v)),
+            Raw::Many(_) => Err(serde::de::Error::custom("the address list is empty")),
+        }
+    }
 }
 
 impl Default for UpstreamConfig {
@@ -290,6 +319,9 @@ impl Default for UpstreamConfig {
             idle_timeout: HumanDuration(Duration::from_secs(60)),
             max_redirects: 5,
             resolve: BTreeMap::new(),
+            proxy: None,
+            no_proxy: String::new(),
+            dns_ttl: HumanDuration(Duration::from_secs(60)),
         }
     }
 }
@@ -464,6 +496,12 @@ impl Config {
         for (i, rule) in self.cache.ttl.iter().enumerate() {
             if rule.tag.is_empty() {
                 return Err(invalid(format!("cache.ttl[{i}].tag"), "must not be empty (use \"*\" for every tag)"));
+            }
+        }
+        if let Some(p) = self.upstream.proxy.as_deref().filter(|p| !p.is_empty()) {
+            let ok = p.parse::<http::Uri>().ok().is_some_and(|u| u.scheme_str() == Some("http") && u.host().is_some());
+            if !ok {
+                return Err(invalid("upstream.proxy", format!("{p:?} is not a URL like http://proxy.corp:3128")));
             }
         }
         for host in self.upstream.resolve.keys() {
@@ -721,6 +759,15 @@ mod tests {
         assert!(c.proxy.allow[0].contains(&"10.1.2.3".parse::<IpAddr>().unwrap()));
         let e = Config::from_toml_str("[proxy]\nallow = [\"10.0.0.0/33\"]\n").unwrap_err();
         assert!(e.to_string().contains("allow") || e.to_string().contains("invalid"), "{e}");
+    }
+
+    #[test]
+    fn resolve_pins_take_one_address_or_a_list() {
+        let c = Config::from_toml_str("[upstream.resolve]\n\"a.io\" = \"127.0.0.1\"\n\"b.io\" = [\"::1\", \"127.0.0.2\"]\n").unwrap();
+        assert_eq!(c.upstream.resolve["a.io"].0.len(), 1);
+        assert_eq!(c.upstream.resolve["b.io"].0.len(), 2);
+        assert!(Config::from_toml_str("[upstream.resolve]\n\"b.io\" = []\n").is_err());
+        assert!(Config::from_toml_str("[upstream]\nproxy = \"socks://x\"\n").unwrap_err().to_string().contains("upstream.proxy"));
     }
 
     #[test]

@@ -24,7 +24,8 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::client::proxy::matcher::Matcher;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::pem::PemObject;
 use tokio::net::TcpStream;
 
@@ -65,29 +66,38 @@ impl UpstreamError {
     }
 }
 
-/// Resolves names through `[upstream.resolve]` pins first, the system resolver otherwise.
+/// Resolves names through `[upstream.resolve]` pins first, the system resolver otherwise
+/// (answers reused for `dns_ttl`).
 #[derive(Clone)]
 pub struct Resolver {
-    pins: Arc<BTreeMap<String, IpAddr>>,
+    pins: Arc<BTreeMap<String, Vec<IpAddr>>>,
+    cache: moka::future::Cache<String, Arc<Vec<IpAddr>>>,
 }
 
 impl Resolver {
-    pub fn new(pins: BTreeMap<String, IpAddr>) -> Resolver {
-        Resolver { pins: Arc::new(pins) }
+    pub fn new(pins: BTreeMap<String, Vec<IpAddr>>, ttl: Duration) -> Resolver {
+        Resolver { pins: Arc::new(pins), cache: moka::future::Cache::builder().max_capacity(10_000).time_to_live(ttl).build() }
     }
 
     pub async fn resolve(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
-        if let Some(ip) = self.pins.get(host) {
-            return Ok(vec![SocketAddr::new(*ip, port)]);
+        if let Some(ips) = self.pins.get(host) {
+            return Ok(ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect());
         }
         if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
             return Ok(vec![SocketAddr::new(ip, port)]);
         }
-        let addrs: Vec<_> = tokio::net::lookup_host((host, port)).await?.collect();
-        if addrs.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::NotFound, format!("{host} has no addresses")));
-        }
-        Ok(addrs)
+        let ips = self
+            .cache
+            .try_get_with(host.to_owned(), async {
+                let ips: Vec<IpAddr> = tokio::net::lookup_host((host, 0)).await?.map(|a| a.ip()).collect();
+                if ips.is_empty() {
+                    return Err(io::Error::new(io::ErrorKind::NotFound, format!("{host} has no addresses")));
+                }
+                Ok(Arc::new(ips))
+            })
+            .await
+            .map_err(|e: Arc<io::Error>| io::Error::new(e.kind(), e.to_string()))?;
+        Ok(ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect())
     }
 }
 
@@ -108,7 +118,8 @@ impl tower_service::Service<Name> for Resolver {
 }
 
 pub struct Upstream {
-    client: Client<hyper_rustls::HttpsConnector<HttpConnector<Resolver>>, UpBody>,
+    client: Client<hyper_rustls::HttpsConnector<Connector>, UpBody>,
+    proxy: Option<Arc<Matcher>>,
     resolver: Resolver,
     connect_timeout: Duration,
     response_timeout: Duration,
@@ -145,17 +156,23 @@ impl Upstream {
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let resolver = Resolver::new(config.resolve.clone());
+        let pins = config.resolve.iter().map(|(h, l)| (h.clone(), l.0.clone())).collect();
+        let resolver = Resolver::new(pins, config.dns_ttl.0);
         let mut http = HttpConnector::new_with_resolver(resolver.clone());
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout.0));
         http.set_happy_eyeballs_timeout(Some(Duration::from_millis(300)));
+        let matcher = proxy_matcher(config).map(Arc::new);
+        if let Some(m) = &matcher {
+            tracing::info!(proxy = ?m, "upstream connections go through a proxy");
+        }
+        let connector = Connector { http, proxy: matcher.clone() };
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
             .enable_all_versions()
-            .wrap_connector(http);
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(64)
@@ -164,6 +181,7 @@ impl Upstream {
             .build(https);
         Ok(Upstream {
             client,
+            proxy: matcher,
             resolver,
             connect_timeout: config.connect_timeout.0,
             response_timeout: config.response_timeout.0,
@@ -182,8 +200,25 @@ impl Upstream {
         self.idle_timeout
     }
 
-    /// Opens a TCP connection for a blind tunnel, trying each resolved address in turn.
+    /// Opens a TCP connection for a blind tunnel, through the upstream proxy when one
+    /// applies, else trying each resolved address in turn.
     pub async fn connect_tcp(&self, host: &str, port: u16) -> Result<TcpStream, UpstreamError> {
+        let err = |message: String| UpstreamError::Connect { host: host.to_owned(), message };
+        let dst: Uri = format!("https://{}:{port}", if host.contains(':') { format!("[{host}]") } else { host.to_owned() })
+            .parse()
+            .map_err(|_| err("not a valid host".into()))?;
+        if let Some(intercept) = self.proxy.as_ref().and_then(|m| m.intercept(&dst)) {
+            let proxy_host = intercept.uri().host().unwrap_or_default().to_owned();
+            let proxy_port = intercept.uri().port_u16().unwrap_or(80);
+            let mut s = Box::pin(self.connect_direct(&proxy_host, proxy_port)).await?;
+            let auth = intercept.basic_auth().cloned();
+            connect_via(&mut s, host, port, auth.as_ref()).await.map_err(|e| err(format!("through proxy {proxy_host}: {e}")))?;
+            return Ok(s);
+        }
+        self.connect_direct(host, port).await
+    }
+
+    async fn connect_direct(&self, host: &str, port: u16) -> Result<TcpStream, UpstreamError> {
         let err = |message: String| UpstreamError::Connect { host: host.to_owned(), message };
         let addrs = self.resolver.resolve(host, port).await.map_err(|e| err(e.to_string()))?;
         let mut last = String::from("no address");
@@ -243,6 +278,83 @@ impl Upstream {
             uri = next;
         }
         Err(UpstreamError::TooManyRedirects(self.max_redirects))
+    }
+}
+
+/// The upstream proxy rules: `[upstream] proxy`/`no_proxy`, or the environment.
+fn proxy_matcher(config: &UpstreamConfig) -> Option<Matcher> {
+    let m = match config.proxy.as_deref() {
+        Some("") => return None,
+        Some(p) => Matcher::builder().http(p).https(p).no(config.no_proxy.as_str()).build(),
+        None => Matcher::from_env(),
+    };
+    // A matcher with nothing configured intercepts nothing.
+    let probe: Uri = "https://registry-1.docker.io".parse().expect("valid");
+    let probe_http: Uri = "http://registry-1.docker.io".parse().expect("valid");
+    (m.intercept(&probe).is_some() || m.intercept(&probe_http).is_some()).then_some(m)
+}
+
+/// Sends `CONNECT host:port` on `s` and reads the proxy's answer.
+async fn connect_via(s: &mut TcpStream, host: &str, port: u16, auth: Option<&http::HeaderValue>) -> io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let target = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+    let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+    if let Some(a) = auth {
+        req.push_str("Proxy-Authorization: ");
+        req.push_str(a.to_str().unwrap_or_default());
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::with_capacity(512);
+    let mut byte = [0u8; 1];
+    // Byte by byte so nothing after the header block is consumed.
+    while !buf.ends_with(b"\r\n\r\n") {
+        if buf.len() > 8192 || s.read(&mut byte).await? == 0 {
+            return Err(io::Error::other("proxy closed the connection during CONNECT"));
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf);
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    if status != "200" {
+        return Err(io::Error::other(format!("proxy answered CONNECT with {}", head.lines().next().unwrap_or(""))));
+    }
+    Ok(())
+}
+
+/// TCP to the upstream, or through the upstream proxy with `CONNECT`.
+#[derive(Clone)]
+pub struct Connector {
+    http: HttpConnector<Resolver>,
+    proxy: Option<Arc<Matcher>>,
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<TcpStream>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.http.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let mut http = self.http.clone();
+        let intercept = self.proxy.as_ref().and_then(|m| m.intercept(&dst));
+        Box::pin(async move {
+            match intercept {
+                None => Ok(http.call(dst).await?),
+                Some(i) => {
+                    let io = http.call(i.uri().clone()).await?;
+                    let mut tcp = io.into_inner();
+                    let host = dst.host().ok_or("no host")?.trim_start_matches('[').trim_end_matches(']').to_owned();
+                    let port = dst.port_u16().unwrap_or(if dst.scheme_str() == Some("http") { 80 } else { 443 });
+                    connect_via(&mut tcp, &host, port, i.basic_auth()).await?;
+                    Ok(TokioIo::new(tcp))
+                }
+            }
+        })
     }
 }
 
@@ -315,8 +427,8 @@ mod tests {
     #[tokio::test]
     async fn pins_win_over_dns_and_keep_the_port() {
         let mut pins = BTreeMap::new();
-        pins.insert("quay.io".to_string(), "127.0.0.7".parse().unwrap());
-        let r = Resolver::new(pins);
+        pins.insert("quay.io".to_string(), vec!["127.0.0.7".parse().unwrap()]);
+        let r = Resolver::new(pins, Duration::from_secs(60));
         assert_eq!(r.resolve("quay.io", 5443).await.unwrap(), vec!["127.0.0.7:5443".parse().unwrap()]);
         assert_eq!(r.resolve("127.0.0.9", 1).await.unwrap(), vec!["127.0.0.9:1".parse().unwrap()]);
     }
