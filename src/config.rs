@@ -43,6 +43,74 @@ pub struct Config {
     pub log: LogConfig,
     pub mirror: MirrorConfig,
     pub direct: DirectConfig,
+    pub storage: StorageConfig,
+}
+
+/// The shared tier behind the local cache, for replicas that share what they fetch.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `local` (only the local cache), `s3` (an S3-compatible bucket) or `dir` (a shared
+    /// directory such as an NFS mount).
+    pub backend: BackendKind,
+    /// For `dir`.
+    pub dir: Option<PathBuf>,
+    pub bucket: String,
+    /// Key prefix inside the bucket, e.g. `stowage/`.
+    pub prefix: String,
+    /// S3 API endpoint, e.g. `http://minio:9000`; default AWS S3 for `region`.
+    pub endpoint: Option<String>,
+    pub region: String,
+    /// Path-style URLs (`endpoint/bucket/key`); default true when `endpoint` is set.
+    pub path_style: Option<bool>,
+    /// Environment variables holding the keys.
+    pub access_key_env: String,
+    pub secret_key_env: String,
+    /// Or a TOML file with `access_key_id` and `secret_access_key`.
+    pub credentials_file: Option<PathBuf>,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            backend: BackendKind::Local,
+            dir: None,
+            bucket: String::new(),
+            prefix: String::new(),
+            endpoint: None,
+            region: "us-east-1".into(),
+            path_style: None,
+            access_key_env: "AWS_ACCESS_KEY_ID".into(),
+            secret_key_env: "AWS_SECRET_ACCESS_KEY".into(),
+            credentials_file: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Local,
+    S3,
+    Dir,
+}
+
+impl StorageConfig {
+    /// The S3 access key and secret, read now.
+    pub fn s3_credentials(&self) -> Result<(String, String), String> {
+        if let Some(path) = &self.credentials_file {
+            #[derive(Deserialize)]
+            struct File {
+                access_key_id: String,
+                secret_access_key: String,
+            }
+            let text = std::fs::read_to_string(path).map_err(|e| format!("storage.credentials_file {}: {e}", path.display()))?;
+            let f: File = toml::from_str(&text).map_err(|e| format!("storage.credentials_file {}: {e}", path.display()))?;
+            return Ok((f.access_key_id, f.secret_access_key));
+        }
+        let get = |var: &str| std::env::var(var).map_err(|_| format!("storage: environment variable {var} is not set"));
+        Ok((get(&self.access_key_env)?, get(&self.secret_key_env)?))
+    }
 }
 
 /// The registry-mirror listener (`dockerd --registry-mirror`, containerd `hosts.toml`).
@@ -524,6 +592,20 @@ impl Config {
             if u.password_env.is_some() == u.password_file.is_some() {
                 return Err(invalid(format!("mirror.user[{i}]"), "set exactly one of password_env and password_file"));
             }
+        }
+        match self.storage.backend {
+            BackendKind::S3 => {
+                let b = &self.storage.bucket;
+                let ok = (3..=63).contains(&b.len()) && b.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.');
+                if !ok {
+                    return Err(invalid("storage.bucket", "needs a bucket name (3-63 lowercase letters, digits, '-', '.')"));
+                }
+                if !self.storage.prefix.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_./".contains(&c)) || self.storage.prefix.contains("..") {
+                    return Err(invalid("storage.prefix", "may hold letters, digits, '-', '_', '.', '/' only"));
+                }
+            }
+            BackendKind::Dir if self.storage.dir.is_none() => return Err(invalid("storage.dir", "backend = \"dir\" needs a directory")),
+            _ => {}
         }
         if self.proxy.max_connections == 0 {
             return Err(invalid("proxy.max_connections", "must be greater than zero"));

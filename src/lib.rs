@@ -15,6 +15,7 @@
 pub mod access;
 pub mod admin;
 pub mod auth;
+pub mod backend;
 pub mod ca;
 pub mod config;
 pub mod fill;

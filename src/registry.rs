@@ -409,6 +409,23 @@ async fn blob(state: &Arc<State>, target: &Target, req: Request<Incoming>, repo:
             }
         }
         Join::Leader(leader) => {
+            // The shared tier first: content another replica fetched and verified. It is
+            // cached content, so the client must be authorized for it like a hit.
+            if let Some(backend) = state.backend.clone() {
+                if let Err(refused) = authorize(state, target, repo, req.headers(), &pq).await {
+                    leader.abandon("client not authorized");
+                    return (CacheStatus::Hit, Ok(refused));
+                }
+                match backend.get(digest).await {
+                    Ok(Some((body, len))) => {
+                        let fill = leader.fill();
+                        spawn_fill(state, leader, body, Some(len), false);
+                        return (CacheStatus::Hit, Ok(fill_response(fill, Some(len), digest)));
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(%digest, error = %e, "shared store unavailable; asking upstream"),
+                }
+            }
             let mut headers = req.headers().clone();
             headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
             let resp = match upstream_fetch(state, target, Method::GET, &pq, &headers, true).await {
@@ -428,33 +445,49 @@ async fn blob(state: &Arc<State>, target: &Target, req: Request<Incoming>, repo:
                 return (CacheStatus::Miss, Ok(relay(resp)));
             }
             let fill = leader.fill();
-            let idle = state.upstream.idle_timeout();
-            let span = tracing::info_span!("fill", %digest);
-            let metrics = state.metrics.clone();
-            let st = state.clone();
-            // Detached: the fill completes for the cache (and other readers) even if this
-            // client goes away.
-            state.tasks.spawn(
-                async move {
-                    match leader.run(resp.into_body(), total, idle).await {
-                        Ok(len) => tracing::debug!(bytes = len, "stored"),
-                        Err(e) if e.is_mismatch() => {
-                            metrics.digest_mismatches.inc();
-                            tracing::error!(error = %e, "digest mismatch: upstream content discarded")
-                        }
-                        Err(crate::fill::FillError::Store(e)) => {
-                            metrics.write_error("write");
-                            st.pause_caching();
-                            tracing::error!(error = %e, "cache write failed; caching paused for a while")
-                        }
-                        Err(e) => tracing::warn!(error = %e, "fill failed"),
-                    }
-                }
-                .instrument(span),
-            );
+            spawn_fill(state, leader, incoming_body(resp.into_body()), total, true);
             (CacheStatus::Miss, Ok(fill_response(fill, total, digest)))
         }
     }
+}
+
+/// Runs a fill to completion in the background (even if this client goes away), then,
+/// for content new to the shared tier, uploads it there.
+fn spawn_fill(state: &Arc<State>, leader: crate::fill::Leader, body: Body, total: Option<u64>, upload: bool) {
+    let digest = leader.digest().clone();
+    let span = tracing::info_span!("fill", %digest);
+    let st = state.clone();
+    state.tasks.spawn(
+        async move {
+            let idle = st.upstream.idle_timeout();
+            match leader.run(body, total, idle).await {
+                Ok(len) => {
+                    tracing::debug!(bytes = len, "stored");
+                    if let (true, Some(backend)) = (upload, st.backend.clone()) {
+                        let path = st.store.path(&digest);
+                        match backend.put(&digest, &path, len).await {
+                            Ok(()) => tracing::debug!("uploaded to the shared store"),
+                            Err(e) => {
+                                st.metrics.write_error("shared_store");
+                                tracing::warn!(error = %e, "upload to the shared store failed")
+                            }
+                        }
+                    }
+                }
+                Err(e) if e.is_mismatch() => {
+                    st.metrics.digest_mismatches.inc();
+                    tracing::error!(error = %e, "digest mismatch: content discarded")
+                }
+                Err(crate::fill::FillError::Store(e)) => {
+                    st.metrics.write_error("write");
+                    st.pause_caching();
+                    tracing::error!(error = %e, "cache write failed; caching paused for a while")
+                }
+                Err(e) => tracing::warn!(error = %e, "fill failed"),
+            }
+        }
+        .instrument(span),
+    );
 }
 
 fn fill_response(fill: Arc<crate::fill::Fill>, total: Option<u64>, digest: &Digest) -> Response<Body> {

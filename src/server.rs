@@ -55,7 +55,9 @@ pub struct State {
     pub ca: CertificateAuthority,
     pub store: Arc<BlobStore>,
     pub fills: Arc<Fills>,
-    pub upstream: Upstream,
+    pub upstream: Arc<Upstream>,
+    /// The shared tier behind the local cache, if configured.
+    pub backend: Option<Arc<dyn crate::backend::Backend>>,
     pub hosts: HashMap<String, HostKind>,
     /// Registry host → configured account.
     pub credentials: HashMap<String, Credentials>,
@@ -204,7 +206,15 @@ impl Server {
         store.set_max_size(config.cache.max_size.0);
         tracing::info!(objects = store.index.len(), bytes = store.index.total(), "cache opened");
         let metrics = Arc::new(crate::metrics::Metrics::default());
-        let upstream = Upstream::new(&config.upstream, Some(metrics.clone())).map_err(Error::Upstream)?;
+        let upstream = Arc::new(Upstream::new(&config.upstream, Some(metrics.clone())).map_err(Error::Upstream)?);
+        let backend: Option<Arc<dyn crate::backend::Backend>> = match config.storage.backend {
+            crate::config::BackendKind::Local => None,
+            crate::config::BackendKind::Dir => Some(Arc::new(crate::backend::FsBackend::new(config.storage.dir.clone().expect("validated")))),
+            crate::config::BackendKind::S3 => Some(Arc::new(crate::backend::S3Backend::new(&config.storage, upstream.clone()).map_err(Error::Upstream)?)),
+        };
+        if let Some(b) = &backend {
+            tracing::info!(store = %b.describe(), "shared blob tier enabled");
+        }
         let mut listeners = Vec::new();
         let (l, proxy_addr) = bind(addr).await?;
         listeners.push((Listener::Proxy, l));
@@ -256,6 +266,7 @@ impl Server {
             store,
             fills: Arc::new(Fills::default()),
             upstream,
+            backend,
             hosts,
             credentials,
             inject,
