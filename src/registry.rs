@@ -255,6 +255,10 @@ fn refusal(resp: Response<Incoming>) -> Response<Body> {
     out
 }
 
+/// The manifest media types Stowage's own requests accept.
+const PROBE_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json, */*";
+
 /// Learns, without credentials, whether upstream serves `repo_key` to anyone.
 fn spawn_public_probe(state: Arc<State>, target: Arc<Target>, key: String, path: String) {
     let tasks = state.tasks.clone();
@@ -263,7 +267,11 @@ fn spawn_public_probe(state: Arc<State>, target: Arc<Target>, key: String, path:
             Ok(u) => u,
             Err(_) => return,
         };
-        let r = auth::fetch(&state.upstream, &state.tokens, Method::HEAD, uri, HeaderMap::new(), Answer::With(None), false).await;
+        // A manifest HEAD without `Accept` is refused by registries that hold only OCI
+        // manifests ("accept header does not support OCI manifests"): offer every type.
+        let mut headers = HeaderMap::new();
+        headers.insert(ACCEPT, HeaderValue::from_static(PROBE_ACCEPT));
+        let r = auth::fetch(&state.upstream, &state.tokens, Method::HEAD, uri, headers, Answer::With(None), false).await;
         let public = match r {
             Ok(f) if f.response.status().is_success() || f.response.status().is_redirection() => Some(now_ms()),
             Ok(f) if matches!(f.response.status().as_u16(), 401 | 403 | 404) => None,

@@ -153,6 +153,9 @@ pub struct Logged {
     inner: Body,
     bytes: u64,
     complete: bool,
+    /// The body's exact length when known: hyper stops polling a body once it has sent
+    /// `Content-Length` bytes, so reaching it counts as complete.
+    expected: Option<u64>,
     line: LogLine,
     span: tracing::Span,
 }
@@ -160,7 +163,8 @@ pub struct Logged {
 impl Logged {
     pub fn wrap(resp: Response<Body>, line: LogLine) -> Response<Body> {
         let (parts, inner) = resp.into_parts();
-        let body = Logged { inner, bytes: 0, complete: false, line, span: tracing::Span::current() };
+        let expected = inner.size_hint().exact();
+        let body = Logged { inner, bytes: 0, complete: false, expected, line, span: tracing::Span::current() };
         Response::from_parts(parts, body.boxed_unsync())
     }
 }
@@ -194,7 +198,7 @@ impl HttpBody for Logged {
 
 impl Drop for Logged {
     fn drop(&mut self) {
-        let complete = self.complete || self.inner.is_end_stream();
+        let complete = self.complete || self.inner.is_end_stream() || self.expected == Some(self.bytes);
         let l = &self.line;
         let _enter = self.span.enter();
         tracing::info!(

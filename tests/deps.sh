@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs on a fresh Debian machine, and nothing that is
+# already there: `apt-get update` runs once, and only when a package is missing.
+# Called by tests/run.sh; safe to run again on a warm machine (it then does nothing).
+set -euo pipefail
+
+# Debian package → a file that proves it is installed.
+declare -A PROBES=(
+  [docker-registry]=/usr/bin/docker-registry
+  [skopeo]=/usr/bin/skopeo
+  [containerd]=/usr/bin/containerd
+  [squid-openssl]=/usr/sbin/squid
+  [openssl]=/usr/bin/openssl
+  [curl]=/usr/bin/curl
+  [jq]=/usr/bin/jq
+  [python3]=/usr/bin/python3
+  [iproute2]=/usr/sbin/ip
+)
+
+missing=()
+for pkg in "${!PROBES[@]}"; do
+  [[ -e ${PROBES[$pkg]} ]] || missing+=("$pkg")
+done
+
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "deps: missing ${missing[*]}; run as root or install them: apt-get install ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # policy-rc.d keeps Debian from starting squid/containerd/registry services on install:
+  # the tests start their own instances on loopback ports.
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d.stowage
+  chmod +x /usr/sbin/policy-rc.d.stowage
+  had_policy=0; [[ -e /usr/sbin/policy-rc.d ]] && had_policy=1
+  ((had_policy)) || cp /usr/sbin/policy-rc.d.stowage /usr/sbin/policy-rc.d
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  ((had_policy)) || rm -f /usr/sbin/policy-rc.d
+  rm -f /usr/sbin/policy-rc.d.stowage
+else
+  echo "deps: all present"
+fi
+
+# moto (a local S3 server) for the shared-store end-to-end test, from PyPI.
+if ! python3 -c 'import moto.server' 2>/dev/null; then
+  echo "deps: installing moto[server]"
+  python3 -m pip install -q 'moto[server]>=5' >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "deps: cargo not found; install Rust with rustup (https://rustup.rs)" >&2
+  exit 1
+fi

@@ -1,0 +1,182 @@
+# Shared helpers for the end-to-end scenarios. Each scenario is a bash script that sources
+# this file, starts what it needs on loopback ports, and exits non-zero on the first failed
+# check. Every process a scenario starts is recorded and stopped, by PID, on exit.
+set -euo pipefail
+
+E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$E2E_DIR/../.." && pwd)
+STOWAGE_BIN=${STOWAGE_BIN:-$REPO/target/release/stowage}
+SCENARIO=$(basename "$0" .sh)
+WORK=$(mktemp -d "/tmp/stowage-e2e-$SCENARIO.XXXXXX")
+PIDS=()
+
+# The machine sets AWS_CA_BUNDLE, which makes docker-registry's S3 driver panic; none of
+# the processes here need it.
+unset AWS_CA_BUNDLE
+# Never let a developer's own proxy settings leak into a scenario.
+unset HTTPS_PROXY https_proxy HTTP_PROXY http_proxy NO_PROXY no_proxy ALL_PROXY all_proxy
+
+log() { echo "[$SCENARIO] $*" >&2; }
+fail() {
+  log "FAIL: $*"
+  exit 1
+}
+ok() { log "ok: $*"; }
+
+cleanup() {
+  local status=$?
+  for pid in "${PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]}"; do
+    wait "$pid" 2>/dev/null || true
+  done
+  if [[ $status -ne 0 ]]; then
+    log "logs kept in $WORK"
+    for f in "$WORK"/*.log; do
+      [[ -e $f ]] || continue
+      echo "----- $f (last 40 lines)" >&2
+      tail -n 40 "$f" >&2
+    done
+  elif [[ -z ${E2E_KEEP:-} ]]; then
+    rm -rf "$WORK"
+  fi
+}
+trap cleanup EXIT
+
+# Starts a background process, records its PID. Usage: spawn LOGFILE cmd args...
+spawn() {
+  local logfile=$1
+  shift
+  "$@" >"$logfile" 2>&1 &
+  PIDS+=($!)
+  echo $!
+}
+
+# A free TCP port on 127.0.0.1 (bind to 0, read it back, release).
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_port() {
+  local port=$1 host=${2:-127.0.0.1} tries=200
+  while ! (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; do
+    tries=$((tries - 1))
+    ((tries > 0)) || fail "nothing listens on $host:$port"
+    sleep 0.05
+  done
+}
+
+# A CA and a server certificate for the given DNS names, made with openssl.
+# Usage: make_cert DIR NAME... → DIR/ca.crt DIR/ca.key DIR/server.crt DIR/server.key
+make_cert() {
+  local dir=$1
+  shift
+  mkdir -p "$dir"
+  local san="" n
+  for n in "$@"; do san+="DNS:$n,"; done
+  san+="IP:127.0.0.1"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj "/CN=Stowage e2e upstream CA" -keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    -subj "/CN=$1" -keyout "$dir/server.key" -out "$dir/server.csr" 2>/dev/null
+  printf 'subjectAltName=%s\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' "$san" >"$dir/ext.cnf"
+  openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
+    -days 2 -extfile "$dir/ext.cnf" -out "$dir/server.crt" 2>/dev/null
+}
+
+# Starts Debian's docker-registry (distribution 2.8) over TLS on 127.0.0.1:PORT.
+# Usage: start_registry NAME PORT CERTDIR [HTPASSWD_FILE] → logs in $WORK/NAME.log
+start_registry() {
+  local name=$1 port=$2 certs=$3 htpasswd=${4:-}
+  local dir="$WORK/$name"
+  mkdir -p "$dir/data"
+  {
+    echo "version: 0.1"
+    echo "log: {level: info, formatter: text, accesslog: {disabled: false}}"
+    echo "storage: {filesystem: {rootdirectory: $dir/data}, delete: {enabled: true}}"
+    echo "http:"
+    echo "  addr: 127.0.0.1:$port"
+    echo "  tls: {certificate: $certs/server.crt, key: $certs/server.key}"
+    if [[ -n $htpasswd ]]; then
+      echo "auth: {htpasswd: {realm: e2e, path: $htpasswd}}"
+    fi
+  } >"$dir/config.yml"
+  spawn "$WORK/$name.log" docker-registry serve "$dir/config.yml" >/dev/null
+  wait_port "$port"
+}
+
+# Counts the blob GETs a docker-registry served so far (its access log, combined format).
+registry_blob_gets() {
+  grep -cE '"GET /v2/[^ ]+/blobs/sha256:[0-9a-f]{64} HTTP' "$WORK/$1.log" || true
+}
+
+# Builds an OCI image layout with real gzipped tar layers of pseudo-random content.
+# Usage: make_oci_image DIR TAG LAYERS SIZE_KIB SEED
+make_oci_image() {
+  python3 "$E2E_DIR/make_image.py" "$@"
+}
+
+# Pushes an OCI layout to a registry on 127.0.0.1 (TLS not verified: it is our own).
+# Usage: push_image OCI_DIR TAG 127.0.0.1:PORT/REPO:TAG [CREDS]
+push_image() {
+  local src=$1 tag=$2 dest=$3 creds=${4:-}
+  local args=(--dest-tls-verify=false)
+  [[ -n $creds ]] && args+=(--dest-creds "$creds")
+  skopeo copy -q "${args[@]}" "oci:$src:$tag" "docker://$dest" >"$WORK/push.log" 2>&1 ||
+    { cat "$WORK/push.log" >&2; fail "push to $dest"; }
+}
+
+# Writes a Stowage config and starts it.
+# Usage: start_stowage NAME PROXY_PORT UPSTREAM_CA [HOST...] <<< "extra TOML"
+# Pins each HOST to 127.0.0.1 and trusts UPSTREAM_CA. Extra TOML on stdin is appended; it
+# must not repeat [proxy], [ca], [cache] or [upstream]: put lines for those sections in
+# $PROXY_EXTRA, $CACHE_EXTRA and $UPSTREAM_EXTRA instead. Sets STOWAGE_CA (its CA file)
+# and STOWAGE_TRUST (a cert dir for skopeo's --src-cert-dir holding that CA).
+start_stowage() {
+  local name=$1 port=$2 upstream_ca=$3
+  shift 3
+  local dir="$WORK/$name"
+  mkdir -p "$dir"
+  local extra=""
+  [[ -t 0 ]] || extra=$(cat)
+  local h
+  {
+    echo "[proxy]"
+    echo "listen = \"127.0.0.1:$port\""
+    echo "shutdown_grace = \"1s\""
+    echo "${PROXY_EXTRA:-}"
+    echo "[ca]"
+    echo "dir = \"${STOWAGE_CA_DIR:-$dir/certs}\""
+    echo "[cache]"
+    echo "dir = \"$dir/cache\""
+    echo "min_free = \"1MiB\""
+    echo "${CACHE_EXTRA:-}"
+    echo "[upstream]"
+    echo "extra_ca = [\"$upstream_ca\"]"
+    echo "connect_timeout = \"3s\""
+    echo "${UPSTREAM_EXTRA:-}"
+    echo "[upstream.resolve]"
+    for h in "$@"; do echo "\"$h\" = \"127.0.0.1\""; done
+    echo "$extra"
+  } >"$dir/config.toml"
+  spawn "$WORK/$name.log" env RUST_LOG="${RUST_LOG:-info}" "$STOWAGE_BIN" --config "$dir/config.toml" run >/dev/null
+  wait_port "$port"
+  STOWAGE_CA="${STOWAGE_CA_DIR:-$dir/certs}/ca.crt"
+  STOWAGE_TRUST="$dir/trust"
+  mkdir -p "$STOWAGE_TRUST"
+  cp "$STOWAGE_CA" "$STOWAGE_TRUST/stowage-ca.crt"
+}
+
+# Checks every blob a `dir:` copy wrote against the digest it is named by.
+verify_dir_copy() {
+  local dir=$1 count=0 f hex
+  for f in "$dir"/*; do
+    hex=$(basename "$f")
+    [[ $hex =~ ^[0-9a-f]{64}$ ]] || continue
+    [[ $(sha256sum "$f" | cut -d' ' -f1) == "$hex" ]] || fail "$f does not hash to its digest"
+    count=$((count + 1))
+  done
+  ((count > 0)) || fail "no blobs in $dir"
+  echo "$count"
+}

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The one test command: installs what the tests need (tests/deps.sh), runs every Rust test
+# (unit, property, hermetic integration), builds the release binary, and runs the
+# end-to-end scenarios with real clients and a real registry (tests/e2e/). Prints a summary
+# line per suite and exits non-zero if anything failed. `.ci/run` calls exactly this.
+#
+#   bash tests/run.sh            everything
+#   SKIP_E2E=1 bash tests/run.sh Rust tests only
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+bash tests/deps.sh || exit 1
+export CARGO_TERM_COLOR=never
+
+status=0
+log=$(mktemp /tmp/stowage-cargo-test.XXXXXX)
+start=$(date +%s)
+cargo test --all-targets --locked 2>&1 | tee "$log"
+cargo_status=${PIPESTATUS[0]}
+# cargo prints one "test result:" line per test binary; add them up.
+summary=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) g += $i } n++ }
+  END { printf "cargo test: %d passed, %d failed, %d ignored in %d test binaries", p, f, g, n }' "$log")
+rm -f "$log"
+[[ $cargo_status -eq 0 ]] || status=1
+
+e2e_summary="e2e: skipped (SKIP_E2E)"
+if [[ -z ${SKIP_E2E:-} ]]; then
+  if cargo build --release --locked --bin stowage; then
+    e2e_log=$(mktemp /tmp/stowage-e2e.XXXXXX)
+    bash tests/e2e/run.sh 2>&1 | tee "$e2e_log"
+    [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+    e2e_summary=$(grep '^e2e: ' "$e2e_log" | tail -n 1)
+    rm -f "$e2e_log"
+  else
+    e2e_summary="e2e: release build failed"
+    status=1
+  fi
+fi
+
+echo
+echo "== summary ($(($(date +%s) - start))s) =="
+echo "$summary"
+echo "$e2e_summary"
+[[ $status -eq 0 ]] && echo "RESULT: ok" || echo "RESULT: FAILED"
+exit $status
