@@ -180,3 +180,9 @@ verify_dir_copy() {
   ((count > 0)) || fail "no blobs in $dir"
   echo "$count"
 }
+
+# Counts the blob GETs a docker-registry answered with 200 (content actually handed out;
+# 401 challenges excluded).
+registry_blob_gets_ok() {
+  grep -cE '"GET /v2/[^ ]+/blobs/sha256:[0-9a-f]{64} HTTP/[0-9.]+" 200 ' "$WORK/$1.log" || true
+}
