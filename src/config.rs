@@ -582,8 +582,13 @@ impl Config {
         if self.mirror.tls == MirrorTls::Files && (self.mirror.cert_file.is_none() || self.mirror.key_file.is_none()) {
             return Err(invalid("mirror.tls", "\"files\" needs mirror.cert_file and mirror.key_file"));
         }
-        if !valid_host(&self.mirror.default_registry) {
-            return Err(invalid("mirror.default_registry", "must be a lowercase host name"));
+        // `host` or `host:port`, as the mirror's router reads it (a registry on another port).
+        let default_ok = match self.mirror.default_registry.rsplit_once(':') {
+            Some((host, port)) if !host.contains(':') => valid_host(host) && port.parse::<u16>().is_ok_and(|p| p > 0),
+            _ => valid_host(&self.mirror.default_registry),
+        };
+        if !default_ok {
+            return Err(invalid("mirror.default_registry", "must be a lowercase host name, optionally with :port"));
         }
         if !valid_host(&self.mirror.hostname) {
             return Err(invalid("mirror.hostname", "must be a lowercase host name"));
@@ -833,6 +838,18 @@ mod tests {
         assert!(e.to_string().contains("connect_timeout"), "{e}");
         let e = Config::from_toml_str("[upstream.resolve]\n\"quay.io\" = \"not-an-ip\"\n").unwrap_err();
         assert!(e.to_string().contains("quay.io") || e.to_string().contains("resolve"), "{e}");
+    }
+
+    #[test]
+    fn the_mirrors_default_registry_may_name_a_port() {
+        for ok in ["registry-1.docker.io", "registry.local:5000", "10.0.0.5:5443"] {
+            let c = Config::from_toml_str(&format!("[mirror]\ndefault_registry = \"{ok}\"\n"));
+            assert!(c.is_ok(), "{ok}: {:?}", c.err());
+        }
+        for bad in ["Docker.IO", "registry.local:", "registry.local:0", "registry.local:99999", "a:b:c", ""] {
+            let e = Config::from_toml_str(&format!("[mirror]\ndefault_registry = \"{bad}\"\n")).unwrap_err();
+            assert!(e.to_string().contains("mirror.default_registry"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -27,7 +27,7 @@ use tokio_rustls::LazyConfigAcceptor;
 use crate::config::valid_host;
 use crate::proxy::serve_until_shutdown;
 use crate::registry::{self, Target};
-use crate::response::{full, registry_error, text, Body};
+use crate::response::{full, head_without_body, registry_error, text, Body};
 use crate::server::{HostKind, State};
 
 /// Where a mirror request goes, and the path to ask there.
@@ -175,7 +175,10 @@ pub async fn serve_mirror_connection(state: Arc<State>, stream: TcpStream, _peer
     let svc_state = state.clone();
     let svc = service_fn(move |req| {
         let state = svc_state.clone();
-        async move { Ok::<_, Infallible>(mirror_request(state, req).await) }
+        async move {
+            let method = req.method().clone();
+            Ok::<_, Infallible>(head_without_body(&method, mirror_request(state, req).await))
+        }
     });
     match state.config.mirror.tls {
         crate::config::MirrorTls::Off => serve_until_shutdown(&state, TokioIo::new(stream), svc).await,

@@ -28,7 +28,7 @@ use crate::config::AuthCheck;
 use crate::fill::{file_stream, fill_stream, FillState, Join};
 use crate::oci::{Algorithm, Digest, Reference, RepoName, Route, Tag};
 use crate::response::{
-    empty, full, registry_error, set_len, strip_hop_by_hop, Body, CacheStatus, LogLine, Logged, ServeError,
+    empty, full, head_without_body, registry_error, set_len, strip_hop_by_hop, Body, CacheStatus, LogLine, Logged, ServeError,
     DOCKER_CONTENT_DIGEST, X_CACHE,
 };
 use crate::server::State;
@@ -75,7 +75,7 @@ pub async fn handle(state: Arc<State>, target: Arc<Target>, req: Request<Incomin
         }
         _ => pass(&state, &target, req).await,
     };
-    let mut resp = match resp {
+    let resp = match resp {
         Ok(r) => {
             let from_upstream = matches!(outcome, CacheStatus::Miss | CacheStatus::Pass);
             if from_upstream && (r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS) {
@@ -110,6 +110,7 @@ pub async fn handle(state: Arc<State>, target: Arc<Target>, req: Request<Incomin
             }
         }
     }
+    let mut resp = head_without_body(&method, resp);
     resp.headers_mut().insert(X_CACHE, HeaderValue::from_static(outcome.as_str()));
     let line = LogLine {
         registry: target.host.clone(),

@@ -239,6 +239,18 @@ impl Drop for Logged {
     }
 }
 
+/// A response to `HEAD` carries no body. hyper drops it on HTTP/1.1 but sends it on h2,
+/// where DATA on a `HEAD` stream is a protocol error for the client; registry errors and
+/// refusals are built with JSON bodies, so they are emptied here. The headers, including
+/// any `Content-Length`, stay as they are.
+pub fn head_without_body(method: &http::Method, resp: Response<Body>) -> Response<Body> {
+    if method != http::Method::HEAD || resp.body().is_end_stream() {
+        return resp;
+    }
+    let (parts, _) = resp.into_parts();
+    Response::from_parts(parts, empty())
+}
+
 /// Sets `Content-Length` for a body of known size.
 pub fn set_len(headers: &mut HeaderMap, len: u64) {
     headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
@@ -259,6 +271,16 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("authorization"));
+    }
+
+    #[test]
+    fn head_responses_lose_their_body_only() {
+        let r = head_without_body(&http::Method::HEAD, registry_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "no"));
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(r.headers()["content-type"], "application/json");
+        assert!(r.body().is_end_stream());
+        let r = head_without_body(&http::Method::GET, registry_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "no"));
+        assert!(!r.body().is_end_stream());
     }
 
     #[test]

@@ -142,6 +142,12 @@ struct RegState {
     mode: BlobMode,
     corrupt: HashSet<String>,
     pace: Pace,
+    /// Repositories that anonymous tokens cannot read (see [`FakeRegistry::make_private`]).
+    private: HashSet<String>,
+    /// Token-service accounts: username → (password, private repositories it may pull).
+    users: HashMap<String, (String, HashSet<String>)>,
+    /// When set, manifest `GET`/`HEAD` with a valid token answer this status instead.
+    manifest_failure: Option<StatusCode>,
 }
 
 struct Shared {
@@ -215,6 +221,9 @@ impl<'a> FakeRegistryBuilder<'a> {
                     mode,
                     corrupt: HashSet::new(),
                     pace: Pace::plain(),
+                    private: HashSet::new(),
+                    users: HashMap::new(),
+                    manifest_failure: None,
                 }),
                 log: Mutex::new(Vec::new()),
                 next_token: AtomicU64::new(1),
@@ -336,6 +345,31 @@ impl FakeRegistry {
         let (tx, rx) = watch::channel(false);
         self.shared.state.lock().unwrap().pace.gate = Some(rx);
         Gate(Arc::new(tx))
+    }
+
+    /// From now on, tokens for `repo` carry access only for an account (see
+    /// [`add_user`](Self::add_user)) that may pull it; anonymous tokens are issued without
+    /// access, as Docker Hub does, so requests with them get a 401.
+    pub fn make_private(&self, repo: &str) {
+        self.shared.state.lock().unwrap().private.insert(repo.to_owned());
+    }
+
+    /// A token-service account (HTTP Basic at `/token`) that may pull the private
+    /// repositories `repos`. Once any account exists, wrong credentials at `/token` get a 401.
+    pub fn add_user(&self, username: &str, password: &str, repos: &[&str]) {
+        let repos = repos.iter().map(|r| r.to_string()).collect();
+        self.shared.state.lock().unwrap().users.insert(username.to_owned(), (password.to_owned(), repos));
+    }
+
+    /// Manifest `GET` and `HEAD` (with a valid token) answer `status` until called with
+    /// `None`: 429 comes with `Retry-After`, like Docker Hub's pull limit.
+    pub fn fail_manifests(&self, status: Option<StatusCode>) {
+        self.shared.state.lock().unwrap().manifest_failure = status;
+    }
+
+    /// Requests to the token service that carried `Authorization` (as sent).
+    pub fn token_authorizations(&self) -> Vec<String> {
+        self.requests().into_iter().filter(|r| r.kind == Kind::Token).filter_map(|r| r.authorization).collect()
     }
 
     /// Every request served, in order.
@@ -463,6 +497,25 @@ impl Shared {
                 Some(name.to_owned())
             }
         };
+        let repo = {
+            let st = self.state.lock().unwrap();
+            // Accounts are checked only once a test added one (`add_user`).
+            let account = if st.users.is_empty() {
+                None
+            } else {
+                match basic_credentials(req) {
+                    None => None,
+                    Some((user, password)) => match st.users.get(&user) {
+                        Some((pw, repos)) if *pw == password => Some(repos.clone()),
+                        _ => return json_response(StatusCode::UNAUTHORIZED, error_body("UNAUTHORIZED", "incorrect username or password")),
+                    },
+                }
+            };
+            match repo {
+                Some(r) if st.private.contains(&r) && !account.as_ref().is_some_and(|a| a.contains(&r)) => None,
+                other => other,
+            }
+        };
         let n = self.next_token.fetch_add(1, Ordering::SeqCst);
         let token = format!("tok{n}-{}", &sha256_digest(format!("{n}{repo:?}").as_bytes())[7..23]);
         self.state.lock().unwrap().tokens.insert(token.clone(), repo);
@@ -486,6 +539,15 @@ impl Shared {
         }
         if !matches!(*req.method(), Method::GET | Method::HEAD) {
             return json_response(StatusCode::METHOD_NOT_ALLOWED, error_body("UNSUPPORTED", "read only"));
+        }
+        let failure = self.state.lock().unwrap().manifest_failure;
+        if let Some(status) = failure {
+            let code = if status == StatusCode::TOO_MANY_REQUESTS { "TOOMANYREQUESTS" } else { "UNAVAILABLE" };
+            let mut r = json_response(status, error_body(code, "forced failure"));
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                r.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("60"));
+            }
+            return r;
         }
         let found = self.state.lock().unwrap().repos.get(repo).and_then(|r| r.manifests.get(reference).cloned());
         let Some((bytes, media_type)) = found else {
@@ -550,6 +612,17 @@ impl Shared {
             None => json_response(StatusCode::NOT_FOUND, error_body("NOT_FOUND", "no such object")),
         }
     }
+}
+
+/// `(user, password)` from `Authorization: Basic`.
+fn basic_credentials(req: &Request<Incoming>) -> Option<(String, String)> {
+    use base64::Engine;
+    let v = req.headers().get(AUTHORIZATION)?.to_str().ok()?;
+    let encoded = v.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, password) = text.split_once(':')?;
+    Some((user.to_owned(), password.to_owned()))
 }
 
 /// The same length, one byte different (in the middle, so it is not the last byte sent).

@@ -24,6 +24,7 @@ pub struct StowageBuilder {
     extra_ca: Vec<PathBuf>,
     proxy_toml: String,
     extra_toml: String,
+    cache_toml: String,
 }
 
 impl StowageBuilder {
@@ -46,6 +47,14 @@ impl StowageBuilder {
         self
     }
 
+    /// A `key = value` line for the generated `[cache]` table (which `toml` cannot repeat),
+    /// e.g. `manifest_ttl = "1s"` or `offline = true`.
+    pub fn cache(mut self, line: &str) -> Self {
+        self.cache_toml.push_str(line);
+        self.cache_toml.push('\n');
+        self
+    }
+
     /// Appended to the generated TOML; must start with a table header.
     pub fn toml(mut self, extra: &str) -> Self {
         self.extra_toml.push('\n');
@@ -61,11 +70,12 @@ impl StowageBuilder {
         let cache_dir = dir.path().join("cache");
         let extra_ca: Vec<String> = self.extra_ca.iter().map(|p| toml_path(p)).collect();
         let mut toml = format!(
-            "[proxy]\nlisten = \"127.0.0.1:0\"\nother_hosts = {}\n{}\n[ca]\ndir = {}\n\n[cache]\ndir = {}\n\n[upstream]\nextra_ca = [{}]\nconnect_timeout = \"2s\"\n\n[upstream.resolve]\n",
+            "[proxy]\nlisten = \"127.0.0.1:0\"\nother_hosts = {}\n{}\n[ca]\ndir = {}\n\n[cache]\ndir = {}\n{}\n[upstream]\nextra_ca = [{}]\nconnect_timeout = \"2s\"\n\n[upstream.resolve]\n",
             toml_str(self.other_hosts),
             self.proxy_toml,
             toml_path(&ca_dir),
             toml_path(&cache_dir),
+            self.cache_toml,
             extra_ca.join(", "),
         );
         for h in FAKE_HOSTS {
@@ -76,17 +86,22 @@ impl StowageBuilder {
         let config = stowage::Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("config rejected: {e}\n{toml}"));
         let server = stowage::Server::bind(config).await.unwrap_or_else(|e| panic!("Server::bind: {e}"));
         let addr = server.proxy_addr();
+        let (mirror_addr, direct_addr) = (server.mirror_addr(), server.direct_addr());
         let ca_pem = server.ca_cert_pem();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async move {
             let _ = rx.await;
         }));
-        Stowage { addr, ca_pem, toml, cache_dir, ca_dir, shutdown: Some(tx), task: Some(task), _dir: dir }
+        Stowage { addr, mirror_addr, direct_addr, ca_pem, toml, cache_dir, ca_dir, shutdown: Some(tx), task: Some(task), _dir: dir }
     }
 }
 
 pub struct Stowage {
     pub addr: SocketAddr,
+    /// The `[mirror]` listener, when configured.
+    pub mirror_addr: Option<SocketAddr>,
+    /// The `[direct]` (SNI) listener, when configured.
+    pub direct_addr: Option<SocketAddr>,
     pub ca_pem: String,
     /// The configuration it was started with.
     pub toml: String,
@@ -99,7 +114,7 @@ pub struct Stowage {
 
 impl Stowage {
     pub fn builder() -> StowageBuilder {
-        StowageBuilder { other_hosts: "tunnel", extra_ca: Vec::new(), proxy_toml: String::new(), extra_toml: String::new() }
+        StowageBuilder { other_hosts: "tunnel", extra_ca: Vec::new(), proxy_toml: String::new(), extra_toml: String::new(), cache_toml: String::new() }
     }
 
     /// Started with defaults, trusting `ca` upstream.
