@@ -17,7 +17,7 @@ pub mod tls;
 use std::time::{Duration, Instant};
 
 pub use client::{pull, Alpn, ProxyClient, Pulled, Resp, Session, Tunnel};
-pub use registry::{BlobMode, FakeRegistry, FakeStorage, Gate, Image, Kind, Location, Recorded};
+pub use registry::{BlobMode, FakeRegistry, FakeStorage, Fault, Gate, Image, Kind, Location, Recorded};
 pub use stowage::Stowage;
 pub use tls::TestCa;
 

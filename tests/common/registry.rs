@@ -16,6 +16,7 @@ use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, USER_AGENT, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Frame;
+use futures_util::StreamExt;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use tokio::sync::watch;
@@ -118,6 +119,26 @@ pub enum BlobMode {
     Redirect(Location),
 }
 
+/// A misbehaviour for `GET`s of one blob (`HEAD`s stay correct); see [`FakeRegistry::set_fault`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Announces the whole `Content-Length`, sends the first `n` bytes, then ends the body.
+    Truncate(usize),
+    /// Sends the first `n` bytes, then the body fails (HTTP/1.1: the connection is cut;
+    /// h2: the stream is reset).
+    ResetAfter(usize),
+    /// Sends the first `n` bytes, then nothing more, ever (slowloris).
+    StallAfter(usize),
+    /// Never sends the response head.
+    StallHead,
+    /// Answers `status` with a registry JSON error (`Retry-After: 1` included).
+    Status(u16),
+    /// `307` to the same path with a new query, forever.
+    RedirectLoop,
+    /// `307` to this URL.
+    RedirectTo(String),
+}
+
 /// Holds blob bodies after their first chunk until opened; see [`FakeRegistry::hold_blob_bodies`].
 #[derive(Clone)]
 pub struct Gate(Arc<watch::Sender<bool>>);
@@ -148,6 +169,8 @@ struct RegState {
     users: HashMap<String, (String, HashSet<String>)>,
     /// When set, manifest `GET`/`HEAD` with a valid token answer this status instead.
     manifest_failure: Option<StatusCode>,
+    /// Digest → fault for its `GET`s (see [`FakeRegistry::set_fault`]).
+    faults: HashMap<String, Fault>,
 }
 
 struct Shared {
@@ -224,6 +247,7 @@ impl<'a> FakeRegistryBuilder<'a> {
                     private: HashSet::new(),
                     users: HashMap::new(),
                     manifest_failure: None,
+                    faults: HashMap::new(),
                 }),
                 log: Mutex::new(Vec::new()),
                 next_token: AtomicU64::new(1),
@@ -322,6 +346,36 @@ impl FakeRegistry {
 
     pub fn heal(&self, digest: &str) {
         self.shared.state.lock().unwrap().corrupt.remove(digest);
+    }
+
+    /// `GET`s of `digest` misbehave as `fault` says until [`clear_fault`](Self::clear_fault).
+    pub fn set_fault(&self, digest: &str, fault: Fault) {
+        self.shared.state.lock().unwrap().faults.insert(digest.to_owned(), fault);
+    }
+
+    pub fn clear_fault(&self, digest: &str) {
+        self.shared.state.lock().unwrap().faults.remove(digest);
+    }
+
+    /// Removes a blob from every repository (a load test's misses would grow forever).
+    pub fn delete_blob(&self, digest: &str) {
+        let mut st = self.shared.state.lock().unwrap();
+        for r in st.repos.values_mut() {
+            r.blobs.remove(digest);
+        }
+        if let Some((storage, _)) = &self.shared.storage {
+            storage.blobs.lock().unwrap().remove(digest);
+        }
+    }
+
+    /// Forgets the requests recorded so far (a long load run would grow the log forever).
+    pub fn clear_requests(&self) {
+        self.shared.log.lock().unwrap().clear();
+    }
+
+    /// Requests answered with `status`.
+    pub fn count_status(&self, kind: Kind, status: u16) -> usize {
+        self.shared.log.lock().unwrap().iter().filter(|r| r.kind == kind && r.status == status).count()
     }
 
     pub fn set_blob_mode(&self, mode: BlobMode) {
@@ -440,6 +494,10 @@ impl Shared {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let path = req.uri().path().to_owned();
         let kind = classify(&path);
+        if kind == Kind::Blob && req.method() == Method::GET && self.stalls_head(req.uri().path()) {
+            // Never answers; the connection lives until the fake is dropped.
+            std::future::pending::<()>().await;
+        }
         let resp = match kind {
             Kind::Base => self.base(&req),
             Kind::Token => self.token(&req),
@@ -450,6 +508,11 @@ impl Shared {
         };
         record(&self.log, &req, kind, resp.status());
         resp
+    }
+
+    fn stalls_head(&self, path: &str) -> bool {
+        let Some((_, digest)) = split_repo_path(path, "blobs") else { return false };
+        self.state.lock().unwrap().faults.get(digest) == Some(&Fault::StallHead)
     }
 
     fn challenge(&self, scope: Option<&str>) -> Response<Body> {
@@ -578,6 +641,9 @@ impl Shared {
         if req.method() == Method::HEAD {
             return blob_head(&data, digest);
         }
+        if let Some(fault) = st.faults.get(digest).cloned() {
+            return faulty_blob(data, digest, &fault, req.uri().path(), req.uri().query());
+        }
         if let BlobMode::Redirect(loc) = st.mode {
             let sig = &sha256_digest(format!("sig{digest}").as_bytes())[7..31];
             let storage_port = self.storage.as_ref().map(|(_, p)| *p);
@@ -633,6 +699,55 @@ fn corrupted(data: &Bytes) -> Bytes {
         v[i] ^= 0xff;
     }
     Bytes::from(v)
+}
+
+/// A blob `GET` answered as `fault` says.
+fn faulty_blob(data: Bytes, digest: &str, fault: &Fault, path: &str, query: Option<&str>) -> Response<Body> {
+    let redirect = |location: String| {
+        let mut r = Response::new(body_full(Bytes::new()));
+        *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+        r.headers_mut().insert(LOCATION, HeaderValue::from_str(&location).unwrap());
+        r.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(0));
+        r
+    };
+    let (n, end): (usize, &'static str) = match fault {
+        Fault::Truncate(n) => (*n, "end"),
+        Fault::ResetAfter(n) => (*n, "error"),
+        Fault::StallAfter(n) => (*n, "stall"),
+        Fault::StallHead => unreachable!("handled before the handler runs"),
+        Fault::Status(code) => {
+            let status = StatusCode::from_u16(*code).expect("valid status");
+            let code = if *code == 429 { "TOOMANYREQUESTS" } else { "UNAVAILABLE" };
+            let mut r = json_response(status, error_body(code, "injected fault"));
+            r.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return r;
+        }
+        Fault::RedirectLoop => {
+            let hop: u64 = query.and_then(|q| q.strip_prefix("hop=")).and_then(|h| h.parse().ok()).unwrap_or(0);
+            return redirect(format!("{path}?hop={}", hop + 1));
+        }
+        Fault::RedirectTo(url) => return redirect(url.clone()),
+    };
+    let len = data.len();
+    let head = data.slice(..n.min(len));
+    let tail = futures_util::stream::once(async move {
+        match end {
+            "end" => None,
+            "error" => Some(Err::<Frame<Bytes>, BoxError>("injected reset".into())),
+            _ => {
+                std::future::pending::<()>().await;
+                None
+            }
+        }
+    })
+    .filter_map(|x| async move { x });
+    let stream = futures_util::stream::once(async move { Ok::<_, BoxError>(Frame::data(head)) }).chain(tail);
+    let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert("docker-content-digest", HeaderValue::from_str(digest).unwrap());
+    r
 }
 
 fn blob_head(data: &Bytes, digest: &str) -> Response<Body> {

@@ -25,6 +25,8 @@ pub struct StowageBuilder {
     proxy_toml: String,
     extra_toml: String,
     cache_toml: String,
+    upstream_toml: String,
+    listen: Option<String>,
 }
 
 impl StowageBuilder {
@@ -55,6 +57,26 @@ impl StowageBuilder {
         self
     }
 
+    /// A `key = value` line for the generated `[proxy]` table, e.g. `allow = ["10.0.0.0/8"]`.
+    pub fn proxy(mut self, line: &str) -> Self {
+        self.proxy_toml.push_str(line);
+        self.proxy_toml.push('\n');
+        self
+    }
+
+    /// A `key = value` line for the generated `[upstream]` table, e.g. `idle_timeout = "1s"`.
+    pub fn upstream(mut self, line: &str) -> Self {
+        self.upstream_toml.push_str(line);
+        self.upstream_toml.push('\n');
+        self
+    }
+
+    /// `[proxy] listen` instead of `127.0.0.1:0`.
+    pub fn listen(mut self, addr: &str) -> Self {
+        self.listen = Some(addr.to_owned());
+        self
+    }
+
     /// Appended to the generated TOML; must start with a table header.
     pub fn toml(mut self, extra: &str) -> Self {
         self.extra_toml.push('\n');
@@ -70,13 +92,15 @@ impl StowageBuilder {
         let cache_dir = dir.path().join("cache");
         let extra_ca: Vec<String> = self.extra_ca.iter().map(|p| toml_path(p)).collect();
         let mut toml = format!(
-            "[proxy]\nlisten = \"127.0.0.1:0\"\nother_hosts = {}\n{}\n[ca]\ndir = {}\n\n[cache]\ndir = {}\n{}\n[upstream]\nextra_ca = [{}]\nconnect_timeout = \"2s\"\n\n[upstream.resolve]\n",
+            "[proxy]\nlisten = {}\nother_hosts = {}\n{}\n[ca]\ndir = {}\n\n[cache]\ndir = {}\n{}\n[upstream]\nextra_ca = [{}]\nconnect_timeout = \"2s\"\n{}\n[upstream.resolve]\n",
+            toml_str(self.listen.as_deref().unwrap_or("127.0.0.1:0")),
             toml_str(self.other_hosts),
             self.proxy_toml,
             toml_path(&ca_dir),
             toml_path(&cache_dir),
             self.cache_toml,
             extra_ca.join(", "),
+            self.upstream_toml,
         );
         for h in FAKE_HOSTS {
             toml.push_str(&format!("{} = \"127.0.0.1\"\n", toml_str(h)));
@@ -114,7 +138,7 @@ pub struct Stowage {
 
 impl Stowage {
     pub fn builder() -> StowageBuilder {
-        StowageBuilder { other_hosts: "tunnel", extra_ca: Vec::new(), proxy_toml: String::new(), extra_toml: String::new(), cache_toml: String::new() }
+        StowageBuilder { other_hosts: "tunnel", extra_ca: Vec::new(), proxy_toml: String::new(), extra_toml: String::new(), cache_toml: String::new(), upstream_toml: String::new(), listen: None }
     }
 
     /// Started with defaults, trusting `ca` upstream.
