@@ -270,6 +270,14 @@ async fn connect(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) ->
             text(StatusCode::FORBIDDEN, "tunnels to this port are not allowed (proxy.tunnel_ports)")
         }
         None => {
+            // A name (or pin) that leads back to a listener of ours would turn a remote
+            // client into a loopback one, the kind allowed to use /admin.
+            if let Ok(addrs) = state.upstream.resolver().resolve(&host, port).await {
+                if addrs.iter().any(|a| state.is_own_address(a)) {
+                    tracing::info!(%peer, %host, port, "CONNECT refused: resolves to this proxy");
+                    return text(StatusCode::LOOP_DETECTED, "CONNECT to this proxy's own address is refused");
+                }
+            }
             let upstream = match state.upstream.connect_tcp(&host, port).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -277,6 +285,10 @@ async fn connect(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) ->
                     return text(StatusCode::BAD_GATEWAY, &e.to_string());
                 }
             };
+            if upstream.peer_addr().is_ok_and(|a| state.is_own_address(&a)) {
+                tracing::info!(%peer, %host, port, "CONNECT refused: connected to this proxy");
+                return text(StatusCode::LOOP_DETECTED, "CONNECT to this proxy's own address is refused");
+            }
             let span = tracing::info_span!("tunnel", %host, port, mode = "blind");
             let st = state.clone();
             state.tasks.spawn(
@@ -341,6 +353,10 @@ async fn absolute_form(state: Arc<State>, req: Request<Incoming>) -> Response<Bo
         return text(StatusCode::FORBIDDEN, "this proxy only serves container registries");
     }
     let target = Arc::new(Target { scheme: "http", host, port, auth_host: kind != Some(HostKind::Registry), mirror: false });
+    // Forwarding to ourselves would loop, and would reach /admin as a loopback client.
+    if let Some(refused) = crate::mirror::loop_check(&state, &target).await {
+        return refused;
+    }
     registry::handle(state, target, req).await
 }
 
