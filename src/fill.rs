@@ -150,6 +150,9 @@ impl Leader {
         B::Error: std::fmt::Display,
     {
         self.fill.state.send_replace(FillState::Streaming { written: 0, total });
+        // Set once the content is known to match its digest: from then on, a failure to
+        // store it must not cost the readers their (correct) bytes.
+        let mut verified = None;
         let result = async {
             loop {
                 let frame = match tokio::time::timeout(idle, body.frame()).await {
@@ -176,16 +179,25 @@ impl Leader {
                     return Err(FillError::Truncated { got: written, announced: t });
                 }
             }
+            blocking(|| writer.verify())?;
+            verified = Some(written);
             blocking(|| writer.finish())?;
             Ok(written)
         }
         .await;
-        match &result {
-            Ok(len) => {
+        match (&result, verified) {
+            (Ok(len), _) => {
                 self.fill.state.send_replace(FillState::Complete { len: *len });
                 self.remove();
             }
-            Err(e) => self.fail(true, &e.to_string()),
+            // Verified but not stored (fsync or rename failed): readers hold the file open
+            // and get the whole blob; only the cache misses out.
+            (Err(_), Some(len)) => {
+                self.writer = None;
+                self.fill.state.send_replace(FillState::Complete { len });
+                self.remove();
+            }
+            (Err(e), None) => self.fail(true, &e.to_string()),
         }
         result
     }
@@ -276,6 +288,79 @@ pub fn fill_stream(fill: Arc<Fill>, start: u64) -> impl Stream<Item = FrameResul
             }
         }
     })
+}
+
+/// A body relayed from upstream without a fill, verified on the way: hashed as it passes,
+/// its last frame held back until the end of the stream shows the digest matches. On a
+/// mismatch the body ends in an error, so the client never sees it complete.
+pub struct Verified<B> {
+    inner: B,
+    expected: Digest,
+    hasher: Option<aws_lc_rs::digest::Context>,
+    held: Option<Bytes>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+}
+
+impl<B> Verified<B> {
+    pub fn new(inner: B, expected: Digest, metrics: Option<Arc<crate::metrics::Metrics>>) -> Verified<B> {
+        let alg = match expected.algorithm() {
+            crate::oci::Algorithm::Sha256 => &aws_lc_rs::digest::SHA256,
+            crate::oci::Algorithm::Sha512 => &aws_lc_rs::digest::SHA512,
+        };
+        Verified { inner, expected, hasher: Some(aws_lc_rs::digest::Context::new(alg)), held: None, metrics }
+    }
+}
+
+impl<B> http_body::Body for Verified<B>
+where
+    B: http_body::Body<Data = Bytes, Error = BoxError> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        loop {
+            let Some(hasher) = this.hasher.as_mut() else {
+                // Verified: the held frame goes out, then the end.
+                return Poll::Ready(this.held.take().map(|b| Ok(Frame::data(b))));
+            };
+            match std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else { continue };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    hasher.update(&data);
+                    if let Some(previous) = this.held.replace(data) {
+                        return Poll::Ready(Some(Ok(Frame::data(previous))));
+                    }
+                }
+                Some(Err(e)) => {
+                    this.held = None;
+                    this.hasher = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => {
+                    let hasher = this.hasher.take().expect("checked above");
+                    let actual = Digest::from_bytes(this.expected.algorithm(), hasher.finish().as_ref());
+                    if actual != this.expected {
+                        this.held = None;
+                        if let Some(m) = &this.metrics {
+                            m.digest_mismatches.inc();
+                        }
+                        tracing::error!(expected = %this.expected, %actual, "digest mismatch on a pass-through: response cut short");
+                        return Poll::Ready(Some(Err(BoxError::from(format!("upstream content does not match {}", this.expected)))));
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.hasher.is_none() && self.held.is_none()
+    }
 }
 
 #[cfg(test)]

@@ -366,28 +366,28 @@ async fn blob(state: &Arc<State>, target: &Target, req: Request<Incoming>, repo:
         Ok(None) => {}
         Err(e) => {
             tracing::warn!(%digest, error = %e, "cannot read cached blob; passing through");
-            return fetch_uncached(state, target, req).await;
+            return fetch_uncached_blob(state, target, req, digest).await;
         }
     }
     // A HEAD or a ranged GET on a miss is answered upstream and does not start a fill.
     if method == Method::HEAD || req.headers().contains_key(RANGE) {
-        return fetch_uncached(state, target, req).await;
+        return fetch_uncached_blob(state, target, req, digest).await;
     }
     if state.fills.in_flight() >= state.config.cache.max_concurrent_fills && !state.fills.is_filling(digest) {
         tracing::debug!(%digest, "fill limit reached; passing through");
-        return fetch_uncached(state, target, req).await;
+        return fetch_uncached_blob(state, target, req, digest).await;
     }
     if let Err(why) = state.may_cache() {
         state.metrics.write_error(why);
         tracing::debug!(%digest, why, "not caching; passing through");
-        return fetch_uncached(state, target, req).await;
+        return fetch_uncached_blob(state, target, req, digest).await;
     }
     let join = match state.fills.join(&state.store, digest) {
         Ok(j) => j,
         Err(e) => {
             state.metrics.write_error("create");
             tracing::warn!(%digest, error = %e, "cannot start a fill; passing through");
-            return fetch_uncached(state, target, req).await;
+            return fetch_uncached_blob(state, target, req, digest).await;
         }
     };
     match join {
@@ -398,7 +398,7 @@ async fn blob(state: &Arc<State>, target: &Target, req: Request<Incoming>, repo:
                 }
                 (CacheStatus::Hit, serve_stored(file, len, digest, OCTET_STREAM, &method, None))
             }
-            _ => fetch_uncached(state, target, req).await,
+            _ => fetch_uncached_blob(state, target, req, digest).await,
         },
         Join::Follower(fill) => {
             // Joining someone else's download is a hit on bytes this client has not been
@@ -414,7 +414,7 @@ async fn blob(state: &Arc<State>, target: &Target, req: Request<Incoming>, repo:
                 Ok(FillState::Complete { len }) => (CacheStatus::Coalesced, Ok(fill_response(fill, Some(len), digest))),
                 // The leader's upstream answer was not content (401, 404, error): this client
                 // asks upstream itself, with its own credentials.
-                _ => fetch_uncached(state, target, req).await,
+                _ => fetch_uncached_blob(state, target, req, digest).await,
             }
         }
         Join::Leader(leader) => {
@@ -451,7 +451,17 @@ async fn blob(state: &Arc<State>, target: &Target, req: Request<Incoming>, repo:
             let total = resp.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
             if total.is_some_and(|t| t > state.max_size) {
                 leader.abandon("larger than the whole cache");
-                return (CacheStatus::Miss, Ok(relay(resp)));
+                return (CacheStatus::Miss, Ok(verified_relay(state, resp, digest)));
+            }
+            // A blob that would fill the disk is passed through whole rather than failing
+            // half-way through the write.
+            if let (Some(t), Some(free)) = (total, state.store.free_space()) {
+                if free < t.saturating_add(state.config.cache.min_free.0) {
+                    state.metrics.write_error("disk_full");
+                    tracing::info!(%digest, bytes = t, free, "not enough free space to cache this blob; passing through");
+                    leader.abandon("not enough free space");
+                    return (CacheStatus::Miss, Ok(verified_relay(state, resp, digest)));
+                }
             }
             let fill = leader.fill();
             spawn_fill(state, leader, incoming_body(resp.into_body()), total, true);
@@ -517,6 +527,27 @@ async fn fetch_uncached(state: &State, target: &Target, req: Request<Incoming>) 
     let follow = method != Method::HEAD;
     let r = upstream_fetch(state, target, method, path_and_query(&req), req.headers(), follow).await;
     (CacheStatus::Miss, r.map(relay))
+}
+
+/// A blob request answered upstream without filling the cache. A whole `200` body is
+/// hashed as it passes and its last frame held back until it matches `digest`, so wrong
+/// content never reaches the client complete (a range cannot be checked and is relayed).
+async fn fetch_uncached_blob(state: &State, target: &Target, req: Request<Incoming>, digest: &Digest) -> Served {
+    let get = req.method() == Method::GET;
+    let (outcome, r) = fetch_uncached(state, target, req).await;
+    let r = r.map(|resp| if get && resp.status() == StatusCode::OK { verify_body(state, resp, digest) } else { resp });
+    (outcome, r)
+}
+
+/// `relay`, with the body verified against `digest` (see `fetch_uncached_blob`).
+fn verified_relay(state: &State, resp: Response<Incoming>, digest: &Digest) -> Response<Body> {
+    verify_body(state, relay(resp), digest)
+}
+
+fn verify_body(state: &State, resp: Response<Body>, digest: &Digest) -> Response<Body> {
+    let (parts, body) = resp.into_parts();
+    let verified = crate::fill::Verified::new(body, digest.clone(), Some(state.metrics.clone()));
+    Response::from_parts(parts, verified.boxed_unsync())
 }
 
 /// Stored manifest content with its media type, if both are present.

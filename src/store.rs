@@ -445,14 +445,19 @@ impl BlobWriter {
         Ok(())
     }
 
-    /// Verifies the digest, then makes the content durable and visible. On a mismatch the
-    /// temp file is removed (by drop) and nothing becomes visible.
-    pub fn finish(mut self) -> Result<(), StoreError> {
-        let algorithm = self.expected.algorithm();
-        let actual = Digest::from_bytes(algorithm, self.hasher.clone().finish().as_ref());
+    /// Whether what was written so far hashes to the expected digest.
+    pub fn verify(&self) -> Result<(), StoreError> {
+        let actual = Digest::from_bytes(self.expected.algorithm(), self.hasher.clone().finish().as_ref());
         if actual != self.expected {
             return Err(StoreError::Mismatch { expected: self.expected.clone(), actual });
         }
+        Ok(())
+    }
+
+    /// Verifies the digest, then makes the content durable and visible. On a mismatch the
+    /// temp file is removed (by drop) and nothing becomes visible.
+    pub fn finish(mut self) -> Result<(), StoreError> {
+        self.verify()?;
         self.file.sync_all().map_err(io_err(&self.tmp))?;
         let dir = self.dest.parent().expect("blob paths have a parent");
         fs::create_dir_all(dir).map_err(io_err(dir))?;
