@@ -113,7 +113,7 @@ pub struct S3Backend {
 impl S3Backend {
     pub fn new(config: &StorageConfig, upstream: Arc<Upstream>) -> Result<S3Backend, String> {
         let endpoint = config.endpoint.clone().unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", config.region));
-        let endpoint: Uri = endpoint.parse().map_err(|_| format!("storage.endpoint {endpoint:?} is not a URL"))?;
+        let endpoint = without_default_port(endpoint.parse().map_err(|_| format!("storage.endpoint {endpoint:?} is not a URL"))?);
         let (access_key, secret_key) = config.s3_credentials()?;
         Ok(S3Backend {
             upstream,
@@ -224,6 +224,23 @@ impl Backend for S3Backend {
     }
 }
 
+/// The endpoint with a port that is its scheme's default (`https://host:443`) dropped: the
+/// HTTP/1.1 client sends `Host` without it, and the signature covers `Host` as sent.
+fn without_default_port(u: Uri) -> Uri {
+    let default = match u.scheme_str() {
+        Some("https") => 443,
+        Some("http") => 80,
+        _ => return u,
+    };
+    match (u.port_u16(), u.host()) {
+        (Some(p), Some(host)) if p == default => {
+            let path = u.path_and_query().map(|p| p.as_str()).unwrap_or("");
+            format!("{}://{host}{path}", u.scheme_str().unwrap_or("https")).parse().unwrap_or(u)
+        }
+        _ => u,
+    }
+}
+
 /// `20261122` and `20261122T153000Z`.
 fn amz_dates(t: SystemTime) -> (String, String) {
     let dt = time::OffsetDateTime::from(t);
@@ -252,6 +269,17 @@ mod tests {
         let k = mac(&k, "s3");
         let k = mac(&k, "aws4_request");
         assert_eq!(hex::encode(mac(&k, &to_sign)), "f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41");
+    }
+
+    #[test]
+    fn the_signed_host_is_the_host_header_the_client_sends() {
+        let u = |s: &str| without_default_port(s.parse().unwrap()).to_string();
+        assert_eq!(u("https://s3.example.test:443"), "https://s3.example.test/");
+        assert_eq!(u("http://minio.test:80/"), "http://minio.test/");
+        assert_eq!(u("http://[::1]:80"), "http://[::1]/");
+        assert_eq!(u("http://minio.test:9000"), "http://minio.test:9000/");
+        assert_eq!(u("https://s3.example.test:80"), "https://s3.example.test:80/");
+        assert_eq!(u("https://s3.example.test"), "https://s3.example.test/");
     }
 
     #[test]
