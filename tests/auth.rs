@@ -335,6 +335,14 @@ async fn rate_limits_and_server_errors_serve_the_stale_manifest_with_a_warning()
     let (fresh, _) = poll_manifest(&s, "v1", |m| m.x_cache() == "hit").await;
     assert!(fresh.header("warning").is_none());
     assert_eq!(fresh.body, img.manifest_bytes);
+
+    // Upstream unreachable: stale too.
+    drop(quay);
+    let (stale, _) = poll_manifest(&s, "v1", |m| m.x_cache() != "hit").await;
+    assert_eq!(stale.status, StatusCode::OK, "{}", stale.text());
+    assert_eq!(stale.x_cache(), "stale");
+    assert!(stale.header("warning").is_some_and(|w| w.starts_with("110 ")), "{:?}", stale.headers);
+    assert_eq!(stale.body, img.manifest_bytes);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -440,6 +448,12 @@ async fn configured_credentials_answer_for_anonymous_clients_and_stay_out_of_the
     }
     let tokens = hub.token_authorizations();
     assert!(!tokens.is_empty() && tokens.iter().all(|a| *a == basic), "the token service saw: {tokens:?}");
+    // Tokens are cached: more requests for the repository need no new one.
+    let r = t.request(Method::HEAD, "/v2/acme/private/manifests/v1", &[("accept", OCI_MANIFEST)]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = t.get("/v2/acme/private/manifests/missing", &[("accept", ACCEPT)]).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text());
+    assert_eq!(hub.token_authorizations().len(), tokens.len(), "a cached token was fetched again");
     let token_hosts: Vec<_> = hub.requests().into_iter().filter(|r| r.kind == Kind::Token).map(|r| r.host).collect();
     assert!(token_hosts.iter().all(|h| h.starts_with("auth.docker.io")), "{token_hosts:?}");
     // The registry itself got Stowage's bearer tokens, never the password.

@@ -255,6 +255,41 @@ async fn one_cache_across_mirror_and_proxy_modes() {
     assert_eq!(manifest_downloads(&quay), manifests);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mirror_speaks_tls_with_a_leaf_from_the_ca() {
+    let ca = TestCa::new();
+    let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
+    let img = quay.push_image("team/app", "v1", &[pseudo_random(60_000, 271)]);
+    let stowage = Stowage::builder().trust(&ca).toml(&mirror_config("tls = \"ca\"\nhostname = \"mirror.example.test\"\n")).start().await;
+    let port = stowage.mirror_addr.unwrap().port();
+    let chain = handshake(stowage.mirror_addr.unwrap(), Some("mirror.example.test"), &stowage.ca_pem).await.expect("mirror TLS");
+    assert_eq!(dns_sans(&chain[0]), ["mirror.example.test"]);
+
+    let ns = format!("?ns=quay.io:{}", quay.port());
+    for alpn in [Alpn::H2, Alpn::Http11] {
+        let t = ProxyClient::direct(&stowage.ca_pem).tunnel("mirror.example.test", port, alpn).await.expect("mirror TLS");
+        assert_eq!(t.get("/v2/", &[]).await.status, StatusCode::OK);
+        let m = t.get(&format!("/v2/team/app/manifests/v1{ns}"), &[("accept", ACCEPT)]).await;
+        assert_eq!(m.status, StatusCode::OK, "{alpn:?}: {}", m.text());
+        assert_eq!(m.body, img.manifest_bytes);
+        let h = t.head(&format!("/v2/team/app/blobs/{}{ns}", img.layers[0]), &[]).await;
+        assert_eq!(h.status, StatusCode::OK, "{alpn:?}");
+        assert_eq!(h.content_length(), Some(60_000));
+        let missing = t.head(&format!("/v2/team/app/blobs/{}{ns}", sha256_digest(b"absent")), &[]).await;
+        assert_eq!(missing.status, StatusCode::NOT_FOUND, "{alpn:?}: a HEAD error arrives intact");
+        // The mirror's own errors to HEAD carry no body (over h2 one would be a stream error).
+        let unknown = t.head("/v2/team/app/manifests/v1?ns=unknown.example", &[]).await;
+        assert_eq!(unknown.status, StatusCode::NOT_FOUND, "{alpn:?}");
+        assert!(unknown.body.is_empty());
+        for d in img.blobs() {
+            let r = t.get(&format!("/v2/team/app/blobs/{d}{ns}"), &[]).await;
+            assert_eq!(r.status, StatusCode::OK);
+            assert_eq!(sha256_digest(&r.body), d);
+        }
+    }
+    assert_eq!(downloads(&quay), 2, "the second round came from the cache");
+}
+
 /// A server config check: a TLS handshake to `addr` presenting `sni` (`None`: no SNI, as
 /// when connecting by IP), trusting only `ca_pem`.
 async fn handshake(addr: SocketAddr, sni: Option<&str>, ca_pem: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
