@@ -63,6 +63,24 @@ fn split_host_port(s: &str) -> Option<(String, u16)> {
     valid_host(&host).then_some((host, port))
 }
 
+/// Decodes `%XX` escapes (and `+` as a space, as in form encoding); `None` for a broken
+/// escape or a result that is not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'%' => {
+                let hex = [bytes.next()?, bytes.next()?];
+                out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// Maps a mirror request to its upstream. `known` says whether a host may be used.
 pub fn route(uri: &Uri, default_registry: &str, known: impl Fn(&str) -> bool) -> Result<Routed, RouteError> {
     let path = uri.path();
@@ -70,7 +88,8 @@ pub fn route(uri: &Uri, default_registry: &str, known: impl Fn(&str) -> bool) ->
     let mut rest_query = Vec::new();
     for pair in uri.query().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
-            Some(("ns", v)) => ns = Some(v.to_owned()),
+            // containerd form-encodes the value: `ns=quay.io%3A5443` for a registry with a port.
+            Some(("ns", v)) => ns = Some(percent_decode(v).ok_or(RouteError::BadNamespace)?),
             _ => rest_query.push(pair),
         }
     }
@@ -285,6 +304,10 @@ mod tests {
         assert_eq!(r("/v2/library/alpine/manifests/3?ns=docker.io"), ok("registry-1.docker.io", 443, "/v2/library/alpine/manifests/3"));
         assert_eq!(r("/v2/org/img/blobs/x?ns=quay.io&a=b"), ok("quay.io", 443, "/v2/org/img/blobs/x?a=b"));
         assert_eq!(r("/v2/org/img/tags/list?n=10&ns=quay.io:5443"), ok("quay.io", 5443, "/v2/org/img/tags/list?n=10"));
+        assert_eq!(r("/v2/org/img/manifests/v1?ns=quay.io%3A5443"), ok("quay.io", 5443, "/v2/org/img/manifests/v1"));
+        assert_eq!(r("/v2/org/img/manifests/v1?ns=quay.io%3a5443"), ok("quay.io", 5443, "/v2/org/img/manifests/v1"));
+        assert_eq!(r("/v2/a/manifests/1?ns=quay.io%3"), Err(RouteError::BadNamespace));
+        assert_eq!(r("/v2/a/manifests/1?ns=quay.io%2Fx"), Err(RouteError::BadNamespace));
         assert_eq!(r("/v2/a/manifests/1?ns=evil.example"), Err(RouteError::UnknownRegistry("evil.example".into())));
         assert_eq!(r("/v2/a/manifests/1?ns=../x"), Err(RouteError::BadNamespace));
     }
