@@ -296,6 +296,30 @@ async fn a_moved_tag_is_picked_up_after_the_ttl() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_rules_by_tag_pattern_override_the_default() {
+    let ca = TestCa::new();
+    let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
+    let latest = quay.push_image("team/app", "latest", &[pseudo_random(1_000, 141)]);
+    let pinned = quay.push_image("team/app", "v1.2.3", &[pseudo_random(1_000, 142)]);
+    let stowage = Stowage::builder().trust(&ca).toml("[[cache.ttl]]\ntag = \"lat*\"\nttl = \"1ms\"\n").start().await;
+    let s = Session::login(&stowage.client(), "quay.io", quay.port(), "team/app", Alpn::Http11).await;
+    let heads_of = |tag: &str| {
+        let path = format!("/v2/team/app/manifests/{tag}");
+        by_client(&quay).iter().filter(|r| r.method == Method::HEAD && r.path == path).count()
+    };
+    assert_eq!(s.manifest("latest").await.body, latest.manifest_bytes);
+    assert_eq!(s.manifest("v1.2.3").await.body, pinned.manifest_bytes);
+
+    let (r, _) = poll_manifest(&s, "latest", |_| heads_of("latest") > 0).await;
+    assert_eq!(r.x_cache(), "hit", "revalidated and unchanged");
+    for _ in 0..3 {
+        assert_eq!(s.manifest("v1.2.3").await.x_cache(), "hit");
+    }
+    assert_eq!(heads_of("v1.2.3"), 0, "a tag outside the rule was revalidated within the default 5m");
+    assert_eq!(quay.manifest_gets(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limits_and_server_errors_serve_the_stale_manifest_with_a_warning() {
     let ca = TestCa::new();
     let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;

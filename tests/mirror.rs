@@ -232,6 +232,39 @@ async fn mirror_users_are_checked_and_never_sent_upstream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mirror_answers_upstream_challenges_with_the_configured_account() {
+    let ca = TestCa::new();
+    let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
+    let img = quay.push_image("team/private", "v1", &[pseudo_random(25_000, 281)]);
+    quay.make_private("team/private");
+    quay.add_user("robot", "robot-pw-from-a-file", &["team/private"]);
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("quay-password");
+    std::fs::write(&password_file, "robot-pw-from-a-file\n").unwrap();
+    let ns = format!("?ns=quay.io:{}", quay.port());
+
+    // Without an account the mirror pulls anonymously, and upstream refuses.
+    let anonymous = Stowage::builder().trust(&ca).toml(&mirror_config("")).start().await;
+    let r = get(anonymous.mirror_addr.unwrap(), &format!("/v2/team/private/manifests/v1{ns}"), &[("accept", ACCEPT)]).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    assert!(quay.token_authorizations().is_empty());
+
+    let with_account = Stowage::builder()
+        .trust(&ca)
+        .toml(&mirror_config(""))
+        .toml(&format!("[[registry]]\nhost = \"quay.io\"\nusername = \"robot\"\npassword_file = {:?}\n", password_file.to_str().unwrap()))
+        .start()
+        .await;
+    let mirror = with_account.mirror_addr.unwrap();
+    assert_eq!(mirror_pull(mirror, "", "team/private", "v1", &ns, &img, None).await, ["miss", "miss"]);
+    let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("robot:robot-pw-from-a-file"));
+    let tokens = quay.token_authorizations();
+    assert!(!tokens.is_empty() && tokens.iter().all(|a| *a == basic), "{tokens:?}");
+    assert_eq!(mirror_pull(mirror, "", "team/private", "v1", &ns, &img, None).await, ["hit", "hit"]);
+    assert_eq!(downloads(&quay), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_cache_across_mirror_and_proxy_modes() {
     let ca = TestCa::new();
     let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
