@@ -5,7 +5,8 @@ set -euo pipefail
 
 E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$E2E_DIR/../.." && pwd)
-STOWAGE_BIN=${STOWAGE_BIN:-$REPO/target/release/stowage}
+# tests/e2e/run.sh builds this (the debug binary `cargo test` builds anyway) and exports it.
+STOWAGE_BIN=${STOWAGE_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/debug/stowage}
 SCENARIO=$(basename "$0" .sh)
 WORK=$(mktemp -d "/tmp/stowage-e2e-$SCENARIO.XXXXXX")
 PIDS=()
@@ -58,9 +59,14 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
+# Waits until something accepts on host:port; gives up after 10s, or at once when the
+# given PID (the process expected to listen) has exited.
 wait_port() {
-  local port=$1 host=${2:-127.0.0.1} tries=200
+  local port=$1 host=${2:-127.0.0.1} pid=${3:-} tries=200
   while ! (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; do
+    if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
+      fail "the process meant to listen on $host:$port exited"
+    fi
     tries=$((tries - 1))
     ((tries > 0)) || fail "nothing listens on $host:$port"
     sleep 0.05
@@ -161,7 +167,7 @@ start_stowage() {
     echo "$extra"
   } >"$dir/config.toml"
   spawn "$WORK/$name.log" env RUST_LOG="${RUST_LOG:-info}" "$STOWAGE_BIN" --config "$dir/config.toml" run >/dev/null
-  wait_port "$port"
+  wait_port "$port" 127.0.0.1 "${PIDS[-1]}"
   STOWAGE_CA="${STOWAGE_CA_DIR:-$dir/certs}/ca.crt"
   STOWAGE_TRUST="$dir/trust"
   mkdir -p "$STOWAGE_TRUST"
