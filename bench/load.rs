@@ -25,6 +25,7 @@ struct Args {
     duration: Duration,
     soak: Duration,
     stowage: String,
+    max_size: String,
 }
 
 fn parse_args() -> Args {
@@ -33,6 +34,7 @@ fn parse_args() -> Args {
         duration: Duration::from_secs(60),
         soak: Duration::from_secs(300),
         stowage: "target/release/stowage".into(),
+        max_size: "256MiB".into(),
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -43,8 +45,10 @@ fn parse_args() -> Args {
             "--duration" => a.duration = Duration::from_secs(v.parse().expect("--duration SECONDS")),
             "--soak" => a.soak = Duration::from_secs(v.parse().expect("--soak SECONDS")),
             "--stowage" => a.stowage = v,
+            "--max-size" => a.max_size = v,
             "--help" | "-h" => {
-                println!("load [--connections 1000] [--duration 60] [--soak 300] [--stowage target/release/stowage]");
+                println!("load [--connections 1000] [--duration 60] [--soak 300] [--stowage target/release/stowage] [--max-size 256MiB]");
+                println!("  --max-size is Stowage's [cache] max_size: small enough that the misses keep the evictor busy");
                 std::process::exit(0);
             }
             other => panic!("unknown argument {other}"),
@@ -139,9 +143,10 @@ async fn main() {
         l.local_addr().unwrap().port()
     };
     let config = format!(
-        "[proxy]\nlisten = \"127.0.0.1:{port}\"\ntunnel_ports = [{echo_port}]\nmax_connections = 10000\n[ca]\ndir = \"{}\"\n[cache]\ndir = \"{}\"\n[upstream]\nextra_ca = [\"{}\"]\n[upstream.resolve]\n\"quay.io\" = \"127.0.0.1\"\n\"tunnel.test\" = \"127.0.0.1\"\n",
+        "[proxy]\nlisten = \"127.0.0.1:{port}\"\ntunnel_ports = [{echo_port}]\nmax_connections = 10000\n[ca]\ndir = \"{}\"\n[cache]\ndir = \"{}\"\nmax_size = \"{}\"\n[upstream]\nextra_ca = [\"{}\"]\n[upstream.resolve]\n\"quay.io\" = \"127.0.0.1\"\n\"tunnel.test\" = \"127.0.0.1\"\n",
         dir.path().join("certs").display(),
         dir.path().join("cache").display(),
+        args.max_size,
         ca.pem_path().display()
     );
     std::fs::write(dir.path().join("config.toml"), config).unwrap();
@@ -196,7 +201,12 @@ async fn main() {
                 Ok(t) => t,
                 Err(e) => return stats.error(format!("connect: {e}")),
             };
-            let session = Session::on(&client, tunnel, "load/hot", Alpn::Http11).await;
+            // The harness panics on a failed token dance; count it instead of losing a worker.
+            let c = client.clone();
+            let session = match tokio::spawn(async move { Session::on(&c, tunnel, "load/hot", Alpn::Http11).await }).await {
+                Ok(s) => s,
+                Err(e) => return stats.error(format!("login: {e}")),
+            };
             held.fetch_add(1, Ordering::Relaxed);
             let mut x = w as u64 + 1;
             while !stop.load(Ordering::Relaxed) {
@@ -224,6 +234,8 @@ async fn main() {
                         Ok(r) => stats.error(format!("miss: status {} body {} {:?}", r.status, r.body.len(), r.body_error)),
                         Err(e) => stats.error(format!("miss: {e}")),
                     }
+                    // Fetched once; the fake registry need not keep it (its memory would grow).
+                    registry.delete_blob(&d);
                 } else {
                     match client.connect_raw(&format!("tunnel.test:{echo_port}")).await {
                         Ok((mut s, status)) if status == 200 => {
@@ -247,7 +259,10 @@ async fn main() {
     }
 
     let t0 = Instant::now();
-    tokio::time::sleep(args.duration).await;
+    while t0.elapsed() < args.duration {
+        tokio::time::sleep(Duration::from_secs(5).min(args.duration.saturating_sub(t0.elapsed()))).await;
+        registry.clear_requests();
+    }
     let rss_mid = rss_kib(pid);
     println!("connections held at once: {}", held.load(Ordering::Relaxed));
     stats.report("held", t0.elapsed(), rss_start, rss_mid);
@@ -256,6 +271,7 @@ async fn main() {
         let t1 = Instant::now();
         while t1.elapsed() < args.soak {
             tokio::time::sleep(Duration::from_secs(5)).await;
+            registry.clear_requests();
             rss_max = rss_max.max(rss_kib(pid));
         }
         let rss_end = rss_kib(pid);
