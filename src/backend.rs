@@ -6,7 +6,9 @@
 //! shared directory (an NFS mount, say). Objects are keyed by digest alone
 //! (`<prefix>blobs/<alg>/<hex>`), written only after local verification, and written
 //! idempotently (same key, same bytes), so racing replicas may upload twice but never
-//! store wrong bytes. Readers verify again while filling their local tier.
+//! store wrong bytes. Readers verify again while filling their local tier; an object found
+//! wrong there (another writer, bit rot) is quarantined: not read again by this replica, and
+//! replaced by its next verified upload, so one bad object cannot block a blob for good.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,6 +44,99 @@ pub trait Backend: Send + Sync {
     fn describe(&self) -> String;
 }
 
+/// Digests whose shared copy turned out not to hash to its key. Bounded: forgetting an
+/// entry costs one more failed read, nothing worse.
+#[derive(Default)]
+struct Quarantine(std::sync::Mutex<std::collections::HashSet<Digest>>);
+
+impl Quarantine {
+    const MAX: usize = 10_000;
+
+    fn contains(&self, digest: &Digest) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).contains(digest)
+    }
+
+    fn insert(&self, digest: Digest) {
+        let mut set = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if set.len() >= Self::MAX {
+            set.clear();
+        }
+        set.insert(digest);
+    }
+
+    fn remove(&self, digest: &Digest) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(digest);
+    }
+}
+
+/// A shared object's body, hashed on the way through: once `len` bytes have passed and they
+/// do not hash to `digest`, the digest is quarantined. (The reader's own verification
+/// still refuses the bytes; this only remembers the verdict for the store.)
+struct Checked {
+    inner: BackendBody,
+    digest: Digest,
+    hasher: Option<aws_lc_rs::digest::Context>,
+    remaining: u64,
+    quarantine: Arc<Quarantine>,
+}
+
+impl Checked {
+    fn wrap(inner: BackendBody, digest: &Digest, len: u64, quarantine: Arc<Quarantine>) -> BackendBody {
+        let alg = match digest.algorithm() {
+            crate::oci::Algorithm::Sha256 => &aws_lc_rs::digest::SHA256,
+            crate::oci::Algorithm::Sha512 => &aws_lc_rs::digest::SHA512,
+        };
+        let hasher = Some(aws_lc_rs::digest::Context::new(alg));
+        Checked { inner, digest: digest.clone(), hasher, remaining: len, quarantine }.boxed_unsync()
+    }
+
+    fn finish(&mut self) {
+        let Some(h) = self.hasher.take() else { return };
+        let got = Digest::from_bytes(self.digest.algorithm(), h.finish().as_ref());
+        if self.remaining != 0 || got != self.digest {
+            tracing::warn!(digest = %self.digest, "the shared store holds wrong bytes for this digest; quarantined until replaced");
+            self.quarantine.insert(self.digest.clone());
+        }
+    }
+}
+
+impl http_body::Body for Checked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let frame = std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let (Some(data), Some(h)) = (f.data_ref(), this.hasher.as_mut()) {
+                    h.update(data);
+                    match this.remaining.checked_sub(data.len() as u64) {
+                        Some(r) => this.remaining = r,
+                        // Longer than announced: wrong either way.
+                        None => this.remaining = 1,
+                    }
+                    if this.remaining == 0 {
+                        this.finish();
+                    }
+                }
+            }
+            // A failed read says nothing about the object.
+            Some(Err(_)) => this.hasher = None,
+            None => this.finish(),
+        }
+        std::task::Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.hasher.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 fn key(prefix: &str, digest: &Digest) -> String {
     format!("{prefix}blobs/{}/{}", digest.algorithm().as_str(), digest.hex())
 }
@@ -49,17 +144,21 @@ fn key(prefix: &str, digest: &Digest) -> String {
 /// A shared directory mounted on every replica.
 pub struct FsBackend {
     root: PathBuf,
+    quarantine: Arc<Quarantine>,
 }
 
 impl FsBackend {
     pub fn new(root: PathBuf) -> FsBackend {
-        FsBackend { root }
+        FsBackend { root, quarantine: Arc::default() }
     }
 }
 
 impl Backend for FsBackend {
     fn get<'a>(&'a self, digest: &'a Digest) -> futures_util::future::BoxFuture<'a, Result<Option<(BackendBody, u64)>, BackendError>> {
         Box::pin(async move {
+            if self.quarantine.contains(digest) {
+                return Ok(None);
+            }
             let path = self.root.join(key("", digest));
             let file = match std::fs::File::open(&path) {
                 Ok(f) => f,
@@ -68,7 +167,7 @@ impl Backend for FsBackend {
             };
             let len = file.metadata().map_err(failed)?.len();
             let body = StreamBody::new(crate::fill::file_stream(Arc::new(file), 0, len)).boxed_unsync();
-            Ok(Some((body, len)))
+            Ok(Some((Checked::wrap(body, digest, len, self.quarantine.clone()), len)))
         })
     }
 
@@ -76,8 +175,10 @@ impl Backend for FsBackend {
         Box::pin(async move {
             let dest = self.root.join(key("", digest));
             let (file, dest) = (file.to_owned(), dest.clone());
-            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                if dest.exists() {
+            // A quarantined object is replaced (rename over it) rather than kept.
+            let replace = self.quarantine.contains(digest);
+            let done = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                if dest.exists() && !replace {
                     return Ok(());
                 }
                 let dir = dest.parent().expect("has parent");
@@ -89,7 +190,11 @@ impl Backend for FsBackend {
             })
             .await
             .map_err(failed)?
-            .map_err(failed)
+            .map_err(failed);
+            if done.is_ok() {
+                self.quarantine.remove(digest);
+            }
+            done
         })
     }
 
@@ -108,6 +213,7 @@ pub struct S3Backend {
     path_style: bool,
     access_key: String,
     secret_key: String,
+    quarantine: Arc<Quarantine>,
 }
 
 impl S3Backend {
@@ -124,6 +230,7 @@ impl S3Backend {
             path_style: config.path_style.unwrap_or(config.endpoint.is_some()),
             access_key,
             secret_key,
+            quarantine: Arc::default(),
         })
     }
 
@@ -183,6 +290,9 @@ impl S3Backend {
 impl Backend for S3Backend {
     fn get<'a>(&'a self, digest: &'a Digest) -> futures_util::future::BoxFuture<'a, Result<Option<(BackendBody, u64)>, BackendError>> {
         Box::pin(async move {
+            if self.quarantine.contains(digest) {
+                return Ok(None);
+            }
             let resp = self.send(Method::GET, digest, crate::upstream::empty(), None).await?;
             match resp.status() {
                 StatusCode::OK => {
@@ -192,7 +302,8 @@ impl Backend for S3Backend {
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse().ok())
                         .ok_or_else(|| failed("object without Content-Length"))?;
-                    Ok(Some((resp.into_body().map_err(BoxError::from).boxed_unsync(), len)))
+                    let body = resp.into_body().map_err(BoxError::from).boxed_unsync();
+                    Ok(Some((Checked::wrap(body, digest, len, self.quarantine.clone()), len)))
                 }
                 StatusCode::NOT_FOUND => Ok(None),
                 s => Err(failed(format!("GET answered {s}"))),
@@ -202,10 +313,14 @@ impl Backend for S3Backend {
 
     fn put<'a>(&'a self, digest: &'a Digest, file: &'a Path, len: u64) -> futures_util::future::BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
-            // Same key, same bytes: skip the upload when another replica already did it.
-            let head = self.send(Method::HEAD, digest, crate::upstream::empty(), None).await?;
-            if head.status() == StatusCode::OK {
-                return Ok(());
+            // Same key, same bytes: skip the upload when another replica already did it,
+            // unless the object there was found wrong (then it is overwritten).
+            let replace = self.quarantine.contains(digest);
+            if !replace {
+                let head = self.send(Method::HEAD, digest, crate::upstream::empty(), None).await?;
+                if head.status() == StatusCode::OK {
+                    return Ok(());
+                }
             }
             let f = std::fs::File::open(file).map_err(failed)?;
             let body = StreamBody::new(crate::fill::file_stream(Arc::new(f), 0, len)).boxed_unsync();
@@ -215,6 +330,7 @@ impl Backend for S3Backend {
                 let text = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
                 return Err(failed(format!("PUT answered {status}: {}", String::from_utf8_lossy(&text).chars().take(300).collect::<String>())));
             }
+            self.quarantine.remove(digest);
             Ok(())
         })
     }
