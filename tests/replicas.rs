@@ -712,3 +712,69 @@ async fn stowage_serves_a_pull_on_an_ipv6_loopback_listener() {
     assert_eq!(again.blob_x_cache(), ["hit", "hit"]);
     assert_eq!(client.proxy_get("/healthz").await.status, StatusCode::OK);
 }
+
+/// Asks `node` for `digest` twice: the first answer, from wrong bytes in the shared store,
+/// must not be delivered complete, nor cached; the second (a new connection, as the aborted
+/// response ended the last one) must be the right bytes, fetched upstream.
+async fn wrong_shared_bytes_then_right_ones(node: &Node, quay: &FakeRegistry, digest: &str, data: &[u8]) {
+    let s = Session::login(&node.client(), "quay.io", quay.port(), "team/app", Alpn::Http11).await;
+    match s.request_raw(Method::GET, &s.blob_path(digest), &[]).await {
+        Ok(r) if r.status.is_success() => {
+            assert_eq!(r.x_cache(), "hit", "served from the shared store");
+            assert!(r.body_error.is_some() || r.body.len() < data.len(), "wrong bytes from the shared store were delivered complete");
+        }
+        Ok(r) => panic!("unexpected {}: {}", r.status, r.text()),
+        Err(_) => {}
+    }
+    assert_eq!(quay.blob_gets(), 0);
+    assert!(!node.is_cached(digest), "wrong bytes were cached");
+
+    let s = Session::login(&node.client(), "quay.io", quay.port(), "team/app", Alpn::Http11).await;
+    let r = s.blob(digest).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(sha256_digest(&r.body), digest, "X-Cache {}", r.x_cache());
+    assert_eq!(r.x_cache(), "miss");
+    assert_eq!(quay.blob_gets(), 1);
+    eventually("stored locally", || node.is_cached(digest)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_bytes_in_a_shared_directory_are_never_served_and_get_replaced() {
+    let ca = TestCa::new();
+    let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
+    let data = pseudo_random(200_000, 171);
+    let digest = quay.push_blob("team/app", data.clone());
+    let shared = tempfile::tempdir().unwrap();
+    // Another writer (a bug, bit rot, a hostile mount) left wrong bytes under the key.
+    let path = shared.path().join(shared_key("", &digest));
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut wrong = data.clone();
+    wrong[100_000] ^= 0xff;
+    std::fs::write(&path, &wrong).unwrap();
+    let node = Node::start(&ca, NodeConfig { extra: dir_storage(shared.path()), ..NodeConfig::default() }.pin("quay.io", "\"127.0.0.1\"")).await;
+
+    wrong_shared_bytes_then_right_ones(&node, &quay, &digest, &data).await;
+    // The verified upload replaced the wrong object.
+    eventually("the shared object replaced", || std::fs::read(&path).is_ok_and(|b| b == data)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_bytes_in_an_s3_bucket_are_never_served_and_get_replaced() {
+    let ca = TestCa::new();
+    let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
+    let data = pseudo_random(150_000, 172);
+    let digest = quay.push_blob("team/app", data.clone());
+    let s3 = FakeS3::start("stowage-blobs").await;
+    let key = shared_key("", &digest);
+    // Longer than the real blob, this time.
+    let mut wrong = data.clone();
+    wrong.extend_from_slice(b"trailing garbage");
+    s3.state.objects.lock().unwrap().insert(key.clone(), Bytes::from(wrong));
+    let secrets = tempfile::tempdir().unwrap();
+    let creds = write_credentials(secrets.path(), S3_SECRET_KEY);
+    let node = Node::start(&ca, NodeConfig { extra: s3.storage_toml("", &creds), ..NodeConfig::default() }.pin("quay.io", "\"127.0.0.1\"")).await;
+
+    wrong_shared_bytes_then_right_ones(&node, &quay, &digest, &data).await;
+    eventually("the object replaced", || s3.objects().get(&key).is_some_and(|b| sha256_digest(b) == digest)).await;
+    assert!(s3.requests().iter().all(|r| r.refused.is_none()), "{:#?}", s3.requests());
+}
