@@ -519,7 +519,12 @@ async fn proxy_connection(mut client: TcpStream, seen: Arc<Mutex<Vec<String>>>) 
     }
     let text = String::from_utf8_lossy(&head).into_owned();
     let line = text.lines().next().unwrap_or("").to_owned();
-    seen.lock().unwrap().push(line.clone());
+    // The request line, plus the credentials when some came: `... [Basic dXNlcjpwdw==]`.
+    let auth = text.lines().find_map(|l| l.strip_prefix("Proxy-Authorization: ").or_else(|| l.strip_prefix("proxy-authorization: ")));
+    seen.lock().unwrap().push(match auth {
+        Some(a) => format!("{line} [{a}]"),
+        None => line.clone(),
+    });
     let mut words = line.split_whitespace();
     let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
     let port = target.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
@@ -777,4 +782,29 @@ async fn wrong_bytes_in_an_s3_bucket_are_never_served_and_get_replaced() {
     wrong_shared_bytes_then_right_ones(&node, &quay, &digest, &data).await;
     eventually("the object replaced", || s3.objects().get(&key).is_some_and(|b| sha256_digest(b) == digest)).await;
     assert!(s3.requests().iter().all(|r| r.refused.is_none()), "{:#?}", s3.requests());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_the_proxy_url_are_sent_to_the_proxy() {
+    use base64::Engine;
+    let ca = TestCa::new();
+    let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
+    quay.push_image("team/app", "v1", &[pseudo_random(10_000, 181)]);
+    let (echo_port, _accepted, _echo) = echo_server().await;
+    let corp = FakeConnectProxy::start().await;
+    let node = Node::start(
+        &ca,
+        NodeConfig { proxy: vec![format!("tunnel_ports = [{echo_port}]")], ..NodeConfig::default() }
+            .upstream(&format!("proxy = \"http://corp-user:s3cret@{}\"", corp.addr))
+            .pin("quay.io", "\"127.0.0.2\"")
+            .pin("tunnel.test", "\"127.0.0.2\""),
+    )
+    .await;
+    pull(&node.client(), "quay.io", quay.port(), "team/app", "v1", Alpn::Http11).await;
+    echo_through(&node.client(), &format!("tunnel.test:{echo_port}"), 182).await;
+    let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("corp-user:s3cret"));
+    for target in [format!("quay.io:{}", quay.port()), format!("tunnel.test:{echo_port}")] {
+        let expected = format!("CONNECT {target} HTTP/1.1 [{basic}]");
+        assert!(corp.seen().contains(&expected), "no {expected:?} in {:?}", corp.seen());
+    }
 }
