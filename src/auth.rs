@@ -110,10 +110,15 @@ struct TokenResponse {
 impl Tokens {
     /// An `Authorization: Bearer` value for `challenge`, from the cache or the token service.
     pub async fn get(&self, upstream: &Upstream, challenge: &Challenge, creds: Option<&Credentials>) -> Result<HeaderValue, UpstreamError> {
-        let key = TokenKey { challenge: challenge.clone(), account: creds.map(|c| c.username.clone()) };
+        self.get_tracked(upstream, challenge, creds).await.map(|(value, _)| value)
+    }
+
+    /// Like `get`, and whether the value was already cached (as opposed to just issued).
+    async fn get_tracked(&self, upstream: &Upstream, challenge: &Challenge, creds: Option<&Credentials>) -> Result<(HeaderValue, bool), UpstreamError> {
+        let key = Self::key(challenge, creds);
         if let Some(t) = self.cache.get(&key).await {
             if t.expires > Instant::now() {
-                return Ok(t.value);
+                return Ok((t.value, true));
             }
             self.cache.invalidate(&key).await;
         }
@@ -122,7 +127,19 @@ impl Tokens {
             .try_get_with(key, fetch_token(upstream, challenge, creds))
             .await
             .map_err(|e| UpstreamError::Body(e.to_string()))?;
-        Ok(token.value)
+        Ok((token.value, false))
+    }
+
+    /// Forgets the cached token for `challenge` if it is still `value` (upstream refused it).
+    async fn invalidate(&self, challenge: &Challenge, creds: Option<&Credentials>, value: &HeaderValue) {
+        let key = Self::key(challenge, creds);
+        if self.cache.get(&key).await.is_some_and(|t| t.value == value) {
+            self.cache.invalidate(&key).await;
+        }
+    }
+
+    fn key(challenge: &Challenge, creds: Option<&Credentials>) -> TokenKey {
+        TokenKey { challenge: challenge.clone(), account: creds.map(|c| c.username.clone()) }
     }
 }
 
@@ -215,21 +232,38 @@ pub async fn fetch(
         return Ok(first);
     }
     let challenge = first.response.headers().get_all(WWW_AUTHENTICATE).iter().filter_map(|v| v.to_str().ok()).find_map(parse_bearer);
-    let value = match challenge {
-        Some(ch) => match tokens.get(upstream, &ch, creds).await {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(realm = %ch.realm, error = %e, "could not get an upstream token; passing the challenge on");
-                return Ok(first);
-            }
-        },
+    let Some(ch) = challenge else {
         // A Basic challenge: the configured account answers it directly.
-        None => match creds {
-            Some(c) => c.basic(),
-            None => return Ok(first),
-        },
+        let Some(c) = creds else { return Ok(first) };
+        drop(first);
+        headers.insert(AUTHORIZATION, c.basic());
+        return send(method, uri, headers).await;
+    };
+    let (value, cached) = match tokens.get_tracked(upstream, &ch, creds).await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(realm = %ch.realm, error = %e, "could not get an upstream token; passing the challenge on");
+            return Ok(first);
+        }
     };
     drop(first);
+    headers.insert(AUTHORIZATION, value.clone());
+    let second = send(method.clone(), uri.clone(), headers.clone()).await?;
+    if !cached || second.response.status() != StatusCode::UNAUTHORIZED {
+        return Ok(second);
+    }
+    // Upstream refused a token it issued earlier (restarted with a new key, revoked): a
+    // cached token must not lock this account out until it expires. One fresh token.
+    tracing::info!(realm = %ch.realm, "upstream refused a cached token; fetching a new one");
+    tokens.invalidate(&ch, creds, &value).await;
+    let value = match tokens.get(upstream, &ch, creds).await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(realm = %ch.realm, error = %e, "could not renew the upstream token");
+            return Ok(second);
+        }
+    };
+    drop(second);
     headers.insert(AUTHORIZATION, value);
     send(method, uri, headers).await
 }

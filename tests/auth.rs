@@ -516,6 +516,37 @@ async fn configured_credentials_answer_for_anonymous_clients_and_stay_out_of_the
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_token_that_upstream_rejects_is_replaced() {
+    std::env::set_var("STOWAGE_TEST_AUTH_RESTART_PASSWORD", "robot-pw");
+    let ca = TestCa::new();
+    let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
+    let img = quay.push_image("team/private", "v1", &[pseudo_random(20_000, 151)]);
+    let v2 = quay.push_image("team/private", "v2", &[pseudo_random(20_000, 152)]);
+    quay.make_private("team/private");
+    quay.add_user("robot", "robot-pw", &["team/private"]);
+    let stowage = Stowage::builder()
+        .trust(&ca)
+        .toml("[[registry]]\nhost = \"quay.io\"\nusername = \"robot\"\npassword_env = \"STOWAGE_TEST_AUTH_RESTART_PASSWORD\"\n")
+        .start()
+        .await;
+    let t = stowage.client().tunnel("quay.io", quay.port(), Alpn::Http11).await.unwrap();
+    let m = t.get("/v2/team/private/manifests/v1", &[("accept", ACCEPT)]).await;
+    assert_eq!(m.status, StatusCode::OK, "{}", m.text());
+    assert_eq!(m.body, img.manifest_bytes);
+    let tokens = quay.token_authorizations().len();
+
+    // Upstream restarts and no longer accepts the token Stowage cached.
+    quay.forget_tokens();
+    let m = t.get("/v2/team/private/manifests/v2", &[("accept", ACCEPT)]).await;
+    assert_eq!(m.status, StatusCode::OK, "a stale cached token locked the account out: {}", m.text());
+    assert_eq!(m.body, v2.manifest_bytes);
+    assert!(quay.token_authorizations().len() > tokens, "no new token was fetched");
+    let r = t.get(&format!("/v2/team/private/blobs/{}", v2.layers[0]), &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(sha256_digest(&r.body), v2.layers[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstreams_401_reaches_the_client_unchanged() {
     let ca = TestCa::new();
     let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;

@@ -421,6 +421,12 @@ impl FakeRegistry {
         self.shared.state.lock().unwrap().manifest_failure = status;
     }
 
+    /// Forgets every token issued so far, as a registry restarted with a new signing key
+    /// would: requests with them get a 401 challenge again.
+    pub fn forget_tokens(&self) {
+        self.shared.state.lock().unwrap().tokens.clear();
+    }
+
     /// Requests to the token service that carried `Authorization` (as sent).
     pub fn token_authorizations(&self) -> Vec<String> {
         self.requests().into_iter().filter(|r| r.kind == Kind::Token).filter_map(|r| r.authorization).collect()
