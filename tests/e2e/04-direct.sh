@@ -2,7 +2,7 @@
 # Direct TLS, the /etc/hosts mode (issue 4), in a network namespace this script creates, so
 # the machine's own /etc/hosts is never touched. Inside it (`ip netns exec` bind-mounts
 # /etc/netns/<name>/hosts over /etc/hosts), quay.io names 127.0.0.1, as it would on a node
-# using examples/etc-hosts:
+# using examples/etc-hosts (which this script installs there, 10.0.0.5 → 127.0.0.1):
 #   - docker-registry, the real "quay.io", listens on 127.0.0.2:443;
 #   - Stowage's [direct] listener is 127.0.0.1:443, and Stowage pins quay.io to 127.0.0.2 in
 #     [upstream.resolve] (the proxy host must not use the nodes' hosts file);
@@ -38,7 +38,10 @@ if [[ -z ${E2E_NETNS:-} ]]; then
   trap teardown EXIT
   trap 'exit 143' TERM INT
   mkdir -p "/etc/netns/$ns"
-  printf '127.0.0.1 localhost\n127.0.0.1 quay.io\n' >"/etc/netns/$ns/hosts"
+  # The shipped recipe, with its example Stowage address replaced by this namespace's.
+  example="$(cd "$(dirname "$0")/../.." && pwd)/examples/etc-hosts"
+  grep -qE '^10\.0\.0\.5 +quay\.io$' "$example" || { echo "[04-direct] FAIL: $example has no quay.io line" >&2; exit 1; }
+  { echo "127.0.0.1 localhost"; sed 's/^10\.0\.0\.5 /127.0.0.1 /' "$example"; } >"/etc/netns/$ns/hosts"
   ip netns add "$ns"
   ip -n "$ns" link set lo up
   E2E_NETNS=$ns ip netns exec "$ns" bash "$0" "$@" &
