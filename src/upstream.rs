@@ -32,6 +32,9 @@ use tokio::net::TcpStream;
 use crate::config::UpstreamConfig;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long one address is tried alone before the next joins (IPv6/IPv4 fallback).
+const HAPPY_EYEBALLS: Duration = Duration::from_millis(300);
 /// Request bodies sent upstream: empty for fetches, the client's own body when forwarding.
 pub type UpBody = UnsyncBoxBody<Bytes, BoxError>;
 
@@ -162,7 +165,7 @@ impl Upstream {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout.0));
-        http.set_happy_eyeballs_timeout(Some(Duration::from_millis(300)));
+        http.set_happy_eyeballs_timeout(Some(HAPPY_EYEBALLS));
         let matcher = proxy_matcher(config).map(Arc::new);
         if let Some(m) = &matcher {
             tracing::info!(proxy = ?m, "upstream connections go through a proxy");
@@ -219,20 +222,38 @@ impl Upstream {
     }
 
     async fn connect_direct(&self, host: &str, port: u16) -> Result<TcpStream, UpstreamError> {
+        use futures_util::StreamExt;
         let err = |message: String| UpstreamError::Connect { host: host.to_owned(), message };
         let addrs = self.resolver.resolve(host, port).await.map_err(|e| err(e.to_string()))?;
+        // Happy eyeballs, as the registry client does: each address gets a head start, then
+        // the next is tried alongside (at once when one fails); the first connection wins.
+        // An address that swallows SYNs (an unreachable AAAA) costs the head start, not the
+        // whole connect timeout.
+        let timeout = self.connect_timeout;
+        let mut pending = addrs.into_iter();
+        let mut attempts = futures_util::stream::FuturesUnordered::new();
         let mut last = String::from("no address");
-        for addr in addrs {
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(s)) => {
-                    let _ = s.set_nodelay(true);
-                    return Ok(s);
-                }
-                Ok(Err(e)) => last = format!("{addr}: {e}"),
-                Err(_) => last = format!("{addr}: connect timed out after {:?}", self.connect_timeout),
+        loop {
+            match pending.next() {
+                Some(addr) => attempts.push(async move { (addr, tokio::time::timeout(timeout, TcpStream::connect(addr)).await) }),
+                None if attempts.is_empty() => return Err(err(last)),
+                None => {}
+            }
+            let head_start = tokio::time::sleep(HAPPY_EYEBALLS);
+            tokio::pin!(head_start);
+            tokio::select! {
+                Some((addr, result)) = attempts.next() => match result {
+                    Ok(Ok(s)) => {
+                        let _ = s.set_nodelay(true);
+                        return Ok(s);
+                    }
+                    Ok(Err(e)) => last = format!("{addr}: {e}"),
+                    Err(_) => last = format!("{addr}: connect timed out after {timeout:?}"),
+                },
+                _ = &mut head_start, if pending.len() > 0 => {}
+                else => {}
             }
         }
-        Err(err(last))
     }
 
     /// Sends one request; no redirects followed.
