@@ -75,14 +75,18 @@ impl Node {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let dir = tempfile::tempdir().expect("tempdir");
         let cache_dir = dir.path().join("cache");
+        let mut upstream = c.upstream.clone();
+        if !upstream.iter().any(|l| l.starts_with("connect_timeout")) {
+            upstream.push("connect_timeout = \"2s\"".into());
+        }
         let mut toml = format!(
-            "[proxy]\nlisten = {}\n{}\n\n[ca]\ndir = {}\n\n[cache]\ndir = {}\n\n[upstream]\nextra_ca = [{}]\nconnect_timeout = \"2s\"\n{}\n\n[upstream.resolve]\n",
+            "[proxy]\nlisten = {}\n{}\n\n[ca]\ndir = {}\n\n[cache]\ndir = {}\n\n[upstream]\nextra_ca = [{}]\n{}\n\n[upstream.resolve]\n",
             toml_str(c.listen.as_deref().unwrap_or("127.0.0.1:0")),
             c.proxy.join("\n"),
             toml_path(&dir.path().join("certs")),
             toml_path(&cache_dir),
             toml_path(ca.pem_path()),
-            c.upstream.join("\n"),
+            upstream.join("\n"),
         );
         for (host, value) in &c.resolve {
             toml.push_str(&format!("{} = {value}\n", toml_str(host)));
@@ -807,4 +811,58 @@ async fn credentials_in_the_proxy_url_are_sent_to_the_proxy() {
         let expected = format!("CONNECT {target} HTTP/1.1 [{basic}]");
         assert!(corp.seen().contains(&expected), "no {expected:?} in {:?}", corp.seen());
     }
+}
+
+/// A listener on `[::1]:port` whose accept queue is full, so further SYNs are dropped: an
+/// IPv6 address that swallows connection attempts, like an unroutable AAAA record. `None`
+/// when this machine cannot make one (no IPv6 loopback, or SYNs still answered).
+async fn ipv6_blackhole(port: u16) -> Option<(tokio::net::TcpListener, Vec<TcpStream>)> {
+    let addr = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
+    let sock = tokio::net::TcpSocket::new_v6().ok()?;
+    sock.bind(addr).ok()?;
+    let listener = sock.listen(0).ok()?;
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        match tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => held.push(s),
+            _ => break,
+        }
+    }
+    let probe = tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await;
+    matches!(probe, Err(_)).then_some((listener, held))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_address_that_swallows_connections_costs_a_fraction_of_a_second() {
+    let ca = TestCa::new();
+    let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
+    let img = quay.push_image("team/app", "v1", &[pseudo_random(20_000, 191)]);
+    let (echo_port, _accepted, _echo) = echo_server().await;
+    let Some(_registry_hole) = ipv6_blackhole(quay.port()).await else {
+        eprintln!("SKIPPED: cannot make an IPv6 address that drops SYNs on this machine");
+        return;
+    };
+    let Some(_echo_hole) = ipv6_blackhole(echo_port).await else {
+        eprintln!("SKIPPED: cannot make an IPv6 address that drops SYNs on this machine");
+        return;
+    };
+    let node = Node::start(
+        &ca,
+        NodeConfig { proxy: vec![format!("tunnel_ports = [{echo_port}]")], ..NodeConfig::default() }
+            .upstream("connect_timeout = \"5s\"")
+            .pin("quay.io", "[\"::1\", \"127.0.0.1\"]")
+            .pin("tunnel.test", "[\"::1\", \"127.0.0.1\"]"),
+    )
+    .await;
+    let client = node.client();
+    let started = Instant::now();
+    let pulled = pull(&client, "quay.io", quay.port(), "team/app", "v1", Alpn::Http11).await;
+    assert_eq!(pulled.manifest_digest, img.manifest);
+    let pull_took = started.elapsed();
+    let started = Instant::now();
+    echo_through(&client, &format!("tunnel.test:{echo_port}"), 192).await;
+    let tunnel_took = started.elapsed();
+    eprintln!("pull {pull_took:?}, tunnel {tunnel_took:?}");
+    assert!(pull_took < Duration::from_secs(3), "the pull waited for the IPv6 address: {pull_took:?}");
+    assert!(tunnel_took < Duration::from_secs(2), "the blind tunnel waited for the IPv6 address: {tunnel_took:?}");
 }
