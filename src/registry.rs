@@ -577,7 +577,10 @@ async fn manifest_by_digest(state: &State, target: &Target, req: Request<Incomin
         return fetch_uncached(state, target, req).await;
     }
     match fetch_manifest(state, target, &pq, req.headers(), Some(digest)).await {
-        Ok(Fetch::Stored(resp, _)) => (CacheStatus::Miss, Ok(resp)),
+        Ok(Fetch::Stored(resp, _)) => {
+            record_pending_tags(state, target, repo, digest).await;
+            (CacheStatus::Miss, Ok(resp))
+        }
         Ok(Fetch::Relayed(resp)) => (CacheStatus::Miss, Ok(resp)),
         Err(e) => (CacheStatus::Miss, Err(e)),
     }
@@ -663,6 +666,53 @@ fn accept_key(headers: &HeaderMap) -> String {
     types.join(",")
 }
 
+/// A tag resolved with `HEAD` (containerd does this, then fetches by digest): `HEAD` stays
+/// `HEAD` upstream, so the manifest is not here yet and the tag cannot be recorded (a tag
+/// row is only written once its content is stored). It is recorded now if the content is
+/// already stored, else when that manifest is stored by digest within `PENDING_TAG_TTL`.
+async fn remember_tag_head(state: &State, target: &Target, repo: &RepoName, key: &str, headers: &HeaderMap) {
+    let Some(digest) = headers.get(DOCKER_CONTENT_DIGEST).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<Digest>().ok()) else {
+        return;
+    };
+    let media_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    if media_type.is_empty() {
+        return;
+    }
+    let entry = TagEntry { digest: digest.to_string(), media_type, checked_at_ms: now_ms() };
+    if stored_manifest(state, &digest).await.is_some() {
+        set_tag(state, key.to_owned(), entry).await;
+        return;
+    }
+    let pending_key = format!("{}@{digest}", repo_key(&target.host, repo));
+    let mut tags = state.pending_tags.get(&pending_key).unwrap_or_default();
+    tags.retain(|(k, _)| k != key);
+    tags.push((key.to_owned(), entry));
+    tags.truncate(MAX_PENDING_TAGS);
+    state.pending_tags.insert(pending_key, tags);
+}
+
+/// Records the tags whose `HEAD` named `digest`, now that it is stored.
+async fn record_pending_tags(state: &State, target: &Target, repo: &RepoName, digest: &Digest) {
+    let pending_key = format!("{}@{digest}", repo_key(&target.host, repo));
+    if let Some(tags) = state.pending_tags.remove(&pending_key) {
+        for (key, entry) in tags {
+            set_tag(state, key, entry).await;
+        }
+    }
+}
+
+async fn set_tag(state: &State, key: String, entry: TagEntry) {
+    let store = state.store.clone();
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.set_tag(&key, &entry)).await {
+        tracing::warn!(error = %e, "tag not recorded");
+    }
+}
+
+/// Tags resolved with `HEAD` wait this long for their manifest to be fetched by digest.
+pub const PENDING_TAG_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+/// Most tags (accept variants) remembered for one pending digest.
+const MAX_PENDING_TAGS: usize = 16;
+
 async fn manifest_by_tag(state: &State, target: &Target, req: Request<Incoming>, repo: &RepoName, tag: &Tag) -> Served {
     let method = req.method().clone();
     let pq = path_and_query(&req).to_owned();
@@ -729,7 +779,13 @@ async fn manifest_by_tag(state: &State, target: &Target, req: Request<Incoming>,
         }
     }
     if method == Method::HEAD {
-        return fetch_uncached(state, target, req).await;
+        let served = fetch_uncached(state, target, req).await;
+        if let (_, Ok(resp)) = &served {
+            if resp.status() == StatusCode::OK {
+                remember_tag_head(state, target, repo, &key, resp.headers()).await;
+            }
+        }
+        return served;
     }
     match fetch_manifest(state, target, &pq, req.headers(), None).await {
         Ok(Fetch::Stored(resp, digest)) => {

@@ -66,6 +66,9 @@ pub struct State {
     pub tokens: Tokens,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub access: Access,
+    /// `<registry>/<repo>@<digest>` → tag rows waiting for that manifest to be stored
+    /// (tags resolved with `HEAD`; see `registry::remember_tag_head`).
+    pub pending_tags: moka::sync::Cache<String, Vec<(String, crate::store::TagEntry)>>,
     pub config: Arc<Config>,
     pub other_hosts: OtherHosts,
     pub max_manifest_size: u64,
@@ -273,6 +276,7 @@ impl Server {
             tokens: Tokens::default(),
             metrics,
             access: Access::new(config.cache.auth_ttl.0, config.cache.public_ttl.0),
+            pending_tags: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(crate::registry::PENDING_TAG_TTL).build(),
             other_hosts: config.proxy.other_hosts,
             max_manifest_size: config.cache.max_manifest_size.0,
             max_size: config.cache.max_size.0,

@@ -113,6 +113,51 @@ async fn containerd_ns_requests_are_served_and_then_come_from_the_cache() {
     assert_eq!(manifest_downloads(&quay), 1, "the tag is within its TTL");
 }
 
+/// A pull the way containerd does it: `HEAD` of the tag to resolve its digest, then the
+/// manifest by digest, then the blobs. Returns the X-Cache of the tag's `HEAD`.
+async fn containerd_pull(addr: SocketAddr, repo: &str, tag: &str, ns: &str, img: &Image) -> String {
+    let accept = format!("{ACCEPT}, application/vnd.oci.image.index.v1+json");
+    let h = http(addr, Method::HEAD, &format!("/v2/{repo}/manifests/{tag}{ns}"), &[("accept", &accept)]).await;
+    assert_eq!(h.status, StatusCode::OK, "HEAD {repo}:{tag}");
+    assert_eq!(h.header("docker-content-digest"), Some(img.manifest.as_str()));
+    let m = get(addr, &format!("/v2/{repo}/manifests/{}{ns}", img.manifest), &[("accept", &accept)]).await;
+    assert_eq!(m.status, StatusCode::OK, "{}", m.text());
+    assert_eq!(m.body, img.manifest_bytes);
+    for d in img.blobs() {
+        let r = get(addr, &format!("/v2/{repo}/blobs/{d}{ns}"), &[]).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert_eq!(sha256_digest(&r.body), d);
+    }
+    h.x_cache().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_containerd_pull_resolving_the_tag_with_head_is_cached_too() {
+    let ca = TestCa::new();
+    let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
+    let img = quay.push_image("team/app", "v1", &[pseudo_random(64_000, 291)]);
+    let stowage = Stowage::builder().trust(&ca).toml(&mirror_config("")).start().await;
+    let mirror = stowage.mirror_addr.unwrap();
+    let ns = format!("?ns=quay.io:{}", quay.port());
+
+    assert_eq!(containerd_pull(mirror, "team/app", "v1", &ns, &img).await, "miss");
+    for d in img.blobs() {
+        eventually("blobs stored", || stowage.is_cached(&d)).await;
+    }
+    eventually("the anonymous probe", || quay.requests().iter().any(|r| !r.by_client() && r.kind == Kind::Manifest && r.status == 200)).await;
+    assert_eq!(quay.manifest_heads(), quay.requests().iter().filter(|r| r.kind == Kind::Manifest && r.method == Method::HEAD).count());
+
+    // The second pull, within the tag's TTL, does not ask upstream at all.
+    let seen = quay.requests().len();
+    assert_eq!(containerd_pull(mirror, "team/app", "v1", &ns, &img).await, "hit");
+    let asked: Vec<_> = quay.requests()[seen..].to_vec();
+    assert!(asked.is_empty(), "the second pull went upstream: {asked:#?}");
+
+    // Nor does it need to: with upstream gone the image still pulls.
+    drop(quay);
+    assert_eq!(containerd_pull(mirror, "team/app", "v1", &ns, &img).await, "hit");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dockerd_requests_without_ns_reach_docker_hub() {
     let ca = TestCa::new();
@@ -136,6 +181,9 @@ async fn dockerd_requests_without_ns_reach_docker_hub() {
     assert_eq!(served[0].path, "/v2/library/alpine/manifests/3.19");
     assert!(served[0].host.starts_with("registry-1.docker.io"), "{:?}", served[0]);
     assert_eq!(served[1].path, "/v2/someorg/tool/manifests/1");
+    for d in img.blobs() {
+        eventually("blobs stored", || stowage.is_cached(&d)).await;
+    }
     let tokens: Vec<_> = hub.requests().into_iter().filter(|r| r.kind == Kind::Token).collect();
     assert!(!tokens.is_empty() && tokens.iter().all(|t| t.host.starts_with("auth.docker.io")), "{tokens:#?}");
 
@@ -158,6 +206,9 @@ async fn the_path_prefix_names_the_registry() {
     let paths: Vec<_> = quay.requests().into_iter().filter(|r| r.by_client() && r.status == 200).map(|r| r.path).collect();
     assert!(paths.contains(&"/v2/team/app/manifests/v1".to_owned()), "the prefix was stripped: {paths:?}");
     assert!(paths.iter().all(|p| !p.contains("quay.io")), "{paths:?}");
+    for d in img.blobs() {
+        eventually("blobs stored", || stowage.is_cached(&d)).await;
+    }
     assert_eq!(mirror_pull(mirror, &prefix, "team/app", "v1", "", &img, None).await, ["hit", "hit"]);
     assert_eq!(downloads(&quay), 2);
 
@@ -225,6 +276,9 @@ async fn mirror_users_are_checked_and_never_sent_upstream() {
 
     assert_eq!(mirror_pull(mirror, "", "team/app", "v1", &ns, &img, Some(&good)).await, ["miss", "miss"]);
     assert!(quay.requests().iter().all(|r| r.authorization.as_deref() != Some(good.as_str())), "the mirror's credentials went upstream");
+    for d in img.blobs() {
+        eventually("blobs stored", || stowage.is_cached(&d)).await;
+    }
     assert_eq!(mirror_pull(mirror, "", "team/app", "v1", &ns, &img, Some(&good)).await, ["hit", "hit"]);
     // Cached content is still behind the mirror's login.
     let r = get(mirror, &format!("/v2/team/app/blobs/{}{ns}", img.layers[0]), &[]).await;
@@ -260,6 +314,9 @@ async fn the_mirror_answers_upstream_challenges_with_the_configured_account() {
     let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("robot:robot-pw-from-a-file"));
     let tokens = quay.token_authorizations();
     assert!(!tokens.is_empty() && tokens.iter().all(|a| *a == basic), "{tokens:?}");
+    for d in img.blobs() {
+        eventually("blobs stored", || with_account.is_cached(&d)).await;
+    }
     assert_eq!(mirror_pull(mirror, "", "team/private", "v1", &ns, &img, None).await, ["hit", "hit"]);
     assert_eq!(downloads(&quay), 2);
 }
@@ -318,9 +375,10 @@ async fn the_mirror_speaks_tls_with_a_leaf_from_the_ca() {
             let r = t.get(&format!("/v2/team/app/blobs/{d}{ns}"), &[]).await;
             assert_eq!(r.status, StatusCode::OK);
             assert_eq!(sha256_digest(&r.body), d);
+            eventually("blob stored", || stowage.is_cached(&d)).await;
         }
     }
-    assert_eq!(downloads(&quay), 2, "the second round came from the cache");
+    assert_eq!(downloads(&quay), 2, "the second round came from the cache: {:#?}", quay.requests());
 }
 
 /// A server config check: a TLS handshake to `addr` presenting `sni` (`None`: no SNI, as
