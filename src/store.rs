@@ -23,6 +23,9 @@ use redb::{ReadableTable, TableDefinition};
 use crate::index::Index;
 use crate::oci::{Algorithm, Digest};
 
+/// Page cache for `meta.redb`.
+const META_CACHE_BYTES: usize = 16 << 20;
+
 const MEDIA_TYPES: TableDefinition<&str, &str> = TableDefinition::new("media_types");
 /// `<registry>/<repo>:<tag>#<accept>` → JSON `TagEntry`.
 const TAGS: TableDefinition<&str, &str> = TableDefinition::new("tags");
@@ -85,7 +88,12 @@ impl BlobStore {
         }
         fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
         let meta_path = dir.join("meta.redb");
-        let meta = redb::Database::create(&meta_path).map_err(|e| StoreError::Meta(format!("{}: {e}", meta_path.display())))?;
+        // redb caches pages up to 1 GiB by default; the metadata is small and hot rows are
+        // few, so a bounded cache keeps the process's memory flat over months of churn.
+        let meta = redb::Builder::new()
+            .set_cache_size(META_CACHE_BYTES)
+            .create(&meta_path)
+            .map_err(|e| StoreError::Meta(format!("{}: {e}", meta_path.display())))?;
         let txn = meta.begin_write().map_err(|e| StoreError::Meta(e.to_string()))?;
         txn.open_table(MEDIA_TYPES).map_err(|e| StoreError::Meta(e.to_string()))?;
         txn.open_table(TAGS).map_err(|e| StoreError::Meta(e.to_string()))?;
@@ -456,22 +464,35 @@ impl BlobWriter {
 
     /// Verifies the digest, then makes the content durable and visible. On a mismatch the
     /// temp file is removed (by drop) and nothing becomes visible.
-    pub fn finish(mut self) -> Result<(), StoreError> {
+    pub fn finish(self) -> Result<(), StoreError> {
+        let dir = self.publish()?;
+        sync_dir(&dir)
+    }
+
+    /// `finish` but for its last step: verified, `sync_all`, renamed into place and indexed;
+    /// the rename itself is made durable by [`sync_dir`] on the returned directory. A fill
+    /// lets its readers go on the stored file before that fsync: after a crash in between
+    /// the blob is merely fetched again.
+    pub fn publish(mut self) -> Result<PathBuf, StoreError> {
         self.verify()?;
         self.file.sync_all().map_err(io_err(&self.tmp))?;
-        let dir = self.dest.parent().expect("blob paths have a parent");
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let dir = self.dest.parent().expect("blob paths have a parent").to_owned();
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         // Same content under the same name: if another fill got there first, rename simply
         // replaces identical bytes.
         fs::rename(&self.tmp, &self.dest).map_err(io_err(&self.dest))?;
         self.finished = true;
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
         self.store.index.insert(self.expected.clone(), self.written, None);
         if self.store.index.total() > self.store.max_size.load(Ordering::Relaxed) {
             self.store.pressure.notify_one();
         }
-        Ok(())
+        Ok(dir)
     }
+}
+
+/// Makes renames in `dir` durable.
+pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
 }
 
 impl Drop for BlobWriter {
