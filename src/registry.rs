@@ -260,6 +260,30 @@ fn refusal(resp: Response<Incoming>) -> Response<Body> {
 const PROBE_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json, */*";
 
+/// Upstream's answer to a revalidation `HEAD`, for the client's own request: as it is for a
+/// `HEAD`; for a `GET`, the same status and challenge with a registry JSON body (relayed as
+/// is, the `HEAD` response's `Content-Length` would announce a body that never comes).
+fn revalidation_answer(method: &Method, resp: Response<Incoming>) -> Response<Body> {
+    if *method == Method::HEAD {
+        return relay(resp);
+    }
+    let status = resp.status();
+    let code = match status.as_u16() {
+        401 => "UNAUTHORIZED",
+        403 => "DENIED",
+        404 => "MANIFEST_UNKNOWN",
+        429 => "TOOMANYREQUESTS",
+        _ => "UNAVAILABLE",
+    };
+    let mut out = registry_error(status, code, &format!("upstream registry answered {status}"));
+    for name in [WWW_AUTHENTICATE, http::header::RETRY_AFTER] {
+        for v in resp.headers().get_all(&name) {
+            out.headers_mut().append(name.clone(), v.clone());
+        }
+    }
+    out
+}
+
 /// Learns, without credentials, whether upstream serves `repo_key` to anyone.
 fn spawn_public_probe(state: Arc<State>, target: Arc<Target>, key: String, path: String) {
     let tasks = state.tasks.clone();
@@ -752,7 +776,7 @@ async fn manifest_by_tag(state: &State, target: &Target, req: Request<Incoming>,
                 }
                 // The tag moved (or upstream did not say where): fetch it below.
             }
-            Ok(r) if matches!(r.status().as_u16(), 401 | 403 | 404) => return (CacheStatus::Miss, Ok(relay(r))),
+            Ok(r) if matches!(r.status().as_u16(), 401 | 403 | 404) => return (CacheStatus::Miss, Ok(revalidation_answer(&method, r))),
             other => {
                 let why = match &other {
                     Ok(r) => format!("upstream answered {}", r.status()),
@@ -772,7 +796,7 @@ async fn manifest_by_tag(state: &State, target: &Target, req: Request<Incoming>,
                     return (CacheStatus::Stale, Ok(resp));
                 }
                 return match other {
-                    Ok(r) => (CacheStatus::Miss, Ok(relay(r))),
+                    Ok(r) => (CacheStatus::Miss, Ok(revalidation_answer(&method, r))),
                     Err(e) => (CacheStatus::Miss, Err(e)),
                 };
             }

@@ -156,6 +156,69 @@ async fn a_private_repository_is_served_only_to_clients_upstream_lets_read_it() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_layer_being_downloaded_is_not_shared_with_an_unauthorized_client() {
+    let ca = TestCa::new();
+    let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
+    let layer = pseudo_random(1 << 20, 35);
+    let digest = quay.push_blob("team/private", layer.clone());
+    quay.make_private("team/private");
+    quay.add_user("alice", "alice-pw", &["team/private"]);
+    let stowage = Stowage::start(&ca).await;
+    let client = stowage.client();
+    let a = login_as(&client, "quay.io", quay.port(), "team/private", Some(("alice", "alice-pw"))).await;
+    let a_auth = format!("Bearer {}", a.token);
+
+    // A's download is in flight, held after its first chunk.
+    let gate = quay.hold_blob_bodies();
+    let path = format!("/v2/team/private/blobs/{digest}");
+    let head = a.tunnel.send(Method::GET, &path, &[("authorization", &a_auth)]).await.expect("A's response head");
+    assert_eq!(head.status(), StatusCode::OK);
+
+    // B, without credentials, asks for the same blob meanwhile: refused, not joined.
+    let b = client.tunnel("quay.io", quay.port(), Alpn::H2).await.unwrap();
+    let r = b.get(&path, &[]).await;
+    assert_refused(&r, &layer, "B during A's download");
+    assert_eq!(quay.blob_gets(), 1);
+
+    gate.open();
+    let got = client::read_response(head).await;
+    got.assert_complete();
+    assert_eq!(sha256_digest(&got.body), digest);
+    eventually("the layer stored", || stowage.is_cached(&digest)).await;
+    assert_refused(&b.get(&path, &[]).await, &layer, "B after A's download");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_private_manifest_goes_only_to_clients_upstream_let_read_it() {
+    let ca = TestCa::new();
+    let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
+    let img = quay.push_image("team/private", "v1", &[pseudo_random(5_000, 36)]);
+    quay.make_private("team/private");
+    quay.add_user("alice", "alice-pw", &["team/private"]);
+    let stowage = Stowage::builder().trust(&ca).cache("manifest_ttl = \"1ms\"").start().await;
+    let client = stowage.client();
+    let a = login_as(&client, "quay.io", quay.port(), "team/private", Some(("alice", "alice-pw"))).await;
+    assert_eq!(a.manifest("v1").await.body, img.manifest_bytes);
+    probe_done(&quay, "team/private", 401).await;
+
+    quay.fail_manifests(Some(StatusCode::TOO_MANY_REQUESTS));
+    let (stale, _) = poll_manifest(&a, "v1", |m| m.x_cache() != "hit").await;
+    assert_eq!(stale.x_cache(), "stale");
+    assert_eq!(stale.body, img.manifest_bytes);
+
+    // B has no credentials: upstream's 401 to its revalidation is all it gets (a complete
+    // response, though upstream answered a HEAD), never the stored manifest.
+    let b = client.tunnel("quay.io", quay.port(), Alpn::Http11).await.unwrap();
+    for _ in 0..3 {
+        let r = b.get("/v2/team/private/manifests/v1", &[("accept", ACCEPT)]).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "B: {} {}", r.x_cache(), r.text());
+        assert!(r.header("www-authenticate").is_some_and(|c| c.starts_with("Bearer realm=")), "{:?}", r.headers);
+        assert_ne!(r.body, img.manifest_bytes);
+        assert_eq!(r.json()["errors"][0]["code"], "UNAUTHORIZED");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_public_image_is_served_from_the_cache_with_upstream_down() {
     let ca = TestCa::new();
     let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
