@@ -11,6 +11,8 @@
 # 3. skopeo through HTTPS_PROXY (the proxy listener of the same Stowage) gets the same image
 #    with zero upstream blob GETs: one cache across modes. Its blobs hash to their digests
 #    and are the ones containerd stored.
+# 4. The TLS form of the recipe works too (a second Stowage, its mirror on TLS from its CA).
+# 5. With the registry stopped, containerd pulls the tag again from the cache alone.
 source "$(dirname "$0")/lib.sh"
 
 [[ $(id -u) -eq 0 ]] || fail "containerd needs root"
@@ -21,6 +23,7 @@ proxy_port=$(free_port)
 mirror_port=$(free_port)
 make_cert "$WORK/upstream" quay.io
 start_registry registry "$reg_port" "$WORK/upstream"
+registry_pid=${PIDS[-1]}
 make_oci_image "$WORK/image" v1 3 2048 3 >/dev/null
 push_image "$WORK/image" v1 "127.0.0.1:$reg_port/e2e/app:v1"
 pushed=$(registry_blob_gets registry)
@@ -137,3 +140,42 @@ done
 tunnel_hits=$(grep 'stowage::access' "$WORK/stowage.log" | grep 'tunnel{' | grep 'kind="blob"' | grep -c 'outcome="hit"' || true)
 ((tunnel_hits >= 4)) || fail "HTTPS_PROXY mode: $tunnel_hits blob hits, expected 4"
 ok "skopeo via HTTPS_PROXY: $n blobs verified, the same as containerd's, 0 upstream blob GETs"
+
+# 4. The TLS variant of the recipe (examples/containerd/README.md): [mirror] tls = "ca",
+#    containerd trusting Stowage's CA through `ca =` in hosts.toml. A second Stowage with its
+#    own cache, so the pull goes all the way upstream through a TLS mirror (HTTP/2).
+tls_port=$(free_port)
+tls_proxy=$(free_port)
+start_stowage stowage-tls "$tls_proxy" "$WORK/upstream/ca.crt" quay.io <<EOF
+[mirror]
+listen = "127.0.0.1:$tls_port"
+tls = "ca"
+EOF
+wait_port "$tls_port"
+tls_hosts="$WORK/certs.d-tls"
+mkdir -p "$tls_hosts/quay.io:$reg_port"
+cp "$STOWAGE_CA" "$tls_hosts/stowage-ca.crt"
+sed -e "s|http://stowage-host:5000|https://localhost:$tls_port|" -e "s|https://quay.io\"|https://quay.io:$reg_port\"|" \
+  "$example" >"$tls_hosts/quay.io:$reg_port/hosts.toml"
+echo "  ca = \"$tls_hosts/stowage-ca.crt\"" >>"$tls_hosts/quay.io:$reg_port/hosts.toml"
+ctr -a "$sock" -n e2e images rm --sync "$ref" >/dev/null
+(($(ctr -a "$sock" -n e2e content ls -q | wc -l) == 0)) || fail "content left before the TLS mirror pull"
+before=$(registry_blob_gets registry)
+hosts_dir=$tls_hosts pull tls
+tls_gets=$(($(registry_blob_gets registry) - before))
+((tls_gets == 4)) || fail "pull through the TLS mirror (empty cache) made $tls_gets upstream blob GETs, expected 4"
+grep 'mirror{' "$WORK/stowage-tls.log" | grep 'stowage::access' | grep -q 'kind="blob"' || fail "the TLS mirror served no blob"
+cmp -s <(ctr -a "$sock" -n e2e content ls -q | sort) "$WORK/containerd-digests" || fail "the TLS mirror pull stored different content"
+ok "TLS mirror (tls = \"ca\", hosts.toml ca =): containerd pulled the image, $tls_gets blobs from upstream"
+
+# 5. Upstream gone: within the tag TTL a containerd pull (HEAD of the tag, then everything by
+#    digest) is answered entirely from the cache.
+kill "$registry_pid"
+wait "$registry_pid" 2>/dev/null || true
+(exec 3<>"/dev/tcp/127.0.0.1/$reg_port") 2>/dev/null && fail "the registry still listens"
+ctr -a "$sock" -n e2e images rm --sync "$ref" >/dev/null
+(($(ctr -a "$sock" -n e2e content ls -q | wc -l) == 0)) || fail "content left before the offline pull"
+pull offline
+cmp -s <(ctr -a "$sock" -n e2e content ls -q | sort) "$WORK/containerd-digests" ||
+  fail "the pull with upstream down stored different content"
+ok "registry stopped: containerd still pulls the tag through the mirror, all from the cache"
