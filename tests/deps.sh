@@ -15,6 +15,7 @@ declare -A PROBES=(
   [jq]=/usr/bin/jq
   [python3]=/usr/bin/python3
   [iproute2]=/usr/sbin/ip
+  [apache2-utils]=/usr/bin/htpasswd
 )
 
 missing=()
