@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::Stream;
+use futures_util::{FutureExt, Stream};
 use http_body::Frame;
 use http_body_util::BodyExt;
 use tokio::sync::watch;
@@ -25,12 +25,19 @@ use crate::upstream::BoxError;
 
 /// Bytes read from disk per body frame.
 const CHUNK: usize = 256 * 1024;
+/// Most bytes of already-received upstream frames written in one go: h2 delivers 16 KiB
+/// frames, and one blocking section and one reader wake-up per frame cost more than the
+/// write itself.
+const WRITE_BATCH: usize = 1 << 20;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FillState {
     /// Upstream response headers not in yet.
     Waiting,
     Streaming { written: u64, total: Option<u64> },
+    /// Every byte written and the digest verified; being made durable and moved into place.
+    /// Readers may deliver the final byte from here on: it no longer waits for the fsync.
+    Verified { len: u64 },
     Complete { len: u64 },
     /// `streaming` tells whether any bytes were published before the failure.
     Failed { streaming: bool, reason: String },
@@ -162,15 +169,39 @@ impl Leader {
                     Ok(Some(Ok(frame))) => frame,
                 };
                 let Ok(data) = frame.into_data() else { continue };
+                // Frames already received go to disk together (see WRITE_BATCH); this never
+                // waits for more, so readers see bytes as soon as they arrive.
+                let mut batch = vec![data];
+                let mut batched = batch[0].len();
+                let mut ended = false;
+                while batched < WRITE_BATCH {
+                    match body.frame().now_or_never() {
+                        Some(Some(Ok(frame))) => {
+                            if let Ok(data) = frame.into_data() {
+                                batched += data.len();
+                                batch.push(data);
+                            }
+                        }
+                        Some(Some(Err(e))) => return Err(FillError::Upstream(format!("upstream body: {e}"))),
+                        Some(None) => {
+                            ended = true;
+                            break;
+                        }
+                        None => break,
+                    }
+                }
                 let writer = self.writer.as_mut().expect("writer present until finish");
                 if let Some(t) = total {
-                    if writer.written() + data.len() as u64 > t {
+                    if writer.written() + batched as u64 > t {
                         return Err(FillError::TooLong { announced: t });
                     }
                 }
-                blocking(|| writer.write(&data))?;
+                blocking(|| batch.iter().try_for_each(|data| writer.write(data)))?;
                 let written = writer.written();
                 self.fill.state.send_modify(|s| *s = FillState::Streaming { written, total });
+                if ended {
+                    break;
+                }
             }
             let writer = self.writer.take().expect("writer present until finish");
             let written = writer.written();
@@ -181,25 +212,36 @@ impl Leader {
             }
             blocking(|| writer.verify())?;
             verified = Some(written);
-            blocking(|| writer.finish())?;
-            Ok(written)
+            // The readers' last byte goes out now; the fsyncs below only matter to the cache.
+            self.fill.state.send_replace(FillState::Verified { len: written });
+            let dir = blocking(|| writer.publish())?;
+            Ok((written, dir))
         }
         .await;
-        match (&result, verified) {
-            (Ok(len), _) => {
-                self.fill.state.send_replace(FillState::Complete { len: *len });
+        match (result, verified) {
+            (Ok((len, dir)), _) => {
+                self.fill.state.send_replace(FillState::Complete { len });
                 self.remove();
+                // Only after the fill is out of the map, so "stored" is seen as soon as the
+                // file is in place; a crash before this fsync costs a refetch, nothing else.
+                if let Err(e) = blocking(|| crate::store::sync_dir(&dir)) {
+                    tracing::warn!(error = %e, "could not make the cache directory durable");
+                }
+                Ok(len)
             }
             // Verified but not stored (fsync or rename failed): readers hold the file open
             // and get the whole blob; only the cache misses out.
-            (Err(_), Some(len)) => {
+            (Err(e), Some(len)) => {
                 self.writer = None;
                 self.fill.state.send_replace(FillState::Complete { len });
                 self.remove();
+                Err(e)
             }
-            (Err(e), None) => self.fail(true, &e.to_string()),
+            (Err(e), None) => {
+                self.fail(true, &e.to_string());
+                Err(e)
+            }
         }
-        result
     }
 }
 
@@ -267,7 +309,7 @@ pub fn fill_stream(fill: Arc<Fill>, start: u64) -> impl Stream<Item = FrameResul
                     Some(t) => written.min(t.saturating_sub(1)),
                     None => written.saturating_sub(1),
                 }),
-                FillState::Complete { len } => {
+                FillState::Verified { len } | FillState::Complete { len } => {
                     if pos >= len {
                         return Ok(None);
                     }

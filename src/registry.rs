@@ -435,7 +435,8 @@ async fn blob(state: &Arc<State>, target: &Target, req: Request<Incoming>, repo:
             let state_now = rx.wait_for(|s| !matches!(s, FillState::Waiting)).await.map(|s| s.clone());
             match state_now {
                 Ok(FillState::Streaming { total, .. }) => (CacheStatus::Coalesced, Ok(fill_response(fill, total, digest))),
-                Ok(FillState::Complete { len }) => (CacheStatus::Coalesced, Ok(fill_response(fill, Some(len), digest))),
+                // All of it is there and verified, only fsyncs pending: a hit in all but name.
+                Ok(FillState::Verified { len } | FillState::Complete { len }) => (CacheStatus::Hit, Ok(fill_response(fill, Some(len), digest))),
                 // The leader's upstream answer was not content (401, 404, error): this client
                 // asks upstream itself, with its own credentials.
                 _ => fetch_uncached_blob(state, target, req, digest).await,
