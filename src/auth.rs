@@ -86,15 +86,47 @@ struct Token {
     expires: Instant,
 }
 
-/// Bearer tokens Stowage obtained itself.
+/// Bearer tokens Stowage obtained itself, and which challenge each repository asked for.
 pub struct Tokens {
     cache: moka::future::Cache<TokenKey, Token>,
+    hints: moka::future::Cache<HintKey, Hint>,
 }
 
 impl Default for Tokens {
     fn default() -> Self {
-        Tokens { cache: moka::future::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(3600)).build() }
+        Tokens {
+            cache: moka::future::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(3600)).build(),
+            hints: moka::future::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(600)).build(),
+        }
     }
+}
+
+/// How a registry challenged requests for one repository last time, so that the next
+/// request carries credentials at once instead of earning a `401` first (a pull is dozens
+/// of requests for one repository; without this each one costs two round trips).
+#[derive(Clone)]
+enum Hint {
+    Bearer(Challenge),
+    Basic,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct HintKey {
+    authority: String,
+    repo: String,
+    account: Option<String>,
+}
+
+impl HintKey {
+    fn new(uri: &Uri, creds: Option<&Credentials>) -> Option<HintKey> {
+        Some(HintKey { authority: uri.authority()?.to_string(), repo: repo_of(uri.path())?.to_owned(), account: creds.map(|c| c.username.clone()) })
+    }
+}
+
+/// The repository part of a registry API path (`/v2/<name>/blobs/...` → `<name>`).
+fn repo_of(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/v2/")?;
+    ["/blobs/", "/manifests/", "/tags/"].iter().filter_map(|m| rest.find(m)).min().map(|i| &rest[..i]).filter(|r| !r.is_empty())
 }
 
 #[derive(serde::Deserialize)]
@@ -226,10 +258,38 @@ pub async fn fetch(
         }
     };
     let client_auth = headers.contains_key(AUTHORIZATION);
+    let hint_key = match answer {
+        Answer::With(creds) if !client_auth => HintKey::new(&uri, creds),
+        _ => None,
+    };
+    // Credentials up front when this repository was challenged before.
+    let mut sent_early: Option<(Hint, HeaderValue)> = None;
+    if let (Some(key), Answer::With(creds)) = (&hint_key, answer) {
+        let value = match tokens.hints.get(key).await {
+            Some(Hint::Bearer(ch)) => tokens.get(upstream, &ch, creds).await.ok().map(|v| (Hint::Bearer(ch), v)),
+            Some(Hint::Basic) => creds.map(|c| (Hint::Basic, c.basic())),
+            None => None,
+        };
+        if let Some((hint, value)) = value {
+            headers.insert(AUTHORIZATION, value.clone());
+            sent_early = Some((hint, value));
+        }
+    }
     let first = send(method.clone(), uri.clone(), headers.clone()).await?;
     let Answer::With(creds) = answer else { return Ok(first) };
     if client_auth || first.response.status() != StatusCode::UNAUTHORIZED {
         return Ok(first);
+    }
+    if let Some((hint, value)) = sent_early.take() {
+        // Refused after all (token expired or revoked, permissions changed): forget the
+        // hint and the token, and answer the fresh challenge below as if none was sent.
+        headers.remove(AUTHORIZATION);
+        if let Some(key) = &hint_key {
+            tokens.hints.invalidate(key).await;
+        }
+        if let Hint::Bearer(ch) = hint {
+            tokens.invalidate(&ch, creds, &value).await;
+        }
     }
     let challenge = first.response.headers().get_all(WWW_AUTHENTICATE).iter().filter_map(|v| v.to_str().ok()).find_map(parse_bearer);
     let Some(ch) = challenge else {
@@ -237,7 +297,9 @@ pub async fn fetch(
         let Some(c) = creds else { return Ok(first) };
         drop(first);
         headers.insert(AUTHORIZATION, c.basic());
-        return send(method, uri, headers).await;
+        let second = send(method, uri, headers).await?;
+        remember(tokens, hint_key, &second, Hint::Basic).await;
+        return Ok(second);
     };
     let (value, cached) = match tokens.get_tracked(upstream, &ch, creds).await {
         Ok(v) => v,
@@ -250,6 +312,7 @@ pub async fn fetch(
     headers.insert(AUTHORIZATION, value.clone());
     let second = send(method.clone(), uri.clone(), headers.clone()).await?;
     if !cached || second.response.status() != StatusCode::UNAUTHORIZED {
+        remember(tokens, hint_key, &second, Hint::Bearer(ch)).await;
         return Ok(second);
     }
     // Upstream refused a token it issued earlier (restarted with a new key, revoked): a
@@ -265,7 +328,19 @@ pub async fn fetch(
     };
     drop(second);
     headers.insert(AUTHORIZATION, value);
-    send(method, uri, headers).await
+    let third = send(method, uri, headers).await?;
+    remember(tokens, hint_key, &third, Hint::Bearer(ch)).await;
+    Ok(third)
+}
+
+/// Keeps `hint` for the repository when the answered request was accepted.
+async fn remember(tokens: &Tokens, key: Option<HintKey>, fetched: &Fetched, hint: Hint) {
+    let status = fetched.response.status();
+    if let Some(key) = key {
+        if status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN {
+            tokens.hints.insert(key, hint).await;
+        }
+    }
 }
 
 /// Stable, non-reversible identity of a client credential for access decisions: the
@@ -287,6 +362,19 @@ pub type SharedTokens = Arc<Tokens>;
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn repo_of_takes_the_name_before_the_route() {
+        assert_eq!(repo_of("/v2/library/alpine/manifests/3.20"), Some("library/alpine"));
+        assert_eq!(repo_of("/v2/a/b/c/blobs/sha256:00"), Some("a/b/c"));
+        assert_eq!(repo_of("/v2/x/tags/list"), Some("x"));
+        // a repository literally named like a route keeps the first split
+        assert_eq!(repo_of("/v2/blobs/manifests/blobs/x"), Some("blobs"));
+        assert_eq!(repo_of("/v2/"), None);
+        assert_eq!(repo_of("/v2//blobs/x"), None);
+        assert_eq!(repo_of("/token"), None);
+    }
+
     use super::*;
 
     #[test]

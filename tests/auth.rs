@@ -541,6 +541,15 @@ async fn configured_credentials_answer_for_anonymous_clients_and_stay_out_of_the
     let r = t.get("/v2/acme/private/manifests/missing", &[("accept", ACCEPT)]).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text());
     assert_eq!(hub.token_authorizations().len(), tokens.len(), "a cached token was fetched again");
+    // Once the repository has been challenged, Stowage sends the token up front: of all
+    // the registry requests for it, only the first earned a 401.
+    // (Stowage's own anonymous probe of the repository is not a client request.)
+    let for_client: Vec<_> = hub.requests().into_iter().filter(|r| r.by_client() && r.path.starts_with("/v2/acme/private/")).collect();
+    let repo_401s = for_client.iter().filter(|r| r.status == 401).count();
+    let repo_requests = for_client.len();
+    assert!(repo_requests >= 4, "{repo_requests} registry requests for the repository");
+    let seen: Vec<_> = hub.requests().iter().map(|r| format!("{} {} {} {}", r.method, r.path, r.status, r.authorization.is_some())).collect();
+    assert_eq!(repo_401s, 1, "requests for an already challenged repository went out without their token: {seen:#?}");
     let token_hosts: Vec<_> = hub.requests().into_iter().filter(|r| r.kind == Kind::Token).map(|r| r.host).collect();
     assert!(token_hosts.iter().all(|h| h.starts_with("auth.docker.io")), "{token_hosts:?}");
     // The registry itself got Stowage's bearer tokens, never the password.
