@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::future::Future;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -17,31 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// No single step of a fault test may take longer than this.
-const BOUND: Duration = Duration::from_secs(15);
 
-async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(BOUND, f).await.unwrap_or_else(|_| panic!("{what}: no answer within {BOUND:?} (a hang)"))
-}
-
-/// The sum of every sample of `name` whose labels include `labels` (0 when absent).
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let mut sum = 0.0;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else { continue };
-        let (n, l) = match series.split_once('{') {
-            Some((n, l)) => (n, l.trim_end_matches('}')),
-            None => (series, ""),
-        };
-        if n != name {
-            continue;
-        }
-        if labels.iter().all(|(k, v)| l.split(',').any(|kv| kv == format!("{k}=\"{v}\""))) {
-            sum += value.parse::<f64>().unwrap_or_else(|_| panic!("bad sample {line:?}"));
-        }
-    }
-    sum
-}
 
 async fn metrics(stowage: &Stowage) -> String {
     let r = stowage.client().proxy_get("/metrics").await;
@@ -344,16 +318,9 @@ async fn connect_with(proxy: std::net::SocketAddr, authority: &str, extra: &str)
 
 /// TLS to `host` on an open tunnel, trusting `ca_pem`; then `GET path` over HTTP/1.1.
 async fn get_in_tunnel(tcp: TcpStream, host: &str, ca_pem: &str, path: &str) -> StatusCode {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = client_config(ca_pem);
     let name = rustls::pki_types::ServerName::try_from(host.to_owned()).unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.expect("TLS in the tunnel");
+    let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.expect("TLS in the tunnel");
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
     tokio::spawn(conn);
     let req = http::Request::get(path).header("host", host).body(Empty::<bytes::Bytes>::new()).unwrap();

@@ -19,26 +19,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use http::{Method, StatusCode};
 
-const BOUND: Duration = Duration::from_secs(20);
 
-async fn bounded<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(BOUND, f).await.unwrap_or_else(|_| panic!("{what}: no answer within {BOUND:?}"))
-}
-
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let mut sum = 0.0;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else { continue };
-        let (n, l) = match series.split_once('{') {
-            Some((n, l)) => (n, l.trim_end_matches('}')),
-            None => (series, ""),
-        };
-        if n == name && labels.iter().all(|(k, v)| l.split(',').any(|kv| kv == format!("{k}=\"{v}\""))) {
-            sum += value.parse::<f64>().unwrap_or_else(|_| panic!("bad sample {line:?}"));
-        }
-    }
-    sum
-}
 
 /// Polls `/metrics` until `check` holds (the access-log body records a request when the
 /// response body is dropped, a moment after the client has read it).
@@ -54,22 +35,6 @@ async fn metrics_until(client: &ProxyClient, what: &str, check: impl Fn(&str) ->
     }
 }
 
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
-        for e in entries.flatten() {
-            if e.path().is_dir() {
-                stack.push(e.path());
-            } else {
-                out.push(e.path());
-            }
-        }
-    }
-    out.sort();
-    out
-}
 
 fn total_size(cache: &Path) -> u64 {
     files_under(&cache.join("blobs")).iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum()
@@ -164,7 +129,7 @@ impl Instance {
             }
         };
         let ca_pem = std::fs::read_to_string(self.dir.path().join("certs/ca.crt")).expect("CA written at start");
-        Proc { child, addr, client: ProxyClient::via_proxy(addr, &ca_pem), log }
+        Proc { child, client: ProxyClient::via_proxy(addr, &ca_pem), log }
     }
 
     /// `stowage --config ... <args>` (the admin commands).
@@ -177,7 +142,6 @@ impl Instance {
 
 struct Proc {
     child: Child,
-    addr: SocketAddr,
     client: ProxyClient,
     log: Arc<Mutex<Vec<String>>>,
 }

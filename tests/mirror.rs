@@ -7,7 +7,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -353,7 +352,7 @@ async fn the_mirror_speaks_tls_with_a_leaf_from_the_ca() {
     let stowage = Stowage::builder().trust(&ca).toml(&mirror_config("tls = \"ca\"\nhostname = \"mirror.example.test\"\n")).start().await;
     let port = stowage.mirror_addr.unwrap().port();
     let chain = handshake(stowage.mirror_addr.unwrap(), Some("mirror.example.test"), &stowage.ca_pem).await.expect("mirror TLS");
-    assert_eq!(dns_sans(&chain[0]), ["mirror.example.test"]);
+    assert_eq!(cert_names(&chain[0]).0, ["mirror.example.test"]);
 
     let ns = format!("?ns=quay.io:{}", quay.port());
     for alpn in [Alpn::H2, Alpn::Http11] {
@@ -384,43 +383,20 @@ async fn the_mirror_speaks_tls_with_a_leaf_from_the_ca() {
 /// A server config check: a TLS handshake to `addr` presenting `sni` (`None`: no SNI, as
 /// when connecting by IP), trusting only `ca_pem`.
 async fn handshake(addr: SocketAddr, sni: Option<&str>, ca_pem: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = client_config(ca_pem);
     let name = match sni {
         Some(h) => rustls::pki_types::ServerName::try_from(h.to_owned()).unwrap(),
         // An IP address as the server name: rustls sends no SNI for it.
         None => rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
     };
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let tls = tokio::time::timeout(Duration::from_secs(10), tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp))
+    let tls = tokio::time::timeout(Duration::from_secs(10), tokio_rustls::TlsConnector::from(config).connect(name, tcp))
         .await
         .map_err(|_| "handshake timed out".to_owned())?
         .map_err(|e| e.to_string())?;
     Ok(tls.get_ref().1.peer_certificates().unwrap_or(&[]).iter().map(|c| c.clone().into_owned()).collect())
 }
 
-fn dns_sans(der: &[u8]) -> Vec<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).expect("leaf parses");
-    cert.subject_alternative_name()
-        .expect("SAN parses")
-        .map(|ext| {
-            ext.value
-                .general_names
-                .iter()
-                .map(|n| match n {
-                    x509_parser::extensions::GeneralName::DNSName(d) => d.to_string(),
-                    other => format!("{other:?}"),
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_mode_serves_the_registry_named_by_sni() {
@@ -436,9 +412,9 @@ async fn direct_mode_serves_the_registry_named_by_sni() {
 
     // SNI quay.io: a leaf for quay.io from Stowage's CA.
     let chain = handshake(direct, Some("quay.io"), &stowage.ca_pem).await.expect("handshake with SNI quay.io");
-    assert_eq!(dns_sans(&chain[0]), ["quay.io"]);
+    assert_eq!(cert_names(&chain[0]).0, ["quay.io"]);
     let chain = handshake(direct, Some("ghcr.io"), &stowage.ca_pem).await.expect("handshake with SNI ghcr.io");
-    assert_eq!(dns_sans(&chain[0]), ["ghcr.io"]);
+    assert_eq!(cert_names(&chain[0]).0, ["ghcr.io"]);
     // No SNI, or a name that is no registry: the handshake fails.
     let e = handshake(direct, None, &stowage.ca_pem).await.expect_err("a handshake without SNI succeeded");
     assert!(!e.is_empty());

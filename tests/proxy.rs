@@ -10,7 +10,6 @@ use common::registry::OCI_MANIFEST;
 use common::*;
 use futures_util::future::join_all;
 use http::{Method, StatusCode, Version};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_pull_is_served_from_the_cache() {
@@ -254,43 +253,7 @@ async fn storage_redirects_are_followed_without_the_registry_token() {
     assert_eq!(storage.gets(), 2);
 }
 
-/// An echo server: returns every byte, closes its side after the client's EOF.
-async fn echo_server() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let a = accepted.clone();
-    let task = tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    (port, accepted, task)
-}
 
-async fn echo_through(client: &ProxyClient, authority: &str, seed: u64) {
-    let (mut tcp, status) = client.connect_raw(authority).await.unwrap();
-    assert_eq!(status, StatusCode::OK, "CONNECT {authority}");
-    let sent = pseudo_random(200_000, seed);
-    let (mut r, mut w) = tcp.split();
-    let write = async {
-        w.write_all(&sent).await.unwrap();
-        w.shutdown().await.unwrap();
-    };
-    let read = async {
-        let mut got = Vec::new();
-        r.read_to_end(&mut got).await.unwrap();
-        got
-    };
-    let ((), got) = tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(write, read) }).await.expect("tunnel echo timed out");
-    assert_eq!(got.len(), sent.len(), "CONNECT {authority}: bytes lost");
-    assert!(got == sent, "CONNECT {authority}: bytes changed in the tunnel");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_hosts_are_tunnelled_untouched_or_denied() {
@@ -305,8 +268,8 @@ async fn other_hosts_are_tunnelled_untouched_or_denied() {
 
     let stowage = Stowage::builder().trust(&ca).tunnel_ports(&[port]).start().await;
     let client = stowage.client();
-    echo_through(&client, &format!("tunnel.test:{port}"), 10).await;
-    echo_through(&client, &format!("127.0.0.1:{port}"), 11).await;
+    echo_through(&client, &format!("tunnel.test:{port}"), 10, 200_000).await;
+    echo_through(&client, &format!("127.0.0.1:{port}"), 11, 200_000).await;
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
 
     let deny = Stowage::builder().trust(&ca).other_hosts("deny").tunnel_ports(&[port]).start().await;
@@ -346,25 +309,6 @@ async fn h2_and_http11_inside_the_tunnel() {
     assert_eq!(t.alpn.as_deref(), Some(&b"h2"[..]));
 }
 
-fn dns_sans(der: &[u8]) -> (Vec<String>, bool) {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).expect("leaf parses");
-    let sans = cert
-        .subject_alternative_name()
-        .expect("SAN extension parses")
-        .map(|ext| {
-            ext.value
-                .general_names
-                .iter()
-                .map(|n| match n {
-                    x509_parser::extensions::GeneralName::DNSName(d) => d.to_string(),
-                    other => format!("{other:?}"),
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let is_ca = cert.basic_constraints().ok().flatten().is_some_and(|bc| bc.value.ca);
-    (sans, is_ca)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn minted_leaves_validate_for_the_requested_host() {
@@ -385,7 +329,7 @@ async fn minted_leaves_validate_for_the_requested_host() {
         let t = client.tunnel(host, port, Alpn::Both).await.unwrap_or_else(|e| panic!("{host}:{port}: {e}"));
         let leaf = t.peer_certs.first().expect("a certificate").clone();
         assert_ne!(leaf, ca_der, "{host}: the CA certificate itself was presented");
-        let (sans, is_ca) = dns_sans(&leaf);
+        let (sans, is_ca) = cert_names(&leaf);
         assert_eq!(sans, [host], "{host}: SANs");
         assert!(!is_ca, "{host}: the leaf is a CA");
         leaves.push(leaf);

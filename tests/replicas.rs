@@ -546,43 +546,7 @@ async fn proxy_connection(mut client: TcpStream, seen: Arc<Mutex<Vec<String>>>) 
     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
 }
 
-/// Echoes every byte back; counts connections.
-async fn echo_server() -> (u16, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let a = accepted.clone();
-    let task = tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            a.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    (port, accepted, task)
-}
 
-/// A blind tunnel through Stowage to `authority` carries bytes both ways unchanged.
-async fn echo_through(client: &ProxyClient, authority: &str, seed: u64) {
-    let (mut tcp, status) = client.connect_raw(authority).await.unwrap();
-    assert_eq!(status, StatusCode::OK, "CONNECT {authority}");
-    let sent = pseudo_random(50_000, seed);
-    let (mut r, mut w) = tcp.split();
-    let write = async {
-        w.write_all(&sent).await.unwrap();
-        w.shutdown().await.unwrap();
-    };
-    let read = async {
-        let mut got = Vec::new();
-        r.read_to_end(&mut got).await.unwrap();
-        got
-    };
-    let ((), got) = tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(write, read) }).await.expect("tunnel echo timed out");
-    assert!(got == sent, "CONNECT {authority}: {} bytes back of {}, or changed", got.len(), sent.len());
-}
 
 /// Whether a TCP connection to `addr` is refused (or otherwise fails) quickly.
 async fn unreachable(addr: SocketAddr) -> bool {
@@ -621,14 +585,14 @@ async fn upstream_connections_go_through_the_configured_proxy_except_no_proxy_ho
     assert!(corp.seen().iter().all(|l| l.starts_with("CONNECT ")), "{:?}", corp.seen());
 
     // A host that is not a registry: Stowage's blind tunnel goes through the proxy too.
-    echo_through(&client, &format!("tunnel.test:{echo_port}"), 133).await;
+    echo_through(&client, &format!("tunnel.test:{echo_port}"), 133, 50_000).await;
     assert!(corp.connected_to(&format!("tunnel.test:{echo_port}")), "the proxy saw {:?}", corp.seen());
     assert_eq!(echo_accepted.load(Ordering::SeqCst), 1);
 
     // no_proxy hosts are reached directly: a registry and a blind tunnel.
     let before = corp.seen().len();
     pull(&client, "ghcr.io", ghcr.port(), "org/tool", "v2", Alpn::H2).await;
-    echo_through(&client, &format!("direct.test:{echo_port}"), 134).await;
+    echo_through(&client, &format!("direct.test:{echo_port}"), 134, 50_000).await;
     assert_eq!(echo_accepted.load(Ordering::SeqCst), 2);
     assert!(ghcr.blob_gets() == 2);
     assert!(!corp.saw_host("ghcr.io") && !corp.saw_host("direct.test"), "no_proxy hosts went through the proxy: {:?}", &corp.seen()[before..]);
@@ -698,7 +662,7 @@ async fn an_upstream_reachable_only_over_ipv4_works_when_its_name_also_resolves_
     assert_eq!(s.manifest(&img.manifest).await.status, StatusCode::OK);
     assert!(started.elapsed() < Duration::from_secs(10), "the fallback took {:?}", started.elapsed());
     // Blind tunnels fall back the same way.
-    echo_through(&client, &format!("tunnel.test:{echo_port}"), 152).await;
+    echo_through(&client, &format!("tunnel.test:{echo_port}"), 152, 50_000).await;
     assert_eq!(echo_accepted.load(Ordering::SeqCst), 1);
 }
 
@@ -805,7 +769,7 @@ async fn credentials_in_the_proxy_url_are_sent_to_the_proxy() {
     )
     .await;
     pull(&node.client(), "quay.io", quay.port(), "team/app", "v1", Alpn::Http11).await;
-    echo_through(&node.client(), &format!("tunnel.test:{echo_port}"), 182).await;
+    echo_through(&node.client(), &format!("tunnel.test:{echo_port}"), 182, 50_000).await;
     let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("corp-user:s3cret"));
     for target in [format!("quay.io:{}", quay.port()), format!("tunnel.test:{echo_port}")] {
         let expected = format!("CONNECT {target} HTTP/1.1 [{basic}]");
@@ -860,7 +824,7 @@ async fn an_ipv6_address_that_swallows_connections_costs_a_fraction_of_a_second(
     assert_eq!(pulled.manifest_digest, img.manifest);
     let pull_took = started.elapsed();
     let started = Instant::now();
-    echo_through(&client, &format!("tunnel.test:{echo_port}"), 192).await;
+    echo_through(&client, &format!("tunnel.test:{echo_port}"), 192, 50_000).await;
     let tunnel_took = started.elapsed();
     eprintln!("pull {pull_took:?}, tunnel {tunnel_took:?}");
     assert!(pull_took < Duration::from_secs(3), "the pull waited for the IPv6 address: {pull_took:?}");

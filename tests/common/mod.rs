@@ -13,6 +13,7 @@ pub mod client;
 pub mod registry;
 pub mod stowage;
 pub mod tls;
+pub mod util;
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,7 @@ pub use client::{pull, Alpn, ProxyClient, Pulled, Resp, Session, Tunnel};
 pub use registry::{BlobMode, FakeRegistry, FakeStorage, Fault, Gate, Image, Kind, Location, Recorded};
 pub use stowage::Stowage;
 pub use tls::TestCa;
+pub use util::{bounded, cert_names, client_config, echo_server, echo_through, files_under, metric, BOUND};
 
 /// Every host name the fakes answer to; the Stowage fixture pins each to 127.0.0.1.
 pub const FAKE_HOSTS: &[&str] = &[

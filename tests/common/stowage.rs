@@ -163,12 +163,12 @@ impl Stowage {
 
     /// Every file under `<cache>/blobs`.
     pub fn cached_files(&self) -> Vec<PathBuf> {
-        files_under(&self.cache_dir.join("blobs"))
+        super::util::files_under(&self.cache_dir.join("blobs"))
     }
 
     /// Every file under `<cache>/tmp` (fills in progress or leftovers).
     pub fn temp_files(&self) -> Vec<PathBuf> {
-        files_under(&self.cache_dir.join("tmp"))
+        super::util::files_under(&self.cache_dir.join("tmp"))
     }
 
     /// Stops the server and waits for `run` to return.
@@ -189,20 +189,3 @@ impl Drop for Stowage {
     }
 }
 
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
-}
