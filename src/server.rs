@@ -199,6 +199,11 @@ fn load_tls_files(cert: &std::path::Path, key: &std::path::Path) -> Result<Arc<r
 
 impl Server {
     pub async fn bind(config: Config) -> Result<Server, Error> {
+        // aws-lc seeds its random generator from CPU jitter on first use: ~100 ms that the
+        // first client's TLS handshake (and leaf key) would otherwise wait for. Done before
+        // any listener exists, so no client can arrive during it.
+        let mut seed = [0u8; 16];
+        let _ = aws_lc_rs::rand::fill(&mut seed);
         config.validate()?;
         let addr = config.proxy_listen()?;
         let ca = CertificateAuthority::load_or_create(&config.ca.dir)?;
@@ -323,12 +328,6 @@ impl Server {
             accept_loops.push(tokio::spawn(accept_loop(state.clone(), kind, listener)));
         }
         let housekeeping = tokio::spawn(housekeeping(state.clone()));
-        // aws-lc seeds its random generator from CPU jitter on first use, ~100 ms of sampling
-        // that the first client's TLS handshake (and leaf key) would otherwise wait for.
-        tokio::task::spawn_blocking(|| {
-            let mut seed = [0u8; 16];
-            let _ = aws_lc_rs::rand::fill(&mut seed);
-        });
         shutdown.await;
         tracing::info!(in_flight = state.tasks.len(), grace = ?grace, "shutting down");
         state.shutdown.cancel();
