@@ -269,11 +269,20 @@ async fn main() {
     let mut rss_max = rss_mid;
     if !args.soak.is_zero() {
         let t1 = Instant::now();
+        let mut next_mark = Duration::from_secs(60);
+        let mut trace = Vec::new();
         while t1.elapsed() < args.soak {
             tokio::time::sleep(Duration::from_secs(5)).await;
             registry.clear_requests();
-            rss_max = rss_max.max(rss_kib(pid));
+            let rss = rss_kib(pid);
+            rss_max = rss_max.max(rss);
+            if t1.elapsed() >= next_mark {
+                trace.push(format!("{}s {} MiB", next_mark.as_secs(), rss / 1024));
+                next_mark += Duration::from_secs(60);
+            }
         }
+        // Growth that levels off (allocator warm-up) reads differently from a leak.
+        println!("soak RSS each minute: {}", trace.join(", "));
         let rss_end = rss_kib(pid);
         stats.report("soak", t1.elapsed(), rss_mid, rss_end);
         println!("stowage RSS: start {} MiB, after load {} MiB, end of soak {} MiB, max {} MiB", rss_start / 1024, rss_mid / 1024, rss_end / 1024, rss_max / 1024);
