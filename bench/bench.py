@@ -98,6 +98,7 @@ class Bench:
         self.procs = {}
         self.cache_gen = 0
         self.samples = {}  # (target, metric) -> [values]
+        self.loadavg_start = f"{os.getloadavg()[0]:.1f}"
         self.notes = []
 
     # ---------- set-up ----------
@@ -659,9 +660,10 @@ http {{
 Produced by `bench/run.sh` ({'BENCH_QUICK=1, ' if QUICK else ''}{LAYER_MIB} MiB layer, {REPS} interleaved
 repetition(s), medians; measured part took {self.elapsed:.0f} s) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.
 
-Machine: {os.cpu_count()} cores (`nproc` {sh('nproc').strip()}), {model}, {mem} RAM. Shared with other
-engineers' builds and tests while it ran, so figures are noisy: runs are interleaved across
-targets and each figure is the median of its samples (raw samples below).
+Machine: {os.cpu_count()} cores (`nproc` {sh('nproc').strip()}), {model}, {mem} RAM; load average
+{self.loadavg_start} at the start and {os.getloadavg()[0]:.1f} at the end (anything above 0 is other work
+sharing the cores). Runs are interleaved across targets and each figure is the median of its
+samples (raw samples below).
 
 Everything on loopback, TLS everywhere, clients over HTTP/1.1: `curl` for single GETs
 (8 parallel = 8 curl processes), `skopeo copy docker://… dir:…` for pulls, `benches/head_load.rs`
