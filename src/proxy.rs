@@ -17,7 +17,7 @@ use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -29,8 +29,25 @@ use crate::registry::{self, Target};
 use crate::response::{empty, full, text, Body};
 use crate::server::{HostKind, State};
 
-pub fn http_builder(state: &State) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
+/// Spawns hyper's background tasks (one per h2 stream) inside the span of the connection
+/// that made them, so their log lines, the access log included, name the client.
+#[derive(Clone)]
+pub struct SpanExecutor(tracing::Span);
+
+impl<F> hyper::rt::Executor<F> for SpanExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(fut.instrument(self.0.clone()));
+    }
+}
+
+/// The HTTP/1.1 + h2 server settings every listener uses; call it inside the connection's
+/// span.
+pub fn http_builder(state: &State) -> auto::Builder<SpanExecutor> {
+    let mut b = auto::Builder::new(SpanExecutor(tracing::Span::current()));
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(state.header_timeout)

@@ -163,7 +163,9 @@ pub struct Logged {
 impl Logged {
     pub fn wrap(resp: Response<Body>, line: LogLine) -> Response<Body> {
         let (parts, inner) = resp.into_parts();
-        let expected = inner.size_hint().exact();
+        // Streamed bodies carry no exact size hint; their length is in Content-Length.
+        let declared = parts.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+        let expected = inner.size_hint().exact().or(declared);
         let body = Logged { inner, bytes: 0, complete: false, expected, line, span: tracing::Span::current() };
         Response::from_parts(parts, body.boxed_unsync())
     }

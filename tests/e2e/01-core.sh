@@ -49,4 +49,8 @@ for f in "$WORK"/copy1/*; do
   cmp -s "$f" "$cached" || fail "cached $hex differs from the copied blob"
 done
 grep -qE 'outcome="?hit' "$WORK/stowage.log" || fail "no hit in Stowage's access log"
-ok "cache holds the verified blobs; access log shows hits"
+# Every blob response was delivered whole, and the access log says so.
+blob_lines=$(grep -c 'kind="blob"' "$WORK/stowage.log" || true)
+whole=$(grep 'kind="blob"' "$WORK/stowage.log" | grep -c 'complete=true' || true)
+((blob_lines == 8 && whole == 8)) || fail "access log: $whole of $blob_lines blob lines complete, expected 8 of 8"
+ok "cache holds the verified blobs; access log shows hits and 8 complete blob responses"
