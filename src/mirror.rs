@@ -14,13 +14,14 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::LazyConfigAcceptor;
 
@@ -264,17 +265,29 @@ where
     }
 }
 
+/// Ends a handshake that names no registry with a fatal `unrecognized_name` alert (RFC 6066),
+/// so the client reports why instead of an unexpected end of stream. It goes out in the
+/// clear, as every alert before the server's first flight does.
+async fn refuse_unrecognized_name<IO: AsyncWrite + Unpin>(mut io: IO) {
+    const ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 2, 112];
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = io.write_all(&ALERT).await;
+        let _ = io.shutdown().await;
+    })
+    .await;
+}
+
 /// Serves one connection on the direct listener: SNI names the registry.
 pub async fn serve_direct_connection(state: Arc<State>, stream: TcpStream, peer: SocketAddr) {
     let Some(start) = handshake_start(&state, stream).await else { return };
     let Some(sni) = start.client_hello().server_name().map(str::to_ascii_lowercase) else {
         // Without SNI there is no way to know which registry the client meant.
-        tracing::warn!(%peer, "direct TLS without SNI: closing (clients must connect by registry name)");
-        return;
+        tracing::warn!(%peer, "direct TLS without SNI: refused (clients must connect by registry name)");
+        return refuse_unrecognized_name(start.io).await;
     };
     let Some(kind) = state.host_kind(&sni) else {
-        tracing::warn!(%peer, sni, "direct TLS for a host that is not a configured registry: closing");
-        return;
+        tracing::warn!(%peer, sni, "direct TLS for a host that is not a configured registry: refused");
+        return refuse_unrecognized_name(start.io).await;
     };
     let config = match state.ca.server_config(&sni).await {
         Ok(c) => c,
