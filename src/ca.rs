@@ -148,19 +148,37 @@ impl CertificateAuthority {
         let cert = params.signed_by(&key, &self.issuer).map_err(|e| err(e.to_string()))?;
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let chain = vec![cert.der().clone(), self.cert_der.clone()];
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut config = ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| err(e.to_string()))?
-            .with_no_client_auth()
-            .with_single_cert(chain, key_der)
-            .map_err(|e| err(e.to_string()))?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let config = server_tls_config(chain, key_der).map_err(|e| err(e.to_string()))?;
         self.minted.fetch_add(1, Ordering::Relaxed);
         let kind = if host.parse::<IpAddr>().is_ok() { "ip" } else { "dns" };
         tracing::debug!(host, kind, "minted leaf certificate");
         Ok(config)
     }
+}
+
+/// The TLS settings of every listener Stowage terminates: the aws-lc-rs provider with
+/// AES-128-GCM preferred over AES-256-GCM whatever order the client lists them in (both are
+/// safe; AES-128 takes 10 rounds instead of 14, and Go clients, which most runtimes are,
+/// ask for it first anyway), and ALPN h2 then http/1.1.
+pub fn server_tls_config(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<ServerConfig, rustls::Error> {
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    // A stable sort on "is AES-256": AES-128 suites move ahead of their AES-256 siblings,
+    // TLS 1.3 suites stay ahead of TLS 1.2 ones.
+    provider.cipher_suites.sort_by_key(|s| {
+        use rustls::CipherSuite as C;
+        let aes_256 = matches!(
+            s.suite(),
+            C::TLS13_AES_256_GCM_SHA384 | C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384 | C::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384
+        );
+        (s.version() != &rustls::version::TLS13, aes_256)
+    });
+    let mut config = ServerConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.ignore_client_order = true;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
 }
 
 /// Creates `path` exclusively with `mode`, writes and fsyncs it.
@@ -212,5 +230,62 @@ mod tests {
         assert!(configs.iter().all(|c| Arc::ptr_eq(c, &configs[0])));
         ca.server_config("127.0.0.1").await.unwrap();
         assert_eq!(ca.minted(), 2);
+    }
+
+    /// Runs a handshake in memory between `client` and a leaf of `ca` for `host`; returns
+    /// the negotiated cipher suite.
+    async fn negotiate(ca: &CertificateAuthority, host: &str, client: rustls::ClientConfig) -> rustls::CipherSuite {
+        let server_config = ca.server_config(host).await.unwrap();
+        let mut server = rustls::ServerConnection::new(server_config).unwrap();
+        let name = rustls_pki_types::ServerName::try_from(host.to_owned()).unwrap();
+        let mut client = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut buf).unwrap();
+            }
+            server.read_tls(&mut buf.as_slice()).unwrap();
+            server.process_new_packets().unwrap();
+            let mut buf = Vec::new();
+            while server.wants_write() {
+                server.write_tls(&mut buf).unwrap();
+            }
+            client.read_tls(&mut buf.as_slice()).unwrap();
+            client.process_new_packets().unwrap();
+            if !client.is_handshaking() && !server.is_handshaking() {
+                break;
+            }
+        }
+        assert!(!server.is_handshaking(), "handshake did not complete");
+        server.negotiated_cipher_suite().unwrap().suite()
+    }
+
+    #[tokio::test]
+    async fn servers_prefer_aes_128_gcm_whatever_the_client_lists_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::load_or_create(dir.path()).unwrap();
+        let client = |suites: Vec<rustls::SupportedCipherSuite>, versions: &[&'static rustls::SupportedProtocolVersion]| {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca.cert_der.clone()).unwrap();
+            let provider = rustls::crypto::CryptoProvider { cipher_suites: suites, ..rustls::crypto::aws_lc_rs::default_provider() };
+            rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+                .with_protocol_versions(versions)
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth()
+        };
+        use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+        use rustls::CipherSuite as C;
+        // OpenSSL (curl) lists AES-256 first: the server's order wins.
+        let c = client(vec![cs::TLS13_AES_256_GCM_SHA384, cs::TLS13_AES_128_GCM_SHA256], &[&rustls::version::TLS13]);
+        assert_eq!(negotiate(&ca, "quay.io", c).await, C::TLS13_AES_128_GCM_SHA256);
+        let c = client(
+            vec![cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384, cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256],
+            &[&rustls::version::TLS12],
+        );
+        assert_eq!(negotiate(&ca, "quay.io", c).await, C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256);
+        // A client that offers only AES-256 still gets it.
+        let c = client(vec![cs::TLS13_AES_256_GCM_SHA384], &[&rustls::version::TLS13]);
+        assert_eq!(negotiate(&ca, "quay.io", c).await, C::TLS13_AES_256_GCM_SHA384);
     }
 }

@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -263,16 +262,32 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// Reads `min(max, CHUNK)` bytes at `pos` into a fresh buffer. The buffer is not zeroed
+/// first (that cost 3% of a warm GET): `pread` writes into the spare capacity through a raw
+/// pointer and the length only ever covers bytes the kernel wrote.
 fn read_chunk(file: &File, pos: u64, max: u64) -> std::io::Result<Bytes> {
+    use std::os::fd::AsRawFd;
     let n = max.min(CHUNK as u64) as usize;
-    let mut buf = BytesMut::zeroed(n);
-    let mut filled = 0;
-    while filled < n {
-        let r = file.read_at(&mut buf[filled..], pos + filled as u64)?;
-        if r == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "cached file shorter than expected"));
+    let mut buf = BytesMut::with_capacity(n);
+    while buf.len() < n {
+        let filled = buf.len();
+        let spare = buf.spare_capacity_mut();
+        let want = (n - filled).min(spare.len());
+        let offset = libc::off_t::try_from(pos + filled as u64).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // SAFETY: `spare` is writable memory of at least `want` bytes owned by `buf`; the
+        // kernel writes at most `want` bytes into it and reports how many.
+        let r = unsafe { libc::pread(file.as_raw_fd(), spare.as_mut_ptr().cast(), want, offset) };
+        match r {
+            0 => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "cached file shorter than expected")),
+            r if r < 0 => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            // SAFETY: the kernel initialised exactly `r` (<= `want`) bytes after `filled`.
+            r => unsafe { buf.set_len(filled + r as usize) },
         }
-        filled += r;
     }
     Ok(buf.freeze())
 }

@@ -186,14 +186,7 @@ fn load_tls_files(cert: &std::path::Path, key: &std::path::Path) -> Result<Arc<r
         .collect::<Result<_, _>>()
         .map_err(|e| bad(format!("{}: {e}", cert.display())))?;
     let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key).map_err(|e| bad(format!("{}: {e}", key.display())))?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|e| bad(e.to_string()))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let config = crate::ca::server_tls_config(chain, key).map_err(|e| bad(e.to_string()))?;
     Ok(Arc::new(config))
 }
 
