@@ -492,9 +492,17 @@ http {{
         port = prefix.rsplit(":", 1)[1]
         host = prefix.split("//", 1)[1]
         ca = opts[opts.index("--cacert") + 1]
+        perf = None
+        if target == "stowage" and os.environ.get("BENCH_PERF_HEAD"):
+            # A profile of Stowage during this figure: BENCH_PERF_HEAD=<perf.data path>.
+            perf = subprocess.Popen(["perf", "record", "-g", "-e", "cpu-clock", "-p", str(self.procs[target].pid),
+                                     "-o", os.environ["BENCH_PERF_HEAD"], "--", "sleep", str(WRK_SECS)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         out = sh(self.args.head_load, "--url", f"https://127.0.0.1:{port}/v2/{REPO}/manifests/{TAG}{q}", "--ca", ca,
                  "--sni", host.rsplit(":", 1)[0], "--host", host, "--accept", MANIFEST_TYPE,
                  "--connections", str(WRK_CONNS), "--seconds", str(WRK_SECS), "--threads", "2")
+        if perf:
+            perf.wait()
         f = dict(kv.split("=") for kv in out.split())
         if int(f["errors"]) or int(f["non2xx"]):
             self.notes.append(f"HEAD load against {target}: {f['errors']} connection errors, {f['non2xx']} non-2xx answers")

@@ -576,17 +576,13 @@ fn verify_body(state: &State, resp: Response<Body>, digest: &Digest) -> Response
 }
 
 /// Stored manifest content with its media type, if both are present.
+/// A stored manifest with its length and media type. Runs on the calling task, as blob hits
+/// and tag lookups do: a redb read and an `open` of a small file cost less than the hop to
+/// the blocking pool (which halved the manifest `HEAD` rate).
 async fn stored_manifest(state: &State, digest: &Digest) -> Option<(std::fs::File, u64, String)> {
-    let store = state.store.clone();
-    let d = digest.clone();
-    tokio::task::spawn_blocking(move || {
-        let media_type = store.media_type(&d).ok()??;
-        let (file, len) = store.open_blob(&d).ok()??;
-        Some((file, len, media_type))
-    })
-    .await
-    .ok()
-    .flatten()
+    let media_type = state.store.media_type(digest).ok()??;
+    let (file, len) = state.store.open_blob(digest).ok()??;
+    Some((file, len, media_type))
 }
 
 async fn manifest_by_digest(state: &State, target: &Target, req: Request<Incoming>, repo: &RepoName, digest: &Digest) -> Served {
