@@ -42,7 +42,9 @@ fn parse_args() -> Args {
         let v = argv.get(i + 1).cloned().unwrap_or_default();
         match argv[i].as_str() {
             "--connections" => a.connections = v.parse().expect("--connections N"),
-            "--duration" => a.duration = Duration::from_secs(v.parse().expect("--duration SECONDS")),
+            "--duration" => {
+                a.duration = Duration::from_secs(v.parse().expect("--duration SECONDS"))
+            }
             "--soak" => a.soak = Duration::from_secs(v.parse().expect("--soak SECONDS")),
             "--stowage" => a.stowage = v,
             "--max-size" => a.max_size = v,
@@ -61,7 +63,12 @@ fn parse_args() -> Args {
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -69,7 +76,13 @@ fn raise_fd_limit() {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let cur = getrlimit(Resource::Nofile);
     let max = cur.maximum.unwrap_or(1 << 20);
-    let _ = setrlimit(Resource::Nofile, Rlimit { current: Some(max.min(1 << 20)), maximum: cur.maximum });
+    let _ = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(max.min(1 << 20)),
+            maximum: cur.maximum,
+        },
+    );
 }
 
 #[derive(Default)]
@@ -94,8 +107,17 @@ impl Stats {
     fn report(&self, phase: &str, elapsed: Duration, rss_start: u64, rss_end: u64) {
         let mut lat = std::mem::take(&mut *self.hit_latency_us.lock().unwrap());
         lat.sort_unstable();
-        let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
-        let (h, m, t, e) = (self.hits.swap(0, Ordering::Relaxed), self.misses.swap(0, Ordering::Relaxed), self.tunnels.swap(0, Ordering::Relaxed), self.errors.swap(0, Ordering::Relaxed));
+        let pct = |p: f64| {
+            lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0)
+        };
+        let (h, m, t, e) = (
+            self.hits.swap(0, Ordering::Relaxed),
+            self.misses.swap(0, Ordering::Relaxed),
+            self.tunnels.swap(0, Ordering::Relaxed),
+            self.errors.swap(0, Ordering::Relaxed),
+        );
         println!(
             "{phase}: {:.0}s, requests {} (hits {h}, misses {m}, tunnels {t}), errors {e}, hit latency p50 {:.2} ms p99 {:.2} ms, {:.0} req/s, stowage RSS {} MiB -> {} MiB",
             elapsed.as_secs_f64(),
@@ -117,7 +139,9 @@ async fn echo_server() -> u16 {
     let port = l.local_addr().unwrap().port();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else { continue };
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let (mut r, mut w) = s.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
@@ -135,7 +159,9 @@ async fn main() {
     let ca = TestCa::new();
     let registry = Arc::new(FakeRegistry::builder(&ca).host("quay.io").build().await);
     let echo_port = echo_server().await;
-    let hot: Vec<String> = (0..64).map(|i| registry.push_blob("load/hot", pseudo_random(64 * 1024, i))).collect();
+    let hot: Vec<String> = (0..64)
+        .map(|i| registry.push_blob("load/hot", pseudo_random(64 * 1024, i)))
+        .collect();
 
     let dir = tempfile::tempdir().unwrap();
     let port = {
@@ -156,7 +182,12 @@ async fn main() {
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .spawn()
-        .unwrap_or_else(|e| panic!("starting {}: {e} (build it with cargo build --release)", args.stowage));
+        .unwrap_or_else(|e| {
+            panic!(
+                "starting {}: {e} (build it with cargo build --release)",
+                args.stowage
+            )
+        });
     let pid = child.id();
     let proxy: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut ca_pem = String::new();
@@ -173,7 +204,14 @@ async fn main() {
     let client = Arc::new(ProxyClient::via_proxy(proxy, &ca_pem));
 
     // Warm the hot set once.
-    let s = Session::login(&client, "quay.io", registry.port(), "load/hot", Alpn::Http11).await;
+    let s = Session::login(
+        &client,
+        "quay.io",
+        registry.port(),
+        "load/hot",
+        Alpn::Http11,
+    )
+    .await;
     for d in &hot {
         let r = s.blob(d).await;
         assert_eq!(sha256_digest(&r.body), *d);
@@ -192,63 +230,115 @@ async fn main() {
     let held = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
     for w in 0..args.connections {
-        let (client, registry, stats, stop, hot, next_miss, held) =
-            (client.clone(), registry.clone(), stats.clone(), stop.clone(), hot.clone(), next_miss.clone(), held.clone());
+        let (client, registry, stats, stop, hot, next_miss, held) = (
+            client.clone(),
+            registry.clone(),
+            stats.clone(),
+            stop.clone(),
+            hot.clone(),
+            next_miss.clone(),
+            held.clone(),
+        );
         workers.push(tokio::spawn(async move {
             // Stagger connection set-up.
             tokio::time::sleep(Duration::from_millis((w as u64 * 7) % 3000)).await;
-            let tunnel = match client.tunnel("quay.io", registry.port(), Alpn::Http11).await {
+            let tunnel = match client
+                .tunnel("quay.io", registry.port(), Alpn::Http11)
+                .await
+            {
                 Ok(t) => t,
                 Err(e) => return stats.error(format!("connect: {e}")),
             };
             // The harness panics on a failed token dance; count it instead of losing a worker.
             let c = client.clone();
-            let session = match tokio::spawn(async move { Session::on(&c, tunnel, "load/hot", Alpn::Http11).await }).await {
+            let session = match tokio::spawn(async move {
+                Session::on(&c, tunnel, "load/hot", Alpn::Http11).await
+            })
+            .await
+            {
                 Ok(s) => s,
                 Err(e) => return stats.error(format!("login: {e}")),
             };
             held.fetch_add(1, Ordering::Relaxed);
             let mut x = w as u64 + 1;
             while !stop.load(Ordering::Relaxed) {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let roll = (x >> 33) % 100;
                 if roll < 80 {
                     let d = &hot[(x >> 40) as usize % hot.len()];
                     let t0 = Instant::now();
-                    match session.request_raw(http::Method::GET, &session.blob_path(d), &[]).await {
-                        Ok(r) if r.status == 200 && r.body_error.is_none() && r.body.len() == 64 * 1024 => {
-                            stats.hit_latency_us.lock().unwrap().push(t0.elapsed().as_micros() as u64);
+                    match session
+                        .request_raw(http::Method::GET, &session.blob_path(d), &[])
+                        .await
+                    {
+                        Ok(r)
+                            if r.status == 200
+                                && r.body_error.is_none()
+                                && r.body.len() == 64 * 1024 =>
+                        {
+                            stats
+                                .hit_latency_us
+                                .lock()
+                                .unwrap()
+                                .push(t0.elapsed().as_micros() as u64);
                             stats.hits.fetch_add(1, Ordering::Relaxed);
                         }
-                        Ok(r) => stats.error(format!("hit: status {} x-cache {} body {} {:?}", r.status, r.x_cache(), r.body.len(), r.body_error)),
+                        Ok(r) => stats.error(format!(
+                            "hit: status {} x-cache {} body {} {:?}",
+                            r.status,
+                            r.x_cache(),
+                            r.body.len(),
+                            r.body_error
+                        )),
                         Err(e) => stats.error(format!("hit: {e}")),
                     }
                 } else if roll < 90 {
                     let n = next_miss.fetch_add(1, Ordering::Relaxed);
                     let data = pseudo_random(16 * 1024, n);
                     let d = registry.push_blob("load/hot", data);
-                    match session.request_raw(http::Method::GET, &session.blob_path(&d), &[]).await {
-                        Ok(r) if r.status == 200 && r.body_error.is_none() && sha256_digest(&r.body) == d => {
+                    match session
+                        .request_raw(http::Method::GET, &session.blob_path(&d), &[])
+                        .await
+                    {
+                        Ok(r)
+                            if r.status == 200
+                                && r.body_error.is_none()
+                                && sha256_digest(&r.body) == d =>
+                        {
                             stats.misses.fetch_add(1, Ordering::Relaxed);
                         }
-                        Ok(r) => stats.error(format!("miss: status {} body {} {:?}", r.status, r.body.len(), r.body_error)),
+                        Ok(r) => stats.error(format!(
+                            "miss: status {} body {} {:?}",
+                            r.status,
+                            r.body.len(),
+                            r.body_error
+                        )),
                         Err(e) => stats.error(format!("miss: {e}")),
                     }
                     // Fetched once; the fake registry need not keep it (its memory would grow).
                     registry.delete_blob(&d);
                 } else {
-                    match client.connect_raw(&format!("tunnel.test:{echo_port}")).await {
+                    match client
+                        .connect_raw(&format!("tunnel.test:{echo_port}"))
+                        .await
+                    {
                         Ok((mut s, status)) if status == 200 => {
                             let msg = pseudo_random(1024, x);
                             let mut back = vec![0u8; 1024];
-                            let ok = s.write_all(&msg).await.is_ok() && s.read_exact(&mut back).await.is_ok() && back == msg;
+                            let ok = s.write_all(&msg).await.is_ok()
+                                && s.read_exact(&mut back).await.is_ok()
+                                && back == msg;
                             if ok {
                                 stats.tunnels.fetch_add(1, Ordering::Relaxed);
                             } else {
                                 stats.error("tunnel: echo mismatch".into());
                             }
                         }
-                        Ok((_, status)) => stats.error(format!("tunnel: CONNECT answered {status}")),
+                        Ok((_, status)) => {
+                            stats.error(format!("tunnel: CONNECT answered {status}"))
+                        }
                         Err(e) => stats.error(format!("tunnel: {e}")),
                     }
                 }
@@ -260,7 +350,8 @@ async fn main() {
 
     let t0 = Instant::now();
     while t0.elapsed() < args.duration {
-        tokio::time::sleep(Duration::from_secs(5).min(args.duration.saturating_sub(t0.elapsed()))).await;
+        tokio::time::sleep(Duration::from_secs(5).min(args.duration.saturating_sub(t0.elapsed())))
+            .await;
         registry.clear_requests();
     }
     let rss_mid = rss_kib(pid);
@@ -285,7 +376,13 @@ async fn main() {
         println!("soak RSS each minute: {}", trace.join(", "));
         let rss_end = rss_kib(pid);
         stats.report("soak", t1.elapsed(), rss_mid, rss_end);
-        println!("stowage RSS: start {} MiB, after load {} MiB, end of soak {} MiB, max {} MiB", rss_start / 1024, rss_mid / 1024, rss_end / 1024, rss_max / 1024);
+        println!(
+            "stowage RSS: start {} MiB, after load {} MiB, end of soak {} MiB, max {} MiB",
+            rss_start / 1024,
+            rss_mid / 1024,
+            rss_end / 1024,
+            rss_max / 1024
+        );
     }
     stop.store(true, Ordering::Relaxed);
     for w in workers {

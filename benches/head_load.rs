@@ -70,7 +70,10 @@ fn main() {
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let path = if path.is_empty() { "/" } else { path };
     let host = args.host.clone().unwrap_or_else(|| authority.to_owned());
-    let request = format!("HEAD {path} HTTP/1.1\r\nHost: {host}\r\nAccept: {}\r\nUser-Agent: head_load\r\n\r\n", args.accept);
+    let request = format!(
+        "HEAD {path} HTTP/1.1\r\nHost: {host}\r\nAccept: {}\r\nUser-Agent: head_load\r\n\r\n",
+        args.accept
+    );
     let request: Arc<[u8]> = request.into_bytes().into();
 
     let mut roots = rustls::RootCertStore::empty();
@@ -88,17 +91,29 @@ fn main() {
     let sni = ServerName::try_from(args.sni.clone()).expect("SNI name");
     let addr: std::net::SocketAddr = authority.parse().expect("URL authority must be IP:port");
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads).enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads)
+        .enable_all()
+        .build()
+        .expect("runtime");
     let counts = Arc::new(Counts::default());
     let stop = Arc::new(AtomicBool::new(false));
     let elapsed = rt.block_on(async {
         let start = Instant::now();
         let mut tasks = Vec::new();
         for _ in 0..args.connections {
-            let (connector, sni, request, counts, stop) = (connector.clone(), sni.clone(), request.clone(), counts.clone(), stop.clone());
+            let (connector, sni, request, counts, stop) = (
+                connector.clone(),
+                sni.clone(),
+                request.clone(),
+                counts.clone(),
+                stop.clone(),
+            );
             tasks.push(tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    if let Err(_e) = connection(addr, &connector, sni.clone(), &request, &counts, &stop).await {
+                    if let Err(_e) =
+                        connection(addr, &connector, sni.clone(), &request, &counts, &stop).await
+                    {
                         counts.errors.fetch_add(1, Ordering::Relaxed);
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
@@ -154,8 +169,14 @@ async fn connection(
             }
             have += n;
         };
-        let status = buf.get(9..12).and_then(|b| std::str::from_utf8(b).ok()).and_then(|s| s.parse::<u16>().ok()).unwrap_or(0);
-        let close = buf[..end].windows(17).any(|w| w.eq_ignore_ascii_case(b"connection: close"));
+        let status = buf
+            .get(9..12)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|s| s.parse::<u16>().ok())
+            .unwrap_or(0);
+        let close = buf[..end]
+            .windows(17)
+            .any(|w| w.eq_ignore_ascii_case(b"connection: close"));
         if (200..300).contains(&status) {
             counts.ok.fetch_add(1, Ordering::Relaxed);
         } else {

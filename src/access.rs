@@ -19,7 +19,10 @@ use crate::oci::RepoName;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The key of a repository across registries: `<registry>/<repo>`.
@@ -36,8 +39,14 @@ pub struct Access {
 impl Access {
     pub fn new(auth_ttl: Duration, public_ttl: Duration) -> Access {
         Access {
-            recent: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(auth_ttl).build(),
-            probed: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(public_ttl).build(),
+            recent: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(auth_ttl)
+                .build(),
+            probed: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(public_ttl)
+                .build(),
             public_ttl,
         }
     }

@@ -45,7 +45,12 @@ impl Traffic {
 }
 
 pub fn stats(store: &BlobStore, max_size: u64) -> Stats {
-    Stats { objects: store.index.len() as u64, bytes: store.index.total(), max_size, since_start: None }
+    Stats {
+        objects: store.index.len() as u64,
+        bytes: store.index.total(),
+        max_size,
+        since_start: None,
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -77,8 +82,15 @@ fn references(bytes: &[u8]) -> Vec<Digest> {
         #[serde(default)]
         manifests: Vec<Desc>,
     }
-    let Ok(m) = serde_json::from_slice::<Manifest>(bytes) else { return Vec::new() };
-    m.config.into_iter().chain(m.layers).chain(m.manifests).filter_map(|d| d.digest.parse().ok()).collect()
+    let Ok(m) = serde_json::from_slice::<Manifest>(bytes) else {
+        return Vec::new();
+    };
+    m.config
+        .into_iter()
+        .chain(m.layers)
+        .chain(m.manifests)
+        .filter_map(|d| d.digest.parse().ok())
+        .collect()
 }
 
 /// Cached tags per registry and repository, with what each holds in the cache.
@@ -86,10 +98,18 @@ pub fn list(store: &BlobStore) -> Result<Vec<TagListing>, StoreError> {
     let mut seen: BTreeMap<(String, String, String), TagListing> = BTreeMap::new();
     for (key, entry) in store.tags()? {
         // key: <registry>/<repo>:<tag>#<accept>
-        let Some((name, _accept)) = key.split_once('#') else { continue };
-        let Some((reg_repo, tag)) = name.rsplit_once(':') else { continue };
-        let Some((registry, repo)) = reg_repo.split_once('/') else { continue };
-        let Ok(root) = entry.digest.parse::<Digest>() else { continue };
+        let Some((name, _accept)) = key.split_once('#') else {
+            continue;
+        };
+        let Some((reg_repo, tag)) = name.rsplit_once(':') else {
+            continue;
+        };
+        let Some((registry, repo)) = reg_repo.split_once('/') else {
+            continue;
+        };
+        let Ok(root) = entry.digest.parse::<Digest>() else {
+            continue;
+        };
         let mut listing = TagListing {
             registry: registry.into(),
             repository: repo.into(),
@@ -121,7 +141,11 @@ pub fn list(store: &BlobStore) -> Result<Vec<TagListing>, StoreError> {
             }
         }
         // Several Accept variants of one tag: keep the most complete one.
-        let k = (listing.registry.clone(), listing.repository.clone(), listing.tag.clone());
+        let k = (
+            listing.registry.clone(),
+            listing.repository.clone(),
+            listing.tag.clone(),
+        );
         match seen.get(&k) {
             Some(old) if old.cached_bytes >= listing.cached_bytes => {}
             _ => {
@@ -138,13 +162,20 @@ pub struct PruneReport {
     pub bytes: u64,
 }
 
-pub fn prune(store: &BlobStore, max_size: Option<u64>, older_than: Option<Duration>) -> Result<PruneReport, StoreError> {
+pub fn prune(
+    store: &BlobStore,
+    max_size: Option<u64>,
+    older_than: Option<Duration>,
+) -> Result<PruneReport, StoreError> {
     let cutoff = older_than.map(|d| now_ms().saturating_sub(d.as_millis() as u64));
     let (objects, bytes) = store.evict(max_size.unwrap_or(u64::MAX), cutoff)?;
     Ok(PruneReport { objects, bytes })
 }
 
-pub fn verify(store: &BlobStore, progress: impl FnMut(u64, &Digest, bool)) -> Result<VerifyReport, StoreError> {
+pub fn verify(
+    store: &BlobStore,
+    progress: impl FnMut(u64, &Digest, bool),
+) -> Result<VerifyReport, StoreError> {
     store.verify(progress)
 }
 
@@ -171,7 +202,10 @@ mod tests {
     use crate::store::TagEntry;
 
     fn sha(b: &[u8]) -> Digest {
-        Digest::from_bytes(Algorithm::Sha256, aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b).as_ref())
+        Digest::from_bytes(
+            Algorithm::Sha256,
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b).as_ref(),
+        )
     }
 
     #[test]
@@ -190,11 +224,29 @@ mod tests {
         store.put(&sha(&layer), &layer).unwrap();
         store.put(&sha(&config), &config).unwrap();
         store.put(&md, manifest.as_bytes()).unwrap();
-        store.set_media_type(&md, "application/vnd.oci.image.manifest.v1+json").unwrap();
-        store.set_tag("quay.io/org/app:v1#application/json", &TagEntry { digest: md.to_string(), media_type: "x".into(), checked_at_ms: 1 }).unwrap();
+        store
+            .set_media_type(&md, "application/vnd.oci.image.manifest.v1+json")
+            .unwrap();
+        store
+            .set_tag(
+                "quay.io/org/app:v1#application/json",
+                &TagEntry {
+                    digest: md.to_string(),
+                    media_type: "x".into(),
+                    checked_at_ms: 1,
+                },
+            )
+            .unwrap();
         let l = list(&store).unwrap();
         assert_eq!(l.len(), 1);
-        assert_eq!((l[0].registry.as_str(), l[0].repository.as_str(), l[0].tag.as_str()), ("quay.io", "org/app", "v1"));
+        assert_eq!(
+            (
+                l[0].registry.as_str(),
+                l[0].repository.as_str(),
+                l[0].tag.as_str()
+            ),
+            ("quay.io", "org/app", "v1")
+        );
         assert_eq!(l[0].cached_bytes, 1000 + 2 + manifest.len() as u64);
         assert_eq!(l[0].missing, 1);
         assert!(l[0].last_used_ms > 0);

@@ -71,7 +71,11 @@ pub fn parse_bearer(value: &str) -> Option<Challenge> {
         }
         s = next.trim_start().trim_start_matches(',').trim_start();
     }
-    Some(Challenge { realm: realm?, service, scope })
+    Some(Challenge {
+        realm: realm?,
+        service,
+        scope,
+    })
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -95,8 +99,14 @@ pub struct Tokens {
 impl Default for Tokens {
     fn default() -> Self {
         Tokens {
-            cache: moka::future::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(3600)).build(),
-            hints: moka::future::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(600)).build(),
+            cache: moka::future::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(3600))
+                .build(),
+            hints: moka::future::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(600))
+                .build(),
         }
     }
 }
@@ -119,14 +129,23 @@ struct HintKey {
 
 impl HintKey {
     fn new(uri: &Uri, creds: Option<&Credentials>) -> Option<HintKey> {
-        Some(HintKey { authority: uri.authority()?.to_string(), repo: repo_of(uri.path())?.to_owned(), account: creds.map(|c| c.username.clone()) })
+        Some(HintKey {
+            authority: uri.authority()?.to_string(),
+            repo: repo_of(uri.path())?.to_owned(),
+            account: creds.map(|c| c.username.clone()),
+        })
     }
 }
 
 /// The repository part of a registry API path (`/v2/<name>/blobs/...` → `<name>`).
 fn repo_of(path: &str) -> Option<&str> {
     let rest = path.strip_prefix("/v2/")?;
-    ["/blobs/", "/manifests/", "/tags/"].iter().filter_map(|m| rest.find(m)).min().map(|i| &rest[..i]).filter(|r| !r.is_empty())
+    ["/blobs/", "/manifests/", "/tags/"]
+        .iter()
+        .filter_map(|m| rest.find(m))
+        .min()
+        .map(|i| &rest[..i])
+        .filter(|r| !r.is_empty())
 }
 
 #[derive(serde::Deserialize)]
@@ -141,12 +160,24 @@ struct TokenResponse {
 
 impl Tokens {
     /// An `Authorization: Bearer` value for `challenge`, from the cache or the token service.
-    pub async fn get(&self, upstream: &Upstream, challenge: &Challenge, creds: Option<&Credentials>) -> Result<HeaderValue, UpstreamError> {
-        self.get_tracked(upstream, challenge, creds).await.map(|(value, _)| value)
+    pub async fn get(
+        &self,
+        upstream: &Upstream,
+        challenge: &Challenge,
+        creds: Option<&Credentials>,
+    ) -> Result<HeaderValue, UpstreamError> {
+        self.get_tracked(upstream, challenge, creds)
+            .await
+            .map(|(value, _)| value)
     }
 
     /// Like `get`, and whether the value was already cached (as opposed to just issued).
-    async fn get_tracked(&self, upstream: &Upstream, challenge: &Challenge, creds: Option<&Credentials>) -> Result<(HeaderValue, bool), UpstreamError> {
+    async fn get_tracked(
+        &self,
+        upstream: &Upstream,
+        challenge: &Challenge,
+        creds: Option<&Credentials>,
+    ) -> Result<(HeaderValue, bool), UpstreamError> {
         let key = Self::key(challenge, creds);
         if let Some(t) = self.cache.get(&key).await {
             if t.expires > Instant::now() {
@@ -163,7 +194,12 @@ impl Tokens {
     }
 
     /// Forgets the cached token for `challenge` if it is still `value` (upstream refused it).
-    async fn invalidate(&self, challenge: &Challenge, creds: Option<&Credentials>, value: &HeaderValue) {
+    async fn invalidate(
+        &self,
+        challenge: &Challenge,
+        creds: Option<&Credentials>,
+        value: &HeaderValue,
+    ) {
         let key = Self::key(challenge, creds);
         if self.cache.get(&key).await.is_some_and(|t| t.value == value) {
             self.cache.invalidate(&key).await;
@@ -171,11 +207,18 @@ impl Tokens {
     }
 
     fn key(challenge: &Challenge, creds: Option<&Credentials>) -> TokenKey {
-        TokenKey { challenge: challenge.clone(), account: creds.map(|c| c.username.clone()) }
+        TokenKey {
+            challenge: challenge.clone(),
+            account: creds.map(|c| c.username.clone()),
+        }
     }
 }
 
-async fn fetch_token(upstream: &Upstream, ch: &Challenge, creds: Option<&Credentials>) -> Result<Token, UpstreamError> {
+async fn fetch_token(
+    upstream: &Upstream,
+    ch: &Challenge,
+    creds: Option<&Credentials>,
+) -> Result<Token, UpstreamError> {
     let mut url = ch.realm.clone();
     let mut sep = if url.contains('?') { '&' } else { '?' };
     for (k, v) in [("service", &ch.service), ("scope", &ch.scope)] {
@@ -187,7 +230,9 @@ async fn fetch_token(upstream: &Upstream, ch: &Challenge, creds: Option<&Credent
             sep = '&';
         }
     }
-    let uri: Uri = url.parse().map_err(|_| UpstreamError::BadUri("token realm".into()))?;
+    let uri: Uri = url
+        .parse()
+        .map_err(|_| UpstreamError::BadUri("token realm".into()))?;
     if !matches!(uri.scheme_str(), Some("https") | Some("http")) || uri.host().is_none() {
         return Err(UpstreamError::BadUri("token realm".into()));
     }
@@ -203,15 +248,26 @@ async fn fetch_token(upstream: &Upstream, ch: &Challenge, creds: Option<&Credent
         .map_err(|e| UpstreamError::Body(format!("token response: {e}")))?
         .to_bytes();
     if status != StatusCode::OK {
-        return Err(UpstreamError::Body(format!("token service answered {status}")));
+        return Err(UpstreamError::Body(format!(
+            "token service answered {status}"
+        )));
     }
-    let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|_| UpstreamError::Body("token response is not JSON".into()))?;
-    let token = parsed.token.or(parsed.access_token).filter(|t| !t.is_empty()).ok_or_else(|| UpstreamError::Body("token response has no token".into()))?;
-    let mut value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| UpstreamError::Body("token is not a header value".into()))?;
+    let parsed: TokenResponse = serde_json::from_slice(&body)
+        .map_err(|_| UpstreamError::Body("token response is not JSON".into()))?;
+    let token = parsed
+        .token
+        .or(parsed.access_token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| UpstreamError::Body("token response has no token".into()))?;
+    let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| UpstreamError::Body("token is not a header value".into()))?;
     value.set_sensitive(true);
     // Docker's default lifetime is 60 s; renew a little before expiry.
     let lifetime = Duration::from_secs(parsed.expires_in.unwrap_or(60).clamp(10, 3600));
-    Ok(Token { value, expires: Instant::now() + lifetime - Duration::from_secs(5) })
+    Ok(Token {
+        value,
+        expires: Instant::now() + lifetime - Duration::from_secs(5),
+    })
 }
 
 fn urlencode(s: &str) -> String {
@@ -251,10 +307,17 @@ pub async fn fetch(
         if follow {
             upstream.fetch(method, uri, headers).await
         } else {
-            let mut req = http::Request::builder().method(method).uri(uri.clone()).body(crate::upstream::empty()).expect("valid parts");
+            let mut req = http::Request::builder()
+                .method(method)
+                .uri(uri.clone())
+                .body(crate::upstream::empty())
+                .expect("valid parts");
             *req.headers_mut() = headers;
             req.headers_mut().remove(http::header::HOST);
-            upstream.send(req).await.map(|response| Fetched { response, uri })
+            upstream
+                .send(req)
+                .await
+                .map(|response| Fetched { response, uri })
         }
     };
     let client_auth = headers.contains_key(AUTHORIZATION);
@@ -266,7 +329,11 @@ pub async fn fetch(
     let mut sent_early: Option<(Hint, HeaderValue)> = None;
     if let (Some(key), Answer::With(creds)) = (&hint_key, answer) {
         let value = match tokens.hints.get(key).await {
-            Some(Hint::Bearer(ch)) => tokens.get(upstream, &ch, creds).await.ok().map(|v| (Hint::Bearer(ch), v)),
+            Some(Hint::Bearer(ch)) => tokens
+                .get(upstream, &ch, creds)
+                .await
+                .ok()
+                .map(|v| (Hint::Bearer(ch), v)),
             Some(Hint::Basic) => creds.map(|c| (Hint::Basic, c.basic())),
             None => None,
         };
@@ -276,7 +343,9 @@ pub async fn fetch(
         }
     }
     let first = send(method.clone(), uri.clone(), headers.clone()).await?;
-    let Answer::With(creds) = answer else { return Ok(first) };
+    let Answer::With(creds) = answer else {
+        return Ok(first);
+    };
     if client_auth || first.response.status() != StatusCode::UNAUTHORIZED {
         return Ok(first);
     }
@@ -291,7 +360,13 @@ pub async fn fetch(
             tokens.invalidate(&ch, creds, &value).await;
         }
     }
-    let challenge = first.response.headers().get_all(WWW_AUTHENTICATE).iter().filter_map(|v| v.to_str().ok()).find_map(parse_bearer);
+    let challenge = first
+        .response
+        .headers()
+        .get_all(WWW_AUTHENTICATE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(parse_bearer);
     let Some(ch) = challenge else {
         // A Basic challenge: the configured account answers it directly.
         let Some(c) = creds else { return Ok(first) };
@@ -365,7 +440,10 @@ mod tests {
 
     #[test]
     fn repo_of_takes_the_name_before_the_route() {
-        assert_eq!(repo_of("/v2/library/alpine/manifests/3.20"), Some("library/alpine"));
+        assert_eq!(
+            repo_of("/v2/library/alpine/manifests/3.20"),
+            Some("library/alpine")
+        );
         assert_eq!(repo_of("/v2/a/b/c/blobs/sha256:00"), Some("a/b/c"));
         assert_eq!(repo_of("/v2/x/tags/list"), Some("x"));
         // a repository literally named like a route keeps the first split
@@ -382,7 +460,10 @@ mod tests {
         let c = parse_bearer(r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull,push""#).unwrap();
         assert_eq!(c.realm, "https://auth.docker.io/token");
         assert_eq!(c.service.as_deref(), Some("registry.docker.io"));
-        assert_eq!(c.scope.as_deref(), Some("repository:library/alpine:pull,push"));
+        assert_eq!(
+            c.scope.as_deref(),
+            Some("repository:library/alpine:pull,push")
+        );
         let c = parse_bearer(r#"bearer realm=https://x/token, service="a\"b""#).unwrap();
         assert_eq!(c.realm, "https://x/token");
         assert_eq!(c.service.as_deref(), Some("a\"b"));
@@ -405,6 +486,9 @@ mod tests {
 
     #[test]
     fn scope_is_url_encoded() {
-        assert_eq!(urlencode("repository:a/b:pull,push"), "repository%3Aa%2Fb%3Apull%2Cpush");
+        assert_eq!(
+            urlencode("repository:a/b:pull,push"),
+            "repository%3Aa%2Fb%3Apull%2Cpush"
+        );
     }
 }

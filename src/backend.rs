@@ -38,9 +38,17 @@ fn failed(e: impl std::fmt::Display) -> BackendError {
 /// A second, shared tier of verified content.
 pub trait Backend: Send + Sync {
     /// The object's body and length, or `None` when the store does not have it.
-    fn get<'a>(&'a self, digest: &'a Digest) -> futures_util::future::BoxFuture<'a, Result<Option<(BackendBody, u64)>, BackendError>>;
+    fn get<'a>(
+        &'a self,
+        digest: &'a Digest,
+    ) -> futures_util::future::BoxFuture<'a, Result<Option<(BackendBody, u64)>, BackendError>>;
     /// Stores verified content from a local file. Idempotent.
-    fn put<'a>(&'a self, digest: &'a Digest, file: &'a Path, len: u64) -> futures_util::future::BoxFuture<'a, Result<(), BackendError>>;
+    fn put<'a>(
+        &'a self,
+        digest: &'a Digest,
+        file: &'a Path,
+        len: u64,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), BackendError>>;
     fn describe(&self) -> String;
 }
 
@@ -53,7 +61,10 @@ impl Quarantine {
     const MAX: usize = 10_000;
 
     fn contains(&self, digest: &Digest) -> bool {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).contains(digest)
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(digest)
     }
 
     fn insert(&self, digest: Digest) {
@@ -65,7 +76,10 @@ impl Quarantine {
     }
 
     fn remove(&self, digest: &Digest) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(digest);
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(digest);
     }
 }
 
@@ -81,13 +95,25 @@ struct Checked {
 }
 
 impl Checked {
-    fn wrap(inner: BackendBody, digest: &Digest, len: u64, quarantine: Arc<Quarantine>) -> BackendBody {
+    fn wrap(
+        inner: BackendBody,
+        digest: &Digest,
+        len: u64,
+        quarantine: Arc<Quarantine>,
+    ) -> BackendBody {
         let alg = match digest.algorithm() {
             crate::oci::Algorithm::Sha256 => &aws_lc_rs::digest::SHA256,
             crate::oci::Algorithm::Sha512 => &aws_lc_rs::digest::SHA512,
         };
         let hasher = Some(aws_lc_rs::digest::Context::new(alg));
-        Checked { inner, digest: digest.clone(), hasher, remaining: len, quarantine }.boxed_unsync()
+        Checked {
+            inner,
+            digest: digest.clone(),
+            hasher,
+            remaining: len,
+            quarantine,
+        }
+        .boxed_unsync()
     }
 
     fn finish(&mut self) {
@@ -104,7 +130,10 @@ impl http_body::Body for Checked {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let frame = std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_frame(cx));
         match &frame {
@@ -138,7 +167,11 @@ impl http_body::Body for Checked {
 }
 
 fn key(prefix: &str, digest: &Digest) -> String {
-    format!("{prefix}blobs/{}/{}", digest.algorithm().as_str(), digest.hex())
+    format!(
+        "{prefix}blobs/{}/{}",
+        digest.algorithm().as_str(),
+        digest.hex()
+    )
 }
 
 /// A shared directory mounted on every replica.
@@ -149,12 +182,18 @@ pub struct FsBackend {
 
 impl FsBackend {
     pub fn new(root: PathBuf) -> FsBackend {
-        FsBackend { root, quarantine: Arc::default() }
+        FsBackend {
+            root,
+            quarantine: Arc::default(),
+        }
     }
 }
 
 impl Backend for FsBackend {
-    fn get<'a>(&'a self, digest: &'a Digest) -> futures_util::future::BoxFuture<'a, Result<Option<(BackendBody, u64)>, BackendError>> {
+    fn get<'a>(
+        &'a self,
+        digest: &'a Digest,
+    ) -> futures_util::future::BoxFuture<'a, Result<Option<(BackendBody, u64)>, BackendError>> {
         Box::pin(async move {
             if self.quarantine.contains(digest) {
                 return Ok(None);
@@ -166,12 +205,21 @@ impl Backend for FsBackend {
                 Err(e) => return Err(failed(e)),
             };
             let len = file.metadata().map_err(failed)?.len();
-            let body = StreamBody::new(crate::fill::file_stream(Arc::new(file), 0, len)).boxed_unsync();
-            Ok(Some((Checked::wrap(body, digest, len, self.quarantine.clone()), len)))
+            let body =
+                StreamBody::new(crate::fill::file_stream(Arc::new(file), 0, len)).boxed_unsync();
+            Ok(Some((
+                Checked::wrap(body, digest, len, self.quarantine.clone()),
+                len,
+            )))
         })
     }
 
-    fn put<'a>(&'a self, digest: &'a Digest, file: &'a Path, _len: u64) -> futures_util::future::BoxFuture<'a, Result<(), BackendError>> {
+    fn put<'a>(
+        &'a self,
+        digest: &'a Digest,
+        file: &'a Path,
+        _len: u64,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
             let dest = self.root.join(key("", digest));
             let (file, dest) = (file.to_owned(), dest.clone());
@@ -183,7 +231,11 @@ impl Backend for FsBackend {
                 }
                 let dir = dest.parent().expect("has parent");
                 std::fs::create_dir_all(dir)?;
-                let tmp = dir.join(format!(".{}.tmp-{}", dest.file_name().unwrap().to_string_lossy(), std::process::id()));
+                let tmp = dir.join(format!(
+                    ".{}.tmp-{}",
+                    dest.file_name().unwrap().to_string_lossy(),
+                    std::process::id()
+                ));
                 std::fs::copy(&file, &tmp)?;
                 std::fs::File::open(&tmp)?.sync_all()?;
                 std::fs::rename(&tmp, &dest)
@@ -218,8 +270,15 @@ pub struct S3Backend {
 
 impl S3Backend {
     pub fn new(config: &StorageConfig, upstream: Arc<Upstream>) -> Result<S3Backend, String> {
-        let endpoint = config.endpoint.clone().unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", config.region));
-        let endpoint = without_default_port(endpoint.parse().map_err(|_| format!("storage.endpoint {endpoint:?} is not a URL"))?);
+        let endpoint = config
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", config.region));
+        let endpoint = without_default_port(
+            endpoint
+                .parse()
+                .map_err(|_| format!("storage.endpoint {endpoint:?} is not a URL"))?,
+        );
         let (access_key, secret_key) = config.s3_credentials()?;
         Ok(S3Backend {
             upstream,
@@ -249,10 +308,20 @@ impl S3Backend {
     /// Signs a request with AWS SigV4 (unsigned payload).
     fn sign(&self, req: &mut Request<UpBody>, now: SystemTime) {
         let (date, datetime) = amz_dates(now);
-        let host = req.uri().authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_default();
         let headers = req.headers_mut();
-        headers.insert("x-amz-date", HeaderValue::from_str(&datetime).expect("ascii"));
-        headers.insert("x-amz-content-sha256", HeaderValue::from_static("UNSIGNED-PAYLOAD"));
+        headers.insert(
+            "x-amz-date",
+            HeaderValue::from_str(&datetime).expect("ascii"),
+        );
+        headers.insert(
+            "x-amz-content-sha256",
+            HeaderValue::from_static("UNSIGNED-PAYLOAD"),
+        );
         let canonical = format!(
             "{}\n{}\n\nhost:{}\nx-amz-content-sha256:UNSIGNED-PAYLOAD\nx-amz-date:{}\n\nhost;x-amz-content-sha256;x-amz-date\nUNSIGNED-PAYLOAD",
             req.method().as_str(),
@@ -261,8 +330,18 @@ impl S3Backend {
             datetime
         );
         let scope = format!("{date}/{}/s3/aws4_request", self.region);
-        let to_sign = format!("AWS4-HMAC-SHA256\n{datetime}\n{scope}\n{}", hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, canonical.as_bytes())));
-        let mac = |k: &[u8], m: &str| hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, k), m.as_bytes()).as_ref().to_vec();
+        let to_sign = format!(
+            "AWS4-HMAC-SHA256\n{datetime}\n{scope}\n{}",
+            hex::encode(aws_lc_rs::digest::digest(
+                &aws_lc_rs::digest::SHA256,
+                canonical.as_bytes()
+            ))
+        );
+        let mac = |k: &[u8], m: &str| {
+            hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, k), m.as_bytes())
+                .as_ref()
+                .to_vec()
+        };
         let k = mac(format!("AWS4{}", self.secret_key).as_bytes(), &date);
         let k = mac(&k, &self.region);
         let k = mac(&k, "s3");
@@ -277,10 +356,21 @@ impl S3Backend {
         req.headers_mut().insert(http::header::AUTHORIZATION, v);
     }
 
-    async fn send(&self, method: Method, digest: &Digest, body: UpBody, len: Option<u64>) -> Result<http::Response<hyper::body::Incoming>, BackendError> {
-        let mut req = Request::builder().method(method).uri(self.object_uri(digest)).body(body).expect("valid parts");
+    async fn send(
+        &self,
+        method: Method,
+        digest: &Digest,
+        body: UpBody,
+        len: Option<u64>,
+    ) -> Result<http::Response<hyper::body::Incoming>, BackendError> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(self.object_uri(digest))
+            .body(body)
+            .expect("valid parts");
         if let Some(l) = len {
-            req.headers_mut().insert(http::header::CONTENT_LENGTH, HeaderValue::from(l));
+            req.headers_mut()
+                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(l));
         }
         self.sign(&mut req, SystemTime::now());
         self.upstream.send(req).await.map_err(failed)
@@ -288,12 +378,17 @@ impl S3Backend {
 }
 
 impl Backend for S3Backend {
-    fn get<'a>(&'a self, digest: &'a Digest) -> futures_util::future::BoxFuture<'a, Result<Option<(BackendBody, u64)>, BackendError>> {
+    fn get<'a>(
+        &'a self,
+        digest: &'a Digest,
+    ) -> futures_util::future::BoxFuture<'a, Result<Option<(BackendBody, u64)>, BackendError>> {
         Box::pin(async move {
             if self.quarantine.contains(digest) {
                 return Ok(None);
             }
-            let resp = self.send(Method::GET, digest, crate::upstream::empty(), None).await?;
+            let resp = self
+                .send(Method::GET, digest, crate::upstream::empty(), None)
+                .await?;
             match resp.status() {
                 StatusCode::OK => {
                     let len = resp
@@ -303,7 +398,10 @@ impl Backend for S3Backend {
                         .and_then(|v| v.parse().ok())
                         .ok_or_else(|| failed("object without Content-Length"))?;
                     let body = resp.into_body().map_err(BoxError::from).boxed_unsync();
-                    Ok(Some((Checked::wrap(body, digest, len, self.quarantine.clone()), len)))
+                    Ok(Some((
+                        Checked::wrap(body, digest, len, self.quarantine.clone()),
+                        len,
+                    )))
                 }
                 StatusCode::NOT_FOUND => Ok(None),
                 s => Err(failed(format!("GET answered {s}"))),
@@ -311,24 +409,43 @@ impl Backend for S3Backend {
         })
     }
 
-    fn put<'a>(&'a self, digest: &'a Digest, file: &'a Path, len: u64) -> futures_util::future::BoxFuture<'a, Result<(), BackendError>> {
+    fn put<'a>(
+        &'a self,
+        digest: &'a Digest,
+        file: &'a Path,
+        len: u64,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
             // Same key, same bytes: skip the upload when another replica already did it,
             // unless the object there was found wrong (then it is overwritten).
             let replace = self.quarantine.contains(digest);
             if !replace {
-                let head = self.send(Method::HEAD, digest, crate::upstream::empty(), None).await?;
+                let head = self
+                    .send(Method::HEAD, digest, crate::upstream::empty(), None)
+                    .await?;
                 if head.status() == StatusCode::OK {
                     return Ok(());
                 }
             }
             let f = std::fs::File::open(file).map_err(failed)?;
-            let body = StreamBody::new(crate::fill::file_stream(Arc::new(f), 0, len)).boxed_unsync();
+            let body =
+                StreamBody::new(crate::fill::file_stream(Arc::new(f), 0, len)).boxed_unsync();
             let resp = self.send(Method::PUT, digest, body, Some(len)).await?;
             if !resp.status().is_success() {
                 let status = resp.status();
-                let text = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-                return Err(failed(format!("PUT answered {status}: {}", String::from_utf8_lossy(&text).chars().take(300).collect::<String>())));
+                let text = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|c| c.to_bytes())
+                    .unwrap_or_default();
+                return Err(failed(format!(
+                    "PUT answered {status}: {}",
+                    String::from_utf8_lossy(&text)
+                        .chars()
+                        .take(300)
+                        .collect::<String>()
+                )));
             }
             self.quarantine.remove(digest);
             Ok(())
@@ -351,7 +468,9 @@ fn without_default_port(u: Uri) -> Uri {
     match (u.port_u16(), u.host()) {
         (Some(p), Some(host)) if p == default => {
             let path = u.path_and_query().map(|p| p.as_str()).unwrap_or("");
-            format!("{}://{host}{path}", u.scheme_str().unwrap_or("https")).parse().unwrap_or(u)
+            format!("{}://{host}{path}", u.scheme_str().unwrap_or("https"))
+                .parse()
+                .unwrap_or(u)
         }
         _ => u,
     }
@@ -361,7 +480,12 @@ fn without_default_port(u: Uri) -> Uri {
 fn amz_dates(t: SystemTime) -> (String, String) {
     let dt = time::OffsetDateTime::from(t);
     let date = format!("{:04}{:02}{:02}", dt.year(), dt.month() as u8, dt.day());
-    let datetime = format!("{date}T{:02}{:02}{:02}Z", dt.hour(), dt.minute(), dt.second());
+    let datetime = format!(
+        "{date}T{:02}{:02}{:02}Z",
+        dt.hour(),
+        dt.minute(),
+        dt.second()
+    );
     (date, datetime)
 }
 
@@ -377,14 +501,24 @@ mod tests {
         let canonical = "GET\n/test.txt\n\nhost:examplebucket.s3.amazonaws.com\nrange:bytes=0-9\nx-amz-content-sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855\nx-amz-date:20130524T000000Z\n\nhost;range;x-amz-content-sha256;x-amz-date\ne3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
         let to_sign = format!(
             "AWS4-HMAC-SHA256\n20130524T000000Z\n20130524/us-east-1/s3/aws4_request\n{}",
-            hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, canonical.as_bytes()))
+            hex::encode(aws_lc_rs::digest::digest(
+                &aws_lc_rs::digest::SHA256,
+                canonical.as_bytes()
+            ))
         );
-        let mac = |k: &[u8], m: &str| hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, k), m.as_bytes()).as_ref().to_vec();
+        let mac = |k: &[u8], m: &str| {
+            hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, k), m.as_bytes())
+                .as_ref()
+                .to_vec()
+        };
         let k = mac(format!("AWS4{secret}").as_bytes(), "20130524");
         let k = mac(&k, "us-east-1");
         let k = mac(&k, "s3");
         let k = mac(&k, "aws4_request");
-        assert_eq!(hex::encode(mac(&k, &to_sign)), "f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41");
+        assert_eq!(
+            hex::encode(mac(&k, &to_sign)),
+            "f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
+        );
     }
 
     #[test]
@@ -394,7 +528,10 @@ mod tests {
         assert_eq!(u("http://minio.test:80/"), "http://minio.test/");
         assert_eq!(u("http://[::1]:80"), "http://[::1]/");
         assert_eq!(u("http://minio.test:9000"), "http://minio.test:9000/");
-        assert_eq!(u("https://s3.example.test:80"), "https://s3.example.test:80/");
+        assert_eq!(
+            u("https://s3.example.test:80"),
+            "https://s3.example.test:80/"
+        );
         assert_eq!(u("https://s3.example.test"), "https://s3.example.test/");
     }
 

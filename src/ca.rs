@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
@@ -27,7 +27,10 @@ use time::OffsetDateTime;
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
     #[error("CA file {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("CA in {dir}: {message}")]
     Invalid { dir: PathBuf, message: String },
     #[error("minting a certificate for {host}: {message}")]
@@ -58,7 +61,10 @@ impl CertificateAuthority {
             let path = path.to_owned();
             move |source| CaError::Io { path, source }
         };
-        let invalid = |message: String| CaError::Invalid { dir: dir.to_owned(), message };
+        let invalid = |message: String| CaError::Invalid {
+            dir: dir.to_owned(),
+            message,
+        };
         match (crt.exists(), key.exists()) {
             (true, true) => {
                 let mode = fs::metadata(&key).map_err(io(&key))?.permissions().mode();
@@ -67,24 +73,33 @@ impl CertificateAuthority {
                 }
                 let cert_pem = fs::read_to_string(&crt).map_err(io(&crt))?;
                 let key_pem = fs::read_to_string(&key).map_err(io(&key))?;
-                let key_pair = KeyPair::from_pem(&key_pem).map_err(|e| invalid(format!("ca.key: {e}")))?;
-                let issuer = Issuer::from_ca_cert_pem(&cert_pem, key_pair).map_err(|e| invalid(format!("ca.crt: {e}")))?;
+                let key_pair =
+                    KeyPair::from_pem(&key_pem).map_err(|e| invalid(format!("ca.key: {e}")))?;
+                let issuer = Issuer::from_ca_cert_pem(&cert_pem, key_pair)
+                    .map_err(|e| invalid(format!("ca.crt: {e}")))?;
                 Self::from_parts(issuer, cert_pem).map_err(invalid)
             }
             (false, false) => {
                 fs::create_dir_all(dir).map_err(io(dir))?;
-                let key_pair = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| invalid(e.to_string()))?;
+                let key_pair = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+                    .map_err(|e| invalid(e.to_string()))?;
                 let mut params = CertificateParams::default();
                 let mut dn = DistinguishedName::new();
                 dn.push(DnType::CommonName, "Stowage local CA");
                 dn.push(DnType::OrganizationName, "Stowage");
                 params.distinguished_name = dn;
                 params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-                params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+                params.key_usages = vec![
+                    KeyUsagePurpose::KeyCertSign,
+                    KeyUsagePurpose::CrlSign,
+                    KeyUsagePurpose::DigitalSignature,
+                ];
                 let now = OffsetDateTime::now_utc();
                 params.not_before = now - BACKDATE;
                 params.not_after = now + Duration::from_secs(10 * 365 * 24 * 3600);
-                let cert = params.self_signed(&key_pair).map_err(|e| invalid(e.to_string()))?;
+                let cert = params
+                    .self_signed(&key_pair)
+                    .map_err(|e| invalid(e.to_string()))?;
                 // Key first, with 0600 from the start, so a crash never leaves a cert without its key
                 // being noticed as "both missing" and regenerated over a trusted cert.
                 write_new(&key, key_pair.serialize_pem().as_bytes(), 0o600).map_err(io(&key))?;
@@ -93,12 +108,20 @@ impl CertificateAuthority {
                 let issuer = Issuer::new(params, key_pair);
                 Self::from_parts(issuer, cert.pem()).map_err(invalid)
             }
-            (true, false) => Err(invalid("ca.crt exists but ca.key is missing; restore the key or remove ca.crt".into())),
-            (false, true) => Err(invalid("ca.key exists but ca.crt is missing; restore the certificate or remove ca.key".into())),
+            (true, false) => Err(invalid(
+                "ca.crt exists but ca.key is missing; restore the key or remove ca.crt".into(),
+            )),
+            (false, true) => Err(invalid(
+                "ca.key exists but ca.crt is missing; restore the certificate or remove ca.key"
+                    .into(),
+            )),
         }
     }
 
-    fn from_parts(issuer: Issuer<'static, KeyPair>, cert_pem: String) -> Result<CertificateAuthority, String> {
+    fn from_parts(
+        issuer: Issuer<'static, KeyPair>,
+        cert_pem: String,
+    ) -> Result<CertificateAuthority, String> {
         let cert_der = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
             .next()
             .ok_or("ca.crt holds no certificate")?
@@ -127,13 +150,19 @@ impl CertificateAuthority {
     /// The TLS server config for `host`, minted on first use. Concurrent callers for the same
     /// host share one mint.
     pub async fn server_config(&self, host: &str) -> Result<Arc<ServerConfig>, Arc<CaError>> {
-        self.leaves.try_get_with(host.to_owned(), async { self.mint(host).map(Arc::new) }).await
+        self.leaves
+            .try_get_with(host.to_owned(), async { self.mint(host).map(Arc::new) })
+            .await
     }
 
     fn mint(&self, host: &str) -> Result<ServerConfig, CaError> {
-        let err = |message: String| CaError::Mint { host: host.to_owned(), message };
+        let err = |message: String| CaError::Mint {
+            host: host.to_owned(),
+            message,
+        };
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| err(e.to_string()))?;
-        let mut params = CertificateParams::new(vec![host.to_owned()]).map_err(|e| err(e.to_string()))?;
+        let mut params =
+            CertificateParams::new(vec![host.to_owned()]).map_err(|e| err(e.to_string()))?;
         let mut dn = DistinguishedName::new();
         // An IP literal is a SAN of type IP (CertificateParams::new does that); the CN is cosmetic.
         dn.push(DnType::CommonName, host);
@@ -145,12 +174,18 @@ impl CertificateAuthority {
         let now = OffsetDateTime::now_utc();
         params.not_before = now - BACKDATE;
         params.not_after = now + LEAF_VALIDITY;
-        let cert = params.signed_by(&key, &self.issuer).map_err(|e| err(e.to_string()))?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| err(e.to_string()))?;
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let chain = vec![cert.der().clone(), self.cert_der.clone()];
         let config = server_tls_config(chain, key_der).map_err(|e| err(e.to_string()))?;
         self.minted.fetch_add(1, Ordering::Relaxed);
-        let kind = if host.parse::<IpAddr>().is_ok() { "ip" } else { "dns" };
+        let kind = if host.parse::<IpAddr>().is_ok() {
+            "ip"
+        } else {
+            "dns"
+        };
         tracing::debug!(host, kind, "minted leaf certificate");
         Ok(config)
     }
@@ -160,7 +195,10 @@ impl CertificateAuthority {
 /// AES-128-GCM preferred over AES-256-GCM whatever order the client lists them in (both are
 /// safe; AES-128 takes 10 rounds instead of 14, and Go clients, which most runtimes are,
 /// ask for it first anyway), and ALPN h2 then http/1.1.
-pub fn server_tls_config(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<ServerConfig, rustls::Error> {
+pub fn server_tls_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<ServerConfig, rustls::Error> {
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     // A stable sort on "is AES-256": AES-128 suites move ahead of their AES-256 siblings,
     // TLS 1.3 suites stay ahead of TLS 1.2 ones.
@@ -168,7 +206,9 @@ pub fn server_tls_config(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer
         use rustls::CipherSuite as C;
         let aes_256 = matches!(
             s.suite(),
-            C::TLS13_AES_256_GCM_SHA384 | C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384 | C::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384
+            C::TLS13_AES_256_GCM_SHA384
+                | C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+                | C::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384
         );
         (s.version() != &rustls::version::TLS13, aes_256)
     });
@@ -183,7 +223,11 @@ pub fn server_tls_config(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer
 
 /// Creates `path` exclusively with `mode`, writes and fsyncs it.
 fn write_new(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(path)?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     // The umask may have narrowed the mode; make it exact.
@@ -199,7 +243,10 @@ mod tests {
     async fn creates_then_loads_the_same_ca_with_a_private_key() {
         let dir = tempfile::tempdir().unwrap();
         let a = CertificateAuthority::load_or_create(dir.path()).unwrap();
-        let mode = fs::metadata(dir.path().join("ca.key")).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.path().join("ca.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let b = CertificateAuthority::load_or_create(dir.path()).unwrap();
         assert_eq!(a.cert_pem(), b.cert_pem());
@@ -211,7 +258,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         CertificateAuthority::load_or_create(dir.path()).unwrap();
         fs::remove_file(dir.path().join("ca.key")).unwrap();
-        let e = CertificateAuthority::load_or_create(dir.path()).err().unwrap();
+        let e = CertificateAuthority::load_or_create(dir.path())
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("ca.key is missing"), "{e}");
     }
 
@@ -225,7 +274,11 @@ mod tests {
                 tokio::spawn(async move { ca.server_config("ghcr.io").await.unwrap() })
             })
             .collect();
-        let configs: Vec<_> = futures_util::future::join_all(tasks).await.into_iter().map(|r| r.unwrap()).collect();
+        let configs: Vec<_> = futures_util::future::join_all(tasks)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
         assert_eq!(ca.minted(), 1);
         assert!(configs.iter().all(|c| Arc::ptr_eq(c, &configs[0])));
         ca.server_config("127.0.0.1").await.unwrap();
@@ -234,7 +287,11 @@ mod tests {
 
     /// Runs a handshake in memory between `client` and a leaf of `ca` for `host`; returns
     /// the negotiated cipher suite.
-    async fn negotiate(ca: &CertificateAuthority, host: &str, client: rustls::ClientConfig) -> rustls::CipherSuite {
+    async fn negotiate(
+        ca: &CertificateAuthority,
+        host: &str,
+        client: rustls::ClientConfig,
+    ) -> rustls::CipherSuite {
         let server_config = ca.server_config(host).await.unwrap();
         let mut server = rustls::ServerConnection::new(server_config).unwrap();
         let name = rustls_pki_types::ServerName::try_from(host.to_owned()).unwrap();
@@ -264,10 +321,14 @@ mod tests {
     async fn servers_prefer_aes_128_gcm_whatever_the_client_lists_first() {
         let dir = tempfile::tempdir().unwrap();
         let ca = CertificateAuthority::load_or_create(dir.path()).unwrap();
-        let client = |suites: Vec<rustls::SupportedCipherSuite>, versions: &[&'static rustls::SupportedProtocolVersion]| {
+        let client = |suites: Vec<rustls::SupportedCipherSuite>,
+                      versions: &[&'static rustls::SupportedProtocolVersion]| {
             let mut roots = rustls::RootCertStore::empty();
             roots.add(ca.cert_der.clone()).unwrap();
-            let provider = rustls::crypto::CryptoProvider { cipher_suites: suites, ..rustls::crypto::aws_lc_rs::default_provider() };
+            let provider = rustls::crypto::CryptoProvider {
+                cipher_suites: suites,
+                ..rustls::crypto::aws_lc_rs::default_provider()
+            };
             rustls::ClientConfig::builder_with_provider(Arc::new(provider))
                 .with_protocol_versions(versions)
                 .unwrap()
@@ -277,15 +338,33 @@ mod tests {
         use rustls::crypto::aws_lc_rs::cipher_suite as cs;
         use rustls::CipherSuite as C;
         // OpenSSL (curl) lists AES-256 first: the server's order wins.
-        let c = client(vec![cs::TLS13_AES_256_GCM_SHA384, cs::TLS13_AES_128_GCM_SHA256], &[&rustls::version::TLS13]);
-        assert_eq!(negotiate(&ca, "quay.io", c).await, C::TLS13_AES_128_GCM_SHA256);
         let c = client(
-            vec![cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384, cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256],
+            vec![cs::TLS13_AES_256_GCM_SHA384, cs::TLS13_AES_128_GCM_SHA256],
+            &[&rustls::version::TLS13],
+        );
+        assert_eq!(
+            negotiate(&ca, "quay.io", c).await,
+            C::TLS13_AES_128_GCM_SHA256
+        );
+        let c = client(
+            vec![
+                cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            ],
             &[&rustls::version::TLS12],
         );
-        assert_eq!(negotiate(&ca, "quay.io", c).await, C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256);
+        assert_eq!(
+            negotiate(&ca, "quay.io", c).await,
+            C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+        );
         // A client that offers only AES-256 still gets it.
-        let c = client(vec![cs::TLS13_AES_256_GCM_SHA384], &[&rustls::version::TLS13]);
-        assert_eq!(negotiate(&ca, "quay.io", c).await, C::TLS13_AES_256_GCM_SHA384);
+        let c = client(
+            vec![cs::TLS13_AES_256_GCM_SHA384],
+            &[&rustls::version::TLS13],
+        );
+        assert_eq!(
+            negotiate(&ca, "quay.io", c).await,
+            C::TLS13_AES_256_GCM_SHA384
+        );
     }
 }

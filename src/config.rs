@@ -20,7 +20,10 @@ pub const DEFAULT_TOML: &str = include_str!("../config.toml");
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid config: {0}")]
     Parse(String),
     #[error("invalid config: {key}: {message}")]
@@ -28,7 +31,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), message: message.into() }
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -104,11 +110,16 @@ impl StorageConfig {
                 access_key_id: String,
                 secret_access_key: String,
             }
-            let text = std::fs::read_to_string(path).map_err(|e| format!("storage.credentials_file {}: {e}", path.display()))?;
-            let f: File = toml::from_str(&text).map_err(|e| format!("storage.credentials_file {}: {e}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("storage.credentials_file {}: {e}", path.display()))?;
+            let f: File = toml::from_str(&text)
+                .map_err(|e| format!("storage.credentials_file {}: {e}", path.display()))?;
             return Ok((f.access_key_id, f.secret_access_key));
         }
-        let get = |var: &str| std::env::var(var).map_err(|_| format!("storage: environment variable {var} is not set"));
+        let get = |var: &str| {
+            std::env::var(var)
+                .map_err(|_| format!("storage: environment variable {var} is not set"))
+        };
         Ok((get(&self.access_key_env)?, get(&self.secret_key_env)?))
     }
 }
@@ -240,7 +251,9 @@ pub struct CaConfig {
 
 impl Default for CaConfig {
     fn default() -> Self {
-        CaConfig { dir: "certs".into() }
+        CaConfig {
+            dir: "certs".into(),
+        }
     }
 }
 
@@ -370,7 +383,9 @@ impl<'de> Deserialize<'de> for IpList {
             One(IpAddr),
             Many(Vec<IpAddr>),
         }
-        match Raw::deserialize(d).map_err(|_| serde::de::Error::custom("expected an IP address or a list of IP addresses"))? {
+        match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected an IP address or a list of IP addresses")
+        })? {
             Raw::One(ip) => Ok(IpList(vec![ip])),
             Raw::Many(v) if !v.is_empty() => Ok(IpList(v)),
             Raw::Many(_) => Err(serde::de::Error::custom("the address list is empty")),
@@ -429,15 +444,21 @@ pub struct Credentials {
 
 impl Credentials {
     pub fn new(username: impl Into<String>, password: impl Into<String>) -> Credentials {
-        Credentials { username: username.into(), password: password.into() }
+        Credentials {
+            username: username.into(),
+            password: password.into(),
+        }
     }
 
     /// `Basic base64(user:password)`, marked sensitive so hyper never logs it.
     pub fn basic(&self) -> http::HeaderValue {
         use base64::Engine;
         let raw = format!("{}:{}", self.username, self.password);
-        let mut v = http::HeaderValue::from_str(&format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw)))
-            .expect("base64 is ascii");
+        let mut v = http::HeaderValue::from_str(&format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(raw)
+        ))
+        .expect("base64 is ascii");
         v.set_sensitive(true);
         v
     }
@@ -445,20 +466,34 @@ impl Credentials {
 
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Credentials").field("username", &self.username).field("password", &"<redacted>").finish()
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
     }
 }
 
 impl RegistryConfig {
     /// Reads the configured password now (environment or file).
     pub fn credentials(&self, index: usize) -> Result<Option<Credentials>, ConfigError> {
-        let Some(user) = &self.username else { return Ok(None) };
+        let Some(user) = &self.username else {
+            return Ok(None);
+        };
         let key = format!("registry[{index}]");
         let password = match (&self.password_env, &self.password_file) {
-            (Some(var), None) => std::env::var(var)
-                .map_err(|_| invalid(format!("{key}.password_env"), format!("environment variable {var} is not set")))?,
+            (Some(var), None) => std::env::var(var).map_err(|_| {
+                invalid(
+                    format!("{key}.password_env"),
+                    format!("environment variable {var} is not set"),
+                )
+            })?,
             (None, Some(path)) => std::fs::read_to_string(path)
-                .map_err(|e| invalid(format!("{key}.password_file"), format!("{}: {e}", path.display())))?
+                .map_err(|e| {
+                    invalid(
+                        format!("{key}.password_file"),
+                        format!("{}: {e}", path.display()),
+                    )
+                })?
                 .trim_end_matches(['\r', '\n'])
                 .to_owned(),
             _ => unreachable!("validate() requires exactly one password source"),
@@ -517,8 +552,10 @@ impl Config {
     /// Reads, parses and validates a file. Relative paths inside stay relative to the
     /// working directory, as the README documents.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Config::from_toml_str(&text)
     }
 
@@ -536,15 +573,24 @@ impl Config {
             }
         }
         if !(1..=20).contains(&self.upstream.max_redirects) {
-            return Err(invalid("upstream.max_redirects", "must be between 1 and 20"));
+            return Err(invalid(
+                "upstream.max_redirects",
+                "must be between 1 and 20",
+            ));
         }
         for (i, r) in self.registry.iter().enumerate() {
             if !valid_host(&r.host) {
-                return Err(invalid(format!("registry[{i}].host"), format!("{:?} is not a lowercase host name", r.host)));
+                return Err(invalid(
+                    format!("registry[{i}].host"),
+                    format!("{:?} is not a lowercase host name", r.host),
+                ));
             }
             for h in &r.auth_hosts {
                 if !valid_host(h) {
-                    return Err(invalid(format!("registry[{i}].auth_hosts"), format!("{h:?} is not a lowercase host name")));
+                    return Err(invalid(
+                        format!("registry[{i}].auth_hosts"),
+                        format!("{h:?} is not a lowercase host name"),
+                    ));
                 }
             }
             match (&r.username, &r.password_env, &r.password_file) {
@@ -558,65 +604,119 @@ impl Config {
                 (None, _, _) => return Err(invalid(format!("registry[{i}].username"), "a password source needs a username")),
             }
             if r.manifest_ttl.is_some_and(|t| t.0.is_zero()) {
-                return Err(invalid(format!("registry[{i}].manifest_ttl"), "must be greater than zero"));
+                return Err(invalid(
+                    format!("registry[{i}].manifest_ttl"),
+                    "must be greater than zero",
+                ));
             }
         }
         for (i, rule) in self.cache.ttl.iter().enumerate() {
             if rule.tag.is_empty() {
-                return Err(invalid(format!("cache.ttl[{i}].tag"), "must not be empty (use \"*\" for every tag)"));
+                return Err(invalid(
+                    format!("cache.ttl[{i}].tag"),
+                    "must not be empty (use \"*\" for every tag)",
+                ));
             }
         }
         if let Some(p) = self.upstream.proxy.as_deref().filter(|p| !p.is_empty()) {
-            let ok = p.parse::<http::Uri>().ok().is_some_and(|u| u.scheme_str() == Some("http") && u.host().is_some());
+            let ok = p
+                .parse::<http::Uri>()
+                .ok()
+                .is_some_and(|u| u.scheme_str() == Some("http") && u.host().is_some());
             if !ok {
-                return Err(invalid("upstream.proxy", format!("{p:?} is not a URL like http://proxy.corp:3128")));
+                return Err(invalid(
+                    "upstream.proxy",
+                    format!("{p:?} is not a URL like http://proxy.corp:3128"),
+                ));
             }
         }
         for host in self.upstream.resolve.keys() {
             if !valid_host(host) {
-                return Err(invalid("upstream.resolve", format!("{host:?} is not a lowercase host name")));
+                return Err(invalid(
+                    "upstream.resolve",
+                    format!("{host:?} is not a lowercase host name"),
+                ));
             }
         }
         self.mirror_listen()?;
         self.direct_listen()?;
-        if self.mirror.tls == MirrorTls::Files && (self.mirror.cert_file.is_none() || self.mirror.key_file.is_none()) {
-            return Err(invalid("mirror.tls", "\"files\" needs mirror.cert_file and mirror.key_file"));
+        if self.mirror.tls == MirrorTls::Files
+            && (self.mirror.cert_file.is_none() || self.mirror.key_file.is_none())
+        {
+            return Err(invalid(
+                "mirror.tls",
+                "\"files\" needs mirror.cert_file and mirror.key_file",
+            ));
         }
         // `host` or `host:port`, as the mirror's router reads it (a registry on another port).
         let default_ok = match self.mirror.default_registry.rsplit_once(':') {
-            Some((host, port)) if !host.contains(':') => valid_host(host) && port.parse::<u16>().is_ok_and(|p| p > 0),
+            Some((host, port)) if !host.contains(':') => {
+                valid_host(host) && port.parse::<u16>().is_ok_and(|p| p > 0)
+            }
             _ => valid_host(&self.mirror.default_registry),
         };
         if !default_ok {
-            return Err(invalid("mirror.default_registry", "must be a lowercase host name, optionally with :port"));
+            return Err(invalid(
+                "mirror.default_registry",
+                "must be a lowercase host name, optionally with :port",
+            ));
         }
         if !valid_host(&self.mirror.hostname) {
             return Err(invalid("mirror.hostname", "must be a lowercase host name"));
         }
         for (i, u) in self.mirror.user.iter().enumerate() {
             if u.password_env.is_some() == u.password_file.is_some() {
-                return Err(invalid(format!("mirror.user[{i}]"), "set exactly one of password_env and password_file"));
+                return Err(invalid(
+                    format!("mirror.user[{i}]"),
+                    "set exactly one of password_env and password_file",
+                ));
             }
         }
         match self.storage.backend {
             BackendKind::S3 => {
                 let b = &self.storage.bucket;
-                let ok = (3..=63).contains(&b.len()) && b.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.');
+                let ok = (3..=63).contains(&b.len())
+                    && b.bytes().all(|c| {
+                        c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.'
+                    });
                 if !ok {
-                    return Err(invalid("storage.bucket", "needs a bucket name (3-63 lowercase letters, digits, '-', '.')"));
+                    return Err(invalid(
+                        "storage.bucket",
+                        "needs a bucket name (3-63 lowercase letters, digits, '-', '.')",
+                    ));
                 }
-                if !self.storage.prefix.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_./".contains(&c)) || self.storage.prefix.contains("..") {
-                    return Err(invalid("storage.prefix", "may hold letters, digits, '-', '_', '.', '/' only"));
+                if !self
+                    .storage
+                    .prefix
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"-_./".contains(&c))
+                    || self.storage.prefix.contains("..")
+                {
+                    return Err(invalid(
+                        "storage.prefix",
+                        "may hold letters, digits, '-', '_', '.', '/' only",
+                    ));
                 }
             }
-            BackendKind::Dir if self.storage.dir.is_none() => return Err(invalid("storage.dir", "backend = \"dir\" needs a directory")),
+            BackendKind::Dir if self.storage.dir.is_none() => {
+                return Err(invalid(
+                    "storage.dir",
+                    "backend = \"dir\" needs a directory",
+                ))
+            }
             _ => {}
         }
         if self.proxy.max_connections == 0 {
-            return Err(invalid("proxy.max_connections", "must be greater than zero"));
+            return Err(invalid(
+                "proxy.max_connections",
+                "must be greater than zero",
+            ));
         }
         if self.cache.max_concurrent_fills == 0 {
-            return Err(invalid("cache.max_concurrent_fills", "must be greater than zero"));
+            return Err(invalid(
+                "cache.max_concurrent_fills",
+                "must be greater than zero",
+            ));
         }
         if self.cache.max_size.0 == 0 {
             return Err(invalid("cache.max_size", "must be greater than zero"));
@@ -652,7 +752,9 @@ impl Config {
                 manifest_ttl: None,
             };
             let c = r.credentials(i).map_err(|e| match e {
-                ConfigError::Invalid { key, message } => invalid(key.replace("registry[", "mirror.user["), message),
+                ConfigError::Invalid { key, message } => {
+                    invalid(key.replace("registry[", "mirror.user["), message)
+                }
                 e => e,
             })?;
             out.extend(c);
@@ -661,10 +763,15 @@ impl Config {
     }
 
     pub fn proxy_listen(&self) -> Result<SocketAddr, ConfigError> {
-        self.proxy
-            .listen
-            .parse()
-            .map_err(|_| invalid("proxy.listen", format!("{:?} is not an address like 127.0.0.1:3128", self.proxy.listen)))
+        self.proxy.listen.parse().map_err(|_| {
+            invalid(
+                "proxy.listen",
+                format!(
+                    "{:?} is not an address like 127.0.0.1:3128",
+                    self.proxy.listen
+                ),
+            )
+        })
     }
 
     /// Built-in registries merged with configured ones: a configured entry for a built-in
@@ -674,8 +781,15 @@ impl Config {
         for r in &self.registry {
             match all.iter_mut().find(|b| b.host == r.host) {
                 Some(b) => {
-                    let auth_hosts = if r.auth_hosts.is_empty() { b.auth_hosts.clone() } else { r.auth_hosts.clone() };
-                    *b = RegistryConfig { auth_hosts, ..r.clone() };
+                    let auth_hosts = if r.auth_hosts.is_empty() {
+                        b.auth_hosts.clone()
+                    } else {
+                        r.auth_hosts.clone()
+                    };
+                    *b = RegistryConfig {
+                        auth_hosts,
+                        ..r.clone()
+                    };
                 }
                 None => all.push(r.clone()),
             }
@@ -687,7 +801,8 @@ impl Config {
     /// registry's own `manifest_ttl`, else `[cache] manifest_ttl`.
     pub fn tag_ttl(&self, registry: &str, tag: &str) -> Duration {
         for rule in &self.cache.ttl {
-            if rule.registry.as_deref().is_none_or(|r| r == registry) && glob_match(&rule.tag, tag) {
+            if rule.registry.as_deref().is_none_or(|r| r == registry) && glob_match(&rule.tag, tag)
+            {
                 return rule.ttl.0;
             }
         }
@@ -704,7 +819,12 @@ fn optional_addr(key: &str, value: &str) -> Result<Option<SocketAddr>, ConfigErr
     if value.is_empty() {
         return Ok(None);
     }
-    value.parse().map(Some).map_err(|_| invalid(key, format!("{value:?} is not an address like 0.0.0.0:5000")))
+    value.parse().map(Some).map_err(|_| {
+        invalid(
+            key,
+            format!("{value:?} is not an address like 0.0.0.0:5000"),
+        )
+    })
 }
 
 /// A DNS name or IP literal as it may appear in `CONNECT`: lowercase letters, digits,
@@ -720,7 +840,8 @@ pub fn valid_host(h: &str) -> bool {
                 && l.len() <= 63
                 && !l.starts_with('-')
                 && !l.ends_with('-')
-                && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         })
 }
 
@@ -735,7 +856,9 @@ impl FromStr for HumanDuration {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 30s or 10m"))?;
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a duration like 30s or 10m"))?;
         let ms = match unit.trim() {
             "ms" => 1,
             "s" => 1000,
@@ -744,7 +867,9 @@ impl FromStr for HumanDuration {
             "d" => 86_400_000,
             _ => return Err(format!("{s:?}: unit must be one of ms, s, m, h, d")),
         };
-        let total = n.checked_mul(ms).ok_or_else(|| format!("{s:?} is too long"))?;
+        let total = n
+            .checked_mul(ms)
+            .ok_or_else(|| format!("{s:?} is too long"))?;
         Ok(HumanDuration(Duration::from_millis(total)))
     }
 }
@@ -773,7 +898,9 @@ impl FromStr for Size {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size like 512MiB or 50GiB"))?;
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size like 512MiB or 50GiB"))?;
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,
             "KiB" => 1 << 10,
@@ -784,9 +911,15 @@ impl FromStr for Size {
             "MB" => 1_000_000,
             "GB" => 1_000_000_000,
             "TB" => 1_000_000_000_000,
-            _ => return Err(format!("{s:?}: unit must be one of B, KiB, MiB, GiB, TiB, KB, MB, GB, TB")),
+            _ => {
+                return Err(format!(
+                    "{s:?}: unit must be one of B, KiB, MiB, GiB, TiB, KB, MB, GB, TB"
+                ))
+            }
         };
-        n.checked_mul(mult).map(Size).ok_or_else(|| format!("{s:?} is too large"))
+        n.checked_mul(mult)
+            .map(Size)
+            .ok_or_else(|| format!("{s:?} is too large"))
     }
 }
 
@@ -822,7 +955,8 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_named() {
-        let e = Config::from_toml_str("[proxy]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n").unwrap_err();
+        let e =
+            Config::from_toml_str("[proxy]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n").unwrap_err();
         assert!(e.to_string().contains("lisen"), "{e}");
         let e = Config::from_toml_str("[cach]\n").unwrap_err();
         assert!(e.to_string().contains("cach"), "{e}");
@@ -836,19 +970,38 @@ mod tests {
         assert!(e.to_string().contains("registry[0].host"), "{e}");
         let e = Config::from_toml_str("[upstream]\nconnect_timeout = \"5 parsecs\"\n").unwrap_err();
         assert!(e.to_string().contains("connect_timeout"), "{e}");
-        let e = Config::from_toml_str("[upstream.resolve]\n\"quay.io\" = \"not-an-ip\"\n").unwrap_err();
-        assert!(e.to_string().contains("quay.io") || e.to_string().contains("resolve"), "{e}");
+        let e =
+            Config::from_toml_str("[upstream.resolve]\n\"quay.io\" = \"not-an-ip\"\n").unwrap_err();
+        assert!(
+            e.to_string().contains("quay.io") || e.to_string().contains("resolve"),
+            "{e}"
+        );
     }
 
     #[test]
     fn the_mirrors_default_registry_may_name_a_port() {
-        for ok in ["registry-1.docker.io", "registry.local:5000", "10.0.0.5:5443"] {
+        for ok in [
+            "registry-1.docker.io",
+            "registry.local:5000",
+            "10.0.0.5:5443",
+        ] {
             let c = Config::from_toml_str(&format!("[mirror]\ndefault_registry = \"{ok}\"\n"));
             assert!(c.is_ok(), "{ok}: {:?}", c.err());
         }
-        for bad in ["Docker.IO", "registry.local:", "registry.local:0", "registry.local:99999", "a:b:c", ""] {
-            let e = Config::from_toml_str(&format!("[mirror]\ndefault_registry = \"{bad}\"\n")).unwrap_err();
-            assert!(e.to_string().contains("mirror.default_registry"), "{bad}: {e}");
+        for bad in [
+            "Docker.IO",
+            "registry.local:",
+            "registry.local:0",
+            "registry.local:99999",
+            "a:b:c",
+            "",
+        ] {
+            let e = Config::from_toml_str(&format!("[mirror]\ndefault_registry = \"{bad}\"\n"))
+                .unwrap_err();
+            assert!(
+                e.to_string().contains("mirror.default_registry"),
+                "{bad}: {e}"
+            );
         }
     }
 
@@ -857,16 +1010,25 @@ mod tests {
         let c = Config::from_toml_str("[proxy]\nallow = [\"10.0.0.0/8\", \"::1/128\"]\n").unwrap();
         assert!(c.proxy.allow[0].contains(&"10.1.2.3".parse::<IpAddr>().unwrap()));
         let e = Config::from_toml_str("[proxy]\nallow = [\"10.0.0.0/33\"]\n").unwrap_err();
-        assert!(e.to_string().contains("allow") || e.to_string().contains("invalid"), "{e}");
+        assert!(
+            e.to_string().contains("allow") || e.to_string().contains("invalid"),
+            "{e}"
+        );
     }
 
     #[test]
     fn resolve_pins_take_one_address_or_a_list() {
-        let c = Config::from_toml_str("[upstream.resolve]\n\"a.io\" = \"127.0.0.1\"\n\"b.io\" = [\"::1\", \"127.0.0.2\"]\n").unwrap();
+        let c = Config::from_toml_str(
+            "[upstream.resolve]\n\"a.io\" = \"127.0.0.1\"\n\"b.io\" = [\"::1\", \"127.0.0.2\"]\n",
+        )
+        .unwrap();
         assert_eq!(c.upstream.resolve["a.io"].0.len(), 1);
         assert_eq!(c.upstream.resolve["b.io"].0.len(), 2);
         assert!(Config::from_toml_str("[upstream.resolve]\n\"b.io\" = []\n").is_err());
-        assert!(Config::from_toml_str("[upstream]\nproxy = \"socks://x\"\n").unwrap_err().to_string().contains("upstream.proxy"));
+        assert!(Config::from_toml_str("[upstream]\nproxy = \"socks://x\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("upstream.proxy"));
     }
 
     #[test]
@@ -876,22 +1038,36 @@ mod tests {
         assert_eq!("123".parse::<Size>().unwrap(), Size(123));
         assert!("5XB".parse::<Size>().is_err());
         assert!("99999999999TiB".parse::<Size>().is_err());
-        assert_eq!("10m".parse::<HumanDuration>().unwrap().0, Duration::from_secs(600));
-        assert_eq!("250ms".parse::<HumanDuration>().unwrap().0, Duration::from_millis(250));
+        assert_eq!(
+            "10m".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(600)
+        );
+        assert_eq!(
+            "250ms".parse::<HumanDuration>().unwrap().0,
+            Duration::from_millis(250)
+        );
         assert!("10".parse::<HumanDuration>().is_err());
         assert!("m".parse::<HumanDuration>().is_err());
     }
 
     #[test]
     fn credentials_come_from_env_or_file_never_inline() {
-        let e = Config::from_toml_str("[[registry]]\nhost = \"quay.io\"\nusername = \"u\"\n").unwrap_err();
+        let e = Config::from_toml_str("[[registry]]\nhost = \"quay.io\"\nusername = \"u\"\n")
+            .unwrap_err();
         assert!(e.to_string().contains("password_env"), "{e}");
-        let e = Config::from_toml_str("[[registry]]\nhost = \"quay.io\"\nusername = \"u\"\npassword = \"x\"\n").unwrap_err();
+        let e = Config::from_toml_str(
+            "[[registry]]\nhost = \"quay.io\"\nusername = \"u\"\npassword = \"x\"\n",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("password"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("pw");
         std::fs::write(&f, "s3cret\n").unwrap();
-        let c = Config::from_toml_str(&format!("[[registry]]\nhost = \"quay.io\"\nusername = \"u\"\npassword_file = {:?}\n", f)).unwrap();
+        let c = Config::from_toml_str(&format!(
+            "[[registry]]\nhost = \"quay.io\"\nusername = \"u\"\npassword_file = {:?}\n",
+            f
+        ))
+        .unwrap();
         let creds = c.registry[0].credentials(0).unwrap().unwrap();
         assert_eq!(creds.basic(), "Basic dTpzM2NyZXQ=");
         assert!(!format!("{creds:?}").contains("s3cret"));
@@ -912,17 +1088,31 @@ mod tests {
         assert_eq!(c.tag_ttl("quay.io", "latest"), Duration::from_secs(30));
         assert_eq!(c.tag_ttl("ghcr.io", "latest"), Duration::from_secs(300));
         // A configured built-in keeps its auth hosts.
-        let c = Config::from_toml_str("[[registry]]\nhost = \"registry-1.docker.io\"\nmanifest_ttl = \"1m\"\n").unwrap();
-        let hub = c.registries().into_iter().find(|r| r.host == "registry-1.docker.io").unwrap();
+        let c = Config::from_toml_str(
+            "[[registry]]\nhost = \"registry-1.docker.io\"\nmanifest_ttl = \"1m\"\n",
+        )
+        .unwrap();
+        let hub = c
+            .registries()
+            .into_iter()
+            .find(|r| r.host == "registry-1.docker.io")
+            .unwrap();
         assert_eq!(hub.auth_hosts, ["auth.docker.io"]);
-        assert!(glob_match("a*b*c", "aXXbYYc") && !glob_match("a*b*c", "acb") && glob_match("*", ""));
+        assert!(
+            glob_match("a*b*c", "aXXbYYc") && !glob_match("a*b*c", "acb") && glob_match("*", "")
+        );
     }
 
     #[test]
     fn configured_registries_extend_the_builtins() {
-        let c = Config::from_toml_str("[[registry]]\nhost = \"registry.example.com\"\nauth_hosts = [\"auth.example.com\"]\n").unwrap();
+        let c = Config::from_toml_str(
+            "[[registry]]\nhost = \"registry.example.com\"\nauth_hosts = [\"auth.example.com\"]\n",
+        )
+        .unwrap();
         let all = c.registries();
         assert!(all.iter().any(|r| r.host == "quay.io"));
-        assert!(all.iter().any(|r| r.host == "registry.example.com" && r.auth_hosts == ["auth.example.com"]));
+        assert!(all
+            .iter()
+            .any(|r| r.host == "registry.example.com" && r.auth_hosts == ["auth.example.com"]));
     }
 }

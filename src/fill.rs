@@ -33,13 +33,23 @@ const WRITE_BATCH: usize = 1 << 20;
 pub enum FillState {
     /// Upstream response headers not in yet.
     Waiting,
-    Streaming { written: u64, total: Option<u64> },
+    Streaming {
+        written: u64,
+        total: Option<u64>,
+    },
     /// Every byte written and the digest verified; being made durable and moved into place.
     /// Readers may deliver the final byte from here on: it no longer waits for the fsync.
-    Verified { len: u64 },
-    Complete { len: u64 },
+    Verified {
+        len: u64,
+    },
+    Complete {
+        len: u64,
+    },
     /// `streaming` tells whether any bytes were published before the failure.
-    Failed { streaming: bool, reason: String },
+    Failed {
+        streaming: bool,
+        reason: String,
+    },
 }
 
 pub struct Fill {
@@ -70,7 +80,11 @@ pub enum Join {
 }
 
 impl Fills {
-    pub fn join(self: &Arc<Self>, store: &Arc<BlobStore>, digest: &Digest) -> Result<Join, StoreError> {
+    pub fn join(
+        self: &Arc<Self>,
+        store: &Arc<BlobStore>,
+        digest: &Digest,
+    ) -> Result<Join, StoreError> {
         let mut map = self.inflight.lock().expect("fills lock");
         if let Some(fill) = map.get(digest) {
             return Ok(Join::Follower(fill.clone()));
@@ -81,13 +95,24 @@ impl Fills {
         }
         let writer = store.writer(digest)?;
         let (tx, _) = watch::channel(FillState::Waiting);
-        let fill = Arc::new(Fill { file: writer.file(), state: tx });
+        let fill = Arc::new(Fill {
+            file: writer.file(),
+            state: tx,
+        });
         map.insert(digest.clone(), fill.clone());
-        Ok(Join::Leader(Leader { fills: self.clone(), digest: digest.clone(), fill, writer: Some(writer) }))
+        Ok(Join::Leader(Leader {
+            fills: self.clone(),
+            digest: digest.clone(),
+            fill,
+            writer: Some(writer),
+        }))
     }
 
     pub fn is_filling(&self, digest: &Digest) -> bool {
-        self.inflight.lock().expect("fills lock").contains_key(digest)
+        self.inflight
+            .lock()
+            .expect("fills lock")
+            .contains_key(digest)
     }
 
     pub fn in_flight(&self) -> usize {
@@ -137,37 +162,58 @@ impl Leader {
 
     fn fail(&mut self, streaming: bool, reason: &str) {
         self.writer = None; // removes the temp file
-        self.fill.state.send_replace(FillState::Failed { streaming, reason: reason.to_owned() });
+        self.fill.state.send_replace(FillState::Failed {
+            streaming,
+            reason: reason.to_owned(),
+        });
         self.remove();
     }
 
     fn remove(&self) {
         let mut map = self.fills.inflight.lock().expect("fills lock");
-        if map.get(&self.digest).is_some_and(|f| Arc::ptr_eq(f, &self.fill)) {
+        if map
+            .get(&self.digest)
+            .is_some_and(|f| Arc::ptr_eq(f, &self.fill))
+        {
             map.remove(&self.digest);
         }
     }
 
     /// Streams `body` into the store, publishing progress, then verifies and publishes the
     /// outcome. Runs to completion even when every client has gone, so the cache still fills.
-    pub async fn run<B>(mut self, mut body: B, total: Option<u64>, idle: Duration) -> Result<u64, FillError>
+    pub async fn run<B>(
+        mut self,
+        mut body: B,
+        total: Option<u64>,
+        idle: Duration,
+    ) -> Result<u64, FillError>
     where
         B: http_body::Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
     {
-        self.fill.state.send_replace(FillState::Streaming { written: 0, total });
+        self.fill
+            .state
+            .send_replace(FillState::Streaming { written: 0, total });
         // Set once the content is known to match its digest: from then on, a failure to
         // store it must not cost the readers their (correct) bytes.
         let mut verified = None;
         let result = async {
             loop {
                 let frame = match tokio::time::timeout(idle, body.frame()).await {
-                    Err(_) => return Err(FillError::Upstream(format!("upstream body stalled for {idle:?}"))),
+                    Err(_) => {
+                        return Err(FillError::Upstream(format!(
+                            "upstream body stalled for {idle:?}"
+                        )))
+                    }
                     Ok(None) => break,
-                    Ok(Some(Err(e))) => return Err(FillError::Upstream(format!("upstream body: {e}"))),
+                    Ok(Some(Err(e))) => {
+                        return Err(FillError::Upstream(format!("upstream body: {e}")))
+                    }
                     Ok(Some(Ok(frame))) => frame,
                 };
-                let Ok(data) = frame.into_data() else { continue };
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
                 // Frames already received go to disk together (see WRITE_BATCH); this never
                 // waits for more, so readers see bytes as soon as they arrive.
                 let mut batch = vec![data];
@@ -181,7 +227,9 @@ impl Leader {
                                 batch.push(data);
                             }
                         }
-                        Some(Some(Err(e))) => return Err(FillError::Upstream(format!("upstream body: {e}"))),
+                        Some(Some(Err(e))) => {
+                            return Err(FillError::Upstream(format!("upstream body: {e}")))
+                        }
                         Some(None) => {
                             ended = true;
                             break;
@@ -197,7 +245,9 @@ impl Leader {
                 }
                 blocking(|| batch.iter().try_for_each(|data| writer.write(data)))?;
                 let written = writer.written();
-                self.fill.state.send_modify(|s| *s = FillState::Streaming { written, total });
+                self.fill
+                    .state
+                    .send_modify(|s| *s = FillState::Streaming { written, total });
                 if ended {
                     break;
                 }
@@ -206,13 +256,18 @@ impl Leader {
             let written = writer.written();
             if let Some(t) = total {
                 if written != t {
-                    return Err(FillError::Truncated { got: written, announced: t });
+                    return Err(FillError::Truncated {
+                        got: written,
+                        announced: t,
+                    });
                 }
             }
             blocking(|| writer.verify())?;
             verified = Some(written);
             // The readers' last byte goes out now; the fsyncs below only matter to the cache.
-            self.fill.state.send_replace(FillState::Verified { len: written });
+            self.fill
+                .state
+                .send_replace(FillState::Verified { len: written });
             let dir = blocking(|| writer.publish())?;
             Ok((written, dir))
         }
@@ -246,7 +301,10 @@ impl Leader {
 
 impl Drop for Leader {
     fn drop(&mut self) {
-        let terminal = matches!(*self.fill.state.borrow(), FillState::Complete { .. } | FillState::Failed { .. });
+        let terminal = matches!(
+            *self.fill.state.borrow(),
+            FillState::Complete { .. } | FillState::Failed { .. }
+        );
         if !terminal {
             let streaming = !matches!(*self.fill.state.borrow(), FillState::Waiting);
             self.fail(streaming, "fill abandoned");
@@ -257,7 +315,9 @@ impl Drop for Leader {
 /// Runs short blocking file work without stalling other tasks on this worker.
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
         _ => f(),
     }
 }
@@ -273,12 +333,18 @@ fn read_chunk(file: &File, pos: u64, max: u64) -> std::io::Result<Bytes> {
         let filled = buf.len();
         let spare = buf.spare_capacity_mut();
         let want = (n - filled).min(spare.len());
-        let offset = libc::off_t::try_from(pos + filled as u64).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        let offset = libc::off_t::try_from(pos + filled as u64)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
         // SAFETY: `spare` is writable memory of at least `want` bytes owned by `buf`; the
         // kernel writes at most `want` bytes into it and reports how many.
         let r = unsafe { libc::pread(file.as_raw_fd(), spare.as_mut_ptr().cast(), want, offset) };
         match r {
-            0 => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "cached file shorter than expected")),
+            0 => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "cached file shorter than expected",
+                ))
+            }
             r if r < 0 => {
                 let e = std::io::Error::last_os_error();
                 if e.kind() != std::io::ErrorKind::Interrupted {
@@ -295,7 +361,11 @@ fn read_chunk(file: &File, pos: u64, max: u64) -> std::io::Result<Bytes> {
 type FrameResult = Result<Frame<Bytes>, BoxError>;
 
 /// The bytes `start..end` of a complete, verified file.
-pub fn file_stream(file: Arc<File>, start: u64, end: u64) -> impl Stream<Item = FrameResult> + Send {
+pub fn file_stream(
+    file: Arc<File>,
+    start: u64,
+    end: u64,
+) -> impl Stream<Item = FrameResult> + Send {
     futures_util::stream::try_unfold(start, move |pos| {
         let file = file.clone();
         async move {
@@ -330,7 +400,9 @@ pub fn fill_stream(fill: Arc<Fill>, start: u64) -> impl Stream<Item = FrameResul
                     }
                     Some(len)
                 }
-                FillState::Failed { reason, .. } => return Err(BoxError::from(format!("fill failed: {reason}"))),
+                FillState::Failed { reason, .. } => {
+                    return Err(BoxError::from(format!("fill failed: {reason}")))
+                }
             };
             if let Some(limit) = limit {
                 if pos < limit {
@@ -359,12 +431,22 @@ pub struct Verified<B> {
 }
 
 impl<B> Verified<B> {
-    pub fn new(inner: B, expected: Digest, metrics: Option<Arc<crate::metrics::Metrics>>) -> Verified<B> {
+    pub fn new(
+        inner: B,
+        expected: Digest,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> Verified<B> {
         let alg = match expected.algorithm() {
             crate::oci::Algorithm::Sha256 => &aws_lc_rs::digest::SHA256,
             crate::oci::Algorithm::Sha512 => &aws_lc_rs::digest::SHA512,
         };
-        Verified { inner, expected, hasher: Some(aws_lc_rs::digest::Context::new(alg)), held: None, metrics }
+        Verified {
+            inner,
+            expected,
+            hasher: Some(aws_lc_rs::digest::Context::new(alg)),
+            held: None,
+            metrics,
+        }
     }
 }
 
@@ -375,7 +457,10 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         use std::task::Poll;
         let this = &mut *self;
         loop {
@@ -385,7 +470,9 @@ where
             };
             match std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_frame(cx)) {
                 Some(Ok(frame)) => {
-                    let Ok(data) = frame.into_data() else { continue };
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
                     if data.is_empty() {
                         continue;
                     }
@@ -401,14 +488,18 @@ where
                 }
                 None => {
                     let hasher = this.hasher.take().expect("checked above");
-                    let actual = Digest::from_bytes(this.expected.algorithm(), hasher.finish().as_ref());
+                    let actual =
+                        Digest::from_bytes(this.expected.algorithm(), hasher.finish().as_ref());
                     if actual != this.expected {
                         this.held = None;
                         if let Some(m) = &this.metrics {
                             m.digest_mismatches.inc();
                         }
                         tracing::error!(expected = %this.expected, %actual, "digest mismatch on a pass-through: response cut short");
-                        return Poll::Ready(Some(Err(BoxError::from(format!("upstream content does not match {}", this.expected)))));
+                        return Poll::Ready(Some(Err(BoxError::from(format!(
+                            "upstream content does not match {}",
+                            this.expected
+                        )))));
                     }
                 }
             }
@@ -428,7 +519,10 @@ mod tests {
     use http_body_util::StreamBody;
 
     fn sha256(b: &[u8]) -> Digest {
-        Digest::from_bytes(Algorithm::Sha256, aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b).as_ref())
+        Digest::from_bytes(
+            Algorithm::Sha256,
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b).as_ref(),
+        )
     }
 
     async fn collect(s: impl Stream<Item = FrameResult>) -> Result<Vec<u8>, BoxError> {
@@ -440,14 +534,21 @@ mod tests {
         Ok(out)
     }
 
-    fn chunked(data: &[u8]) -> (tokio::sync::mpsc::Sender<Result<Frame<Bytes>, String>>, impl http_body::Body<Data = Bytes, Error = String> + Unpin) {
+    fn chunked(
+        data: &[u8],
+    ) -> (
+        tokio::sync::mpsc::Sender<Result<Frame<Bytes>, String>>,
+        impl http_body::Body<Data = Bytes, Error = String> + Unpin,
+    ) {
         let _ = data;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let body = StreamBody::new(tokio_stream_from(rx));
         (tx, body)
     }
 
-    fn tokio_stream_from<T>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl Stream<Item = T> + Unpin {
+    fn tokio_stream_from<T>(
+        mut rx: tokio::sync::mpsc::Receiver<T>,
+    ) -> impl Stream<Item = T> + Unpin {
         Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
     }
 
@@ -458,17 +559,27 @@ mod tests {
         let fills = Arc::new(Fills::default());
         let data: Vec<u8> = (0..3 * CHUNK + 17).map(|i| (i * 7 % 251) as u8).collect();
         let d = sha256(&data);
-        let Join::Leader(leader) = fills.join(&store, &d).unwrap() else { panic!() };
-        let Join::Follower(f) = fills.join(&store, &d).unwrap() else { panic!() };
+        let Join::Leader(leader) = fills.join(&store, &d).unwrap() else {
+            panic!()
+        };
+        let Join::Follower(f) = fills.join(&store, &d).unwrap() else {
+            panic!()
+        };
         let (tx, body) = chunked(&data);
         let reader = tokio::spawn(collect(fill_stream(f.clone(), 0)));
         let run = tokio::spawn(leader.run(body, Some(data.len() as u64), Duration::from_secs(5)));
         // The follower has seen a first piece before the upstream finished sending.
-        tx.send(Ok(Frame::data(Bytes::copy_from_slice(&data[..1000])))).await.unwrap();
+        tx.send(Ok(Frame::data(Bytes::copy_from_slice(&data[..1000]))))
+            .await
+            .unwrap();
         let mut rx = f.subscribe();
-        rx.wait_for(|s| matches!(s, FillState::Streaming { written: 1000, .. })).await.unwrap();
+        rx.wait_for(|s| matches!(s, FillState::Streaming { written: 1000, .. }))
+            .await
+            .unwrap();
         for c in data[1000..].chunks(50_000) {
-            tx.send(Ok(Frame::data(Bytes::copy_from_slice(c)))).await.unwrap();
+            tx.send(Ok(Frame::data(Bytes::copy_from_slice(c))))
+                .await
+                .unwrap();
         }
         drop(tx);
         assert_eq!(run.await.unwrap().unwrap(), data.len() as u64);
@@ -486,7 +597,9 @@ mod tests {
         let good = vec![1u8; 5000];
         let bad = vec![2u8; 5000];
         let d = sha256(&good);
-        let Join::Leader(leader) = fills.join(&store, &d).unwrap() else { panic!() };
+        let Join::Leader(leader) = fills.join(&store, &d).unwrap() else {
+            panic!()
+        };
         let f = leader.fill();
         let (tx, body) = chunked(&bad);
         let reader = tokio::spawn(async move {
@@ -509,7 +622,10 @@ mod tests {
         assert!(errored);
         assert!(got < 5000, "delivered {got}");
         assert!(!store.contains(&d));
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -518,19 +634,37 @@ mod tests {
         let store = BlobStore::open(dir.path()).unwrap();
         let fills = Arc::new(Fills::default());
         let d = sha256(b"abc");
-        let Join::Leader(leader) = fills.join(&store, &d).unwrap() else { panic!() };
+        let Join::Leader(leader) = fills.join(&store, &d).unwrap() else {
+            panic!()
+        };
         let f = leader.fill();
         let (tx, body) = chunked(b"");
         let run = tokio::spawn(leader.run(body, Some(3), Duration::from_secs(5)));
-        tx.send(Ok(Frame::data(Bytes::from_static(b"ab")))).await.unwrap();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"ab"))))
+            .await
+            .unwrap();
         drop(tx);
-        assert!(matches!(run.await.unwrap(), Err(FillError::Truncated { got: 2, announced: 3 })));
+        assert!(matches!(
+            run.await.unwrap(),
+            Err(FillError::Truncated {
+                got: 2,
+                announced: 3
+            })
+        ));
         assert!(collect(fill_stream(f, 0)).await.is_err());
 
-        let Join::Leader(leader) = fills.join(&store, &d).unwrap() else { panic!() };
+        let Join::Leader(leader) = fills.join(&store, &d).unwrap() else {
+            panic!()
+        };
         let f = leader.fill();
         drop(leader);
-        assert!(matches!(*f.subscribe().borrow(), FillState::Failed { streaming: false, .. }));
+        assert!(matches!(
+            *f.subscribe().borrow(),
+            FillState::Failed {
+                streaming: false,
+                ..
+            }
+        ));
         assert_eq!(fills.in_flight(), 0);
     }
 }

@@ -35,17 +35,26 @@ pub struct ProxyUsers {
 
 impl ProxyUsers {
     pub fn load(path: &Path) -> Result<Arc<ProxyUsers>, ConfigError> {
-        let bad = |m: String| ConfigError::Invalid { key: "proxy.users_file".into(), message: m };
-        let text = std::fs::read_to_string(path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+        let bad = |m: String| ConfigError::Invalid {
+            key: "proxy.users_file".into(),
+            message: m,
+        };
+        let text =
+            std::fs::read_to_string(path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
         let mut users = HashMap::new();
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let (user, hash) = line.split_once(':').ok_or_else(|| bad(format!("line {}: expected user:hash", n + 1)))?;
+            let (user, hash) = line
+                .split_once(':')
+                .ok_or_else(|| bad(format!("line {}: expected user:hash", n + 1)))?;
             if !hash.starts_with("$2") {
-                return Err(bad(format!("line {}: only bcrypt hashes are accepted (htpasswd -B)", n + 1)));
+                return Err(bad(format!(
+                    "line {}: only bcrypt hashes are accepted (htpasswd -B)",
+                    n + 1
+                )));
             }
             users.insert(user.to_owned(), hash.to_owned());
         }
@@ -54,20 +63,33 @@ impl ProxyUsers {
         }
         Ok(Arc::new(ProxyUsers {
             users,
-            verified: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(300)).build(),
+            verified: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(300))
+                .build(),
         }))
     }
 
     /// Checks a `Proxy-Authorization: Basic ...` value.
     pub async fn check(self: &Arc<Self>, header: Option<&HeaderValue>) -> bool {
         let Some(value) = header else { return false };
-        let key: [u8; 32] = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, value.as_bytes()).as_ref().try_into().expect("32 bytes");
+        let key: [u8; 32] = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, value.as_bytes())
+            .as_ref()
+            .try_into()
+            .expect("32 bytes");
         if self.verified.contains_key(&key) {
             return true;
         }
-        let Some((user, password)) = decode_basic(value) else { return false };
-        let Some(hash) = self.users.get(&user).cloned() else { return false };
-        let ok = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false)).await.unwrap_or(false);
+        let Some((user, password)) = decode_basic(value) else {
+            return false;
+        };
+        let Some(hash) = self.users.get(&user).cloned() else {
+            return false;
+        };
+        let ok =
+            tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
+                .await
+                .unwrap_or(false);
         if ok {
             self.verified.insert(key, ());
         }
@@ -81,7 +103,9 @@ fn decode_basic(value: &HeaderValue) -> Option<(String, String)> {
     if !scheme.eq_ignore_ascii_case("basic") {
         return None;
     }
-    let raw = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()?;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
     let raw = String::from_utf8(raw).ok()?;
     let (u, p) = raw.split_once(':')?;
     Some((u.to_owned(), p.to_owned()))
@@ -93,7 +117,8 @@ mod tests {
 
     #[test]
     fn allow_lists() {
-        let nets: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
+        let nets: Vec<ipnet::IpNet> =
+            vec!["10.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
         assert!(allowed(&nets, "10.9.8.7".parse().unwrap()));
         assert!(allowed(&nets, "::ffff:10.1.1.1".parse().unwrap()));
         assert!(allowed(&nets, "::1".parse().unwrap()));
@@ -108,14 +133,28 @@ mod tests {
         let hash = bcrypt::hash("s3cret", 4).unwrap();
         std::fs::write(&f, format!("# comment\nalice:{hash}\n")).unwrap();
         let users = ProxyUsers::load(&f).unwrap();
-        let basic = |u: &str, p: &str| HeaderValue::from_str(&format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}")))).unwrap();
+        let basic = |u: &str, p: &str| {
+            HeaderValue::from_str(&format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+            ))
+            .unwrap()
+        };
         assert!(users.check(Some(&basic("alice", "s3cret"))).await);
         assert!(users.check(Some(&basic("alice", "s3cret"))).await);
         assert!(!users.check(Some(&basic("alice", "wrong"))).await);
         assert!(!users.check(Some(&basic("bob", "s3cret"))).await);
         assert!(!users.check(None).await);
-        assert!(!users.check(Some(&HeaderValue::from_static("Bearer x"))).await);
+        assert!(
+            !users
+                .check(Some(&HeaderValue::from_static("Bearer x")))
+                .await
+        );
         std::fs::write(&f, "alice:plaintext\n").unwrap();
-        assert!(ProxyUsers::load(&f).err().unwrap().to_string().contains("bcrypt"));
+        assert!(ProxyUsers::load(&f)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("bcrypt"));
     }
 }

@@ -41,7 +41,10 @@ impl Index {
     /// Adds (or replaces) an entry; `atime_ms` of `None` means now.
     pub fn insert(&self, digest: Digest, size: u64, atime_ms: Option<u64>) {
         let mut i = self.lock();
-        let entry = Entry { size, atime_ms: atime_ms.unwrap_or_else(now_ms) };
+        let entry = Entry {
+            size,
+            atime_ms: atime_ms.unwrap_or_else(now_ms),
+        };
         if let Some(old) = i.entries.insert(digest.clone(), entry) {
             i.total -= old.size;
         }
@@ -91,14 +94,21 @@ impl Index {
     }
 
     pub fn snapshot(&self) -> Vec<(Digest, Entry)> {
-        self.lock().entries.iter().map(|(d, e)| (d.clone(), *e)).collect()
+        self.lock()
+            .entries
+            .iter()
+            .map(|(d, e)| (d.clone(), *e))
+            .collect()
     }
 
     /// Access times changed since the last call.
     pub fn take_dirty(&self) -> Vec<(Digest, u64)> {
         let mut i = self.lock();
         let dirty = std::mem::take(&mut i.dirty);
-        dirty.into_iter().filter_map(|d| i.entries.get(&d).map(|e| (d.clone(), e.atime_ms))).collect()
+        dirty
+            .into_iter()
+            .filter_map(|d| i.entries.get(&d).map(|e| (d.clone(), e.atime_ms)))
+            .collect()
     }
 
     /// Least recently used entries whose removal brings the total to `target` or below,
@@ -154,7 +164,11 @@ mod tests {
         let v: Vec<_> = i.victims(15, None).into_iter().map(|(d, _)| d).collect();
         assert_eq!(v, vec![d(2), d(3)]);
         assert!(i.victims(30, None).is_empty());
-        let v: Vec<_> = i.victims(u64::MAX, Some(250)).into_iter().map(|(d, _)| d).collect();
+        let v: Vec<_> = i
+            .victims(u64::MAX, Some(250))
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect();
         assert_eq!(v, vec![d(2), d(3)]);
     }
 

@@ -118,15 +118,21 @@ fn main() -> anyhow::Result<()> {
         Command::Ca(CaCommand::Export { out }) => {
             let ca = stowage::ca::CertificateAuthority::load_or_create(&config.ca.dir)?;
             match out {
-                Some(path) => std::fs::write(&path, ca.cert_pem()).with_context(|| format!("writing {}", path.display()))?,
+                Some(path) => std::fs::write(&path, ca.cert_pem())
+                    .with_context(|| format!("writing {}", path.display()))?,
                 None => print!("{}", ca.cert_pem()),
             }
             Ok(())
         }
         Command::Setup { runtime, address } => {
             let ca = stowage::ca::CertificateAuthority::load_or_create(&config.ca.dir)?;
-            let address = address.unwrap_or_else(|| client_address(&config).map(|a| a.to_string()).unwrap_or_default());
-            let text = stowage::setup::snippet(&runtime, &address, &config, ca.cert_pem()).map_err(anyhow::Error::msg)?;
+            let address = address.unwrap_or_else(|| {
+                client_address(&config)
+                    .map(|a| a.to_string())
+                    .unwrap_or_default()
+            });
+            let text = stowage::setup::snippet(&runtime, &address, &config, ca.cert_pem())
+                .map_err(anyhow::Error::msg)?;
             print!("{text}");
             Ok(())
         }
@@ -135,7 +141,10 @@ fn main() -> anyhow::Result<()> {
 
 fn run(config: Config) -> anyhow::Result<()> {
     init_logging(config.log.format);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
     runtime.block_on(async {
         let server = stowage::Server::bind(config).await?;
         server.run(shutdown_signal()).await?;
@@ -181,15 +190,20 @@ fn client_address(config: &Config) -> Option<SocketAddr> {
 
 /// Asks the running server, if there is one. `Ok(None)`: nothing listens there.
 fn ask_server(config: &Config, method: &str, path: &str) -> anyhow::Result<Option<String>> {
-    let Some(addr) = client_address(config) else { return Ok(None) };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let Some(addr) = client_address(config) else {
+        return Ok(None);
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let stream = match tokio::net::TcpStream::connect(addr).await {
             Ok(s) => s,
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
         tokio::spawn(conn);
         let req = http::Request::builder()
             .method(method)
@@ -199,7 +213,8 @@ fn ask_server(config: &Config, method: &str, path: &str) -> anyhow::Result<Optio
         let resp = send.send_request(req).await?;
         let status = resp.status();
         use http_body_util::BodyExt;
-        let body = String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).into_owned();
+        let body =
+            String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).into_owned();
         if !status.is_success() {
             bail!("the server at {addr} answered {status}: {}", body.trim());
         }
@@ -209,7 +224,10 @@ fn ask_server(config: &Config, method: &str, path: &str) -> anyhow::Result<Optio
 
 fn open_store(config: &Config) -> anyhow::Result<std::sync::Arc<stowage::store::BlobStore>> {
     stowage::store::BlobStore::open(&config.cache.dir).with_context(|| {
-        format!("opening the cache at {} (is a Stowage server using it on another address?)", config.cache.dir.display())
+        format!(
+            "opening the cache at {} (is a Stowage server using it on another address?)",
+            config.cache.dir.display()
+        )
     })
 }
 
@@ -224,13 +242,36 @@ fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&stats)?);
                 return Ok(());
             }
-            println!("cache:    {} ({})", config.cache.dir.display(), if stats.since_start.is_some() { "server running" } else { "server not running" });
-            println!("size:     {} of {} ({:.1}%)", admin::human_bytes(stats.bytes), admin::human_bytes(stats.max_size), 100.0 * stats.bytes as f64 / stats.max_size.max(1) as f64);
+            println!(
+                "cache:    {} ({})",
+                config.cache.dir.display(),
+                if stats.since_start.is_some() {
+                    "server running"
+                } else {
+                    "server not running"
+                }
+            );
+            println!(
+                "size:     {} of {} ({:.1}%)",
+                admin::human_bytes(stats.bytes),
+                admin::human_bytes(stats.max_size),
+                100.0 * stats.bytes as f64 / stats.max_size.max(1) as f64
+            );
             println!("objects:  {}", stats.objects);
             if let Some(t) = stats.since_start {
-                let ratio = t.hit_ratio().map(|r| format!("{:.1}%", r * 100.0)).unwrap_or_else(|| "n/a".into());
-                println!("since start: hit ratio {ratio} ({} hits, {} coalesced, {} stale, {} misses)", t.hits, t.coalesced, t.stale, t.misses);
-                println!("bytes saved: {} served from cache, {} from upstream", admin::human_bytes(t.bytes_saved), admin::human_bytes(t.bytes_from_upstream));
+                let ratio = t
+                    .hit_ratio()
+                    .map(|r| format!("{:.1}%", r * 100.0))
+                    .unwrap_or_else(|| "n/a".into());
+                println!(
+                    "since start: hit ratio {ratio} ({} hits, {} coalesced, {} stale, {} misses)",
+                    t.hits, t.coalesced, t.stale, t.misses
+                );
+                println!(
+                    "bytes saved: {} served from cache, {} from upstream",
+                    admin::human_bytes(t.bytes_saved),
+                    admin::human_bytes(t.bytes_from_upstream)
+                );
             }
             Ok(())
         }
@@ -253,48 +294,73 @@ fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
                     last_registry = t.registry.clone();
                 }
                 let age = stowage::access::now_ms().saturating_sub(t.last_used_ms) / 1000;
-                let missing = if t.missing > 0 { format!(", {} objects not cached", t.missing) } else { String::new() };
-                println!("  {}:{}  {}  {}  last used {} ago{}", t.repository, t.tag, &t.digest[..t.digest.len().min(19)], admin::human_bytes(t.cached_bytes), human_age(age), missing);
+                let missing = if t.missing > 0 {
+                    format!(", {} objects not cached", t.missing)
+                } else {
+                    String::new()
+                };
+                println!(
+                    "  {}:{}  {}  {}  last used {} ago{}",
+                    t.repository,
+                    t.tag,
+                    &t.digest[..t.digest.len().min(19)],
+                    admin::human_bytes(t.cached_bytes),
+                    human_age(age),
+                    missing
+                );
             }
             Ok(())
         }
         CacheCommand::Verify => {
-            let report: stowage::store::VerifyReport = match ask_server(config, "POST", "/admin/verify")? {
-                Some(body) => serde_json::from_str(&body)?,
-                None => {
-                    let store = open_store(config)?;
-                    let total = store.index.total();
-                    let bar = progress(total);
-                    let mut last_line = std::time::Instant::now();
-                    let r = admin::verify(&store, |bytes, d, ok| {
-                        if let Some(b) = &bar {
-                            b.set_position(bytes);
-                        } else if last_line.elapsed().as_secs() >= 5 {
-                            println!("verified {} of {}", admin::human_bytes(bytes), admin::human_bytes(total));
-                            last_line = std::time::Instant::now();
-                        }
-                        if !ok {
-                            let msg = format!("corrupt: {d} (removed)");
-                            match &bar {
-                                Some(b) => b.println(msg),
-                                None => println!("{msg}"),
+            let report: stowage::store::VerifyReport =
+                match ask_server(config, "POST", "/admin/verify")? {
+                    Some(body) => serde_json::from_str(&body)?,
+                    None => {
+                        let store = open_store(config)?;
+                        let total = store.index.total();
+                        let bar = progress(total);
+                        let mut last_line = std::time::Instant::now();
+                        let r = admin::verify(&store, |bytes, d, ok| {
+                            if let Some(b) = &bar {
+                                b.set_position(bytes);
+                            } else if last_line.elapsed().as_secs() >= 5 {
+                                println!(
+                                    "verified {} of {}",
+                                    admin::human_bytes(bytes),
+                                    admin::human_bytes(total)
+                                );
+                                last_line = std::time::Instant::now();
                             }
+                            if !ok {
+                                let msg = format!("corrupt: {d} (removed)");
+                                match &bar {
+                                    Some(b) => b.println(msg),
+                                    None => println!("{msg}"),
+                                }
+                            }
+                        })?;
+                        if let Some(b) = bar {
+                            b.finish_and_clear();
                         }
-                    })?;
-                    if let Some(b) = bar {
-                        b.finish_and_clear();
+                        r
                     }
-                    r
-                }
-            };
-            println!("verified {} objects ({}), {} corrupt and removed", report.checked, admin::human_bytes(report.bytes), report.corrupt);
+                };
+            println!(
+                "verified {} objects ({}), {} corrupt and removed",
+                report.checked,
+                admin::human_bytes(report.bytes),
+                report.corrupt
+            );
             std::io::stdout().flush()?;
             if report.corrupt > 0 {
                 std::process::exit(1);
             }
             Ok(())
         }
-        CacheCommand::Prune { max_size, older_than } => {
+        CacheCommand::Prune {
+            max_size,
+            older_than,
+        } => {
             if max_size.is_none() && older_than.is_none() {
                 bail!("say what to prune: --max-size 20GiB and/or --older-than 30d");
             }
@@ -305,11 +371,20 @@ fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
             if let Some(d) = older_than {
                 q.push(format!("older_than={}ms", d.0.as_millis()));
             }
-            let report: admin::PruneReport = match ask_server(config, "POST", &format!("/admin/prune?{}", q.join("&")))? {
-                Some(body) => serde_json::from_str(&body)?,
-                None => admin::prune(&*open_store(config)?, max_size.map(|s| s.0), older_than.map(|d| d.0))?,
-            };
-            println!("removed {} objects ({})", report.objects, admin::human_bytes(report.bytes));
+            let report: admin::PruneReport =
+                match ask_server(config, "POST", &format!("/admin/prune?{}", q.join("&")))? {
+                    Some(body) => serde_json::from_str(&body)?,
+                    None => admin::prune(
+                        &*open_store(config)?,
+                        max_size.map(|s| s.0),
+                        older_than.map(|d| d.0),
+                    )?,
+                };
+            println!(
+                "removed {} objects ({})",
+                report.objects,
+                admin::human_bytes(report.bytes)
+            );
             Ok(())
         }
     }
@@ -331,9 +406,11 @@ fn progress(total: u64) -> Option<indicatif::ProgressBar> {
     }
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} verifying [{bar:40}] {bytes}/{total_bytes} ({eta})")
-            .expect("valid template")
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} verifying [{bar:40}] {bytes}/{total_bytes} ({eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     Some(bar)
 }

@@ -93,23 +93,74 @@ impl Default for Metrics {
             registry: Registry::default(),
             totals: Totals::default(),
         };
-        registry.register("requests", "Registry requests served, by registry, kind and cache outcome", m.requests.clone());
-        registry.register_with_unit("served", "Response body bytes sent to clients, by where they came from", Unit::Bytes, m.bytes_served.clone());
-        registry.register("upstream_errors", "Upstream failures and error statuses, by registry and status", m.upstream_errors.clone());
-        registry.register("fills_in_flight", "Blob downloads into the cache in progress", m.fills_in_flight.clone());
-        registry.register("coalesced_readers", "Requests that joined another request's download", m.coalesced_readers.clone());
-        registry.register_with_unit("cache_size", "Bytes of verified content in the cache", Unit::Bytes, m.cache_size.clone());
-        registry.register("cache_objects", "Objects (blobs and manifests) in the cache", m.cache_objects.clone());
-        registry.register("evictions", "Objects evicted to keep the cache under max_size", m.evictions.clone());
-        registry.register_with_unit("evicted", "Bytes evicted", Unit::Bytes, m.evicted_bytes.clone());
+        registry.register(
+            "requests",
+            "Registry requests served, by registry, kind and cache outcome",
+            m.requests.clone(),
+        );
+        registry.register_with_unit(
+            "served",
+            "Response body bytes sent to clients, by where they came from",
+            Unit::Bytes,
+            m.bytes_served.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Upstream failures and error statuses, by registry and status",
+            m.upstream_errors.clone(),
+        );
+        registry.register(
+            "fills_in_flight",
+            "Blob downloads into the cache in progress",
+            m.fills_in_flight.clone(),
+        );
+        registry.register(
+            "coalesced_readers",
+            "Requests that joined another request's download",
+            m.coalesced_readers.clone(),
+        );
+        registry.register_with_unit(
+            "cache_size",
+            "Bytes of verified content in the cache",
+            Unit::Bytes,
+            m.cache_size.clone(),
+        );
+        registry.register(
+            "cache_objects",
+            "Objects (blobs and manifests) in the cache",
+            m.cache_objects.clone(),
+        );
+        registry.register(
+            "evictions",
+            "Objects evicted to keep the cache under max_size",
+            m.evictions.clone(),
+        );
+        registry.register_with_unit(
+            "evicted",
+            "Bytes evicted",
+            Unit::Bytes,
+            m.evicted_bytes.clone(),
+        );
         registry.register(
             "upstream_ratelimit_remaining",
             "Pulls left in the upstream rate-limit window (the ratelimit-remaining header, as Docker Hub sends it)",
             m.ratelimit_remaining.clone(),
         );
-        registry.register("certificates_minted", "Leaf certificates minted from the local CA", m.certificates_minted.clone());
-        registry.register("cache_write_errors", "Cache writes that failed (the request was served from upstream)", m.cache_write_errors.clone());
-        registry.register("digest_mismatches", "Upstream content that did not match its digest and was discarded", m.digest_mismatches.clone());
+        registry.register(
+            "certificates_minted",
+            "Leaf certificates minted from the local CA",
+            m.certificates_minted.clone(),
+        );
+        registry.register(
+            "cache_write_errors",
+            "Cache writes that failed (the request was served from upstream)",
+            m.cache_write_errors.clone(),
+        );
+        registry.register(
+            "digest_mismatches",
+            "Upstream content that did not match its digest and was discarded",
+            m.digest_mismatches.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -118,19 +169,34 @@ impl Metrics {
     /// The Prometheus/OpenMetrics text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
     }
 
     pub fn upstream_error(&self, registry: &str, status: &str) {
-        self.upstream_errors.get_or_create(&ErrorLabels { registry: registry.to_owned(), status: status.to_owned() }).inc();
+        self.upstream_errors
+            .get_or_create(&ErrorLabels {
+                registry: registry.to_owned(),
+                status: status.to_owned(),
+            })
+            .inc();
     }
 
     /// Records `ratelimit-remaining: 76;w=21600` as 76.
     pub fn observe_ratelimit(&self, registry: &str, headers: &http::HeaderMap) {
-        let Some(v) = headers.get("ratelimit-remaining").and_then(|v| v.to_str().ok()) else { return };
+        let Some(v) = headers
+            .get("ratelimit-remaining")
+            .and_then(|v| v.to_str().ok())
+        else {
+            return;
+        };
         if let Ok(n) = v.split(';').next().unwrap_or("").trim().parse::<i64>() {
-            self.ratelimit_remaining.get_or_create(&RegistryLabels { registry: registry.to_owned() }).set(n);
+            self.ratelimit_remaining
+                .get_or_create(&RegistryLabels {
+                    registry: registry.to_owned(),
+                })
+                .set(n);
         }
     }
 
@@ -149,7 +215,11 @@ impl Metrics {
     }
 
     pub fn write_error(&self, reason: &str) {
-        self.cache_write_errors.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
+        self.cache_write_errors
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 }
 
@@ -160,15 +230,38 @@ mod tests {
     #[test]
     fn renders_with_conventional_names() {
         let m = Metrics::default();
-        m.requests.get_or_create(&RequestLabels { registry: "quay.io".into(), kind: "blob".into(), outcome: "hit".into() }).inc();
-        m.bytes_served.get_or_create(&SourceLabels { source: "cache".into() }).inc_by(10);
+        m.requests
+            .get_or_create(&RequestLabels {
+                registry: "quay.io".into(),
+                kind: "blob".into(),
+                outcome: "hit".into(),
+            })
+            .inc();
+        m.bytes_served
+            .get_or_create(&SourceLabels {
+                source: "cache".into(),
+            })
+            .inc_by(10);
         let mut h = http::HeaderMap::new();
         h.insert("ratelimit-remaining", "76;w=21600".parse().unwrap());
         m.observe_ratelimit("registry-1.docker.io", &h);
         let text = m.render();
-        assert!(text.contains(r#"stowage_requests_total{registry="quay.io",kind="blob",outcome="hit"} 1"#), "{text}");
-        assert!(text.contains(r#"stowage_served_bytes_total{source="cache"} 10"#), "{text}");
-        assert!(text.contains(r#"stowage_upstream_ratelimit_remaining{registry="registry-1.docker.io"} 76"#), "{text}");
+        assert!(
+            text.contains(
+                r#"stowage_requests_total{registry="quay.io",kind="blob",outcome="hit"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"stowage_served_bytes_total{source="cache"} 10"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"stowage_upstream_ratelimit_remaining{registry="registry-1.docker.io"} 76"#
+            ),
+            "{text}"
+        );
         assert!(text.contains("stowage_cache_size_bytes"), "{text}");
     }
 }

@@ -83,24 +83,41 @@ fn percent_decode(s: &str) -> Option<String> {
 }
 
 /// Maps a mirror request to its upstream. `known` says whether a host may be used.
-pub fn route(uri: &Uri, default_registry: &str, known: impl Fn(&str) -> bool) -> Result<Routed, RouteError> {
+pub fn route(
+    uri: &Uri,
+    default_registry: &str,
+    known: impl Fn(&str) -> bool,
+) -> Result<Routed, RouteError> {
     let path = uri.path();
     let mut ns = None;
     let mut rest_query = Vec::new();
-    for pair in uri.query().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+    for pair in uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
         match pair.split_once('=') {
             // containerd form-encodes the value: `ns=quay.io%3A5443` for a registry with a port.
             Some(("ns", v)) => ns = Some(percent_decode(v).ok_or(RouteError::BadNamespace)?),
             _ => rest_query.push(pair),
         }
     }
-    let query = if rest_query.is_empty() { String::new() } else { format!("?{}", rest_query.join("&")) };
+    let query = if rest_query.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", rest_query.join("&"))
+    };
     if let Some(ns) = ns {
         let (host, port) = split_host_port(&ns).ok_or(RouteError::BadNamespace)?;
         if !known(&host) {
             return Err(RouteError::UnknownRegistry(host));
         }
-        return Ok(Routed { host, port, path_and_query: format!("{path}{query}") });
+        return Ok(Routed {
+            host,
+            port,
+            path_and_query: format!("{path}{query}"),
+        });
     }
     // `/v2/<host>/<name>/...`: a first component with a dot or a port is a registry host
     // (Docker Hub organisations cannot contain dots).
@@ -111,31 +128,52 @@ pub fn route(uri: &Uri, default_registry: &str, known: impl Fn(&str) -> bool) ->
                 if !known(&host) {
                     return Err(RouteError::UnknownRegistry(host));
                 }
-                return Ok(Routed { host, port, path_and_query: format!("/v2/{tail}{query}") });
+                return Ok(Routed {
+                    host,
+                    port,
+                    path_and_query: format!("/v2/{tail}{query}"),
+                });
             }
         }
     }
     let (host, port) = split_host_port(default_registry).ok_or(RouteError::BadNamespace)?;
-    Ok(Routed { host, port, path_and_query: format!("{path}{query}") })
+    Ok(Routed {
+        host,
+        port,
+        path_and_query: format!("{path}{query}"),
+    })
 }
 
 async fn mirror_request(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> {
     if !state.mirror_users.is_empty() {
-        let ok = req
-            .headers()
-            .get(AUTHORIZATION)
-            .is_some_and(|given| state.mirror_users.iter().any(|u| constant_time_eq(u.basic().as_bytes(), given.as_bytes())));
+        let ok = req.headers().get(AUTHORIZATION).is_some_and(|given| {
+            state
+                .mirror_users
+                .iter()
+                .any(|u| constant_time_eq(u.basic().as_bytes(), given.as_bytes()))
+        });
         if !ok {
-            let mut r = registry_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "this mirror needs a username and password");
-            r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"stowage\""));
+            let mut r = registry_error(
+                StatusCode::UNAUTHORIZED,
+                "UNAUTHORIZED",
+                "this mirror needs a username and password",
+            );
+            r.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"stowage\""),
+            );
             return r;
         }
     }
     match (req.method(), req.uri().path()) {
         (&Method::GET | &Method::HEAD, "/v2" | "/v2/") => {
             let mut r = Response::new(full("{}"));
-            r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            r.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r.headers_mut().insert(
+                "docker-distribution-api-version",
+                HeaderValue::from_static("registry/2.0"),
+            );
             return r;
         }
         (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok"),
@@ -143,10 +181,16 @@ async fn mirror_request(state: Arc<State>, mut req: Request<Incoming>) -> Respon
         _ => {}
     }
     if !req.uri().path().starts_with("/v2/") {
-        return registry_error(StatusCode::NOT_FOUND, "NOT_FOUND", "this is a registry mirror: only /v2/ paths are served");
+        return registry_error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            "this is a registry mirror: only /v2/ paths are served",
+        );
     }
     let any = state.config.mirror.any_registry;
-    let routed = route(req.uri(), &state.config.mirror.default_registry, |h| any || state.host_kind(h) == Some(HostKind::Registry));
+    let routed = route(req.uri(), &state.config.mirror.default_registry, |h| {
+        any || state.host_kind(h) == Some(HostKind::Registry)
+    });
     let routed = match routed {
         Ok(r) => r,
         Err(RouteError::UnknownRegistry(h)) => {
@@ -159,12 +203,22 @@ async fn mirror_request(state: Arc<State>, mut req: Request<Incoming>) -> Respon
         Err(RouteError::BadNamespace) => return registry_error(StatusCode::BAD_REQUEST, "NAME_INVALID", "ns or registry prefix is not a valid host"),
     };
     let Ok(uri) = routed.path_and_query.parse::<Uri>() else {
-        return registry_error(StatusCode::BAD_REQUEST, "NAME_INVALID", "request path cannot be mapped upstream");
+        return registry_error(
+            StatusCode::BAD_REQUEST,
+            "NAME_INVALID",
+            "request path cannot be mapped upstream",
+        );
     };
     *req.uri_mut() = uri;
     // The mirror's own credentials are for the mirror, never for upstream.
     req.headers_mut().remove(AUTHORIZATION);
-    let target = Arc::new(Target { scheme: "https", host: routed.host, port: routed.port, auth_host: false, mirror: true });
+    let target = Arc::new(Target {
+        scheme: "https",
+        host: routed.host,
+        port: routed.port,
+        auth_host: false,
+        mirror: true,
+    });
     if let Some(resp) = loop_check(&state, &target).await {
         return resp;
     }
@@ -177,7 +231,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// A clear error when `target` resolves to one of Stowage's own listeners.
 pub async fn loop_check(state: &State, target: &Target) -> Option<Response<Body>> {
-    let addrs = state.upstream.resolver().resolve(&target.host, target.port).await.ok()?;
+    let addrs = state
+        .upstream
+        .resolver()
+        .resolve(&target.host, target.port)
+        .await
+        .ok()?;
     let own = addrs.iter().find(|a| state.is_own_address(a))?;
     tracing::error!(host = %target.host, address = %own, "upstream resolves to this Stowage: refusing a request loop");
     Some(registry_error(
@@ -201,9 +260,13 @@ pub async fn serve_mirror_connection(state: Arc<State>, stream: TcpStream, _peer
         }
     });
     match state.config.mirror.tls {
-        crate::config::MirrorTls::Off => serve_until_shutdown(&state, TokioIo::new(stream), svc).await,
+        crate::config::MirrorTls::Off => {
+            serve_until_shutdown(&state, TokioIo::new(stream), svc).await
+        }
         _ => {
-            let Some(tls) = accept_mirror_tls(&state, stream).await else { return };
+            let Some(tls) = accept_mirror_tls(&state, stream).await else {
+                return;
+            };
             serve_until_shutdown(&state, TokioIo::new(tls), svc).await
         }
     }
@@ -217,7 +280,11 @@ where
     let config = match &state.mirror_tls {
         Some(c) => c.clone(),
         None => {
-            let name = start.client_hello().server_name().map(str::to_ascii_lowercase).unwrap_or_else(|| state.config.mirror.hostname.clone());
+            let name = start
+                .client_hello()
+                .server_name()
+                .map(str::to_ascii_lowercase)
+                .unwrap_or_else(|| state.config.mirror.hostname.clone());
             match state.ca.server_config(&name).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -248,7 +315,11 @@ where
     }
 }
 
-async fn finish_handshake<IO>(state: &State, start: tokio_rustls::StartHandshake<IO>, config: Arc<rustls::ServerConfig>) -> Option<tokio_rustls::server::TlsStream<IO>>
+async fn finish_handshake<IO>(
+    state: &State,
+    start: tokio_rustls::StartHandshake<IO>,
+    config: Arc<rustls::ServerConfig>,
+) -> Option<tokio_rustls::server::TlsStream<IO>>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
@@ -279,8 +350,14 @@ async fn refuse_unrecognized_name<IO: AsyncWrite + Unpin>(mut io: IO) {
 
 /// Serves one connection on the direct listener: SNI names the registry.
 pub async fn serve_direct_connection(state: Arc<State>, stream: TcpStream, peer: SocketAddr) {
-    let Some(start) = handshake_start(&state, stream).await else { return };
-    let Some(sni) = start.client_hello().server_name().map(str::to_ascii_lowercase) else {
+    let Some(start) = handshake_start(&state, stream).await else {
+        return;
+    };
+    let Some(sni) = start
+        .client_hello()
+        .server_name()
+        .map(str::to_ascii_lowercase)
+    else {
         // Without SNI there is no way to know which registry the client meant.
         tracing::warn!(%peer, "direct TLS without SNI: refused (clients must connect by registry name)");
         return refuse_unrecognized_name(start.io).await;
@@ -293,9 +370,17 @@ pub async fn serve_direct_connection(state: Arc<State>, stream: TcpStream, peer:
         Ok(c) => c,
         Err(e) => return tracing::error!(error = %e, "cannot mint a certificate"),
     };
-    let Some(tls) = finish_handshake(&state, start, config).await else { return };
+    let Some(tls) = finish_handshake(&state, start, config).await else {
+        return;
+    };
     let port = state.config.direct.upstream_port.unwrap_or(443);
-    let target = Arc::new(Target { scheme: "https", host: sni, port, auth_host: kind == HostKind::AuthHost, mirror: false });
+    let target = Arc::new(Target {
+        scheme: "https",
+        host: sni,
+        port,
+        auth_host: kind == HostKind::AuthHost,
+        mirror: false,
+    });
     crate::proxy::serve_registry(state, TokioIo::new(tls), target).await;
 }
 
@@ -309,33 +394,94 @@ mod tests {
     }
 
     fn ok(host: &str, port: u16, pq: &str) -> Result<Routed, RouteError> {
-        Ok(Routed { host: host.into(), port, path_and_query: pq.into() })
+        Ok(Routed {
+            host: host.into(),
+            port,
+            path_and_query: pq.into(),
+        })
     }
 
     #[test]
     fn containerd_ns_is_mapped_and_stripped() {
-        assert_eq!(r("/v2/library/alpine/manifests/3?ns=docker.io"), ok("registry-1.docker.io", 443, "/v2/library/alpine/manifests/3"));
-        assert_eq!(r("/v2/org/img/blobs/x?ns=quay.io&a=b"), ok("quay.io", 443, "/v2/org/img/blobs/x?a=b"));
-        assert_eq!(r("/v2/org/img/tags/list?n=10&ns=quay.io:5443"), ok("quay.io", 5443, "/v2/org/img/tags/list?n=10"));
-        assert_eq!(r("/v2/org/img/manifests/v1?ns=quay.io%3A5443"), ok("quay.io", 5443, "/v2/org/img/manifests/v1"));
-        assert_eq!(r("/v2/org/img/manifests/v1?ns=quay.io%3a5443"), ok("quay.io", 5443, "/v2/org/img/manifests/v1"));
-        assert_eq!(r("/v2/a/manifests/1?ns=quay.io%3"), Err(RouteError::BadNamespace));
-        assert_eq!(r("/v2/a/manifests/1?ns=quay.io%2Fx"), Err(RouteError::BadNamespace));
-        assert_eq!(r("/v2/a/manifests/1?ns=evil.example"), Err(RouteError::UnknownRegistry("evil.example".into())));
-        assert_eq!(r("/v2/a/manifests/1?ns=../x"), Err(RouteError::BadNamespace));
+        assert_eq!(
+            r("/v2/library/alpine/manifests/3?ns=docker.io"),
+            ok(
+                "registry-1.docker.io",
+                443,
+                "/v2/library/alpine/manifests/3"
+            )
+        );
+        assert_eq!(
+            r("/v2/org/img/blobs/x?ns=quay.io&a=b"),
+            ok("quay.io", 443, "/v2/org/img/blobs/x?a=b")
+        );
+        assert_eq!(
+            r("/v2/org/img/tags/list?n=10&ns=quay.io:5443"),
+            ok("quay.io", 5443, "/v2/org/img/tags/list?n=10")
+        );
+        assert_eq!(
+            r("/v2/org/img/manifests/v1?ns=quay.io%3A5443"),
+            ok("quay.io", 5443, "/v2/org/img/manifests/v1")
+        );
+        assert_eq!(
+            r("/v2/org/img/manifests/v1?ns=quay.io%3a5443"),
+            ok("quay.io", 5443, "/v2/org/img/manifests/v1")
+        );
+        assert_eq!(
+            r("/v2/a/manifests/1?ns=quay.io%3"),
+            Err(RouteError::BadNamespace)
+        );
+        assert_eq!(
+            r("/v2/a/manifests/1?ns=quay.io%2Fx"),
+            Err(RouteError::BadNamespace)
+        );
+        assert_eq!(
+            r("/v2/a/manifests/1?ns=evil.example"),
+            Err(RouteError::UnknownRegistry("evil.example".into()))
+        );
+        assert_eq!(
+            r("/v2/a/manifests/1?ns=../x"),
+            Err(RouteError::BadNamespace)
+        );
     }
 
     #[test]
     fn dockerd_requests_go_to_docker_hub() {
-        assert_eq!(r("/v2/library/alpine/manifests/latest"), ok("registry-1.docker.io", 443, "/v2/library/alpine/manifests/latest"));
-        assert_eq!(r("/v2/myorg/app/blobs/sha256:00"), ok("registry-1.docker.io", 443, "/v2/myorg/app/blobs/sha256:00"));
+        assert_eq!(
+            r("/v2/library/alpine/manifests/latest"),
+            ok(
+                "registry-1.docker.io",
+                443,
+                "/v2/library/alpine/manifests/latest"
+            )
+        );
+        assert_eq!(
+            r("/v2/myorg/app/blobs/sha256:00"),
+            ok("registry-1.docker.io", 443, "/v2/myorg/app/blobs/sha256:00")
+        );
     }
 
     #[test]
     fn path_prefix_names_the_registry() {
-        assert_eq!(r("/v2/ghcr.io/org/app/manifests/1"), ok("ghcr.io", 443, "/v2/org/app/manifests/1"));
-        assert_eq!(r("/v2/docker.io/library/alpine/manifests/1"), ok("registry-1.docker.io", 443, "/v2/library/alpine/manifests/1"));
-        assert_eq!(r("/v2/quay.io:5443/org/app/manifests/1"), ok("quay.io", 5443, "/v2/org/app/manifests/1"));
-        assert_eq!(r("/v2/unknown.example/org/app/manifests/1"), Err(RouteError::UnknownRegistry("unknown.example".into())));
+        assert_eq!(
+            r("/v2/ghcr.io/org/app/manifests/1"),
+            ok("ghcr.io", 443, "/v2/org/app/manifests/1")
+        );
+        assert_eq!(
+            r("/v2/docker.io/library/alpine/manifests/1"),
+            ok(
+                "registry-1.docker.io",
+                443,
+                "/v2/library/alpine/manifests/1"
+            )
+        );
+        assert_eq!(
+            r("/v2/quay.io:5443/org/app/manifests/1"),
+            ok("quay.io", 5443, "/v2/org/app/manifests/1")
+        );
+        assert_eq!(
+            r("/v2/unknown.example/org/app/manifests/1"),
+            Err(RouteError::UnknownRegistry("unknown.example".into()))
+        );
     }
 }

@@ -61,7 +61,10 @@ impl Digest {
 
     /// Builds a digest from raw hash output.
     pub fn from_bytes(algorithm: Algorithm, bytes: &[u8]) -> Digest {
-        Digest { algorithm, hex: hex::encode(bytes) }
+        Digest {
+            algorithm,
+            hex: hex::encode(bytes),
+        }
     }
 }
 
@@ -76,11 +79,16 @@ impl FromStr for Digest {
             _ => return Err(ParseError::Digest),
         };
         let valid = hex.len() == algorithm.hex_len()
-            && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if !valid {
             return Err(ParseError::Digest);
         }
-        Ok(Digest { algorithm, hex: hex.to_owned() })
+        Ok(Digest {
+            algorithm,
+            hex: hex.to_owned(),
+        })
     }
 }
 
@@ -185,7 +193,10 @@ pub enum Route {
     /// `/v2/<name>/blobs/<digest>`
     Blob { name: RepoName, digest: Digest },
     /// `/v2/<name>/manifests/<reference>`
-    Manifest { name: RepoName, reference: Reference },
+    Manifest {
+        name: RepoName,
+        reference: Reference,
+    },
     /// Anything else: `/v2/`, tags list, uploads, token endpoints, unparseable paths.
     Other,
 }
@@ -207,10 +218,16 @@ impl Route {
                 return Route::Other;
             };
             if let Ok(digest) = reference.parse() {
-                return Route::Manifest { name, reference: Reference::Digest(digest) };
+                return Route::Manifest {
+                    name,
+                    reference: Reference::Digest(digest),
+                };
             }
             if let Ok(tag) = reference.parse() {
-                return Route::Manifest { name, reference: Reference::Tag(tag) };
+                return Route::Manifest {
+                    name,
+                    reference: Reference::Tag(tag),
+                };
             }
         }
         Route::Other
@@ -227,8 +244,14 @@ impl Route {
     pub fn kind(&self) -> &'static str {
         match self {
             Route::Blob { .. } => "blob",
-            Route::Manifest { reference: Reference::Digest(_), .. } => "manifest",
-            Route::Manifest { reference: Reference::Tag(_), .. } => "tag",
+            Route::Manifest {
+                reference: Reference::Digest(_),
+                ..
+            } => "manifest",
+            Route::Manifest {
+                reference: Reference::Tag(_),
+                ..
+            } => "tag",
             Route::Other => "other",
         }
     }
@@ -262,10 +285,30 @@ mod tests {
 
     #[test]
     fn names_follow_the_grammar() {
-        for good in ["alpine", "library/alpine", "a/b/c", "my-org/my__img", "x.y/z-1", "a--b"] {
+        for good in [
+            "alpine",
+            "library/alpine",
+            "a/b/c",
+            "my-org/my__img",
+            "x.y/z-1",
+            "a--b",
+        ] {
             assert!(good.parse::<RepoName>().is_ok(), "{good}");
         }
-        for bad in ["", "Library/alpine", "a/../b", "..", "a//b", "/a", "a/", "a_-b", "a___b", "-a", "a.", "a/%2e%2e"] {
+        for bad in [
+            "",
+            "Library/alpine",
+            "a/../b",
+            "..",
+            "a//b",
+            "/a",
+            "a/",
+            "a_-b",
+            "a___b",
+            "-a",
+            "a.",
+            "a/%2e%2e",
+        ] {
             assert_eq!(bad.parse::<RepoName>(), Err(ParseError::Name), "{bad}");
         }
         assert!("a".repeat(256).parse::<RepoName>().is_err());
@@ -291,12 +334,24 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let m = format!("/v2/a/blobs/x/manifests/sha256:{HEX}");
-        assert!(matches!(Route::classify(&m), Route::Manifest { reference: Reference::Digest(_), .. }));
+        assert!(matches!(
+            Route::classify(&m),
+            Route::Manifest {
+                reference: Reference::Digest(_),
+                ..
+            }
+        ));
         assert_eq!(Route::classify("/v2/a/manifests/latest").kind(), "tag");
         assert_eq!(Route::classify("/v2/"), Route::Other);
         assert_eq!(Route::classify("/v2/a/tags/list"), Route::Other);
-        assert_eq!(Route::classify(&format!("/v2/../blobs/sha256:{HEX}")), Route::Other);
-        assert_eq!(Route::classify(&format!("/v2/a/blobs/sha256:{}", &HEX[2..])), Route::Other);
+        assert_eq!(
+            Route::classify(&format!("/v2/../blobs/sha256:{HEX}")),
+            Route::Other
+        );
+        assert_eq!(
+            Route::classify(&format!("/v2/a/blobs/sha256:{}", &HEX[2..])),
+            Route::Other
+        );
         assert_eq!(Route::classify("/v2/a/blobs/uploads/"), Route::Other);
         assert_eq!(Route::classify("/token"), Route::Other);
     }

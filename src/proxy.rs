@@ -90,7 +90,10 @@ pub async fn serve_connection(state: Arc<State>, stream: TcpStream, peer: Socket
 pub async fn serve_until_shutdown<IO, S>(state: &State, io: IO, svc: S)
 where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
 {
     let builder = http_builder(state);
@@ -129,14 +132,27 @@ where
     serve_until_shutdown(&state, io, svc).await
 }
 
-async fn proxy_request(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+async fn proxy_request(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
     let proxied = req.method() == Method::CONNECT || req.uri().scheme().is_some();
     if proxied {
         if let Some(users) = &state.proxy_users {
-            if !users.check(req.headers().get(http::header::PROXY_AUTHORIZATION)).await {
+            if !users
+                .check(req.headers().get(http::header::PROXY_AUTHORIZATION))
+                .await
+            {
                 tracing::info!(%peer, "proxy authentication required or failed");
-                let mut r = text(StatusCode::PROXY_AUTHENTICATION_REQUIRED, "proxy authentication required");
-                r.headers_mut().insert(http::header::PROXY_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"stowage\""));
+                let mut r = text(
+                    StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+                    "proxy authentication required",
+                );
+                r.headers_mut().insert(
+                    http::header::PROXY_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"stowage\""),
+                );
                 return r;
             }
         }
@@ -149,7 +165,10 @@ async fn proxy_request(state: Arc<State>, req: Request<Incoming>, peer: SocketAd
     }
     if req.uri().path().starts_with("/admin/") {
         if !peer.ip().is_loopback() {
-            return text(StatusCode::FORBIDDEN, "admin endpoints answer loopback clients only");
+            return text(
+                StatusCode::FORBIDDEN,
+                "admin endpoints answer loopback clients only",
+            );
         }
         return admin(state, req).await;
     }
@@ -191,7 +210,8 @@ async fn proxy_request(state: Arc<State>, req: Request<Incoming>, peer: SocketAd
 
 fn json<T: serde::Serialize>(v: &T) -> Response<Body> {
     let mut r = Response::new(full(serde_json::to_string_pretty(v).unwrap_or_default()));
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
@@ -228,11 +248,22 @@ async fn admin(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
                 json(&report)
             }
             (Method::POST, "/admin/prune") => {
-                let max = query.get("max_size").map(|v| v.parse::<crate::config::Size>()).transpose()?.map(|s| s.0);
-                let older = query.get("older_than").map(|v| v.parse::<crate::config::HumanDuration>()).transpose()?.map(|d| d.0);
+                let max = query
+                    .get("max_size")
+                    .map(|v| v.parse::<crate::config::Size>())
+                    .transpose()?
+                    .map(|s| s.0);
+                let older = query
+                    .get("older_than")
+                    .map(|v| v.parse::<crate::config::HumanDuration>())
+                    .transpose()?
+                    .map(|d| d.0);
                 json(&admin::prune(store, max, older).map_err(|e| e.to_string())?)
             }
-            _ => text(StatusCode::NOT_FOUND, "admin: GET stats, GET ls, POST verify, POST prune?max_size=&older_than="),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "admin: GET stats, GET ls, POST verify, POST prune?max_size=&older_than=",
+            ),
         })
     })
     .await;
@@ -246,7 +277,11 @@ async fn admin(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
 /// `host:port` from a CONNECT target, lowercased and checked.
 fn connect_target(req: &Request<Incoming>) -> Option<(String, u16)> {
     let authority = req.uri().authority()?;
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase();
     let host = host.strip_suffix('.').map(str::to_owned).unwrap_or(host);
     if !valid_host(&host) {
         return None;
@@ -260,7 +295,10 @@ async fn connect(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) ->
     };
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
         if state.is_own_address(&SocketAddr::new(ip, port)) {
-            return text(StatusCode::LOOP_DETECTED, "CONNECT to this proxy's own address is refused");
+            return text(
+                StatusCode::LOOP_DETECTED,
+                "CONNECT to this proxy's own address is refused",
+            );
         }
     }
     match state.host_kind(&host) {
@@ -270,7 +308,9 @@ async fn connect(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) ->
             state.tasks.spawn(
                 async move {
                     match hyper::upgrade::on(req).await {
-                        Ok(upgraded) => terminate_tls(st, TokioIo::new(upgraded), host, port, kind).await,
+                        Ok(upgraded) => {
+                            terminate_tls(st, TokioIo::new(upgraded), host, port, kind).await
+                        }
                         Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
                     }
                 }
@@ -280,11 +320,17 @@ async fn connect(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) ->
         }
         None if state.other_hosts == OtherHosts::Deny => {
             tracing::info!(%peer, %host, port, "CONNECT refused: not a registry");
-            text(StatusCode::FORBIDDEN, "this proxy only serves container registries")
+            text(
+                StatusCode::FORBIDDEN,
+                "this proxy only serves container registries",
+            )
         }
         None if !state.config.proxy.tunnel_ports.contains(&port) => {
             tracing::info!(%peer, %host, port, "CONNECT refused: port not in proxy.tunnel_ports");
-            text(StatusCode::FORBIDDEN, "tunnels to this port are not allowed (proxy.tunnel_ports)")
+            text(
+                StatusCode::FORBIDDEN,
+                "tunnels to this port are not allowed (proxy.tunnel_ports)",
+            )
         }
         None => {
             // A name (or pin) that leads back to a listener of ours would turn a remote
@@ -292,7 +338,10 @@ async fn connect(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) ->
             if let Ok(addrs) = state.upstream.resolver().resolve(&host, port).await {
                 if addrs.iter().any(|a| state.is_own_address(a)) {
                     tracing::info!(%peer, %host, port, "CONNECT refused: resolves to this proxy");
-                    return text(StatusCode::LOOP_DETECTED, "CONNECT to this proxy's own address is refused");
+                    return text(
+                        StatusCode::LOOP_DETECTED,
+                        "CONNECT to this proxy's own address is refused",
+                    );
                 }
             }
             let upstream = match state.upstream.connect_tcp(&host, port).await {
@@ -304,7 +353,10 @@ async fn connect(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) ->
             };
             if upstream.peer_addr().is_ok_and(|a| state.is_own_address(&a)) {
                 tracing::info!(%peer, %host, port, "CONNECT refused: connected to this proxy");
-                return text(StatusCode::LOOP_DETECTED, "CONNECT to this proxy's own address is refused");
+                return text(
+                    StatusCode::LOOP_DETECTED,
+                    "CONNECT to this proxy's own address is refused",
+                );
             }
             let span = tracing::info_span!("tunnel", %host, port, mode = "blind");
             let st = state.clone();
@@ -312,7 +364,8 @@ async fn connect(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) ->
                 async move {
                     match hyper::upgrade::on(req).await {
                         Ok(upgraded) => {
-                            let (up, down) = relay(TokioIo::new(upgraded), upstream, st.idle_timeout, &st).await;
+                            let (up, down) =
+                                relay(TokioIo::new(upgraded), upstream, st.idle_timeout, &st).await;
                             tracing::debug!(bytes_up = up, bytes_down = down, "tunnel closed");
                         }
                         Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
@@ -338,7 +391,10 @@ where
     };
     if let Some(sni) = start.client_hello().server_name() {
         if !sni.eq_ignore_ascii_case(&host) {
-            tracing::debug!(sni, "SNI differs from the CONNECT host; using the CONNECT host");
+            tracing::debug!(
+                sni,
+                "SNI differs from the CONNECT host; using the CONNECT host"
+            );
         }
     }
     let config = match state.ca.server_config(&host).await {
@@ -350,7 +406,13 @@ where
         Ok(Err(e)) => return tracing::info!(error = %e, "TLS handshake failed"),
         Err(_) => return tracing::info!("TLS handshake timed out"),
     };
-    let target = Arc::new(Target { scheme: "https", host, port, auth_host: kind == HostKind::AuthHost, mirror: false });
+    let target = Arc::new(Target {
+        scheme: "https",
+        host,
+        port,
+        auth_host: kind == HostKind::AuthHost,
+        mirror: false,
+    });
     serve_registry(state, TokioIo::new(tls), target).await
 }
 
@@ -359,17 +421,33 @@ where
 async fn absolute_form(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let uri = req.uri();
     if uri.scheme_str() != Some("http") {
-        return text(StatusCode::BAD_REQUEST, "only http:// URLs can be proxied in absolute form; use CONNECT for https");
+        return text(
+            StatusCode::BAD_REQUEST,
+            "only http:// URLs can be proxied in absolute form; use CONNECT for https",
+        );
     }
-    let Some(host) = uri.host().map(|h| h.to_ascii_lowercase()).filter(|h| valid_host(h)) else {
+    let Some(host) = uri
+        .host()
+        .map(|h| h.to_ascii_lowercase())
+        .filter(|h| valid_host(h))
+    else {
         return text(StatusCode::BAD_REQUEST, "request URL has no valid host");
     };
     let port = uri.port_u16().unwrap_or(80);
     let kind = state.host_kind(&host);
     if kind.is_none() && state.other_hosts == OtherHosts::Deny {
-        return text(StatusCode::FORBIDDEN, "this proxy only serves container registries");
+        return text(
+            StatusCode::FORBIDDEN,
+            "this proxy only serves container registries",
+        );
     }
-    let target = Arc::new(Target { scheme: "http", host, port, auth_host: kind != Some(HostKind::Registry), mirror: false });
+    let target = Arc::new(Target {
+        scheme: "http",
+        host,
+        port,
+        auth_host: kind != Some(HostKind::Registry),
+        mirror: false,
+    });
     // Forwarding to ourselves would loop, and would reach /admin as a loopback client.
     if let Some(refused) = crate::mirror::loop_check(&state, &target).await {
         return refused;
@@ -409,7 +487,9 @@ where
             Ok(Ok(n)) => n,
             Err(_) => {
                 // Idle in this direction; the tunnel lives while the other one is active.
-                let quiet = epoch.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+                let quiet = epoch
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
                 if quiet >= idle {
                     break;
                 }

@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{
-    ACCEPT, ACCEPT_ENCODING, ACCEPT_RANGES, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, RANGE,
-    WARNING, WWW_AUTHENTICATE,
+    ACCEPT, ACCEPT_ENCODING, ACCEPT_RANGES, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE,
+    CONTENT_TYPE, ETAG, RANGE, WARNING, WWW_AUTHENTICATE,
 };
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Limited, StreamBody};
@@ -28,8 +28,8 @@ use crate::config::AuthCheck;
 use crate::fill::{file_stream, fill_stream, FillState, Join};
 use crate::oci::{Algorithm, Digest, Reference, RepoName, Route, Tag};
 use crate::response::{
-    empty, full, head_without_body, registry_error, set_len, strip_hop_by_hop, Body, CacheStatus, LogLine, Logged, ServeError,
-    DOCKER_CONTENT_DIGEST, X_CACHE,
+    empty, full, head_without_body, registry_error, set_len, strip_hop_by_hop, Body, CacheStatus,
+    LogLine, Logged, ServeError, DOCKER_CONTENT_DIGEST, X_CACHE,
 };
 use crate::server::State;
 use crate::store::{StoreError, TagEntry};
@@ -50,43 +50,79 @@ pub struct Target {
 
 impl Target {
     fn uri(&self, path_and_query: &str) -> Result<Uri, ServeError> {
-        let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
         let default_port = if self.scheme == "https" { 443 } else { 80 };
-        let authority = if self.port == default_port { host } else { format!("{host}:{}", self.port) };
+        let authority = if self.port == default_port {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        };
         format!("{}://{}{}", self.scheme, authority, path_and_query)
             .parse()
-            .map_err(|_| ServeError::Upstream(crate::upstream::UpstreamError::BadUri(path_and_query.chars().take(100).collect())))
+            .map_err(|_| {
+                ServeError::Upstream(crate::upstream::UpstreamError::BadUri(
+                    path_and_query.chars().take(100).collect(),
+                ))
+            })
     }
 }
 
-pub async fn handle(state: Arc<State>, target: Arc<Target>, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(
+    state: Arc<State>,
+    target: Arc<Target>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let started = Instant::now();
-    let route = if target.auth_host { Route::Other } else { Route::classify(req.uri().path()) };
+    let route = if target.auth_host {
+        Route::Other
+    } else {
+        Route::classify(req.uri().path())
+    };
     let method = req.method().clone();
     let credential = credential_id(req.headers());
     let path = req.uri().path().to_owned();
     let (outcome, resp) = match (&route, &method) {
-        (Route::Blob { name, digest }, &Method::GET | &Method::HEAD) => blob(&state, &target, req, name, digest).await,
-        (Route::Manifest { name, reference: Reference::Digest(digest) }, &Method::GET | &Method::HEAD) => {
-            manifest_by_digest(&state, &target, req, name, digest).await
+        (Route::Blob { name, digest }, &Method::GET | &Method::HEAD) => {
+            blob(&state, &target, req, name, digest).await
         }
-        (Route::Manifest { name, reference: Reference::Tag(tag) }, &Method::GET | &Method::HEAD) => {
-            manifest_by_tag(&state, &target, req, name, tag).await
-        }
+        (
+            Route::Manifest {
+                name,
+                reference: Reference::Digest(digest),
+            },
+            &Method::GET | &Method::HEAD,
+        ) => manifest_by_digest(&state, &target, req, name, digest).await,
+        (
+            Route::Manifest {
+                name,
+                reference: Reference::Tag(tag),
+            },
+            &Method::GET | &Method::HEAD,
+        ) => manifest_by_tag(&state, &target, req, name, tag).await,
         _ => pass(&state, &target, req).await,
     };
     let resp = match resp {
         Ok(r) => {
             let from_upstream = matches!(outcome, CacheStatus::Miss | CacheStatus::Pass);
-            if from_upstream && (r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS) {
-                state.metrics.upstream_error(&target.host, r.status().as_str());
+            if from_upstream
+                && (r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS)
+            {
+                state
+                    .metrics
+                    .upstream_error(&target.host, r.status().as_str());
             }
             r
         }
         Err(e) => {
             tracing::warn!(host = %target.host, error = %e, "request failed");
             let kind = match &e {
-                ServeError::Upstream(UpstreamError::Timeout { .. } | UpstreamError::BodyStalled(_)) => Some("timeout"),
+                ServeError::Upstream(
+                    UpstreamError::Timeout { .. } | UpstreamError::BodyStalled(_),
+                ) => Some("timeout"),
                 ServeError::Upstream(UpstreamError::Body(_)) => Some("body"),
                 ServeError::Upstream(_) => Some("connect"),
                 ServeError::DigestMismatch => Some("digest"),
@@ -111,7 +147,8 @@ pub async fn handle(state: Arc<State>, target: Arc<Target>, req: Request<Incomin
         }
     }
     let mut resp = head_without_body(&method, resp);
-    resp.headers_mut().insert(X_CACHE, HeaderValue::from_static(outcome.as_str()));
+    resp.headers_mut()
+        .insert(X_CACHE, HeaderValue::from_static(outcome.as_str()));
     let line = LogLine {
         registry: target.host.clone(),
         repo: route.repo().map(|r| r.to_string()).unwrap_or_default(),
@@ -148,26 +185,54 @@ fn relay(resp: Response<Incoming>) -> Response<Body> {
 }
 
 fn path_and_query(req: &Request<Incoming>) -> &str {
-    req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/")
+    req.uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
 }
 
 /// A bodiless request upstream on behalf of the client (its credentials, or Stowage's
 /// configured account when it has none).
-async fn upstream_fetch(state: &State, target: &Target, method: Method, pq: &str, headers: &HeaderMap, follow: bool) -> Result<Response<Incoming>, ServeError> {
+async fn upstream_fetch(
+    state: &State,
+    target: &Target,
+    method: Method,
+    pq: &str,
+    headers: &HeaderMap,
+    follow: bool,
+) -> Result<Response<Incoming>, ServeError> {
     let uri = target.uri(pq)?;
     let answer = state.answer(target);
-    let fetched = auth::fetch(&state.upstream, &state.tokens, method, uri, upstream_headers(headers), answer, follow).await?;
+    let fetched = auth::fetch(
+        &state.upstream,
+        &state.tokens,
+        method,
+        uri,
+        upstream_headers(headers),
+        answer,
+        follow,
+    )
+    .await?;
     Ok(fetched.response)
 }
 
 async fn pass(state: &State, target: &Target, req: Request<Incoming>) -> Served {
     let pq = path_and_query(&req).to_owned();
-    let bodiless = matches!(*req.method(), Method::GET | Method::HEAD) && !req.headers().contains_key(CONTENT_LENGTH);
+    let bodiless = matches!(*req.method(), Method::GET | Method::HEAD)
+        && !req.headers().contains_key(CONTENT_LENGTH);
     let answers = target.mirror || state.credentials.contains_key(&target.host);
     if bodiless && !target.auth_host && answers && !req.headers().contains_key(AUTHORIZATION) {
         // Answer the challenge with the configured account (the `/v2/` ping included), so
         // anonymous clients pull as that account.
-        let r = upstream_fetch(state, target, req.method().clone(), &pq, req.headers(), false).await;
+        let r = upstream_fetch(
+            state,
+            target,
+            req.method().clone(),
+            &pq,
+            req.headers(),
+            false,
+        )
+        .await;
         return (CacheStatus::Pass, r.map(relay));
     }
     let uri = match target.uri(&pq) {
@@ -175,7 +240,11 @@ async fn pass(state: &State, target: &Target, req: Request<Incoming>) -> Served 
         Err(e) => return (CacheStatus::Pass, Err(e)),
     };
     let (parts, body) = req.into_parts();
-    let mut up = Request::builder().method(parts.method).uri(uri).body(body.map_err(BoxError::from).boxed_unsync() as UpBody).expect("valid parts");
+    let mut up = Request::builder()
+        .method(parts.method)
+        .uri(uri)
+        .body(body.map_err(BoxError::from).boxed_unsync() as UpBody)
+        .expect("valid parts");
     *up.headers_mut() = upstream_headers(&parts.headers);
     if target.auth_host && !up.headers().contains_key(AUTHORIZATION) {
         if let Some(c) = state.inject.get(&target.host) {
@@ -190,7 +259,13 @@ async fn pass(state: &State, target: &Target, req: Request<Incoming>) -> Served 
 
 /// Decides whether cached content of `repo` may go to this client; `Err` is the refusal
 /// to send instead. See `access` for the rules.
-async fn authorize(state: &State, target: &Target, repo: &RepoName, headers: &HeaderMap, pq: &str) -> Result<(), Response<Body>> {
+async fn authorize(
+    state: &State,
+    target: &Target,
+    repo: &RepoName,
+    headers: &HeaderMap,
+    pq: &str,
+) -> Result<(), Response<Body>> {
     if state.auth_check() == AuthCheck::None {
         return Ok(());
     }
@@ -230,7 +305,11 @@ async fn authorize(state: &State, target: &Target, repo: &RepoName, headers: &He
                 tracing::info!(registry = %target.host, %repo, %why, "upstream unavailable and repository not known public; refusing cached content");
                 Err(match other {
                     Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS => refusal(r),
-                    _ => registry_error(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", "upstream registry unavailable; cannot confirm access to this repository"),
+                    _ => registry_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "UNAVAILABLE",
+                        "upstream registry unavailable; cannot confirm access to this repository",
+                    ),
                 })
             }
         }
@@ -275,7 +354,11 @@ fn revalidation_answer(method: &Method, resp: Response<Incoming>) -> Response<Bo
         429 => "TOOMANYREQUESTS",
         _ => "UNAVAILABLE",
     };
-    let mut out = registry_error(status, code, &format!("upstream registry answered {status}"));
+    let mut out = registry_error(
+        status,
+        code,
+        &format!("upstream registry answered {status}"),
+    );
     for name in [WWW_AUTHENTICATE, http::header::RETRY_AFTER] {
         for v in resp.headers().get_all(&name) {
             out.headers_mut().append(name.clone(), v.clone());
@@ -296,9 +379,20 @@ fn spawn_public_probe(state: Arc<State>, target: Arc<Target>, key: String, path:
         // manifests ("accept header does not support OCI manifests"): offer every type.
         let mut headers = HeaderMap::new();
         headers.insert(ACCEPT, HeaderValue::from_static(PROBE_ACCEPT));
-        let r = auth::fetch(&state.upstream, &state.tokens, Method::HEAD, uri, headers, Answer::With(None), false).await;
+        let r = auth::fetch(
+            &state.upstream,
+            &state.tokens,
+            Method::HEAD,
+            uri,
+            headers,
+            Answer::With(None),
+            false,
+        )
+        .await;
         let public = match r {
-            Ok(f) if f.response.status().is_success() || f.response.status().is_redirection() => Some(now_ms()),
+            Ok(f) if f.response.status().is_success() || f.response.status().is_redirection() => {
+                Some(now_ms())
+            }
             Ok(f) if matches!(f.response.status().as_u16(), 401 | 403 | 404) => None,
             _ => return,
         };
@@ -311,7 +405,10 @@ fn spawn_public_probe(state: Arc<State>, target: Arc<Target>, key: String, path:
 /// A single byte range, as `start..end` (end exclusive), from a `Range` header.
 /// `None`: no usable range (absent, multi-range or malformed: serve the whole body, as
 /// RFC 9110 allows). `Some(Err)`: a well-formed range that lies outside the content.
-pub fn parse_range(header: Option<&HeaderValue>, len: u64) -> Option<Result<(u64, u64), ServeError>> {
+pub fn parse_range(
+    header: Option<&HeaderValue>,
+    len: u64,
+) -> Option<Result<(u64, u64), ServeError>> {
     let spec = header?.to_str().ok()?.trim().strip_prefix("bytes=")?;
     if spec.contains(',') {
         return None;
@@ -327,7 +424,11 @@ pub fn parse_range(header: Option<&HeaderValue>, len: u64) -> Option<Result<(u64
         return Some(Ok((len.saturating_sub(n), len)));
     }
     let start: u64 = a.parse().ok()?;
-    let end = if b.is_empty() { len.saturating_sub(1) } else { b.parse::<u64>().ok()?.min(len.saturating_sub(1)) };
+    let end = if b.is_empty() {
+        len.saturating_sub(1)
+    } else {
+        b.parse::<u64>().ok()?.min(len.saturating_sub(1))
+    };
     if !b.is_empty() && b.parse::<u64>().ok()? < start {
         return None;
     }
@@ -340,7 +441,10 @@ pub fn parse_range(header: Option<&HeaderValue>, len: u64) -> Option<Result<(u64
 fn blob_headers(headers: &mut HeaderMap, digest: &Digest) {
     let d = HeaderValue::from_str(&digest.to_string()).expect("digest is ascii");
     headers.insert(DOCKER_CONTENT_DIGEST, d.clone());
-    headers.insert(ETAG, HeaderValue::from_str(&format!("\"{digest}\"")).expect("ascii"));
+    headers.insert(
+        ETAG,
+        HeaderValue::from_str(&format!("\"{digest}\"")).expect("ascii"),
+    );
     headers.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
 }
 
@@ -367,17 +471,30 @@ fn serve_stored(
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     blob_headers(h, digest);
-    h.insert(CONTENT_TYPE, HeaderValue::from_str(content_type).unwrap_or(HeaderValue::from_static("application/octet-stream")));
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_str(content_type)
+            .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
     set_len(h, end - start);
     if status == StatusCode::PARTIAL_CONTENT {
-        h.insert(CONTENT_RANGE, HeaderValue::from_str(&format!("bytes {}-{}/{}", start, end - 1, len)).expect("ascii"));
+        h.insert(
+            CONTENT_RANGE,
+            HeaderValue::from_str(&format!("bytes {}-{}/{}", start, end - 1, len)).expect("ascii"),
+        );
     }
     Ok(resp)
 }
 
 const OCTET_STREAM: &str = "application/octet-stream";
 
-async fn blob(state: &Arc<State>, target: &Target, req: Request<Incoming>, repo: &RepoName, digest: &Digest) -> Served {
+async fn blob(
+    state: &Arc<State>,
+    target: &Target,
+    req: Request<Incoming>,
+    repo: &RepoName,
+    digest: &Digest,
+) -> Served {
     let method = req.method().clone();
     let pq = path_and_query(&req).to_owned();
     match state.store.open_blob(digest) {
@@ -385,7 +502,17 @@ async fn blob(state: &Arc<State>, target: &Target, req: Request<Incoming>, repo:
             if let Err(refused) = authorize(state, target, repo, req.headers(), &pq).await {
                 return (CacheStatus::Hit, Ok(refused));
             }
-            return (CacheStatus::Hit, serve_stored(file, len, digest, OCTET_STREAM, &method, req.headers().get(RANGE)));
+            return (
+                CacheStatus::Hit,
+                serve_stored(
+                    file,
+                    len,
+                    digest,
+                    OCTET_STREAM,
+                    &method,
+                    req.headers().get(RANGE),
+                ),
+            );
         }
         Ok(None) => {}
         Err(e) => {
@@ -397,7 +524,9 @@ async fn blob(state: &Arc<State>, target: &Target, req: Request<Incoming>, repo:
     if method == Method::HEAD || req.headers().contains_key(RANGE) {
         return fetch_uncached_blob(state, target, req, digest).await;
     }
-    if state.fills.in_flight() >= state.config.cache.max_concurrent_fills && !state.fills.is_filling(digest) {
+    if state.fills.in_flight() >= state.config.cache.max_concurrent_fills
+        && !state.fills.is_filling(digest)
+    {
         tracing::debug!(%digest, "fill limit reached; passing through");
         return fetch_uncached_blob(state, target, req, digest).await;
     }
@@ -420,7 +549,10 @@ async fn blob(state: &Arc<State>, target: &Target, req: Request<Incoming>, repo:
                 if let Err(refused) = authorize(state, target, repo, req.headers(), &pq).await {
                     return (CacheStatus::Hit, Ok(refused));
                 }
-                (CacheStatus::Hit, serve_stored(file, len, digest, OCTET_STREAM, &method, None))
+                (
+                    CacheStatus::Hit,
+                    serve_stored(file, len, digest, OCTET_STREAM, &method, None),
+                )
             }
             _ => fetch_uncached_blob(state, target, req, digest).await,
         },
@@ -432,11 +564,19 @@ async fn blob(state: &Arc<State>, target: &Target, req: Request<Incoming>, repo:
             }
             state.metrics.coalesced_readers.inc();
             let mut rx = fill.subscribe();
-            let state_now = rx.wait_for(|s| !matches!(s, FillState::Waiting)).await.map(|s| s.clone());
+            let state_now = rx
+                .wait_for(|s| !matches!(s, FillState::Waiting))
+                .await
+                .map(|s| s.clone());
             match state_now {
-                Ok(FillState::Streaming { total, .. }) => (CacheStatus::Coalesced, Ok(fill_response(fill, total, digest))),
+                Ok(FillState::Streaming { total, .. }) => (
+                    CacheStatus::Coalesced,
+                    Ok(fill_response(fill, total, digest)),
+                ),
                 // All of it is there and verified, only fsyncs pending: a hit in all but name.
-                Ok(FillState::Verified { len } | FillState::Complete { len }) => (CacheStatus::Hit, Ok(fill_response(fill, Some(len), digest))),
+                Ok(FillState::Verified { len } | FillState::Complete { len }) => {
+                    (CacheStatus::Hit, Ok(fill_response(fill, Some(len), digest)))
+                }
                 // The leader's upstream answer was not content (401, 404, error): this client
                 // asks upstream itself, with its own credentials.
                 _ => fetch_uncached_blob(state, target, req, digest).await,
@@ -457,7 +597,9 @@ async fn blob(state: &Arc<State>, target: &Target, req: Request<Incoming>, repo:
                         return (CacheStatus::Hit, Ok(fill_response(fill, Some(len), digest)));
                     }
                     Ok(None) => {}
-                    Err(e) => tracing::warn!(%digest, error = %e, "shared store unavailable; asking upstream"),
+                    Err(e) => {
+                        tracing::warn!(%digest, error = %e, "shared store unavailable; asking upstream")
+                    }
                 }
             }
             let mut headers = req.headers().clone();
@@ -473,7 +615,11 @@ async fn blob(state: &Arc<State>, target: &Target, req: Request<Incoming>, repo:
                 leader.abandon(&format!("upstream answered {}", resp.status()));
                 return (CacheStatus::Miss, Ok(relay(resp)));
             }
-            let total = resp.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+            let total = resp
+                .headers()
+                .get(CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
             if total.is_some_and(|t| t > state.max_size) {
                 leader.abandon("larger than the whole cache");
                 return (CacheStatus::Miss, Ok(verified_relay(state, resp, digest)));
@@ -497,7 +643,13 @@ async fn blob(state: &Arc<State>, target: &Target, req: Request<Incoming>, repo:
 
 /// Runs a fill to completion in the background (even if this client goes away), then,
 /// for content new to the shared tier, uploads it there.
-fn spawn_fill(state: &Arc<State>, leader: crate::fill::Leader, body: Body, total: Option<u64>, upload: bool) {
+fn spawn_fill(
+    state: &Arc<State>,
+    leader: crate::fill::Leader,
+    body: Body,
+    total: Option<u64>,
+    upload: bool,
+) {
     let digest = leader.digest().clone();
     let span = tracing::info_span!("fill", %digest);
     let st = state.clone();
@@ -534,7 +686,11 @@ fn spawn_fill(state: &Arc<State>, leader: crate::fill::Leader, body: Body, total
     );
 }
 
-fn fill_response(fill: Arc<crate::fill::Fill>, total: Option<u64>, digest: &Digest) -> Response<Body> {
+fn fill_response(
+    fill: Arc<crate::fill::Fill>,
+    total: Option<u64>,
+    digest: &Digest,
+) -> Response<Body> {
     let mut resp = Response::new(StreamBody::new(fill_stream(fill, 0)).boxed_unsync());
     let h = resp.headers_mut();
     blob_headers(h, digest);
@@ -550,17 +706,36 @@ fn fill_response(fill: Arc<crate::fill::Fill>, total: Option<u64>, digest: &Dige
 async fn fetch_uncached(state: &State, target: &Target, req: Request<Incoming>) -> Served {
     let method = req.method().clone();
     let follow = method != Method::HEAD;
-    let r = upstream_fetch(state, target, method, path_and_query(&req), req.headers(), follow).await;
+    let r = upstream_fetch(
+        state,
+        target,
+        method,
+        path_and_query(&req),
+        req.headers(),
+        follow,
+    )
+    .await;
     (CacheStatus::Miss, r.map(relay))
 }
 
 /// A blob request answered upstream without filling the cache. A whole `200` body is
 /// hashed as it passes and its last frame held back until it matches `digest`, so wrong
 /// content never reaches the client complete (a range cannot be checked and is relayed).
-async fn fetch_uncached_blob(state: &State, target: &Target, req: Request<Incoming>, digest: &Digest) -> Served {
+async fn fetch_uncached_blob(
+    state: &State,
+    target: &Target,
+    req: Request<Incoming>,
+    digest: &Digest,
+) -> Served {
     let get = req.method() == Method::GET;
     let (outcome, r) = fetch_uncached(state, target, req).await;
-    let r = r.map(|resp| if get && resp.status() == StatusCode::OK { verify_body(state, resp, digest) } else { resp });
+    let r = r.map(|resp| {
+        if get && resp.status() == StatusCode::OK {
+            verify_body(state, resp, digest)
+        } else {
+            resp
+        }
+    });
     (outcome, r)
 }
 
@@ -585,14 +760,23 @@ async fn stored_manifest(state: &State, digest: &Digest) -> Option<(std::fs::Fil
     Some((file, len, media_type))
 }
 
-async fn manifest_by_digest(state: &State, target: &Target, req: Request<Incoming>, repo: &RepoName, digest: &Digest) -> Served {
+async fn manifest_by_digest(
+    state: &State,
+    target: &Target,
+    req: Request<Incoming>,
+    repo: &RepoName,
+    digest: &Digest,
+) -> Served {
     let method = req.method().clone();
     let pq = path_and_query(&req).to_owned();
     if let Some((file, len, media_type)) = stored_manifest(state, digest).await {
         if let Err(refused) = authorize(state, target, repo, req.headers(), &pq).await {
             return (CacheStatus::Hit, Ok(refused));
         }
-        return (CacheStatus::Hit, serve_stored(file, len, digest, &media_type, &method, None));
+        return (
+            CacheStatus::Hit,
+            serve_stored(file, len, digest, &media_type, &method, None),
+        );
     }
     if method == Method::HEAD {
         return fetch_uncached(state, target, req).await;
@@ -616,32 +800,60 @@ enum Fetch {
 
 /// GETs a manifest upstream, verifies it (against `expected`, or against the
 /// `Docker-Content-Digest` upstream sent for a tag), and stores it with its media type.
-async fn fetch_manifest(state: &State, target: &Target, pq: &str, headers: &HeaderMap, expected: Option<&Digest>) -> Result<Fetch, ServeError> {
+async fn fetch_manifest(
+    state: &State,
+    target: &Target,
+    pq: &str,
+    headers: &HeaderMap,
+    expected: Option<&Digest>,
+) -> Result<Fetch, ServeError> {
     let resp = upstream_fetch(state, target, Method::GET, pq, headers, true).await?;
     if resp.status() != StatusCode::OK {
         return Ok(Fetch::Relayed(relay(resp)));
     }
     let limit = state.max_manifest_size;
-    let announced = resp.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let announced = resp
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if announced.is_some_and(|n| n > limit) {
         // Too big to buffer: relay it unverified and uncached.
         return Ok(Fetch::Relayed(relay(resp)));
     }
     let (mut parts, body) = resp.into_parts();
     let idle = state.upstream.idle_timeout();
-    let bytes: Bytes = match tokio::time::timeout(idle, Limited::new(body, limit as usize).collect()).await {
-        Err(_) => return Err(UpstreamError::BodyStalled(idle).into()),
-        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return Err(ServeError::ManifestTooLarge(limit)),
-        Ok(Err(e)) => return Err(UpstreamError::Body(e.to_string()).into()),
-        Ok(Ok(c)) => c.to_bytes(),
-    };
-    let announced_digest = parts.headers.get(DOCKER_CONTENT_DIGEST).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<Digest>().ok());
+    let bytes: Bytes =
+        match tokio::time::timeout(idle, Limited::new(body, limit as usize).collect()).await {
+            Err(_) => return Err(UpstreamError::BodyStalled(idle).into()),
+            Ok(Err(e))
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                return Err(ServeError::ManifestTooLarge(limit))
+            }
+            Ok(Err(e)) => return Err(UpstreamError::Body(e.to_string()).into()),
+            Ok(Ok(c)) => c.to_bytes(),
+        };
+    let announced_digest = parts
+        .headers
+        .get(DOCKER_CONTENT_DIGEST)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<Digest>().ok());
     let digest = match (expected, announced_digest) {
         (Some(d), _) => d.clone(),
         (None, Some(d)) => d,
-        (None, None) => Digest::from_bytes(Algorithm::Sha256, aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes).as_ref()),
+        (None, None) => Digest::from_bytes(
+            Algorithm::Sha256,
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes).as_ref(),
+        ),
     };
-    let media_type = parts.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let media_type = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
     let store = state.store.clone();
     let (d, b) = (digest.clone(), bytes.clone());
     let stored = tokio::task::spawn_blocking(move || {
@@ -666,9 +878,15 @@ async fn fetch_manifest(state: &State, target: &Target, pq: &str, headers: &Head
         Err(e) => tracing::warn!(%digest, error = %e, "manifest store task failed"),
     }
     strip_hop_by_hop(&mut parts.headers);
-    parts.headers.insert(DOCKER_CONTENT_DIGEST, HeaderValue::from_str(&digest.to_string()).expect("ascii"));
+    parts.headers.insert(
+        DOCKER_CONTENT_DIGEST,
+        HeaderValue::from_str(&digest.to_string()).expect("ascii"),
+    );
     set_len(&mut parts.headers, bytes.len() as u64);
-    Ok(Fetch::Stored(Response::from_parts(parts, full(bytes)), digest))
+    Ok(Fetch::Stored(
+        Response::from_parts(parts, full(bytes)),
+        digest,
+    ))
 }
 
 /// The media types a client accepts, normalised (sorted, parameters dropped) so the same
@@ -679,7 +897,13 @@ fn accept_key(headers: &HeaderMap) -> String {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|t| t.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .map(|t| {
+            t.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
         .filter(|t| !t.is_empty())
         .collect();
     types.sort();
@@ -691,15 +915,33 @@ fn accept_key(headers: &HeaderMap) -> String {
 /// `HEAD` upstream, so the manifest is not here yet and the tag cannot be recorded (a tag
 /// row is only written once its content is stored). It is recorded now if the content is
 /// already stored, else when that manifest is stored by digest within `PENDING_TAG_TTL`.
-async fn remember_tag_head(state: &State, target: &Target, repo: &RepoName, key: &str, headers: &HeaderMap) {
-    let Some(digest) = headers.get(DOCKER_CONTENT_DIGEST).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<Digest>().ok()) else {
+async fn remember_tag_head(
+    state: &State,
+    target: &Target,
+    repo: &RepoName,
+    key: &str,
+    headers: &HeaderMap,
+) {
+    let Some(digest) = headers
+        .get(DOCKER_CONTENT_DIGEST)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<Digest>().ok())
+    else {
         return;
     };
-    let media_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let media_type = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
     if media_type.is_empty() {
         return;
     }
-    let entry = TagEntry { digest: digest.to_string(), media_type, checked_at_ms: now_ms() };
+    let entry = TagEntry {
+        digest: digest.to_string(),
+        media_type,
+        checked_at_ms: now_ms(),
+    };
     if stored_manifest(state, &digest).await.is_some() {
         set_tag(state, key.to_owned(), entry).await;
         return;
@@ -734,17 +976,30 @@ pub const PENDING_TAG_TTL: std::time::Duration = std::time::Duration::from_secs(
 /// Most tags (accept variants) remembered for one pending digest.
 const MAX_PENDING_TAGS: usize = 16;
 
-async fn manifest_by_tag(state: &State, target: &Target, req: Request<Incoming>, repo: &RepoName, tag: &Tag) -> Served {
+async fn manifest_by_tag(
+    state: &State,
+    target: &Target,
+    req: Request<Incoming>,
+    repo: &RepoName,
+    tag: &Tag,
+) -> Served {
     let method = req.method().clone();
     let pq = path_and_query(&req).to_owned();
-    let key = format!("{}:{}#{}", repo_key(&target.host, repo), tag.as_str(), accept_key(req.headers()));
+    let key = format!(
+        "{}:{}#{}",
+        repo_key(&target.host, repo),
+        tag.as_str(),
+        accept_key(req.headers())
+    );
     let entry = state.store.tag(&key).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "tag lookup failed; treating as a miss");
         None
     });
     let cached = match entry {
         Some(e) => match e.digest.parse::<Digest>() {
-            Ok(d) => stored_manifest(state, &d).await.map(|(f, len, _)| (e, d, f, len)),
+            Ok(d) => stored_manifest(state, &d)
+                .await
+                .map(|(f, len, _)| (e, d, f, len)),
             Err(_) => None,
         },
         None => None,
@@ -756,24 +1011,41 @@ async fn manifest_by_tag(state: &State, target: &Target, req: Request<Incoming>,
             if let Err(refused) = authorize(state, target, repo, req.headers(), &pq).await {
                 return (CacheStatus::Hit, Ok(refused));
             }
-            return (CacheStatus::Hit, serve_stored(file, len, &digest, &entry.media_type, &method, None));
+            return (
+                CacheStatus::Hit,
+                serve_stored(file, len, &digest, &entry.media_type, &method, None),
+            );
         }
         // Stale: revalidate with HEAD, which Docker Hub does not count against pull limits.
         let head = upstream_fetch(state, target, Method::HEAD, &pq, req.headers(), false).await;
         match head {
             Ok(r) if r.status() == StatusCode::OK => {
-                let upstream_digest = r.headers().get(DOCKER_CONTENT_DIGEST).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<Digest>().ok());
+                let upstream_digest = r
+                    .headers()
+                    .get(DOCKER_CONTENT_DIGEST)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<Digest>().ok());
                 if upstream_digest.as_ref() == Some(&digest) {
-                    state.access.grant(&repo_key(&target.host, repo), credential_id(req.headers()));
-                    let updated = TagEntry { checked_at_ms: now_ms(), ..entry.clone() };
+                    state
+                        .access
+                        .grant(&repo_key(&target.host, repo), credential_id(req.headers()));
+                    let updated = TagEntry {
+                        checked_at_ms: now_ms(),
+                        ..entry.clone()
+                    };
                     let store = state.store.clone();
                     let k = key.clone();
                     let _ = tokio::task::spawn_blocking(move || store.set_tag(&k, &updated)).await;
-                    return (CacheStatus::Hit, serve_stored(file, len, &digest, &entry.media_type, &method, None));
+                    return (
+                        CacheStatus::Hit,
+                        serve_stored(file, len, &digest, &entry.media_type, &method, None),
+                    );
                 }
                 // The tag moved (or upstream did not say where): fetch it below.
             }
-            Ok(r) if matches!(r.status().as_u16(), 401 | 403 | 404) => return (CacheStatus::Miss, Ok(revalidation_answer(&method, r))),
+            Ok(r) if matches!(r.status().as_u16(), 401 | 403 | 404) => {
+                return (CacheStatus::Miss, Ok(revalidation_answer(&method, r)))
+            }
             other => {
                 let why = match &other {
                     Ok(r) => format!("upstream answered {}", r.status()),
@@ -785,11 +1057,15 @@ async fn manifest_by_tag(state: &State, target: &Target, req: Request<Incoming>,
                     || state.store.public_since(&rkey).unwrap_or(None).is_some();
                 if allowed {
                     tracing::warn!(registry = %target.host, %repo, tag = tag.as_str(), %why, "serving a stale manifest");
-                    let mut resp = match serve_stored(file, len, &digest, &entry.media_type, &method, None) {
-                        Ok(r) => r,
-                        Err(e) => return (CacheStatus::Stale, Err(e)),
-                    };
-                    resp.headers_mut().insert(WARNING, HeaderValue::from_static("110 stowage \"Response is Stale\""));
+                    let mut resp =
+                        match serve_stored(file, len, &digest, &entry.media_type, &method, None) {
+                            Ok(r) => r,
+                            Err(e) => return (CacheStatus::Stale, Err(e)),
+                        };
+                    resp.headers_mut().insert(
+                        WARNING,
+                        HeaderValue::from_static("110 stowage \"Response is Stale\""),
+                    );
                     return (CacheStatus::Stale, Ok(resp));
                 }
                 return match other {
@@ -810,9 +1086,18 @@ async fn manifest_by_tag(state: &State, target: &Target, req: Request<Incoming>,
     }
     match fetch_manifest(state, target, &pq, req.headers(), None).await {
         Ok(Fetch::Stored(resp, digest)) => {
-            let media_type = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+            let media_type = resp
+                .headers()
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
             if !media_type.is_empty() {
-                let entry = TagEntry { digest: digest.to_string(), media_type, checked_at_ms: now_ms() };
+                let entry = TagEntry {
+                    digest: digest.to_string(),
+                    media_type,
+                    checked_at_ms: now_ms(),
+                };
                 let store = state.store.clone();
                 let r = tokio::task::spawn_blocking(move || store.set_tag(&key, &entry)).await;
                 if let Ok(Err(e)) = r {
@@ -853,11 +1138,32 @@ mod tests {
 
     #[test]
     fn target_uris_keep_non_default_ports() {
-        let t = Target { scheme: "https", host: "quay.io".into(), port: 5443, auth_host: false, mirror: false };
-        assert_eq!(t.uri("/v2/?x=1").unwrap().to_string(), "https://quay.io:5443/v2/?x=1");
-        let t = Target { scheme: "https", host: "ghcr.io".into(), port: 443, auth_host: false, mirror: false };
+        let t = Target {
+            scheme: "https",
+            host: "quay.io".into(),
+            port: 5443,
+            auth_host: false,
+            mirror: false,
+        };
+        assert_eq!(
+            t.uri("/v2/?x=1").unwrap().to_string(),
+            "https://quay.io:5443/v2/?x=1"
+        );
+        let t = Target {
+            scheme: "https",
+            host: "ghcr.io".into(),
+            port: 443,
+            auth_host: false,
+            mirror: false,
+        };
         assert_eq!(t.uri("/v2/").unwrap().to_string(), "https://ghcr.io/v2/");
-        let t = Target { scheme: "https", host: "::1".into(), port: 8443, auth_host: false, mirror: false };
+        let t = Target {
+            scheme: "https",
+            host: "::1".into(),
+            port: 8443,
+            auth_host: false,
+            mirror: false,
+        };
         assert_eq!(t.uri("/v2/").unwrap().to_string(), "https://[::1]:8443/v2/");
     }
 }

@@ -51,7 +51,9 @@ impl CacheStatus {
 }
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 pub fn empty() -> Body {
@@ -63,7 +65,8 @@ pub fn registry_error(status: StatusCode, code: &str, message: &str) -> Response
     let body = serde_json::json!({ "errors": [{ "code": code, "message": message }] }).to_string();
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
 
@@ -71,7 +74,10 @@ pub fn registry_error(status: StatusCode, code: &str, message: &str) -> Response
 pub fn text(status: StatusCode, message: &str) -> Response<Body> {
     let mut resp = Response::new(full(format!("{message}\n")));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     resp
 }
 
@@ -92,17 +98,30 @@ impl ServeError {
     pub fn into_response(self) -> Response<Body> {
         let message = self.to_string();
         match self {
-            ServeError::Upstream(UpstreamError::Timeout { .. }) | ServeError::Upstream(UpstreamError::BodyStalled(_)) => {
-                registry_error(StatusCode::GATEWAY_TIMEOUT, "UNAVAILABLE", &format!("upstream registry: {message}"))
+            ServeError::Upstream(UpstreamError::Timeout { .. })
+            | ServeError::Upstream(UpstreamError::BodyStalled(_)) => registry_error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "UNAVAILABLE",
+                &format!("upstream registry: {message}"),
+            ),
+            ServeError::Upstream(_) => registry_error(
+                StatusCode::BAD_GATEWAY,
+                "UNAVAILABLE",
+                &format!("upstream registry: {message}"),
+            ),
+            ServeError::DigestMismatch => {
+                registry_error(StatusCode::BAD_GATEWAY, "DIGEST_INVALID", &message)
             }
-            ServeError::Upstream(_) => {
-                registry_error(StatusCode::BAD_GATEWAY, "UNAVAILABLE", &format!("upstream registry: {message}"))
+            ServeError::ManifestTooLarge(_) => {
+                registry_error(StatusCode::BAD_GATEWAY, "SIZE_INVALID", &message)
             }
-            ServeError::DigestMismatch => registry_error(StatusCode::BAD_GATEWAY, "DIGEST_INVALID", &message),
-            ServeError::ManifestTooLarge(_) => registry_error(StatusCode::BAD_GATEWAY, "SIZE_INVALID", &message),
             ServeError::RangeNotSatisfiable { len } => {
-                let mut r = registry_error(StatusCode::RANGE_NOT_SATISFIABLE, "SIZE_INVALID", &message);
-                r.headers_mut().insert(http::header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{len}")).expect("ascii"));
+                let mut r =
+                    registry_error(StatusCode::RANGE_NOT_SATISFIABLE, "SIZE_INVALID", &message);
+                r.headers_mut().insert(
+                    http::header::CONTENT_RANGE,
+                    HeaderValue::from_str(&format!("bytes */{len}")).expect("ascii"),
+                );
                 r
             }
         }
@@ -164,9 +183,20 @@ impl Logged {
     pub fn wrap(resp: Response<Body>, line: LogLine) -> Response<Body> {
         let (parts, inner) = resp.into_parts();
         // Streamed bodies carry no exact size hint; their length is in Content-Length.
-        let declared = parts.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+        let declared = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
         let expected = inner.size_hint().exact().or(declared);
-        let body = Logged { inner, bytes: 0, complete: false, expected, line, span: tracing::Span::current() };
+        let body = Logged {
+            inner,
+            bytes: 0,
+            complete: false,
+            expected,
+            line,
+            span: tracing::Span::current(),
+        };
         Response::from_parts(parts, body.boxed_unsync())
     }
 }
@@ -175,7 +205,10 @@ impl HttpBody for Logged {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -200,7 +233,8 @@ impl HttpBody for Logged {
 
 impl Drop for Logged {
     fn drop(&mut self) {
-        let complete = self.complete || self.inner.is_end_stream() || self.expected == Some(self.bytes);
+        let complete =
+            self.complete || self.inner.is_end_stream() || self.expected == Some(self.bytes);
         let l = &self.line;
         let _enter = self.span.enter();
         tracing::info!(
@@ -219,13 +253,22 @@ impl Drop for Logged {
         use crate::metrics::{RequestLabels, SourceLabels};
         l.metrics
             .requests
-            .get_or_create(&RequestLabels { registry: l.registry.clone(), kind: l.kind.into(), outcome: l.outcome.as_str().into() })
+            .get_or_create(&RequestLabels {
+                registry: l.registry.clone(),
+                kind: l.kind.into(),
+                outcome: l.outcome.as_str().into(),
+            })
             .inc();
         let source = match l.outcome {
             CacheStatus::Hit | CacheStatus::Coalesced | CacheStatus::Stale => "cache",
             CacheStatus::Miss | CacheStatus::Pass => "upstream",
         };
-        l.metrics.bytes_served.get_or_create(&SourceLabels { source: source.into() }).inc_by(self.bytes);
+        l.metrics
+            .bytes_served
+            .get_or_create(&SourceLabels {
+                source: source.into(),
+            })
+            .inc_by(self.bytes);
         let t = &l.metrics.totals;
         use std::sync::atomic::Ordering::Relaxed;
         if l.kind != "other" {
@@ -237,7 +280,11 @@ impl Drop for Logged {
                 CacheStatus::Pass => t.passed.fetch_add(1, Relaxed),
             };
         }
-        if source == "cache" { t.bytes_cache.fetch_add(self.bytes, Relaxed) } else { t.bytes_upstream.fetch_add(self.bytes, Relaxed) };
+        if source == "cache" {
+            t.bytes_cache.fetch_add(self.bytes, Relaxed)
+        } else {
+            t.bytes_upstream.fetch_add(self.bytes, Relaxed)
+        };
     }
 }
 
@@ -267,7 +314,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("connection", HeaderValue::from_static("close, x-private"));
         h.insert("x-private", HeaderValue::from_static("1"));
-        h.insert("proxy-authorization", HeaderValue::from_static("Basic secret"));
+        h.insert(
+            "proxy-authorization",
+            HeaderValue::from_static("Basic secret"),
+        );
         h.insert("authorization", HeaderValue::from_static("Bearer t"));
         h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
         strip_hop_by_hop(&mut h);
@@ -277,11 +327,17 @@ mod tests {
 
     #[test]
     fn head_responses_lose_their_body_only() {
-        let r = head_without_body(&http::Method::HEAD, registry_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "no"));
+        let r = head_without_body(
+            &http::Method::HEAD,
+            registry_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "no"),
+        );
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(r.headers()["content-type"], "application/json");
         assert!(r.body().is_end_stream());
-        let r = head_without_body(&http::Method::GET, registry_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "no"));
+        let r = head_without_body(
+            &http::Method::GET,
+            registry_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "no"),
+        );
         assert!(!r.body().is_end_stream());
     }
 
@@ -290,7 +346,11 @@ mod tests {
         let r = ServeError::RangeNotSatisfiable { len: 10 }.into_response();
         assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
         assert_eq!(r.headers()["content-range"], "bytes */10");
-        let r = ServeError::Upstream(UpstreamError::Connect { host: "quay.io".into(), message: "refused".into() }).into_response();
+        let r = ServeError::Upstream(UpstreamError::Connect {
+            host: "quay.io".into(),
+            message: "refused".into(),
+        })
+        .into_response();
         assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
         assert_eq!(r.headers()["content-type"], "application/json");
     }

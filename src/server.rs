@@ -35,7 +35,10 @@ pub enum Error {
     #[error("{0}")]
     Upstream(String),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 const WRITE_ERROR_PAUSE: Duration = Duration::from_secs(30);
@@ -113,9 +116,14 @@ impl State {
 
     /// Whether `addr` is one of Stowage's own listeners (a request loop if used upstream).
     pub fn is_own_address(&self, addr: &SocketAddr) -> bool {
-        [Some(self.proxy_addr), self.mirror_addr, self.direct_addr].into_iter().flatten().any(|own| {
-            own.port() == addr.port() && (own.ip() == addr.ip() || (own.ip().is_unspecified() && addr.ip().is_loopback()))
-        })
+        [Some(self.proxy_addr), self.mirror_addr, self.direct_addr]
+            .into_iter()
+            .flatten()
+            .any(|own| {
+                own.port() == addr.port()
+                    && (own.ip() == addr.ip()
+                        || (own.ip().is_unspecified() && addr.ip().is_loopback()))
+            })
     }
 
     /// The metrics text, with live gauges read now.
@@ -147,7 +155,8 @@ impl State {
     /// Pauses new fills for a while after a write error.
     pub fn pause_caching(&self) {
         let until = crate::access::now_ms() + WRITE_ERROR_PAUSE.as_millis() as u64;
-        self.cache_paused_until.store(until, std::sync::atomic::Ordering::Relaxed);
+        self.cache_paused_until
+            .store(until, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn auth_check(&self) -> AuthCheck {
@@ -173,19 +182,32 @@ pub struct Server {
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
-    let l = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
-    let local = l.local_addr().map_err(|source| Error::Bind { addr, source })?;
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })?;
+    let local = l
+        .local_addr()
+        .map_err(|source| Error::Bind { addr, source })?;
     Ok((l, local))
 }
 
-fn load_tls_files(cert: &std::path::Path, key: &std::path::Path) -> Result<Arc<rustls::ServerConfig>, Error> {
+fn load_tls_files(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, Error> {
     use rustls_pki_types::pem::PemObject;
-    let bad = |m: String| Error::Config(ConfigError::Invalid { key: "mirror.cert_file".into(), message: m });
+    let bad = |m: String| {
+        Error::Config(ConfigError::Invalid {
+            key: "mirror.cert_file".into(),
+            message: m,
+        })
+    };
     let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(cert)
         .map_err(|e| bad(format!("{}: {e}", cert.display())))?
         .collect::<Result<_, _>>()
         .map_err(|e| bad(format!("{}: {e}", cert.display())))?;
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key).map_err(|e| bad(format!("{}: {e}", key.display())))?;
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| bad(format!("{}: {e}", key.display())))?;
     let config = crate::ca::server_tls_config(chain, key).map_err(|e| bad(e.to_string()))?;
     Ok(Arc::new(config))
 }
@@ -202,16 +224,29 @@ impl Server {
         let ca = CertificateAuthority::load_or_create(&config.ca.dir)?;
         let store = {
             let dir = config.cache.dir.clone();
-            tokio::task::spawn_blocking(move || BlobStore::open(&dir)).await.expect("store open task")?
+            tokio::task::spawn_blocking(move || BlobStore::open(&dir))
+                .await
+                .expect("store open task")?
         };
         store.set_max_size(config.cache.max_size.0);
-        tracing::info!(objects = store.index.len(), bytes = store.index.total(), "cache opened");
+        tracing::info!(
+            objects = store.index.len(),
+            bytes = store.index.total(),
+            "cache opened"
+        );
         let metrics = Arc::new(crate::metrics::Metrics::default());
-        let upstream = Arc::new(Upstream::new(&config.upstream, Some(metrics.clone())).map_err(Error::Upstream)?);
+        let upstream = Arc::new(
+            Upstream::new(&config.upstream, Some(metrics.clone())).map_err(Error::Upstream)?,
+        );
         let backend: Option<Arc<dyn crate::backend::Backend>> = match config.storage.backend {
             crate::config::BackendKind::Local => None,
-            crate::config::BackendKind::Dir => Some(Arc::new(crate::backend::FsBackend::new(config.storage.dir.clone().expect("validated")))),
-            crate::config::BackendKind::S3 => Some(Arc::new(crate::backend::S3Backend::new(&config.storage, upstream.clone()).map_err(Error::Upstream)?)),
+            crate::config::BackendKind::Dir => Some(Arc::new(crate::backend::FsBackend::new(
+                config.storage.dir.clone().expect("validated"),
+            ))),
+            crate::config::BackendKind::S3 => Some(Arc::new(
+                crate::backend::S3Backend::new(&config.storage, upstream.clone())
+                    .map_err(Error::Upstream)?,
+            )),
         };
         if let Some(b) = &backend {
             tracing::info!(store = %b.describe(), "shared blob tier enabled");
@@ -232,8 +267,17 @@ impl Server {
             direct_addr = Some(local);
         }
         let mirror_users = config.mirror_users()?;
-        let proxy_users = config.proxy.users_file.as_deref().map(crate::guard::ProxyUsers::load).transpose()?;
-        let mirror_tls = match (&config.mirror.tls, &config.mirror.cert_file, &config.mirror.key_file) {
+        let proxy_users = config
+            .proxy
+            .users_file
+            .as_deref()
+            .map(crate::guard::ProxyUsers::load)
+            .transpose()?;
+        let mirror_tls = match (
+            &config.mirror.tls,
+            &config.mirror.cert_file,
+            &config.mirror.key_file,
+        ) {
             (crate::config::MirrorTls::Files, Some(c), Some(k)) => Some(load_tls_files(c, k)?),
             _ => None,
         };
@@ -245,7 +289,11 @@ impl Server {
             for a in &r.auth_hosts {
                 hosts.insert(a.clone(), HostKind::AuthHost);
             }
-            let index = config.registry.iter().position(|c| c.host == r.host).unwrap_or(i);
+            let index = config
+                .registry
+                .iter()
+                .position(|c| c.host == r.host)
+                .unwrap_or(i);
             if let Some(c) = r.credentials(index)? {
                 tracing::info!(registry = %r.host, username = %c.username, "using configured upstream credentials");
                 if r.inject() {
@@ -274,7 +322,10 @@ impl Server {
             tokens: Tokens::default(),
             metrics,
             access: Access::new(config.cache.auth_ttl.0, config.cache.public_ttl.0),
-            pending_tags: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(crate::registry::PENDING_TAG_TTL).build(),
+            pending_tags: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(crate::registry::PENDING_TAG_TTL)
+                .build(),
             other_hosts: config.proxy.other_hosts,
             max_manifest_size: config.cache.max_manifest_size.0,
             max_size: config.cache.max_size.0,
@@ -292,7 +343,11 @@ impl Server {
             connections: Arc::new(tokio::sync::Semaphore::new(config.proxy.max_connections)),
             config: Arc::new(config.clone()),
         });
-        Ok(Server { state, listeners, grace: config.proxy.shutdown_grace.0 })
+        Ok(Server {
+            state,
+            listeners,
+            grace: config.proxy.shutdown_grace.0,
+        })
     }
 
     pub fn proxy_addr(&self) -> SocketAddr {
@@ -312,8 +367,15 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves, then drains.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {
-        let Server { state, listeners, grace } = self;
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Error> {
+        let Server {
+            state,
+            listeners,
+            grace,
+        } = self;
         let mut accept_loops = Vec::new();
         for (kind, listener) in listeners {
             let addr = listener.local_addr().ok();
@@ -328,8 +390,14 @@ impl Server {
             let _ = l.await;
         }
         state.tasks.close();
-        if tokio::time::timeout(grace, state.tasks.wait()).await.is_err() {
-            tracing::warn!(cut = state.tasks.len(), "shutdown grace over; closing remaining connections");
+        if tokio::time::timeout(grace, state.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                cut = state.tasks.len(),
+                "shutdown grace over; closing remaining connections"
+            );
         }
         let _ = housekeeping.await;
         let store = state.store.clone();
@@ -362,7 +430,12 @@ async fn housekeeping(state: Arc<State>) {
             Ok(Ok((n, bytes))) => {
                 state.metrics.evictions.inc_by(n);
                 state.metrics.evicted_bytes.inc_by(bytes);
-                tracing::info!(objects = n, bytes, size = state.store.index.total(), "evicted least recently used objects");
+                tracing::info!(
+                    objects = n,
+                    bytes,
+                    size = state.store.index.total(),
+                    "evicted least recently used objects"
+                );
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "cache housekeeping failed"),
             Err(e) => tracing::warn!(error = %e, "cache housekeeping task failed"),
@@ -400,14 +473,22 @@ async fn accept_loop(state: Arc<State>, kind: Listener, listener: TcpListener) {
                 if !crate::guard::allowed(allow, peer.ip()) {
                     tracing::info!(%peer, listener = ?kind, "client not in the allow list: refused");
                     if !matches!(kind, Listener::Direct) {
-                        state.tasks.spawn(refuse(stream, "403 Forbidden", "your address may not use this proxy"));
+                        state.tasks.spawn(refuse(
+                            stream,
+                            "403 Forbidden",
+                            "your address may not use this proxy",
+                        ));
                     }
                     continue;
                 }
                 let Ok(permit) = state.connections.clone().try_acquire_owned() else {
                     tracing::warn!(%peer, "connection limit reached: refused");
                     if !matches!(kind, Listener::Direct) {
-                        state.tasks.spawn(refuse(stream, "503 Service Unavailable", "too many connections"));
+                        state.tasks.spawn(refuse(
+                            stream,
+                            "503 Service Unavailable",
+                            "too many connections",
+                        ));
                     } else {
                         let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
                     }
@@ -416,9 +497,21 @@ async fn accept_loop(state: Arc<State>, kind: Listener, listener: TcpListener) {
                 let st = state.clone();
                 let conn = async move {
                     match kind {
-                        Listener::Proxy => crate::proxy::serve_connection(st, stream, peer).instrument(tracing::info_span!("conn", %peer)).await,
-                        Listener::Mirror => crate::mirror::serve_mirror_connection(st, stream, peer).instrument(tracing::info_span!("mirror", %peer)).await,
-                        Listener::Direct => crate::mirror::serve_direct_connection(st, stream, peer).instrument(tracing::info_span!("direct", %peer)).await,
+                        Listener::Proxy => {
+                            crate::proxy::serve_connection(st, stream, peer)
+                                .instrument(tracing::info_span!("conn", %peer))
+                                .await
+                        }
+                        Listener::Mirror => {
+                            crate::mirror::serve_mirror_connection(st, stream, peer)
+                                .instrument(tracing::info_span!("mirror", %peer))
+                                .await
+                        }
+                        Listener::Direct => {
+                            crate::mirror::serve_direct_connection(st, stream, peer)
+                                .instrument(tracing::info_span!("direct", %peer))
+                                .await
+                        }
                     }
                     drop(permit);
                 };

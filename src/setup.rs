@@ -22,21 +22,42 @@ pub const RUNTIMES: &[&str] = &[
 fn hosts_toml_registries(config: &Config) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for r in config.registries() {
-        let name = if r.host == "registry-1.docker.io" { "docker.io".to_string() } else { r.host.clone() };
+        let name = if r.host == "registry-1.docker.io" {
+            "docker.io".to_string()
+        } else {
+            r.host.clone()
+        };
         out.push((name, r.host));
     }
     out
 }
 
 fn mirror_url(config: &Config, proxy_address: &str) -> String {
-    let host = proxy_address.rsplit_once(':').map(|(h, _)| h).unwrap_or(proxy_address);
-    let port = config.mirror_listen().ok().flatten().map(|a| a.port()).unwrap_or(5000);
-    let scheme = if config.mirror.tls == crate::config::MirrorTls::Off { "http" } else { "https" };
+    let host = proxy_address
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(proxy_address);
+    let port = config
+        .mirror_listen()
+        .ok()
+        .flatten()
+        .map(|a| a.port())
+        .unwrap_or(5000);
+    let scheme = if config.mirror.tls == crate::config::MirrorTls::Off {
+        "http"
+    } else {
+        "https"
+    };
     format!("{scheme}://{host}:{port}")
 }
 
 /// The snippet for `runtime`, or an error listing the known runtimes.
-pub fn snippet(runtime: &str, address: &str, config: &Config, ca_pem: &str) -> Result<String, String> {
+pub fn snippet(
+    runtime: &str,
+    address: &str,
+    config: &Config,
+    ca_pem: &str,
+) -> Result<String, String> {
     let proxy = format!("http://{address}");
     let mirror = mirror_url(config, address);
     let ca_fetch = format!("curl -fsS {proxy}/ca.crt -o /usr/local/share/ca-certificates/stowage.crt && update-ca-certificates");
@@ -122,7 +143,13 @@ mod tests {
             }
         }
         let s = snippet("containerd", "10.1.2.3:3128", &c, "PEM").unwrap();
-        assert!(s.contains("certs.d/docker.io/hosts.toml") && s.contains("certs.d/quay.io/hosts.toml") && s.contains("http://10.1.2.3:5000"));
-        assert!(snippet("nope", "a:1", &c, "").unwrap_err().contains("docker-mirror"));
+        assert!(
+            s.contains("certs.d/docker.io/hosts.toml")
+                && s.contains("certs.d/quay.io/hosts.toml")
+                && s.contains("http://10.1.2.3:5000")
+        );
+        assert!(snippet("nope", "a:1", &c, "")
+            .unwrap_err()
+            .contains("docker-mirror"));
     }
 }

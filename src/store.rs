@@ -54,7 +54,10 @@ pub enum StoreError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io { path: path.to_owned(), source }
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 pub struct BlobStore {
@@ -94,11 +97,17 @@ impl BlobStore {
             .set_cache_size(META_CACHE_BYTES)
             .create(&meta_path)
             .map_err(|e| StoreError::Meta(format!("{}: {e}", meta_path.display())))?;
-        let txn = meta.begin_write().map_err(|e| StoreError::Meta(e.to_string()))?;
-        txn.open_table(MEDIA_TYPES).map_err(|e| StoreError::Meta(e.to_string()))?;
-        txn.open_table(TAGS).map_err(|e| StoreError::Meta(e.to_string()))?;
-        txn.open_table(PUBLIC_REPOS).map_err(|e| StoreError::Meta(e.to_string()))?;
-        txn.open_table(ATIMES).map_err(|e| StoreError::Meta(e.to_string()))?;
+        let txn = meta
+            .begin_write()
+            .map_err(|e| StoreError::Meta(e.to_string()))?;
+        txn.open_table(MEDIA_TYPES)
+            .map_err(|e| StoreError::Meta(e.to_string()))?;
+        txn.open_table(TAGS)
+            .map_err(|e| StoreError::Meta(e.to_string()))?;
+        txn.open_table(PUBLIC_REPOS)
+            .map_err(|e| StoreError::Meta(e.to_string()))?;
+        txn.open_table(ATIMES)
+            .map_err(|e| StoreError::Meta(e.to_string()))?;
         txn.commit().map_err(|e| StoreError::Meta(e.to_string()))?;
         let store = BlobStore {
             blobs,
@@ -139,19 +148,26 @@ impl BlobStore {
                 for f in files {
                     let f = f.map_err(io_err(&fan.path()))?;
                     let name = f.file_name().to_string_lossy().into_owned();
-                    let digest = format!("{alg}:{name}").parse::<Digest>().ok().filter(|d| d.hex().starts_with(&prefix));
+                    let digest = format!("{alg}:{name}")
+                        .parse::<Digest>()
+                        .ok()
+                        .filter(|d| d.hex().starts_with(&prefix));
                     let meta = f.metadata().ok().filter(|m| m.is_file());
                     match (digest, meta) {
                         (Some(d), Some(meta)) => {
                             let key = d.to_string();
                             let atime = atimes.remove(&key).or_else(|| {
-                                meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64)
+                                meta.modified()
+                                    .ok()
+                                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                                    .map(|d| d.as_millis() as u64)
                             });
                             self.index.insert(d, meta.len(), Some(atime.unwrap_or(0)));
                         }
                         _ => {
                             tracing::warn!(path = %f.path().display(), "removing a file that is not cached content");
-                            let _ = fs::remove_file(f.path()).or_else(|_| fs::remove_dir_all(f.path()));
+                            let _ =
+                                fs::remove_file(f.path()).or_else(|_| fs::remove_dir_all(f.path()));
                         }
                     }
                 }
@@ -181,7 +197,9 @@ impl BlobStore {
         {
             let mut table = txn.open_table(ATIMES).map_err(|e| m(&e))?;
             for (d, t) in &dirty {
-                table.insert(d.to_string().as_str(), *t).map_err(|e| m(&e))?;
+                table
+                    .insert(d.to_string().as_str(), *t)
+                    .map_err(|e| m(&e))?;
             }
         }
         txn.commit().map_err(|e| m(&e))?;
@@ -222,7 +240,12 @@ impl BlobStore {
     /// Evicts least recently used objects until the total is at most `target` bytes, and
     /// every object unused since `older_than_ms` when given.
     pub fn evict(&self, target: u64, older_than_ms: Option<u64>) -> Result<(u64, u64), StoreError> {
-        let victims: Vec<Digest> = self.index.victims(target, older_than_ms).into_iter().map(|(d, _)| d).collect();
+        let victims: Vec<Digest> = self
+            .index
+            .victims(target, older_than_ms)
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect();
         if victims.is_empty() {
             return Ok((0, 0));
         }
@@ -230,7 +253,10 @@ impl BlobStore {
     }
 
     /// Re-hashes every object; corrupt ones are removed. `progress` gets bytes checked.
-    pub fn verify(&self, mut progress: impl FnMut(u64, &Digest, bool)) -> Result<VerifyReport, StoreError> {
+    pub fn verify(
+        &self,
+        mut progress: impl FnMut(u64, &Digest, bool),
+    ) -> Result<VerifyReport, StoreError> {
         let mut report = VerifyReport::default();
         let mut corrupt = Vec::new();
         for (d, _) in self.index.snapshot() {
@@ -285,7 +311,10 @@ impl BlobStore {
     /// Where verified content for `digest` lives.
     pub fn path(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
-        self.blobs.join(digest.algorithm().as_str()).join(&hex[..2]).join(hex)
+        self.blobs
+            .join(digest.algorithm().as_str())
+            .join(&hex[..2])
+            .join(hex)
     }
 
     /// Opens verified content, with its length, or `None` when absent. Counts as a use.
@@ -309,8 +338,15 @@ impl BlobStore {
     /// Starts writing content expected to hash to `digest`.
     pub fn writer(self: &Arc<Self>, digest: &Digest) -> Result<BlobWriter, StoreError> {
         let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
-        let path = self.tmp.join(format!("{}-{}.{}", digest.hex(), std::process::id(), n));
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io_err(&path))?;
+        let path = self
+            .tmp
+            .join(format!("{}-{}.{}", digest.hex(), std::process::id(), n));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
         let algorithm = match digest.algorithm() {
             Algorithm::Sha256 => &SHA256,
             Algorithm::Sha512 => &SHA512,
@@ -455,9 +491,15 @@ impl BlobWriter {
 
     /// Whether what was written so far hashes to the expected digest.
     pub fn verify(&self) -> Result<(), StoreError> {
-        let actual = Digest::from_bytes(self.expected.algorithm(), self.hasher.clone().finish().as_ref());
+        let actual = Digest::from_bytes(
+            self.expected.algorithm(),
+            self.hasher.clone().finish().as_ref(),
+        );
         if actual != self.expected {
-            return Err(StoreError::Mismatch { expected: self.expected.clone(), actual });
+            return Err(StoreError::Mismatch {
+                expected: self.expected.clone(),
+                actual,
+            });
         }
         Ok(())
     }
@@ -476,13 +518,19 @@ impl BlobWriter {
     pub fn publish(mut self) -> Result<PathBuf, StoreError> {
         self.verify()?;
         self.file.sync_all().map_err(io_err(&self.tmp))?;
-        let dir = self.dest.parent().expect("blob paths have a parent").to_owned();
+        let dir = self
+            .dest
+            .parent()
+            .expect("blob paths have a parent")
+            .to_owned();
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         // Same content under the same name: if another fill got there first, rename simply
         // replaces identical bytes.
         fs::rename(&self.tmp, &self.dest).map_err(io_err(&self.dest))?;
         self.finished = true;
-        self.store.index.insert(self.expected.clone(), self.written, None);
+        self.store
+            .index
+            .insert(self.expected.clone(), self.written, None);
         if self.store.index.total() > self.store.max_size.load(Ordering::Relaxed) {
             self.store.pressure.notify_one();
         }
@@ -492,7 +540,9 @@ impl BlobWriter {
 
 /// Makes renames in `dir` durable.
 pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
 }
 
 impl Drop for BlobWriter {
@@ -508,7 +558,10 @@ mod tests {
     use super::*;
 
     fn sha256(b: &[u8]) -> Digest {
-        Digest::from_bytes(Algorithm::Sha256, aws_lc_rs::digest::digest(&SHA256, b).as_ref())
+        Digest::from_bytes(
+            Algorithm::Sha256,
+            aws_lc_rs::digest::digest(&SHA256, b).as_ref(),
+        )
     }
 
     fn tmp_entries(dir: &Path) -> usize {
@@ -565,10 +618,15 @@ mod tests {
         {
             let store = BlobStore::open(dir.path()).unwrap();
             store.put(&d, b"{}").unwrap();
-            store.set_media_type(&d, "application/vnd.oci.image.manifest.v1+json").unwrap();
+            store
+                .set_media_type(&d, "application/vnd.oci.image.manifest.v1+json")
+                .unwrap();
         }
         let store = BlobStore::open(dir.path()).unwrap();
-        assert_eq!(store.media_type(&d).unwrap().as_deref(), Some("application/vnd.oci.image.manifest.v1+json"));
+        assert_eq!(
+            store.media_type(&d).unwrap().as_deref(),
+            Some("application/vnd.oci.image.manifest.v1+json")
+        );
         assert!(store.put(&sha256(b"a"), b"b").is_err());
     }
 
@@ -617,7 +675,11 @@ mod tests {
     #[test]
     fn tags_and_public_repos_persist() {
         let dir = tempfile::tempdir().unwrap();
-        let e = TagEntry { digest: sha256(b"m").to_string(), media_type: "x".into(), checked_at_ms: 7 };
+        let e = TagEntry {
+            digest: sha256(b"m").to_string(),
+            media_type: "x".into(),
+            checked_at_ms: 7,
+        };
         {
             let store = BlobStore::open(dir.path()).unwrap();
             assert_eq!(store.tag("quay.io/a:latest#").unwrap(), None);

@@ -65,7 +65,10 @@ impl UpstreamError {
             message = s.to_string();
             source = s.source();
         }
-        UpstreamError::Connect { host: host.to_owned(), message }
+        UpstreamError::Connect {
+            host: host.to_owned(),
+            message,
+        }
     }
 }
 
@@ -79,22 +82,38 @@ pub struct Resolver {
 
 impl Resolver {
     pub fn new(pins: BTreeMap<String, Vec<IpAddr>>, ttl: Duration) -> Resolver {
-        Resolver { pins: Arc::new(pins), cache: moka::future::Cache::builder().max_capacity(10_000).time_to_live(ttl).build() }
+        Resolver {
+            pins: Arc::new(pins),
+            cache: moka::future::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(ttl)
+                .build(),
+        }
     }
 
     pub async fn resolve(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
         if let Some(ips) = self.pins.get(host) {
             return Ok(ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect());
         }
-        if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        if let Ok(ip) = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
             return Ok(vec![SocketAddr::new(ip, port)]);
         }
         let ips = self
             .cache
             .try_get_with(host.to_owned(), async {
-                let ips: Vec<IpAddr> = tokio::net::lookup_host((host, 0)).await?.map(|a| a.ip()).collect();
+                let ips: Vec<IpAddr> = tokio::net::lookup_host((host, 0))
+                    .await?
+                    .map(|a| a.ip())
+                    .collect();
                 if ips.is_empty() {
-                    return Err(io::Error::new(io::ErrorKind::NotFound, format!("{host} has no addresses")));
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("{host} has no addresses"),
+                    ));
                 }
                 Ok(Arc::new(ips))
             })
@@ -138,19 +157,29 @@ pub struct Fetched {
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig, metrics: Option<Arc<crate::metrics::Metrics>>) -> Result<Upstream, String> {
+    pub fn new(
+        config: &UpstreamConfig,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> Result<Upstream, String> {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         for path in &config.extra_ca {
-            let pem = std::fs::read(path).map_err(|e| format!("upstream.extra_ca {}: {e}", path.display()))?;
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("upstream.extra_ca {}: {e}", path.display()))?;
             let mut n = 0;
             for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
-                let cert = cert.map_err(|e| format!("upstream.extra_ca {}: {e}", path.display()))?;
-                roots.add(cert).map_err(|e| format!("upstream.extra_ca {}: {e}", path.display()))?;
+                let cert =
+                    cert.map_err(|e| format!("upstream.extra_ca {}: {e}", path.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("upstream.extra_ca {}: {e}", path.display()))?;
                 n += 1;
             }
             if n == 0 {
-                return Err(format!("upstream.extra_ca {}: no PEM certificate in the file", path.display()));
+                return Err(format!(
+                    "upstream.extra_ca {}: no PEM certificate in the file",
+                    path.display()
+                ));
             }
         }
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -159,7 +188,11 @@ impl Upstream {
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let pins = config.resolve.iter().map(|(h, l)| (h.clone(), l.0.clone())).collect();
+        let pins = config
+            .resolve
+            .iter()
+            .map(|(h, l)| (h.clone(), l.0.clone()))
+            .collect();
         let resolver = Resolver::new(pins, config.dns_ttl.0);
         let mut http = HttpConnector::new_with_resolver(resolver.clone());
         http.enforce_http(false);
@@ -170,7 +203,10 @@ impl Upstream {
         if let Some(m) = &matcher {
             tracing::info!(proxy = ?m, "upstream connections go through a proxy");
         }
-        let connector = Connector { http, proxy: matcher.clone() };
+        let connector = Connector {
+            http,
+            proxy: matcher.clone(),
+        };
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -206,16 +242,28 @@ impl Upstream {
     /// Opens a TCP connection for a blind tunnel, through the upstream proxy when one
     /// applies, else trying each resolved address in turn.
     pub async fn connect_tcp(&self, host: &str, port: u16) -> Result<TcpStream, UpstreamError> {
-        let err = |message: String| UpstreamError::Connect { host: host.to_owned(), message };
-        let dst: Uri = format!("https://{}:{port}", if host.contains(':') { format!("[{host}]") } else { host.to_owned() })
-            .parse()
-            .map_err(|_| err("not a valid host".into()))?;
+        let err = |message: String| UpstreamError::Connect {
+            host: host.to_owned(),
+            message,
+        };
+        let dst: Uri = format!(
+            "https://{}:{port}",
+            if host.contains(':') {
+                format!("[{host}]")
+            } else {
+                host.to_owned()
+            }
+        )
+        .parse()
+        .map_err(|_| err("not a valid host".into()))?;
         if let Some(intercept) = self.proxy.as_ref().and_then(|m| m.intercept(&dst)) {
             let proxy_host = intercept.uri().host().unwrap_or_default().to_owned();
             let proxy_port = intercept.uri().port_u16().unwrap_or(80);
             let mut s = Box::pin(self.connect_direct(&proxy_host, proxy_port)).await?;
             let auth = intercept.basic_auth().cloned();
-            connect_via(&mut s, host, port, auth.as_ref()).await.map_err(|e| err(format!("through proxy {proxy_host}: {e}")))?;
+            connect_via(&mut s, host, port, auth.as_ref())
+                .await
+                .map_err(|e| err(format!("through proxy {proxy_host}: {e}")))?;
             return Ok(s);
         }
         self.connect_direct(host, port).await
@@ -223,8 +271,15 @@ impl Upstream {
 
     async fn connect_direct(&self, host: &str, port: u16) -> Result<TcpStream, UpstreamError> {
         use futures_util::StreamExt;
-        let err = |message: String| UpstreamError::Connect { host: host.to_owned(), message };
-        let addrs = self.resolver.resolve(host, port).await.map_err(|e| err(e.to_string()))?;
+        let err = |message: String| UpstreamError::Connect {
+            host: host.to_owned(),
+            message,
+        };
+        let addrs = self
+            .resolver
+            .resolve(host, port)
+            .await
+            .map_err(|e| err(e.to_string()))?;
         // Happy eyeballs, as the registry client does: each address gets a head start, then
         // the next is tried alongside (at once when one fails); the first connection wins.
         // An address that swallows SYNs (an unreachable AAAA) costs the head start, not the
@@ -235,7 +290,12 @@ impl Upstream {
         let mut last = String::from("no address");
         loop {
             match pending.next() {
-                Some(addr) => attempts.push(async move { (addr, tokio::time::timeout(timeout, TcpStream::connect(addr)).await) }),
+                Some(addr) => attempts.push(async move {
+                    (
+                        addr,
+                        tokio::time::timeout(timeout, TcpStream::connect(addr)).await,
+                    )
+                }),
                 None if attempts.is_empty() => return Err(err(last)),
                 None => {}
             }
@@ -267,26 +327,44 @@ impl Upstream {
                 Ok(resp)
             }
             Ok(Err(e)) => Err(UpstreamError::from_client(&host, e)),
-            Err(_) => Err(UpstreamError::Timeout { host, after: self.response_timeout }),
+            Err(_) => Err(UpstreamError::Timeout {
+                host,
+                after: self.response_timeout,
+            }),
         }
     }
 
     /// A bodiless `GET`/`HEAD` that follows redirects itself. `Authorization` goes only to
     /// the origin it was meant for; a hop to another scheme, host or port drops it.
-    pub async fn fetch(&self, method: Method, uri: Uri, mut headers: HeaderMap) -> Result<Fetched, UpstreamError> {
+    pub async fn fetch(
+        &self,
+        method: Method,
+        uri: Uri,
+        mut headers: HeaderMap,
+    ) -> Result<Fetched, UpstreamError> {
         headers.remove(HOST);
         let mut uri = uri;
         let mut method = method;
         for _ in 0..=self.max_redirects {
-            let mut req = Request::builder().method(method.clone()).uri(uri.clone()).body(empty()).expect("valid parts");
+            let mut req = Request::builder()
+                .method(method.clone())
+                .uri(uri.clone())
+                .body(empty())
+                .expect("valid parts");
             *req.headers_mut() = headers.clone();
             let resp = self.send(req).await?;
             let status = resp.status();
             if !is_redirect(status) {
-                return Ok(Fetched { response: resp, uri });
+                return Ok(Fetched {
+                    response: resp,
+                    uri,
+                });
             }
             let Some(location) = resp.headers().get(LOCATION).and_then(|l| l.to_str().ok()) else {
-                return Ok(Fetched { response: resp, uri });
+                return Ok(Fetched {
+                    response: resp,
+                    uri,
+                });
             };
             let next = resolve_location(&uri, location)?;
             if origin(&next) != origin(&uri) {
@@ -306,7 +384,11 @@ impl Upstream {
 fn proxy_matcher(config: &UpstreamConfig) -> Option<Matcher> {
     let m = match config.proxy.as_deref() {
         Some("") => return None,
-        Some(p) => Matcher::builder().http(p).https(p).no(config.no_proxy.as_str()).build(),
+        Some(p) => Matcher::builder()
+            .http(p)
+            .https(p)
+            .no(config.no_proxy.as_str())
+            .build(),
         None => Matcher::from_env(),
     };
     // A matcher with nothing configured intercepts nothing.
@@ -316,9 +398,18 @@ fn proxy_matcher(config: &UpstreamConfig) -> Option<Matcher> {
 }
 
 /// Sends `CONNECT host:port` on `s` and reads the proxy's answer.
-async fn connect_via(s: &mut TcpStream, host: &str, port: u16, auth: Option<&http::HeaderValue>) -> io::Result<()> {
+async fn connect_via(
+    s: &mut TcpStream,
+    host: &str,
+    port: u16,
+    auth: Option<&http::HeaderValue>,
+) -> io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let target = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+    let target = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
     let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
     if let Some(a) = auth {
         req.push_str("Proxy-Authorization: ");
@@ -332,14 +423,19 @@ async fn connect_via(s: &mut TcpStream, host: &str, port: u16, auth: Option<&htt
     // Byte by byte so nothing after the header block is consumed.
     while !buf.ends_with(b"\r\n\r\n") {
         if buf.len() > 8192 || s.read(&mut byte).await? == 0 {
-            return Err(io::Error::other("proxy closed the connection during CONNECT"));
+            return Err(io::Error::other(
+                "proxy closed the connection during CONNECT",
+            ));
         }
         buf.push(byte[0]);
     }
     let head = String::from_utf8_lossy(&buf);
     let status = head.split_whitespace().nth(1).unwrap_or("");
     if status != "200" {
-        return Err(io::Error::other(format!("proxy answered CONNECT with {}", head.lines().next().unwrap_or(""))));
+        return Err(io::Error::other(format!(
+            "proxy answered CONNECT with {}",
+            head.lines().next().unwrap_or("")
+        )));
     }
     Ok(())
 }
@@ -369,8 +465,19 @@ impl tower_service::Service<Uri> for Connector {
                 Some(i) => {
                     let io = http.call(i.uri().clone()).await?;
                     let mut tcp = io.into_inner();
-                    let host = dst.host().ok_or("no host")?.trim_start_matches('[').trim_end_matches(']').to_owned();
-                    let port = dst.port_u16().unwrap_or(if dst.scheme_str() == Some("http") { 80 } else { 443 });
+                    let host = dst
+                        .host()
+                        .ok_or("no host")?
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_owned();
+                    let port = dst
+                        .port_u16()
+                        .unwrap_or(if dst.scheme_str() == Some("http") {
+                            80
+                        } else {
+                            443
+                        });
                     connect_via(&mut tcp, &host, port, i.basic_auth()).await?;
                     Ok(TokioIo::new(tcp))
                 }
@@ -380,7 +487,9 @@ impl tower_service::Service<Uri> for Connector {
 }
 
 pub fn empty() -> UpBody {
-    Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync()
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 fn is_redirect(s: StatusCode) -> bool {
@@ -421,7 +530,12 @@ pub fn resolve_location(base: &Uri, location: &str) -> Result<Uri, UpstreamError
 /// A URI for logs: scheme, host and path only. Presigned storage URLs carry credentials in
 /// their query string, so queries are never logged.
 pub fn redact(u: &Uri) -> String {
-    format!("{}://{}{}", u.scheme_str().unwrap_or("https"), u.authority().map(|a| a.as_str()).unwrap_or(""), u.path())
+    format!(
+        "{}://{}{}",
+        u.scheme_str().unwrap_or("https"),
+        u.authority().map(|a| a.as_str()).unwrap_or(""),
+        u.path()
+    )
 }
 
 #[cfg(test)]
@@ -430,7 +544,9 @@ mod tests {
 
     #[test]
     fn locations_resolve_against_the_base() {
-        let base: Uri = "https://quay.io:5443/v2/a/blobs/sha256:00?x=1".parse().unwrap();
+        let base: Uri = "https://quay.io:5443/v2/a/blobs/sha256:00?x=1"
+            .parse()
+            .unwrap();
         let r = |l: &str| resolve_location(&base, l).unwrap().to_string();
         assert_eq!(r("https://s3.test/b?sig=1"), "https://s3.test/b?sig=1");
         assert_eq!(r("/storage/x"), "https://quay.io:5443/storage/x");
@@ -441,7 +557,9 @@ mod tests {
 
     #[test]
     fn redaction_drops_queries() {
-        let u: Uri = "https://s3.test/bucket/key?X-Amz-Signature=secret".parse().unwrap();
+        let u: Uri = "https://s3.test/bucket/key?X-Amz-Signature=secret"
+            .parse()
+            .unwrap();
         assert_eq!(redact(&u), "https://s3.test/bucket/key");
     }
 
@@ -450,7 +568,13 @@ mod tests {
         let mut pins = BTreeMap::new();
         pins.insert("quay.io".to_string(), vec!["127.0.0.7".parse().unwrap()]);
         let r = Resolver::new(pins, Duration::from_secs(60));
-        assert_eq!(r.resolve("quay.io", 5443).await.unwrap(), vec!["127.0.0.7:5443".parse().unwrap()]);
-        assert_eq!(r.resolve("127.0.0.9", 1).await.unwrap(), vec!["127.0.0.9:1".parse().unwrap()]);
+        assert_eq!(
+            r.resolve("quay.io", 5443).await.unwrap(),
+            vec!["127.0.0.7:5443".parse().unwrap()]
+        );
+        assert_eq!(
+            r.resolve("127.0.0.9", 1).await.unwrap(),
+            vec!["127.0.0.9:1".parse().unwrap()]
+        );
     }
 }

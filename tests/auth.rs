@@ -16,33 +16,76 @@ use http::{Method, StatusCode};
 const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
 
 fn basic(user: &str, password: &str) -> String {
-    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")))
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
 }
 
 /// A token for pulling `repo`, obtained through Stowage like a runtime does
 /// (`/v2/` → 401 → realm), with `account` as HTTP Basic at the token service.
-async fn login_as(client: &ProxyClient, host: &str, port: u16, repo: &str, account: Option<(&str, &str)>) -> Session {
-    let tunnel = client.tunnel(host, port, Alpn::Http11).await.unwrap_or_else(|e| panic!("tunnel to {host}: {e}"));
+async fn login_as(
+    client: &ProxyClient,
+    host: &str,
+    port: u16,
+    repo: &str,
+    account: Option<(&str, &str)>,
+) -> Session {
+    let tunnel = client
+        .tunnel(host, port, Alpn::Http11)
+        .await
+        .unwrap_or_else(|e| panic!("tunnel to {host}: {e}"));
     let ping = tunnel.get("/v2/", &[]).await;
     assert_eq!(ping.status, StatusCode::UNAUTHORIZED, "{}", ping.text());
-    let challenge = ping.header("www-authenticate").expect("challenge").to_owned();
-    let realm = challenge.split("realm=\"").nth(1).and_then(|r| r.split('"').next()).expect("realm").to_owned();
+    let challenge = ping
+        .header("www-authenticate")
+        .expect("challenge")
+        .to_owned();
+    let realm = challenge
+        .split("realm=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("realm")
+        .to_owned();
     let realm: http::Uri = realm.parse().unwrap();
-    assert_eq!(realm.host(), Some(host), "the fake's realm is on the registry host");
-    let path = format!("{}?service=fake&scope={}", realm.path(), percent_encode(&format!("repository:{repo}:pull")));
+    assert_eq!(
+        realm.host(),
+        Some(host),
+        "the fake's realm is on the registry host"
+    );
+    let path = format!(
+        "{}?service=fake&scope={}",
+        realm.path(),
+        percent_encode(&format!("repository:{repo}:pull"))
+    );
     let auth = account.map(|(u, p)| basic(u, p));
     let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
     let resp = tunnel.get(&path, &headers).await;
-    assert_eq!(resp.status, StatusCode::OK, "token for {repo}: {}", resp.text());
+    assert_eq!(
+        resp.status,
+        StatusCode::OK,
+        "token for {repo}: {}",
+        resp.text()
+    );
     let token = resp.json()["token"].as_str().expect("token").to_owned();
-    Session { tunnel, token, repo: repo.to_owned() }
+    Session {
+        tunnel,
+        token,
+        repo: repo.to_owned(),
+    }
 }
 
 /// Manifest by tag, config and layers with `s`; every status 200 and every body hashing
 /// to its digest. Returns the X-Cache of each blob.
 async fn pull_image(s: &Session, tag: &str, img: &Image) -> Vec<String> {
     let m = s.manifest(tag).await;
-    assert_eq!(m.status, StatusCode::OK, "manifest {}:{tag}: {}", s.repo, m.text());
+    assert_eq!(
+        m.status,
+        StatusCode::OK,
+        "manifest {}:{tag}: {}",
+        s.repo,
+        m.text()
+    );
     assert_eq!(sha256_digest(&m.body), img.manifest);
     let mut outcomes = Vec::new();
     for d in img.blobs() {
@@ -56,17 +99,27 @@ async fn pull_image(s: &Session, tag: &str, img: &Image) -> Vec<String> {
 
 /// Requests Stowage made on behalf of the test client (it forwards our User-Agent).
 fn by_client(reg: &FakeRegistry) -> Vec<Recorded> {
-    reg.requests().into_iter().filter(|r| r.by_client()).collect()
+    reg.requests()
+        .into_iter()
+        .filter(|r| r.by_client())
+        .collect()
 }
 
 /// Waits for Stowage's background anonymous probe of `repo` to end with `status`.
 async fn probe_done(reg: &FakeRegistry, repo: &str, status: u16) {
     let prefix = format!("/v2/{repo}/");
-    eventually(&format!("the anonymous probe of {repo} answered {status}"), || {
-        reg.requests()
-            .iter()
-            .any(|r| !r.by_client() && r.method == Method::HEAD && r.path.starts_with(&prefix) && r.authorization.is_some() && r.status == status)
-    })
+    eventually(
+        &format!("the anonymous probe of {repo} answered {status}"),
+        || {
+            reg.requests().iter().any(|r| {
+                !r.by_client()
+                    && r.method == Method::HEAD
+                    && r.path.starts_with(&prefix)
+                    && r.authorization.is_some()
+                    && r.status == status
+            })
+        },
+    )
     .await;
 }
 
@@ -79,11 +132,22 @@ fn assert_refused(r: &Resp, content: &[u8], who: &str) {
         r.text()
     );
     if r.status == StatusCode::UNAUTHORIZED {
-        let challenge = r.header("www-authenticate").unwrap_or_else(|| panic!("{who}: 401 without WWW-Authenticate"));
+        let challenge = r
+            .header("www-authenticate")
+            .unwrap_or_else(|| panic!("{who}: 401 without WWW-Authenticate"));
         assert!(challenge.starts_with("Bearer realm="), "{who}: {challenge}");
     }
-    assert!(r.body.len() < content.len() || sha256_digest(&r.body[..content.len()]) != sha256_digest(content), "{who}: got the content");
-    assert!(!r.body.windows(64.min(content.len())).any(|w| w == &content[..64.min(content.len())]), "{who}: got content bytes");
+    assert!(
+        r.body.len() < content.len()
+            || sha256_digest(&r.body[..content.len()]) != sha256_digest(content),
+        "{who}: got the content"
+    );
+    assert!(
+        !r.body
+            .windows(64.min(content.len()))
+            .any(|w| w == &content[..64.min(content.len())]),
+        "{who}: got content bytes"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,7 +166,14 @@ async fn a_private_repository_is_served_only_to_clients_upstream_lets_read_it() 
     let port = quay.port();
 
     // A pulls; everything is cached.
-    let a = login_as(&client, "quay.io", port, "team/private", Some(("alice", "alice-pw"))).await;
+    let a = login_as(
+        &client,
+        "quay.io",
+        port,
+        "team/private",
+        Some(("alice", "alice-pw")),
+    )
+    .await;
     assert_eq!(pull_image(&a, "v1", &img).await, ["miss", "miss", "miss"]);
     for d in img.blobs() {
         eventually("A's blobs stored", || stowage.is_cached(&d)).await;
@@ -121,36 +192,88 @@ async fn a_private_repository_is_served_only_to_clients_upstream_lets_read_it() 
     let b = client.tunnel("quay.io", port, Alpn::H2).await.unwrap();
     assert_refused(&b.get(&blob_path, &[]).await, layer, "B blob");
     assert_refused(&b.head(&blob_path, &[]).await, layer, "B HEAD blob");
-    assert_refused(&b.get(&manifest_by_tag, &[("accept", ACCEPT)]).await, &img.manifest_bytes, "B manifest by tag");
-    assert_refused(&b.get(&manifest_by_digest, &[("accept", ACCEPT)]).await, &img.manifest_bytes, "B manifest by digest");
-    let forged = b.get(&blob_path, &[("authorization", "Bearer forged")]).await;
+    assert_refused(
+        &b.get(&manifest_by_tag, &[("accept", ACCEPT)]).await,
+        &img.manifest_bytes,
+        "B manifest by tag",
+    );
+    assert_refused(
+        &b.get(&manifest_by_digest, &[("accept", ACCEPT)]).await,
+        &img.manifest_bytes,
+        "B manifest by digest",
+    );
+    let forged = b
+        .get(&blob_path, &[("authorization", "Bearer forged")])
+        .await;
     assert_refused(&forged, layer, "B with a forged token");
 
     // C: a valid account whose token covers another repository...
-    let c = login_as(&client, "quay.io", port, "team/other", Some(("carol", "carol-pw"))).await;
-    assert_eq!(pull_image(&c, "v1", &other).await.len(), 2, "C can read its own repository");
+    let c = login_as(
+        &client,
+        "quay.io",
+        port,
+        "team/other",
+        Some(("carol", "carol-pw")),
+    )
+    .await;
+    assert_eq!(
+        pull_image(&c, "v1", &other).await.len(),
+        2,
+        "C can read its own repository"
+    );
     let downloads = quay.blob_gets();
     assert_eq!(downloads, 5);
     let c_auth = format!("Bearer {}", c.token);
-    let r = c.tunnel.get(&blob_path, &[("authorization", &c_auth)]).await;
+    let r = c
+        .tunnel
+        .get(&blob_path, &[("authorization", &c_auth)])
+        .await;
     assert_refused(&r, layer, "C blob");
-    let r = c.tunnel.get(&manifest_by_tag, &[("authorization", &c_auth), ("accept", ACCEPT)]).await;
+    let r = c
+        .tunnel
+        .get(
+            &manifest_by_tag,
+            &[("authorization", &c_auth), ("accept", ACCEPT)],
+        )
+        .await;
     assert_refused(&r, &img.manifest_bytes, "C manifest");
     // ... and the same account asking for this repository (a token without access).
-    let c2 = login_as(&client, "quay.io", port, "team/private", Some(("carol", "carol-pw"))).await;
-    assert_refused(&c2.blob(layer_digest).await, layer, "C with a team/private token");
+    let c2 = login_as(
+        &client,
+        "quay.io",
+        port,
+        "team/private",
+        Some(("carol", "carol-pw")),
+    )
+    .await;
+    assert_refused(
+        &c2.blob(layer_digest).await,
+        layer,
+        "C with a team/private token",
+    );
     // Stowage asked upstream with C's own credentials, and upstream said no.
     assert!(
-        quay.requests().iter().any(|r| r.method == Method::HEAD && r.path == blob_path && r.authorization.as_deref() == Some(c_auth.as_str()) && r.status == 401),
+        quay.requests().iter().any(|r| r.method == Method::HEAD
+            && r.path == blob_path
+            && r.authorization.as_deref() == Some(c_auth.as_str())
+            && r.status == 401),
         "no upstream check with C's token: {:#?}",
         quay.requests()
     );
-    assert_eq!(quay.blob_gets(), downloads, "a refusal downloaded something");
+    assert_eq!(
+        quay.blob_gets(),
+        downloads,
+        "a refusal downloaded something"
+    );
 
     // A again: served from the cache, no new download, not even a check upstream.
     let seen = quay.requests().len();
     assert_eq!(pull_image(&a, "v1", &img).await, ["hit", "hit", "hit"]);
-    let new: Vec<_> = quay.requests()[seen..].iter().filter(|r| r.by_client()).cloned().collect();
+    let new: Vec<_> = quay.requests()[seen..]
+        .iter()
+        .filter(|r| r.by_client())
+        .cloned()
+        .collect();
     assert!(new.is_empty(), "A's second pull went upstream: {new:#?}");
     assert_eq!(quay.blob_gets(), downloads);
 }
@@ -165,17 +288,31 @@ async fn a_private_layer_being_downloaded_is_not_shared_with_an_unauthorized_cli
     quay.add_user("alice", "alice-pw", &["team/private"]);
     let stowage = Stowage::start(&ca).await;
     let client = stowage.client();
-    let a = login_as(&client, "quay.io", quay.port(), "team/private", Some(("alice", "alice-pw"))).await;
+    let a = login_as(
+        &client,
+        "quay.io",
+        quay.port(),
+        "team/private",
+        Some(("alice", "alice-pw")),
+    )
+    .await;
     let a_auth = format!("Bearer {}", a.token);
 
     // A's download is in flight, held after its first chunk.
     let gate = quay.hold_blob_bodies();
     let path = format!("/v2/team/private/blobs/{digest}");
-    let head = a.tunnel.send(Method::GET, &path, &[("authorization", &a_auth)]).await.expect("A's response head");
+    let head = a
+        .tunnel
+        .send(Method::GET, &path, &[("authorization", &a_auth)])
+        .await
+        .expect("A's response head");
     assert_eq!(head.status(), StatusCode::OK);
 
     // B, without credentials, asks for the same blob meanwhile: refused, not joined.
-    let b = client.tunnel("quay.io", quay.port(), Alpn::H2).await.unwrap();
+    let b = client
+        .tunnel("quay.io", quay.port(), Alpn::H2)
+        .await
+        .unwrap();
     let r = b.get(&path, &[]).await;
     assert_refused(&r, &layer, "B during A's download");
     assert_eq!(quay.blob_gets(), 1);
@@ -195,9 +332,20 @@ async fn a_stale_private_manifest_goes_only_to_clients_upstream_let_read_it() {
     let img = quay.push_image("team/private", "v1", &[pseudo_random(5_000, 36)]);
     quay.make_private("team/private");
     quay.add_user("alice", "alice-pw", &["team/private"]);
-    let stowage = Stowage::builder().trust(&ca).cache("manifest_ttl = \"1ms\"").start().await;
+    let stowage = Stowage::builder()
+        .trust(&ca)
+        .cache("manifest_ttl = \"1ms\"")
+        .start()
+        .await;
     let client = stowage.client();
-    let a = login_as(&client, "quay.io", quay.port(), "team/private", Some(("alice", "alice-pw"))).await;
+    let a = login_as(
+        &client,
+        "quay.io",
+        quay.port(),
+        "team/private",
+        Some(("alice", "alice-pw")),
+    )
+    .await;
     assert_eq!(a.manifest("v1").await.body, img.manifest_bytes);
     probe_done(&quay, "team/private", 401).await;
 
@@ -208,11 +356,27 @@ async fn a_stale_private_manifest_goes_only_to_clients_upstream_let_read_it() {
 
     // B has no credentials: upstream's 401 to its revalidation is all it gets (a complete
     // response, though upstream answered a HEAD), never the stored manifest.
-    let b = client.tunnel("quay.io", quay.port(), Alpn::Http11).await.unwrap();
+    let b = client
+        .tunnel("quay.io", quay.port(), Alpn::Http11)
+        .await
+        .unwrap();
     for _ in 0..3 {
-        let r = b.get("/v2/team/private/manifests/v1", &[("accept", ACCEPT)]).await;
-        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "B: {} {}", r.x_cache(), r.text());
-        assert!(r.header("www-authenticate").is_some_and(|c| c.starts_with("Bearer realm=")), "{:?}", r.headers);
+        let r = b
+            .get("/v2/team/private/manifests/v1", &[("accept", ACCEPT)])
+            .await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNAUTHORIZED,
+            "B: {} {}",
+            r.x_cache(),
+            r.text()
+        );
+        assert!(
+            r.header("www-authenticate")
+                .is_some_and(|c| c.starts_with("Bearer realm=")),
+            "{:?}",
+            r.headers
+        );
         assert_ne!(r.body, img.manifest_bytes);
         assert_eq!(r.json()["errors"][0]["code"], "UNAUTHORIZED");
     }
@@ -232,7 +396,14 @@ async fn a_public_image_is_served_from_the_cache_with_upstream_down() {
 
     let pulled = pull(&client, "quay.io", port, "team/public", "v1", Alpn::Http11).await;
     assert_eq!(pulled.manifest_digest, public.manifest);
-    let a = login_as(&client, "quay.io", port, "team/secret", Some(("alice", "alice-pw"))).await;
+    let a = login_as(
+        &client,
+        "quay.io",
+        port,
+        "team/secret",
+        Some(("alice", "alice-pw")),
+    )
+    .await;
     pull_image(&a, "v1", &private).await;
     for d in public.blobs().iter().chain(private.blobs().iter()) {
         eventually("blobs stored", || stowage.is_cached(d)).await;
@@ -243,23 +414,41 @@ async fn a_public_image_is_served_from_the_cache_with_upstream_down() {
 
     // A new client without any credentials, upstream gone.
     let t = client.tunnel("quay.io", port, Alpn::H2).await.unwrap();
-    let not_cached = t.get("/v2/team/public/manifests/v2", &[("accept", ACCEPT)]).await;
-    assert!(not_cached.status.is_server_error(), "upstream is really down: {}", not_cached.status);
+    let not_cached = t
+        .get("/v2/team/public/manifests/v2", &[("accept", ACCEPT)])
+        .await;
+    assert!(
+        not_cached.status.is_server_error(),
+        "upstream is really down: {}",
+        not_cached.status
+    );
     // The probe's verdict is stored just after the fake answered it: allow it a moment.
     let deadline = Instant::now() + Duration::from_secs(5);
     let m = loop {
-        let m = t.get("/v2/team/public/manifests/v1", &[("accept", ACCEPT)]).await;
+        let m = t
+            .get("/v2/team/public/manifests/v1", &[("accept", ACCEPT)])
+            .await;
         if m.status == StatusCode::OK || Instant::now() > deadline {
             break m;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(m.status, StatusCode::OK, "public manifest with upstream down: {}", m.text());
+    assert_eq!(
+        m.status,
+        StatusCode::OK,
+        "public manifest with upstream down: {}",
+        m.text()
+    );
     assert_eq!(m.x_cache(), "hit");
     assert_eq!(m.body, public.manifest_bytes);
     for d in public.blobs() {
         let r = t.get(&format!("/v2/team/public/blobs/{d}"), &[]).await;
-        assert_eq!(r.status, StatusCode::OK, "public blob with upstream down: {}", r.text());
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "public blob with upstream down: {}",
+            r.text()
+        );
         assert_eq!(r.x_cache(), "hit");
         assert_eq!(sha256_digest(&r.body), d);
     }
@@ -267,11 +456,19 @@ async fn a_public_image_is_served_from_the_cache_with_upstream_down() {
     // Private content stays private when upstream cannot be asked.
     for d in private.blobs() {
         let r = t.get(&format!("/v2/team/secret/blobs/{d}"), &[]).await;
-        assert!(!r.status.is_success(), "private blob served with upstream down");
+        assert!(
+            !r.status.is_success(),
+            "private blob served with upstream down"
+        );
         assert_ne!(sha256_digest(&r.body), d);
     }
-    let r = t.get("/v2/team/secret/manifests/v1", &[("accept", ACCEPT)]).await;
-    assert!(!r.status.is_success(), "private manifest served with upstream down");
+    let r = t
+        .get("/v2/team/secret/manifests/v1", &[("accept", ACCEPT)])
+        .await;
+    assert!(
+        !r.status.is_success(),
+        "private manifest served with upstream down"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -280,7 +477,14 @@ async fn within_the_ttl_a_tag_is_answered_without_any_upstream_request() {
     let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
     let img = quay.push_image("team/app", "v1", &[pseudo_random(80_000, 51)]);
     let stowage = Stowage::start(&ca).await;
-    let s = Session::login(&stowage.client(), "quay.io", quay.port(), "team/app", Alpn::H2).await;
+    let s = Session::login(
+        &stowage.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        Alpn::H2,
+    )
+    .await;
 
     assert_eq!(pull_image(&s, "v1", &img).await, ["miss", "miss"]);
     for d in img.blobs() {
@@ -295,19 +499,34 @@ async fn within_the_ttl_a_tag_is_answered_without_any_upstream_request() {
         let m = s.manifest("v1").await;
         assert_eq!(m.status, StatusCode::OK);
         assert_eq!(m.x_cache(), "hit");
-        assert_eq!(m.body, img.manifest_bytes, "the cached manifest, not the moved tag");
-        let h = s.request(Method::HEAD, &s.manifest_path("v1"), &[("accept", ACCEPT)]).await;
+        assert_eq!(
+            m.body, img.manifest_bytes,
+            "the cached manifest, not the moved tag"
+        );
+        let h = s
+            .request(Method::HEAD, &s.manifest_path("v1"), &[("accept", ACCEPT)])
+            .await;
         assert_eq!(h.x_cache(), "hit");
-        assert_eq!(h.header("docker-content-digest"), Some(img.manifest.as_str()));
+        assert_eq!(
+            h.header("docker-content-digest"),
+            Some(img.manifest.as_str())
+        );
     }
     assert_eq!(pull_image(&s, "v1", &img).await, ["hit", "hit"]);
     let after: Vec<_> = quay.requests()[seen..].to_vec();
-    assert!(after.is_empty(), "upstream was asked within the TTL: {after:#?}");
+    assert!(
+        after.is_empty(),
+        "upstream was asked within the TTL: {after:#?}"
+    );
     assert_ne!(moved.manifest, img.manifest);
 }
 
 /// Requests the tag every 50 ms until `done` holds for a response (at most 10 s).
-async fn poll_manifest(s: &Session, tag: &str, mut done: impl FnMut(&Resp) -> bool) -> (Resp, Vec<Resp>) {
+async fn poll_manifest(
+    s: &Session,
+    tag: &str,
+    mut done: impl FnMut(&Resp) -> bool,
+) -> (Resp, Vec<Resp>) {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut before = Vec::new();
     loop {
@@ -315,7 +534,13 @@ async fn poll_manifest(s: &Session, tag: &str, mut done: impl FnMut(&Resp) -> bo
         if done(&m) {
             return (m, before);
         }
-        assert!(Instant::now() < deadline, "gave up polling {tag}; last: {} {:?} {}", m.status, m.headers, m.text());
+        assert!(
+            Instant::now() < deadline,
+            "gave up polling {tag}; last: {} {:?} {}",
+            m.status,
+            m.headers,
+            m.text()
+        );
         before.push(m);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -326,9 +551,25 @@ async fn a_moved_tag_is_picked_up_after_the_ttl() {
     let ca = TestCa::new();
     let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
     let img = quay.push_image("team/app", "v1", &[pseudo_random(10_000, 61)]);
-    let stowage = Stowage::builder().trust(&ca).cache("manifest_ttl = \"1s\"").start().await;
-    let s = Session::login(&stowage.client(), "quay.io", quay.port(), "team/app", Alpn::Http11).await;
-    let client_manifests = |m: Method| by_client(&quay).iter().filter(|r| r.kind == Kind::Manifest && r.method == m).count();
+    let stowage = Stowage::builder()
+        .trust(&ca)
+        .cache("manifest_ttl = \"1s\"")
+        .start()
+        .await;
+    let s = Session::login(
+        &stowage.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        Alpn::Http11,
+    )
+    .await;
+    let client_manifests = |m: Method| {
+        by_client(&quay)
+            .iter()
+            .filter(|r| r.kind == Kind::Manifest && r.method == m)
+            .count()
+    };
 
     let started = Instant::now();
     let first = s.manifest("v1").await;
@@ -336,23 +577,42 @@ async fn a_moved_tag_is_picked_up_after_the_ttl() {
     assert_eq!(first.body, img.manifest_bytes);
 
     // After the TTL, the same digest upstream: revalidated with HEAD, the stored body served.
-    let (revalidated, earlier) = poll_manifest(&s, "v1", |_| client_manifests(Method::HEAD) > 0).await;
-    assert!(started.elapsed() >= Duration::from_secs(1), "revalidated before the TTL was over");
-    assert!(earlier.iter().all(|m| m.x_cache() == "hit" && m.body == img.manifest_bytes));
+    let (revalidated, earlier) =
+        poll_manifest(&s, "v1", |_| client_manifests(Method::HEAD) > 0).await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "revalidated before the TTL was over"
+    );
+    assert!(earlier
+        .iter()
+        .all(|m| m.x_cache() == "hit" && m.body == img.manifest_bytes));
     assert_eq!(revalidated.status, StatusCode::OK);
     assert_eq!(revalidated.x_cache(), "hit");
     assert_eq!(revalidated.body, img.manifest_bytes);
-    assert_eq!(client_manifests(Method::GET), 1, "an unchanged tag was downloaded again");
+    assert_eq!(
+        client_manifests(Method::GET),
+        1,
+        "an unchanged tag was downloaded again"
+    );
 
     // The tag moves: picked up on the first revalidation after the TTL.
     let moved = quay.push_image("team/app", "v1", &[pseudo_random(10_000, 62)]);
     let (new, earlier) = poll_manifest(&s, "v1", |m| m.body == moved.manifest_bytes).await;
-    assert!(earlier.iter().all(|m| m.body == img.manifest_bytes), "something else was served meanwhile");
+    assert!(
+        earlier.iter().all(|m| m.body == img.manifest_bytes),
+        "something else was served meanwhile"
+    );
     assert_eq!(new.status, StatusCode::OK);
     assert_eq!(new.x_cache(), "miss");
-    assert_eq!(new.header("docker-content-digest"), Some(moved.manifest.as_str()));
+    assert_eq!(
+        new.header("docker-content-digest"),
+        Some(moved.manifest.as_str())
+    );
     assert_eq!(client_manifests(Method::GET), 2);
-    assert!(client_manifests(Method::HEAD) >= 2, "the move was found by HEAD revalidation");
+    assert!(
+        client_manifests(Method::HEAD) >= 2,
+        "the move was found by HEAD revalidation"
+    );
     // And the new manifest is now the cached one.
     let again = s.manifest("v1").await;
     assert_eq!(again.body, moved.manifest_bytes);
@@ -364,11 +624,25 @@ async fn ttl_rules_by_tag_pattern_override_the_default() {
     let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
     let latest = quay.push_image("team/app", "latest", &[pseudo_random(1_000, 141)]);
     let pinned = quay.push_image("team/app", "v1.2.3", &[pseudo_random(1_000, 142)]);
-    let stowage = Stowage::builder().trust(&ca).toml("[[cache.ttl]]\ntag = \"lat*\"\nttl = \"1ms\"\n").start().await;
-    let s = Session::login(&stowage.client(), "quay.io", quay.port(), "team/app", Alpn::Http11).await;
+    let stowage = Stowage::builder()
+        .trust(&ca)
+        .toml("[[cache.ttl]]\ntag = \"lat*\"\nttl = \"1ms\"\n")
+        .start()
+        .await;
+    let s = Session::login(
+        &stowage.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        Alpn::Http11,
+    )
+    .await;
     let heads_of = |tag: &str| {
         let path = format!("/v2/team/app/manifests/{tag}");
-        by_client(&quay).iter().filter(|r| r.method == Method::HEAD && r.path == path).count()
+        by_client(&quay)
+            .iter()
+            .filter(|r| r.method == Method::HEAD && r.path == path)
+            .count()
     };
     assert_eq!(s.manifest("latest").await.body, latest.manifest_bytes);
     assert_eq!(s.manifest("v1.2.3").await.body, pinned.manifest_bytes);
@@ -378,7 +652,11 @@ async fn ttl_rules_by_tag_pattern_override_the_default() {
     for _ in 0..3 {
         assert_eq!(s.manifest("v1.2.3").await.x_cache(), "hit");
     }
-    assert_eq!(heads_of("v1.2.3"), 0, "a tag outside the rule was revalidated within the default 5m");
+    assert_eq!(
+        heads_of("v1.2.3"),
+        0,
+        "a tag outside the rule was revalidated within the default 5m"
+    );
     assert_eq!(quay.manifest_gets(), 2);
 }
 
@@ -388,27 +666,62 @@ async fn rate_limits_and_server_errors_serve_the_stale_manifest_with_a_warning()
     let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
     let img = quay.push_image("team/app", "v1", &[pseudo_random(10_000, 71)]);
     quay.push_image("team/app", "v2", &[pseudo_random(10_000, 72)]);
-    let stowage = Stowage::builder().trust(&ca).cache("manifest_ttl = \"1ms\"").start().await;
-    let s = Session::login(&stowage.client(), "quay.io", quay.port(), "team/app", Alpn::H2).await;
+    let stowage = Stowage::builder()
+        .trust(&ca)
+        .cache("manifest_ttl = \"1ms\"")
+        .start()
+        .await;
+    let s = Session::login(
+        &stowage.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        Alpn::H2,
+    )
+    .await;
 
     let first = s.manifest("v1").await;
     assert_eq!(first.x_cache(), "miss");
     assert_eq!(quay.manifest_gets(), 1);
 
-    for status in [StatusCode::TOO_MANY_REQUESTS, StatusCode::SERVICE_UNAVAILABLE, StatusCode::INTERNAL_SERVER_ERROR] {
+    for status in [
+        StatusCode::TOO_MANY_REQUESTS,
+        StatusCode::SERVICE_UNAVAILABLE,
+        StatusCode::INTERNAL_SERVER_ERROR,
+    ] {
         quay.fail_manifests(Some(status));
-        let heads_before = quay.requests().iter().filter(|r| r.kind == Kind::Manifest && r.method == Method::HEAD && r.status == status.as_u16()).count();
+        let heads_before = quay
+            .requests()
+            .iter()
+            .filter(|r| {
+                r.kind == Kind::Manifest && r.method == Method::HEAD && r.status == status.as_u16()
+            })
+            .count();
         let (stale, earlier) = poll_manifest(&s, "v1", |m| m.x_cache() != "hit").await;
         assert!(earlier.iter().all(|m| m.body == img.manifest_bytes));
         assert_eq!(stale.status, StatusCode::OK, "{status}: {}", stale.text());
         assert_eq!(stale.x_cache(), "stale", "{status}");
-        let warning = stale.header("warning").unwrap_or_else(|| panic!("{status}: no Warning header: {:?}", stale.headers));
+        let warning = stale
+            .header("warning")
+            .unwrap_or_else(|| panic!("{status}: no Warning header: {:?}", stale.headers));
         assert!(warning.starts_with("110 "), "{status}: {warning}");
         assert_eq!(stale.body, img.manifest_bytes, "{status}");
         assert_eq!(stale.header("content-type"), Some(OCI_MANIFEST));
-        assert_eq!(stale.header("docker-content-digest"), Some(img.manifest.as_str()));
-        let heads_after = quay.requests().iter().filter(|r| r.kind == Kind::Manifest && r.method == Method::HEAD && r.status == status.as_u16()).count();
-        assert!(heads_after > heads_before, "{status}: the revalidation that failed was a HEAD");
+        assert_eq!(
+            stale.header("docker-content-digest"),
+            Some(img.manifest.as_str())
+        );
+        let heads_after = quay
+            .requests()
+            .iter()
+            .filter(|r| {
+                r.kind == Kind::Manifest && r.method == Method::HEAD && r.status == status.as_u16()
+            })
+            .count();
+        assert!(
+            heads_after > heads_before,
+            "{status}: the revalidation that failed was a HEAD"
+        );
         // A tag never cached has nothing stale: upstream's answer reaches the client.
         let uncached = s.manifest("v2").await;
         assert_eq!(uncached.status, status, "{}", uncached.text());
@@ -416,7 +729,12 @@ async fn rate_limits_and_server_errors_serve_the_stale_manifest_with_a_warning()
             assert_eq!(uncached.header("retry-after"), Some("60"));
         }
     }
-    assert_eq!(quay.manifest_gets(), 4, "only the uncached tag was asked for with GET: {:#?}", quay.requests());
+    assert_eq!(
+        quay.manifest_gets(),
+        4,
+        "only the uncached tag was asked for with GET: {:#?}",
+        quay.requests()
+    );
 
     quay.fail_manifests(None);
     let (fresh, _) = poll_manifest(&s, "v1", |m| m.x_cache() == "hit").await;
@@ -428,7 +746,13 @@ async fn rate_limits_and_server_errors_serve_the_stale_manifest_with_a_warning()
     let (stale, _) = poll_manifest(&s, "v1", |m| m.x_cache() != "hit").await;
     assert_eq!(stale.status, StatusCode::OK, "{}", stale.text());
     assert_eq!(stale.x_cache(), "stale");
-    assert!(stale.header("warning").is_some_and(|w| w.starts_with("110 ")), "{:?}", stale.headers);
+    assert!(
+        stale
+            .header("warning")
+            .is_some_and(|w| w.starts_with("110 ")),
+        "{:?}",
+        stale.headers
+    );
     assert_eq!(stale.body, img.manifest_bytes);
 }
 
@@ -436,9 +760,18 @@ async fn rate_limits_and_server_errors_serve_the_stale_manifest_with_a_warning()
 async fn offline_mode_serves_the_cache_without_asking_upstream() {
     let ca = TestCa::new();
     let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
-    let img = quay.push_image("team/app", "v1", &[pseudo_random(150_000, 81), pseudo_random(3_000, 82)]);
+    let img = quay.push_image(
+        "team/app",
+        "v1",
+        &[pseudo_random(150_000, 81), pseudo_random(3_000, 82)],
+    );
     // A TTL that is over at once: only `offline` keeps Stowage from revalidating.
-    let stowage = Stowage::builder().trust(&ca).cache("manifest_ttl = \"1ms\"").cache("offline = true").start().await;
+    let stowage = Stowage::builder()
+        .trust(&ca)
+        .cache("manifest_ttl = \"1ms\"")
+        .cache("offline = true")
+        .start()
+        .await;
     let client = stowage.client();
     let s = Session::login(&client, "quay.io", quay.port(), "team/app", Alpn::Http11).await;
     assert_eq!(pull_image(&s, "v1", &img).await, ["miss", "miss", "miss"]);
@@ -457,12 +790,20 @@ async fn offline_mode_serves_the_cache_without_asking_upstream() {
         assert!(m.header("warning").is_none());
     }
     // A client without credentials gets the public repository too.
-    let t = client.tunnel("quay.io", quay.port(), Alpn::H2).await.unwrap();
-    let m = t.get("/v2/team/app/manifests/v1", &[("accept", ACCEPT)]).await;
+    let t = client
+        .tunnel("quay.io", quay.port(), Alpn::H2)
+        .await
+        .unwrap();
+    let m = t
+        .get("/v2/team/app/manifests/v1", &[("accept", ACCEPT)])
+        .await;
     assert_eq!(m.status, StatusCode::OK, "{}", m.text());
     assert_eq!(m.body, img.manifest_bytes);
     let after: Vec<_> = quay.requests()[seen..].to_vec();
-    assert!(after.is_empty(), "offline Stowage asked upstream: {after:#?}");
+    assert!(
+        after.is_empty(),
+        "offline Stowage asked upstream: {after:#?}"
+    );
 }
 
 /// Every tracing event written while it is the thread's default subscriber.
@@ -508,7 +849,11 @@ async fn configured_credentials_answer_for_anonymous_clients_and_stay_out_of_the
     const PASSWORD: &str = "pw-Zq8x3VbN7s-never-logged";
     std::env::set_var("STOWAGE_TEST_AUTH_HUB_PASSWORD", PASSWORD);
     let ca = TestCa::new();
-    let hub = FakeRegistry::builder(&ca).host("registry-1.docker.io").realm_host("auth.docker.io").build().await;
+    let hub = FakeRegistry::builder(&ca)
+        .host("registry-1.docker.io")
+        .realm_host("auth.docker.io")
+        .build()
+        .await;
     let img = hub.push_image("acme/private", "v1", &[pseudo_random(60_000, 91)]);
     hub.make_private("acme/private");
     hub.add_user(USER, PASSWORD, &["acme/private"]);
@@ -522,11 +867,26 @@ async fn configured_credentials_answer_for_anonymous_clients_and_stay_out_of_the
     let basic = basic(USER, PASSWORD);
 
     // An anonymous client: no token dance, no Authorization; Stowage answers for it.
-    let t = client.tunnel("registry-1.docker.io", port, Alpn::Http11).await.unwrap();
+    let t = client
+        .tunnel("registry-1.docker.io", port, Alpn::Http11)
+        .await
+        .unwrap();
     let ping = t.get("/v2/", &[]).await;
-    assert_eq!(ping.status, StatusCode::OK, "the /v2/ challenge answered with the account: {}", ping.text());
-    let m = t.get("/v2/acme/private/manifests/v1", &[("accept", ACCEPT)]).await;
-    assert_eq!(m.status, StatusCode::OK, "private manifest for an anonymous client: {}", m.text());
+    assert_eq!(
+        ping.status,
+        StatusCode::OK,
+        "the /v2/ challenge answered with the account: {}",
+        ping.text()
+    );
+    let m = t
+        .get("/v2/acme/private/manifests/v1", &[("accept", ACCEPT)])
+        .await;
+    assert_eq!(
+        m.status,
+        StatusCode::OK,
+        "private manifest for an anonymous client: {}",
+        m.text()
+    );
     assert_eq!(m.body, img.manifest_bytes);
     for d in img.blobs() {
         let r = t.get(&format!("/v2/acme/private/blobs/{d}"), &[]).await;
@@ -534,56 +894,149 @@ async fn configured_credentials_answer_for_anonymous_clients_and_stay_out_of_the
         assert_eq!(sha256_digest(&r.body), d);
     }
     let tokens = hub.token_authorizations();
-    assert!(!tokens.is_empty() && tokens.iter().all(|a| *a == basic), "the token service saw: {tokens:?}");
+    assert!(
+        !tokens.is_empty() && tokens.iter().all(|a| *a == basic),
+        "the token service saw: {tokens:?}"
+    );
     // Tokens are cached: more requests for the repository need no new one.
-    let r = t.request(Method::HEAD, "/v2/acme/private/manifests/v1", &[("accept", OCI_MANIFEST)]).await;
+    let r = t
+        .request(
+            Method::HEAD,
+            "/v2/acme/private/manifests/v1",
+            &[("accept", OCI_MANIFEST)],
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK);
-    let r = t.get("/v2/acme/private/manifests/missing", &[("accept", ACCEPT)]).await;
+    let r = t
+        .get("/v2/acme/private/manifests/missing", &[("accept", ACCEPT)])
+        .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text());
-    assert_eq!(hub.token_authorizations().len(), tokens.len(), "a cached token was fetched again");
+    assert_eq!(
+        hub.token_authorizations().len(),
+        tokens.len(),
+        "a cached token was fetched again"
+    );
     // Once the repository has been challenged, Stowage sends the token up front: of all
     // the registry requests for it, only the first earned a 401.
     // (Stowage's own anonymous probe of the repository is not a client request.)
-    let for_client: Vec<_> = hub.requests().into_iter().filter(|r| r.by_client() && r.path.starts_with("/v2/acme/private/")).collect();
+    let for_client: Vec<_> = hub
+        .requests()
+        .into_iter()
+        .filter(|r| r.by_client() && r.path.starts_with("/v2/acme/private/"))
+        .collect();
     let repo_401s = for_client.iter().filter(|r| r.status == 401).count();
     let repo_requests = for_client.len();
-    assert!(repo_requests >= 4, "{repo_requests} registry requests for the repository");
-    let seen: Vec<_> = hub.requests().iter().map(|r| format!("{} {} {} {}", r.method, r.path, r.status, r.authorization.is_some())).collect();
-    assert_eq!(repo_401s, 1, "requests for an already challenged repository went out without their token: {seen:#?}");
-    let token_hosts: Vec<_> = hub.requests().into_iter().filter(|r| r.kind == Kind::Token).map(|r| r.host).collect();
-    assert!(token_hosts.iter().all(|h| h.starts_with("auth.docker.io")), "{token_hosts:?}");
+    assert!(
+        repo_requests >= 4,
+        "{repo_requests} registry requests for the repository"
+    );
+    let seen: Vec<_> = hub
+        .requests()
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {} {}",
+                r.method,
+                r.path,
+                r.status,
+                r.authorization.is_some()
+            )
+        })
+        .collect();
+    assert_eq!(
+        repo_401s, 1,
+        "requests for an already challenged repository went out without their token: {seen:#?}"
+    );
+    let token_hosts: Vec<_> = hub
+        .requests()
+        .into_iter()
+        .filter(|r| r.kind == Kind::Token)
+        .map(|r| r.host)
+        .collect();
+    assert!(
+        token_hosts.iter().all(|h| h.starts_with("auth.docker.io")),
+        "{token_hosts:?}"
+    );
     // The registry itself got Stowage's bearer tokens, never the password.
     for r in hub.requests().iter().filter(|r| r.kind != Kind::Token) {
         let a = r.authorization.as_deref().unwrap_or("");
-        assert!(a.is_empty() || a.starts_with("Bearer "), "{} {} carried {a:?}", r.method, r.path);
-        assert!(r.status != 200 || a.starts_with("Bearer "), "{} {} served without a token", r.method, r.path);
+        assert!(
+            a.is_empty() || a.starts_with("Bearer "),
+            "{} {} carried {a:?}",
+            r.method,
+            r.path
+        );
+        assert!(
+            r.status != 200 || a.starts_with("Bearer "),
+            "{} {} served without a token",
+            r.method,
+            r.path
+        );
     }
 
     // A client's own token request to the auth host gets the account added.
-    let auth = client.tunnel("auth.docker.io", port, Alpn::Http11).await.unwrap();
+    let auth = client
+        .tunnel("auth.docker.io", port, Alpn::Http11)
+        .await
+        .unwrap();
     let before = hub.token_authorizations().len();
-    let r = auth.get("/token?service=fake&scope=repository%3Aacme%2Fprivate%3Apull", &[]).await;
+    let r = auth
+        .get(
+            "/token?service=fake&scope=repository%3Aacme%2Fprivate%3Apull",
+            &[],
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK);
-    assert_eq!(hub.token_authorizations()[before..], [basic.clone()], "credentials injected into the client's token request");
+    assert_eq!(
+        hub.token_authorizations()[before..],
+        [basic.clone()],
+        "credentials injected into the client's token request"
+    );
     let token = r.json()["token"].as_str().unwrap().to_owned();
     let bearer = format!("Bearer {token}");
-    let blob = t.get(&format!("/v2/acme/private/blobs/{}", img.layers[0]), &[("authorization", &bearer)]).await;
-    assert_eq!(blob.status, StatusCode::OK, "the injected token reads the private repository");
+    let blob = t
+        .get(
+            &format!("/v2/acme/private/blobs/{}", img.layers[0]),
+            &[("authorization", &bearer)],
+        )
+        .await;
+    assert_eq!(
+        blob.status,
+        StatusCode::OK,
+        "the injected token reads the private repository"
+    );
 
     // A client's own (bad) credentials win: Stowage does not swap in its account.
-    let r = t.get("/v2/acme/private/manifests/v1", &[("accept", ACCEPT), ("authorization", "Bearer not-a-token")]).await;
+    let r = t
+        .get(
+            "/v2/acme/private/manifests/v1",
+            &[("accept", ACCEPT), ("authorization", "Bearer not-a-token")],
+        )
+        .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
-    assert!(hub.requests().iter().any(|r| r.authorization.as_deref() == Some("Bearer not-a-token")));
+    assert!(hub
+        .requests()
+        .iter()
+        .any(|r| r.authorization.as_deref() == Some("Bearer not-a-token")));
 
     drop(t);
     drop(auth);
     stowage.stop().await.unwrap();
     let text = logs.text();
-    assert!(text.contains("registry-1.docker.io") && text.lines().count() > 10, "the capture works: {text}");
+    assert!(
+        text.contains("registry-1.docker.io") && text.lines().count() > 10,
+        "the capture works: {text}"
+    );
     let b64 = basic.trim_start_matches("Basic ");
     for (i, line) in text.lines().enumerate() {
-        assert!(!line.contains(PASSWORD), "log line {i} carries the password: {line}");
-        assert!(!line.contains(b64), "log line {i} carries the Basic credentials: {line}");
+        assert!(
+            !line.contains(PASSWORD),
+            "log line {i} carries the password: {line}"
+        );
+        assert!(
+            !line.contains(b64),
+            "log line {i} carries the Basic credentials: {line}"
+        );
     }
 }
 
@@ -601,19 +1054,37 @@ async fn a_cached_token_that_upstream_rejects_is_replaced() {
         .toml("[[registry]]\nhost = \"quay.io\"\nusername = \"robot\"\npassword_env = \"STOWAGE_TEST_AUTH_RESTART_PASSWORD\"\n")
         .start()
         .await;
-    let t = stowage.client().tunnel("quay.io", quay.port(), Alpn::Http11).await.unwrap();
-    let m = t.get("/v2/team/private/manifests/v1", &[("accept", ACCEPT)]).await;
+    let t = stowage
+        .client()
+        .tunnel("quay.io", quay.port(), Alpn::Http11)
+        .await
+        .unwrap();
+    let m = t
+        .get("/v2/team/private/manifests/v1", &[("accept", ACCEPT)])
+        .await;
     assert_eq!(m.status, StatusCode::OK, "{}", m.text());
     assert_eq!(m.body, img.manifest_bytes);
     let tokens = quay.token_authorizations().len();
 
     // Upstream restarts and no longer accepts the token Stowage cached.
     quay.forget_tokens();
-    let m = t.get("/v2/team/private/manifests/v2", &[("accept", ACCEPT)]).await;
-    assert_eq!(m.status, StatusCode::OK, "a stale cached token locked the account out: {}", m.text());
+    let m = t
+        .get("/v2/team/private/manifests/v2", &[("accept", ACCEPT)])
+        .await;
+    assert_eq!(
+        m.status,
+        StatusCode::OK,
+        "a stale cached token locked the account out: {}",
+        m.text()
+    );
     assert_eq!(m.body, v2.manifest_bytes);
-    assert!(quay.token_authorizations().len() > tokens, "no new token was fetched");
-    let r = t.get(&format!("/v2/team/private/blobs/{}", v2.layers[0]), &[]).await;
+    assert!(
+        quay.token_authorizations().len() > tokens,
+        "no new token was fetched"
+    );
+    let r = t
+        .get(&format!("/v2/team/private/blobs/{}", v2.layers[0]), &[])
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(sha256_digest(&r.body), v2.layers[0]);
 }
@@ -624,23 +1095,46 @@ async fn upstreams_401_reaches_the_client_unchanged() {
     let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
     let img = quay.push_image("team/app", "v1", &[pseudo_random(5_000, 101)]);
     let stowage = Stowage::start(&ca).await;
-    let direct = ProxyClient::direct(&ca.cert_pem).tunnel("quay.io", quay.port(), Alpn::Http11).await.unwrap();
-    let t = stowage.client().tunnel("quay.io", quay.port(), Alpn::Http11).await.unwrap();
+    let direct = ProxyClient::direct(&ca.cert_pem)
+        .tunnel("quay.io", quay.port(), Alpn::Http11)
+        .await
+        .unwrap();
+    let t = stowage
+        .client()
+        .tunnel("quay.io", quay.port(), Alpn::Http11)
+        .await
+        .unwrap();
 
     for (path, auth) in [
         ("/v2/".to_owned(), None),
         ("/v2/team/app/manifests/v1".to_owned(), None),
         (format!("/v2/team/app/blobs/{}", img.layers[0]), None),
-        ("/v2/team/app/manifests/v1".to_owned(), Some("Bearer expired")),
+        (
+            "/v2/team/app/manifests/v1".to_owned(),
+            Some("Bearer expired"),
+        ),
     ] {
         let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", *a)).collect();
         let want = direct.get(&path, &headers).await;
         let got = t.get(&path, &headers).await;
         assert_eq!(want.status, StatusCode::UNAUTHORIZED);
-        assert_eq!(got.status, StatusCode::UNAUTHORIZED, "{path}: {}", got.text());
-        assert_eq!(got.header("www-authenticate"), want.header("www-authenticate"), "{path}");
+        assert_eq!(
+            got.status,
+            StatusCode::UNAUTHORIZED,
+            "{path}: {}",
+            got.text()
+        );
+        assert_eq!(
+            got.header("www-authenticate"),
+            want.header("www-authenticate"),
+            "{path}"
+        );
         assert_eq!(got.body, want.body, "{path}");
-        assert_eq!(got.header("content-type"), want.header("content-type"), "{path}");
+        assert_eq!(
+            got.header("content-type"),
+            want.header("content-type"),
+            "{path}"
+        );
     }
     assert!(stowage.cached_files().is_empty());
 }
@@ -661,21 +1155,48 @@ async fn a_clients_own_authorization_passes_unchanged() {
     let client = stowage.client();
     // The client's own token dance (its `/v2/` ping is answered by Stowage's account, so
     // straight to the token service, like a runtime that already knows the realm).
-    let tunnel = client.tunnel("quay.io", quay.port(), Alpn::Http11).await.unwrap();
-    let r = tunnel.get("/token?service=fake&scope=repository%3Ateam%2Fapp%3Apull", &[]).await;
+    let tunnel = client
+        .tunnel("quay.io", quay.port(), Alpn::Http11)
+        .await
+        .unwrap();
+    let r = tunnel
+        .get(
+            "/token?service=fake&scope=repository%3Ateam%2Fapp%3Apull",
+            &[],
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-    let s = Session { tunnel, token: r.json()["token"].as_str().unwrap().to_owned(), repo: "team/app".into() };
+    let s = Session {
+        tunnel,
+        token: r.json()["token"].as_str().unwrap().to_owned(),
+        repo: "team/app".into(),
+    };
     let bearer = format!("Bearer {}", s.token);
     let tokens_before = quay.token_authorizations();
-    assert!(tokens_before.is_empty(), "the client's anonymous token request got the account: {tokens_before:?}");
+    assert!(
+        tokens_before.is_empty(),
+        "the client's anonymous token request got the account: {tokens_before:?}"
+    );
 
     pull_image(&s, "v1", &img).await;
-    let seen: Vec<_> = by_client(&quay).into_iter().filter(|r| matches!(r.kind, Kind::Manifest | Kind::Blob)).collect();
+    let seen: Vec<_> = by_client(&quay)
+        .into_iter()
+        .filter(|r| matches!(r.kind, Kind::Manifest | Kind::Blob))
+        .collect();
     assert_eq!(seen.len(), 3, "{seen:#?}");
     for r in &seen {
-        assert_eq!(r.authorization.as_deref(), Some(bearer.as_str()), "{} {}", r.method, r.path);
+        assert_eq!(
+            r.authorization.as_deref(),
+            Some(bearer.as_str()),
+            "{} {}",
+            r.method,
+            r.path
+        );
     }
-    assert!(quay.token_authorizations().is_empty(), "Stowage fetched a token of its own for a client with one");
+    assert!(
+        quay.token_authorizations().is_empty(),
+        "Stowage fetched a token of its own for a client with one"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -684,26 +1205,61 @@ async fn head_from_the_client_stays_head_upstream() {
     let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
     let img = quay.push_image("team/app", "v1", &[pseudo_random(70_000, 121)]);
     let stowage = Stowage::start(&ca).await;
-    let s = Session::login(&stowage.client(), "quay.io", quay.port(), "team/app", Alpn::H2).await;
-    let client_requests = |kind: Kind, m: Method| by_client(&quay).iter().filter(|r| r.kind == kind && r.method == m).count();
+    let s = Session::login(
+        &stowage.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        Alpn::H2,
+    )
+    .await;
+    let client_requests = |kind: Kind, m: Method| {
+        by_client(&quay)
+            .iter()
+            .filter(|r| r.kind == kind && r.method == m)
+            .count()
+    };
 
-    let h = s.request(Method::HEAD, &s.manifest_path("v1"), &[("accept", ACCEPT)]).await;
+    let h = s
+        .request(Method::HEAD, &s.manifest_path("v1"), &[("accept", ACCEPT)])
+        .await;
     assert_eq!(h.status, StatusCode::OK);
     assert!(h.body.is_empty());
-    assert_eq!(h.header("docker-content-digest"), Some(img.manifest.as_str()));
+    assert_eq!(
+        h.header("docker-content-digest"),
+        Some(img.manifest.as_str())
+    );
     assert_eq!(h.header("content-type"), Some(OCI_MANIFEST));
-    let h = s.request(Method::HEAD, &s.manifest_path(&img.manifest), &[("accept", ACCEPT)]).await;
+    let h = s
+        .request(
+            Method::HEAD,
+            &s.manifest_path(&img.manifest),
+            &[("accept", ACCEPT)],
+        )
+        .await;
     assert_eq!(h.status, StatusCode::OK);
     assert_eq!(h.content_length(), Some(img.manifest_bytes.len() as u64));
-    let h = s.request(Method::HEAD, &s.blob_path(&img.layers[0]), &[]).await;
+    let h = s
+        .request(Method::HEAD, &s.blob_path(&img.layers[0]), &[])
+        .await;
     assert_eq!(h.status, StatusCode::OK);
     assert!(h.body.is_empty());
     assert_eq!(h.content_length(), Some(70_000));
 
     assert_eq!(client_requests(Kind::Manifest, Method::HEAD), 2);
     assert_eq!(client_requests(Kind::Blob, Method::HEAD), 1);
-    assert_eq!(client_requests(Kind::Manifest, Method::GET), 0, "a HEAD became a GET upstream: {:#?}", quay.requests());
-    assert_eq!(client_requests(Kind::Blob, Method::GET), 0, "a HEAD became a GET upstream: {:#?}", quay.requests());
+    assert_eq!(
+        client_requests(Kind::Manifest, Method::GET),
+        0,
+        "a HEAD became a GET upstream: {:#?}",
+        quay.requests()
+    );
+    assert_eq!(
+        client_requests(Kind::Blob, Method::GET),
+        0,
+        "a HEAD became a GET upstream: {:#?}",
+        quay.requests()
+    );
     assert_eq!(quay.blob_gets(), 0);
     assert!(!stowage.is_cached(&img.layers[0]));
 }
@@ -720,32 +1276,71 @@ async fn manifests_are_stored_byte_for_byte_with_upstreams_headers() {
         "{{\r\n  \"schemaVersion\":2 ,\"mediaType\" : \"{DOCKER_MANIFEST}\",\r\n\t\"config\": {{\"size\": 14, \"digest\": \"{config}\", \"mediaType\": \"application/vnd.docker.container.image.v1+json\"}},\n  \"layers\": [ {{\"mediaType\":\"application/vnd.docker.image.rootfs.diff.tar.gzip\",\"size\":4000,\"digest\":\"{layer}\"}} ],\n  \"annotations\": {{\"note\": \"caf\\u00e9 \\/ tab\\t\"}}   \n}}\n"
     );
     const INDEX: &str = "application/vnd.oci.image.index.v1+json";
-    let index = format!("{{\"schemaVersion\": 2, \"mediaType\": \"{INDEX}\", \"manifests\": []}}   ");
-    let docker_digest = quay.push_manifest("team/app", Some("docker"), docker.clone().into_bytes(), DOCKER_MANIFEST);
-    let index_digest = quay.push_manifest("team/app", Some("index"), index.clone().into_bytes(), INDEX);
+    let index =
+        format!("{{\"schemaVersion\": 2, \"mediaType\": \"{INDEX}\", \"manifests\": []}}   ");
+    let docker_digest = quay.push_manifest(
+        "team/app",
+        Some("docker"),
+        docker.clone().into_bytes(),
+        DOCKER_MANIFEST,
+    );
+    let index_digest =
+        quay.push_manifest("team/app", Some("index"), index.clone().into_bytes(), INDEX);
     let stowage = Stowage::start(&ca).await;
-    let s = Session::login(&stowage.client(), "quay.io", quay.port(), "team/app", Alpn::Http11).await;
+    let s = Session::login(
+        &stowage.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        Alpn::Http11,
+    )
+    .await;
     let accept = format!("{ACCEPT}, {INDEX}");
 
-    for (tag, bytes, digest, media_type) in [("docker", docker.as_bytes(), &docker_digest, DOCKER_MANIFEST), ("index", index.as_bytes(), &index_digest, INDEX)] {
+    for (tag, bytes, digest, media_type) in [
+        ("docker", docker.as_bytes(), &docker_digest, DOCKER_MANIFEST),
+        ("index", index.as_bytes(), &index_digest, INDEX),
+    ] {
         let by_tag = s.manifest_path(tag);
         let by_digest = s.manifest_path(digest);
         for (i, path) in [&by_tag, &by_tag, &by_digest].into_iter().enumerate() {
             let r = s.get(path, &[("accept", &accept)]).await;
             assert_eq!(r.status, StatusCode::OK, "{tag} #{i}: {}", r.text());
-            assert_eq!(r.x_cache(), if i == 0 { "miss" } else { "hit" }, "{tag} #{i}");
-            assert!(&r.body[..] == bytes, "{tag} #{i}: the bytes changed: {:?}", r.text());
+            assert_eq!(
+                r.x_cache(),
+                if i == 0 { "miss" } else { "hit" },
+                "{tag} #{i}"
+            );
+            assert!(
+                &r.body[..] == bytes,
+                "{tag} #{i}: the bytes changed: {:?}",
+                r.text()
+            );
             assert_eq!(r.header("content-type"), Some(media_type), "{tag} #{i}");
-            assert_eq!(r.header("docker-content-digest"), Some(digest.as_str()), "{tag} #{i}");
+            assert_eq!(
+                r.header("docker-content-digest"),
+                Some(digest.as_str()),
+                "{tag} #{i}"
+            );
             assert_eq!(r.content_length(), Some(bytes.len() as u64), "{tag} #{i}");
         }
-        let h = s.request(Method::HEAD, &by_tag, &[("accept", &accept)]).await;
+        let h = s
+            .request(Method::HEAD, &by_tag, &[("accept", &accept)])
+            .await;
         assert_eq!(h.x_cache(), "hit");
         assert_eq!(h.header("content-type"), Some(media_type));
         assert_eq!(h.header("docker-content-digest"), Some(digest.as_str()));
         assert_eq!(h.content_length(), Some(bytes.len() as u64));
-        assert_eq!(std::fs::read(stowage.blob_path(digest)).expect("stored"), bytes, "{tag}: stored bytes");
+        assert_eq!(
+            std::fs::read(stowage.blob_path(digest)).expect("stored"),
+            bytes,
+            "{tag}: stored bytes"
+        );
     }
-    let gets = quay.requests().into_iter().filter(|r| r.kind == Kind::Manifest && r.method == Method::GET).count();
+    let gets = quay
+        .requests()
+        .into_iter()
+        .filter(|r| r.kind == Kind::Manifest && r.method == Method::GET)
+        .count();
     assert_eq!(gets, 2, "one upstream GET per manifest");
 }

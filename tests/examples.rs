@@ -27,8 +27,19 @@ fn embedded_configs(yaml: &str) -> Vec<String> {
                 }
                 block.push(*l);
             }
-            let strip = block.iter().filter(|l| !l.trim().is_empty()).map(|l| l.len() - l.trim_start().len()).min().unwrap_or(0);
-            out.push(block.iter().map(|l| if l.len() >= strip { &l[strip..] } else { "" }).collect::<Vec<_>>().join("\n"));
+            let strip = block
+                .iter()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| l.len() - l.trim_start().len())
+                .min()
+                .unwrap_or(0);
+            out.push(
+                block
+                    .iter()
+                    .map(|l| if l.len() >= strip { &l[strip..] } else { "" })
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            );
         }
     }
     out
@@ -42,7 +53,10 @@ fn default_config_file_is_valid() {
 #[test]
 fn container_image_config_is_valid() {
     let c = Config::from_toml_str(&repo("docker/config.toml")).expect("docker/config.toml");
-    assert!(c.mirror_listen().expect("mirror listen").is_some(), "the image serves the mirror endpoint");
+    assert!(
+        c.mirror_listen().expect("mirror listen").is_some(),
+        "the image serves the mirror endpoint"
+    );
 }
 
 #[test]
@@ -56,11 +70,15 @@ fn kubernetes_example_configs_are_valid() {
         }
         let yaml = std::fs::read_to_string(&path).expect("read");
         for toml in embedded_configs(&yaml) {
-            Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("{}: {e}\n{toml}", path.display()));
+            Config::from_toml_str(&toml)
+                .unwrap_or_else(|e| panic!("{}: {e}\n{toml}", path.display()));
             checked += 1;
         }
     }
-    assert!(checked >= 1, "no embedded config.toml found under examples/kubernetes");
+    assert!(
+        checked >= 1,
+        "no embedded config.toml found under examples/kubernetes"
+    );
 }
 
 #[test]

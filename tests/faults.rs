@@ -15,8 +15,6 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-
-
 async fn metrics(stowage: &Stowage) -> String {
     let r = stowage.client().proxy_get("/metrics").await;
     assert_eq!(r.status, StatusCode::OK);
@@ -33,7 +31,12 @@ fn assert_not_delivered_complete(r: &Result<Resp, String>, len: usize, what: &st
             r.body.len(),
             r.x_cache()
         ),
-        Ok(r) => assert!(r.status.is_server_error(), "{what}: unexpected status {}: {}", r.status, r.text()),
+        Ok(r) => assert!(
+            r.status.is_server_error(),
+            "{what}: unexpected status {}: {}",
+            r.status,
+            r.text()
+        ),
         Err(_) => {}
     }
 }
@@ -42,7 +45,10 @@ fn assert_not_delivered_complete(r: &Result<Resp, String>, len: usize, what: &st
 fn assert_prefix(r: &Result<Resp, String>, data: &[u8], what: &str) {
     if let Ok(r) = r {
         if r.status.is_success() {
-            assert!(r.body.len() <= data.len() && r.body[..] == data[..r.body.len()], "{what}: delivered bytes that are not the blob's");
+            assert!(
+                r.body.len() <= data.len() && r.body[..] == data[..r.body.len()],
+                "{what}: delivered bytes that are not the blob's"
+            );
         }
     }
 }
@@ -82,15 +88,27 @@ async fn broken_body_case(fault: Fault, upstream_lines: &[&str]) {
         let what = format!("{fault:?} over {alpn:?}");
         let s = Session::login(&client, "quay.io", quay.port(), "team/app", alpn).await;
         let started = Instant::now();
-        let r = bounded(&what, s.request_raw(Method::GET, &s.blob_path(&digest), &[])).await;
-        assert!(started.elapsed() < Duration::from_secs(10), "{what}: took {:?}", started.elapsed());
+        let r = bounded(
+            &what,
+            s.request_raw(Method::GET, &s.blob_path(&digest), &[]),
+        )
+        .await;
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{what}: took {:?}",
+            started.elapsed()
+        );
         assert_not_delivered_complete(&r, data.len(), &what);
         assert_prefix(&r, &data, &what);
         assert_eq!(quay.blob_gets(), i + 1, "{what}: {:#?}", quay.requests());
         assert_clean(&stowage, &digest).await;
     }
     let m = metrics(&stowage).await;
-    assert_eq!(metric(&m, "stowage_digest_mismatches_total", &[]), 0.0, "{fault:?} is not a digest mismatch: {m}");
+    assert_eq!(
+        metric(&m, "stowage_digest_mismatches_total", &[]),
+        0.0,
+        "{fault:?} is not a digest mismatch: {m}"
+    );
     quay.clear_fault(&digest);
     let s = Session::login(&client, "quay.io", quay.port(), "team/app", Alpn::Http11).await;
     assert_recovers(&stowage, &s, &digest).await;
@@ -120,17 +138,37 @@ async fn upstream_never_answers() {
     let data = pseudo_random(100_000, 22);
     let digest = quay.push_blob("team/app", data.clone());
     quay.set_fault(&digest, Fault::StallHead);
-    let stowage = Stowage::builder().trust(&ca).upstream("response_timeout = \"1s\"").start().await;
+    let stowage = Stowage::builder()
+        .trust(&ca)
+        .upstream("response_timeout = \"1s\"")
+        .start()
+        .await;
     let client = stowage.client();
     let s = Session::login(&client, "quay.io", quay.port(), "team/app", Alpn::H2).await;
     let started = Instant::now();
-    let r = bounded("stalled head", s.request_raw(Method::GET, &s.blob_path(&digest), &[])).await.expect("an answer");
+    let r = bounded(
+        "stalled head",
+        s.request_raw(Method::GET, &s.blob_path(&digest), &[]),
+    )
+    .await
+    .expect("an answer");
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{}", r.text());
     assert!(r.json()["errors"][0]["code"].is_string());
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
     assert_clean(&stowage, &digest).await;
     let m = metrics(&stowage).await;
-    assert!(metric(&m, "stowage_upstream_errors_total", &[("registry", "quay.io"), ("status", "timeout")]) >= 1.0, "{m}");
+    assert!(
+        metric(
+            &m,
+            "stowage_upstream_errors_total",
+            &[("registry", "quay.io"), ("status", "timeout")]
+        ) >= 1.0,
+        "{m}"
+    );
     quay.clear_fault(&digest);
     assert_recovers(&stowage, &s, &digest).await;
 }
@@ -144,12 +182,20 @@ async fn wrong_bytes_are_not_delivered_complete_even_when_not_caching() {
     quay.corrupt_blob(&digest);
     quay.set_tail_delay(Duration::from_millis(300));
     // The disk is "full": every blob is passed through instead of filled.
-    let stowage = Stowage::builder().trust(&ca).cache("min_free = \"1000TiB\"").start().await;
+    let stowage = Stowage::builder()
+        .trust(&ca)
+        .cache("min_free = \"1000TiB\"")
+        .start()
+        .await;
     let client = stowage.client();
     for alpn in [Alpn::Http11, Alpn::H2] {
         let what = format!("pass-through over {alpn:?}");
         let s = Session::login(&client, "quay.io", quay.port(), "team/app", alpn).await;
-        let r = bounded(&what, s.request_raw(Method::GET, &s.blob_path(&digest), &[])).await;
+        let r = bounded(
+            &what,
+            s.request_raw(Method::GET, &s.blob_path(&digest), &[]),
+        )
+        .await;
         assert_not_delivered_complete(&r, data.len(), &what);
         if let Ok(r) = &r {
             assert_ne!(r.x_cache(), "hit");
@@ -157,8 +203,18 @@ async fn wrong_bytes_are_not_delivered_complete_even_when_not_caching() {
     }
     assert!(stowage.cached_files().is_empty());
     let m = metrics(&stowage).await;
-    assert!(metric(&m, "stowage_cache_write_errors_total", &[("reason", "disk_full")]) >= 2.0, "{m}");
-    assert!(metric(&m, "stowage_digest_mismatches_total", &[]) >= 2.0, "{m}");
+    assert!(
+        metric(
+            &m,
+            "stowage_cache_write_errors_total",
+            &[("reason", "disk_full")]
+        ) >= 2.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "stowage_digest_mismatches_total", &[]) >= 2.0,
+        "{m}"
+    );
     // Healthy content still passes through complete.
     quay.heal(&digest);
     let s = Session::login(&client, "quay.io", quay.port(), "team/app", Alpn::Http11).await;
@@ -184,14 +240,26 @@ async fn upstream_5xx_and_429_pass_through_and_nothing_is_cached() {
             let r = bounded("error status", s.blob(&digest)).await;
             gets += 1;
             assert_eq!(r.status.as_u16(), code, "{}", r.text());
-            assert_eq!(r.header("retry-after"), Some("1"), "{code}: Retry-After passed through");
+            assert_eq!(
+                r.header("retry-after"),
+                Some("1"),
+                "{code}: Retry-After passed through"
+            );
             assert!(r.json()["errors"][0]["code"].is_string());
             assert_eq!(r.x_cache(), "miss");
             // No negative caching: each request asks upstream.
             assert_eq!(quay.blob_gets(), gets);
         }
         let m = metrics(&stowage).await;
-        assert_eq!(metric(&m, "stowage_upstream_errors_total", &[("registry", "quay.io"), ("status", &code.to_string())]), 2.0, "{m}");
+        assert_eq!(
+            metric(
+                &m,
+                "stowage_upstream_errors_total",
+                &[("registry", "quay.io"), ("status", &code.to_string())]
+            ),
+            2.0,
+            "{m}"
+        );
         assert_clean(&stowage, &digest).await;
     }
     quay.clear_fault(&digest);
@@ -204,13 +272,29 @@ async fn redirect_loops_are_bounded() {
     let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
     let digest = quay.push_blob("team/app", pseudo_random(10_000, 25));
     quay.set_fault(&digest, Fault::RedirectLoop);
-    let stowage = Stowage::builder().trust(&ca).upstream("max_redirects = 3").start().await;
-    let s = Session::login(&stowage.client(), "quay.io", quay.port(), "team/app", Alpn::H2).await;
+    let stowage = Stowage::builder()
+        .trust(&ca)
+        .upstream("max_redirects = 3")
+        .start()
+        .await;
+    let s = Session::login(
+        &stowage.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        Alpn::H2,
+    )
+    .await;
     let r = bounded("redirect loop", s.blob(&digest)).await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
     assert!(r.text().contains("redirect"), "{}", r.text());
     // The first request and three hops, then Stowage gives up.
-    assert_eq!(quay.count_status(Kind::Blob, 307), 4, "{:#?}", quay.requests());
+    assert_eq!(
+        quay.count_status(Kind::Blob, 307),
+        4,
+        "{:#?}",
+        quay.requests()
+    );
     assert_clean(&stowage, &digest).await;
     quay.clear_fault(&digest);
     assert_recovers(&stowage, &s, &digest).await;
@@ -223,7 +307,11 @@ async fn redirects_to_hosts_that_do_not_answer_fail_fast() {
     let a = quay.push_blob("team/app", pseudo_random(10_000, 26));
     let b = quay.push_blob("team/app", pseudo_random(10_000, 27));
     // A closed port, and a listener that accepts and then says nothing at all.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let silent_port = silent.local_addr().unwrap().port();
     let _silent = tokio::spawn(async move {
@@ -232,16 +320,42 @@ async fn redirects_to_hosts_that_do_not_answer_fail_fast() {
             held.push(s);
         }
     });
-    quay.set_fault(&a, Fault::RedirectTo(format!("https://storage.test:{closed}/blobs/{a}?sig=1")));
-    quay.set_fault(&b, Fault::RedirectTo(format!("https://storage.test:{silent_port}/blobs/{b}?sig=1")));
-    let stowage = Stowage::builder().trust(&ca).upstream("response_timeout = \"2s\"").start().await;
-    let s = Session::login(&stowage.client(), "quay.io", quay.port(), "team/app", Alpn::Http11).await;
-    for (d, expect) in [(&a, StatusCode::BAD_GATEWAY), (&b, StatusCode::GATEWAY_TIMEOUT)] {
+    quay.set_fault(
+        &a,
+        Fault::RedirectTo(format!("https://storage.test:{closed}/blobs/{a}?sig=1")),
+    );
+    quay.set_fault(
+        &b,
+        Fault::RedirectTo(format!(
+            "https://storage.test:{silent_port}/blobs/{b}?sig=1"
+        )),
+    );
+    let stowage = Stowage::builder()
+        .trust(&ca)
+        .upstream("response_timeout = \"2s\"")
+        .start()
+        .await;
+    let s = Session::login(
+        &stowage.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        Alpn::Http11,
+    )
+    .await;
+    for (d, expect) in [
+        (&a, StatusCode::BAD_GATEWAY),
+        (&b, StatusCode::GATEWAY_TIMEOUT),
+    ] {
         let started = Instant::now();
         let r = bounded("dead redirect target", s.blob(d)).await;
         assert_eq!(r.status, expect, "{}", r.text());
         assert!(r.json()["errors"][0]["message"].is_string());
-        assert!(started.elapsed() < Duration::from_secs(6), "took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "took {:?}",
+            started.elapsed()
+        );
         assert_clean(&stowage, d).await;
     }
     quay.clear_fault(&a);
@@ -263,31 +377,75 @@ async fn a_client_leaving_mid_download_does_not_stop_the_fill() {
     let gate = quay.hold_blob_bodies();
 
     // Two clients on one download; the first (the leader) leaves after the head.
-    let leaving = client.tunnel("quay.io", quay.port(), Alpn::H2).await.unwrap();
-    let staying = client.tunnel("quay.io", quay.port(), Alpn::Http11).await.unwrap();
-    let head = bounded("leader head", leaving.send(Method::GET, &s.blob_path(&digest), &headers)).await.unwrap();
+    let leaving = client
+        .tunnel("quay.io", quay.port(), Alpn::H2)
+        .await
+        .unwrap();
+    let staying = client
+        .tunnel("quay.io", quay.port(), Alpn::Http11)
+        .await
+        .unwrap();
+    let head = bounded(
+        "leader head",
+        leaving.send(Method::GET, &s.blob_path(&digest), &headers),
+    )
+    .await
+    .unwrap();
     assert_eq!(head.headers().get("x-cache").unwrap(), "miss");
-    let other = bounded("follower head", staying.send(Method::GET, &s.blob_path(&digest), &headers)).await.unwrap();
+    let other = bounded(
+        "follower head",
+        staying.send(Method::GET, &s.blob_path(&digest), &headers),
+    )
+    .await
+    .unwrap();
     assert_eq!(other.headers().get("x-cache").unwrap(), "coalesced");
     drop(head);
     drop(leaving);
     // A lone client leaves too: its fill must still complete, for the cache.
-    let alone = client.tunnel("quay.io", quay.port(), Alpn::Http11).await.unwrap();
-    let head = bounded("lone head", alone.send(Method::GET, &s.blob_path(&lone), &headers)).await.unwrap();
+    let alone = client
+        .tunnel("quay.io", quay.port(), Alpn::Http11)
+        .await
+        .unwrap();
+    let head = bounded(
+        "lone head",
+        alone.send(Method::GET, &s.blob_path(&lone), &headers),
+    )
+    .await
+    .unwrap();
     drop(head);
     drop(alone);
     gate.open();
 
     let r = client::read_response(other).await;
     r.assert_complete();
-    assert_eq!(sha256_digest(&r.body), digest, "the remaining client got the whole blob");
+    assert_eq!(
+        sha256_digest(&r.body),
+        digest,
+        "the remaining client got the whole blob"
+    );
     eventually("the shared blob stored", || stowage.is_cached(&digest)).await;
     eventually("the abandoned blob stored", || stowage.is_cached(&lone)).await;
-    assert_eq!(quay.blob_gets(), 2, "one download each: {:#?}", quay.requests());
-    assert_eq!(sha256_digest(&std::fs::read(stowage.blob_path(&lone)).unwrap()), lone);
+    assert_eq!(
+        quay.blob_gets(),
+        2,
+        "one download each: {:#?}",
+        quay.requests()
+    );
+    assert_eq!(
+        sha256_digest(&std::fs::read(stowage.blob_path(&lone)).unwrap()),
+        lone
+    );
     let m = metrics(&stowage).await;
-    assert_eq!(metric(&m, "stowage_digest_mismatches_total", &[]), 0.0, "{m}");
-    assert_eq!(metric(&m, "stowage_cache_write_errors_total", &[]), 0.0, "{m}");
+    assert_eq!(
+        metric(&m, "stowage_digest_mismatches_total", &[]),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "stowage_cache_write_errors_total", &[]),
+        0.0,
+        "{m}"
+    );
     assert_eq!(metric(&m, "stowage_fills_in_flight", &[]), 0.0, "{m}");
     assert_eq!(bounded("hit", s.blob(&lone)).await.x_cache(), "hit");
     assert_eq!(quay.blob_gets(), 2);
@@ -296,7 +454,11 @@ async fn a_client_leaving_mid_download_does_not_stop_the_fill() {
 // --- Access control and hostile clients ---------------------------------------------------
 
 /// `CONNECT authority` with extra header lines; returns the stream, status and head.
-async fn connect_with(proxy: std::net::SocketAddr, authority: &str, extra: &str) -> (TcpStream, StatusCode, String) {
+async fn connect_with(
+    proxy: std::net::SocketAddr,
+    authority: &str,
+    extra: &str,
+) -> (TcpStream, StatusCode, String) {
     let mut tcp = TcpStream::connect(proxy).await.unwrap();
     let req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{extra}\r\n");
     tcp.write_all(req.as_bytes()).await.unwrap();
@@ -312,7 +474,11 @@ async fn connect_with(proxy: std::net::SocketAddr, authority: &str, extra: &str)
     })
     .await;
     let text = String::from_utf8_lossy(&head).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status in {text:?}"));
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text:?}"));
     (tcp, StatusCode::from_u16(status).unwrap(), text)
 }
 
@@ -320,11 +486,21 @@ async fn connect_with(proxy: std::net::SocketAddr, authority: &str, extra: &str)
 async fn get_in_tunnel(tcp: TcpStream, host: &str, ca_pem: &str, path: &str) -> StatusCode {
     let config = client_config(ca_pem);
     let name = rustls::pki_types::ServerName::try_from(host.to_owned()).unwrap();
-    let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.expect("TLS in the tunnel");
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .expect("TLS in the tunnel");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
     tokio::spawn(conn);
-    let req = http::Request::get(path).header("host", host).body(Empty::<bytes::Bytes>::new()).unwrap();
-    let resp = bounded("GET in tunnel", send.send_request(req)).await.unwrap();
+    let req = http::Request::get(path)
+        .header("host", host)
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = bounded("GET in tunnel", send.send_request(req))
+        .await
+        .unwrap();
     let status = resp.status();
     let _ = resp.into_body().collect().await;
     status
@@ -335,23 +511,45 @@ async fn clients_outside_the_allow_list_get_403() {
     let ca = TestCa::new();
     let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
     let img = quay.push_image("team/app", "v1", &[pseudo_random(1000, 30)]);
-    let closed = Stowage::builder().trust(&ca).proxy("allow = [\"10.0.0.0/8\", \"fd00::/8\"]").start().await;
+    let closed = Stowage::builder()
+        .trust(&ca)
+        .proxy("allow = [\"10.0.0.0/8\", \"fd00::/8\"]")
+        .start()
+        .await;
     let (_, status, _) = connect_with(closed.addr, &format!("quay.io:{}", quay.port()), "").await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     let (_, status, _) = connect_with(closed.addr, "tunnel.test:443", "").await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     // Refused at accept, before a request is read: the answer is a plain 403 and a close.
     let mut tcp = TcpStream::connect(closed.addr).await.unwrap();
-    let _ = tcp.write_all(b"GET /ca.crt HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let _ = tcp
+        .write_all(b"GET /ca.crt HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
     let mut resp = Vec::new();
     let _ = bounded("refused client", tcp.read_to_end(&mut resp)).await;
     let text = String::from_utf8_lossy(&resp);
     assert!(text.starts_with("HTTP/1.1 403"), "{text}");
     assert!(!text.contains("BEGIN CERTIFICATE"), "{text}");
-    assert_eq!(quay.server().connections(), 0, "a refused client made Stowage reach upstream");
+    assert_eq!(
+        quay.server().connections(),
+        0,
+        "a refused client made Stowage reach upstream"
+    );
 
-    let open = Stowage::builder().trust(&ca).proxy("allow = [\"10.0.0.0/8\", \"127.0.0.0/8\"]").start().await;
-    let p = pull(&open.client(), "quay.io", quay.port(), "team/app", "v1", Alpn::H2).await;
+    let open = Stowage::builder()
+        .trust(&ca)
+        .proxy("allow = [\"10.0.0.0/8\", \"127.0.0.0/8\"]")
+        .start()
+        .await;
+    let p = pull(
+        &open.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        "v1",
+        Alpn::H2,
+    )
+    .await;
     assert_eq!(p.manifest_digest, img.manifest);
 }
 
@@ -362,47 +560,103 @@ async fn proxy_users_must_authenticate() {
     let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
     let dir = tempfile::tempdir().unwrap();
     let users = dir.path().join("users");
-    std::fs::write(&users, format!("# proxy users\nalice:{}\n", bcrypt::hash("s3cret", 4).unwrap())).unwrap();
-    let stowage = Stowage::builder().trust(&ca).proxy(&format!("users_file = {:?}", users.to_str().unwrap())).start().await;
+    std::fs::write(
+        &users,
+        format!(
+            "# proxy users\nalice:{}\n",
+            bcrypt::hash("s3cret", 4).unwrap()
+        ),
+    )
+    .unwrap();
+    let stowage = Stowage::builder()
+        .trust(&ca)
+        .proxy(&format!("users_file = {:?}", users.to_str().unwrap()))
+        .start()
+        .await;
     let target = format!("quay.io:{}", quay.port());
-    let basic = |u: &str, p: &str| format!("Proxy-Authorization: Basic {}\r\n", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}")));
+    let basic = |u: &str, p: &str| {
+        format!(
+            "Proxy-Authorization: Basic {}\r\n",
+            base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+        )
+    };
 
     let (_, status, head) = connect_with(stowage.addr, &target, "").await;
     assert_eq!(status, StatusCode::PROXY_AUTHENTICATION_REQUIRED);
-    assert!(head.to_ascii_lowercase().contains("proxy-authenticate: basic"), "{head}");
-    for wrong in [basic("alice", "wrong"), basic("mallory", "s3cret"), "Proxy-Authorization: Bearer s3cret\r\n".to_owned(), "Proxy-Authorization: Basic !!!\r\n".to_owned()] {
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("proxy-authenticate: basic"),
+        "{head}"
+    );
+    for wrong in [
+        basic("alice", "wrong"),
+        basic("mallory", "s3cret"),
+        "Proxy-Authorization: Bearer s3cret\r\n".to_owned(),
+        "Proxy-Authorization: Basic !!!\r\n".to_owned(),
+    ] {
         let (_, status, _) = connect_with(stowage.addr, &target, &wrong).await;
         assert_eq!(status, StatusCode::PROXY_AUTHENTICATION_REQUIRED, "{wrong}");
     }
-    assert_eq!(quay.server().connections(), 0, "an unauthenticated client made Stowage reach upstream");
+    assert_eq!(
+        quay.server().connections(),
+        0,
+        "an unauthenticated client made Stowage reach upstream"
+    );
 
     let (tcp, status, _) = connect_with(stowage.addr, &target, &basic("alice", "s3cret")).await;
     assert_eq!(status, StatusCode::OK);
     // The tunnel works: the fake registry's own challenge comes back.
-    assert_eq!(get_in_tunnel(tcp, "quay.io", &stowage.ca_pem, "/v2/").await, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        get_in_tunnel(tcp, "quay.io", &stowage.ca_pem, "/v2/").await,
+        StatusCode::UNAUTHORIZED
+    );
     assert_eq!(quay.base_gets(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_will_not_tunnel_or_forward_to_itself() {
     let ca = TestCa::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     // Even with its own port allowed for tunnels, by address or by a name that resolves to it.
-    let stowage = Stowage::builder().trust(&ca).listen(&format!("127.0.0.1:{port}")).tunnel_ports(&[443, port]).start().await;
+    let stowage = Stowage::builder()
+        .trust(&ca)
+        .listen(&format!("127.0.0.1:{port}"))
+        .tunnel_ports(&[443, port])
+        .start()
+        .await;
     assert_eq!(stowage.addr.port(), port);
     for authority in [format!("127.0.0.1:{port}"), format!("tunnel.test:{port}")] {
         let (_, status, _) = connect_with(stowage.addr, &authority, "").await;
-        assert!(status == StatusCode::LOOP_DETECTED || status == StatusCode::FORBIDDEN, "CONNECT {authority}: {status}");
+        assert!(
+            status == StatusCode::LOOP_DETECTED || status == StatusCode::FORBIDDEN,
+            "CONNECT {authority}: {status}"
+        );
     }
     // Absolute-form requests to its own address are not forwarded back to itself either
     // (that would make a remote client a loopback one for /admin).
-    for url in [format!("http://127.0.0.1:{port}/admin/stats"), format!("http://tunnel.test:{port}/admin/stats")] {
+    for url in [
+        format!("http://127.0.0.1:{port}/admin/stats"),
+        format!("http://tunnel.test:{port}/admin/stats"),
+    ] {
         let mut tcp = TcpStream::connect(stowage.addr).await.unwrap();
-        tcp.write_all(format!("GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+        tcp.write_all(
+            format!("GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
         let mut resp = Vec::new();
-        bounded("absolute-form to self", tcp.read_to_end(&mut resp)).await.unwrap();
+        bounded("absolute-form to self", tcp.read_to_end(&mut resp))
+            .await
+            .unwrap();
         let text = String::from_utf8_lossy(&resp);
-        assert!(!text.contains("max_size"), "GET {url} reached /admin/stats: {text}");
+        assert!(
+            !text.contains("max_size"),
+            "GET {url} reached /admin/stats: {text}"
+        );
         assert!(!text.starts_with("HTTP/1.1 200"), "GET {url}: {text}");
     }
 }
@@ -412,8 +666,20 @@ async fn the_ca_key_is_never_served() {
     let ca = TestCa::new();
     let stowage = Stowage::start(&ca).await;
     let client = stowage.client();
-    assert!(std::fs::read_dir(&stowage.ca_dir).unwrap().count() >= 2, "the CA key exists on disk");
-    for path in ["/ca.key", "/ca.crt/../ca.key", "/setup/../ca.key", "/setup/..%2fca.key", "/%2e%2e/ca.key", "/admin/../ca.key", "/ca.pem", "/ca.key.pem"] {
+    assert!(
+        std::fs::read_dir(&stowage.ca_dir).unwrap().count() >= 2,
+        "the CA key exists on disk"
+    );
+    for path in [
+        "/ca.key",
+        "/ca.crt/../ca.key",
+        "/setup/../ca.key",
+        "/setup/..%2fca.key",
+        "/%2e%2e/ca.key",
+        "/admin/../ca.key",
+        "/ca.pem",
+        "/ca.key.pem",
+    ] {
         let r = client.proxy_get(path).await;
         assert_ne!(r.status, StatusCode::OK, "{path}");
         assert!(!r.text().contains("PRIVATE KEY"), "{path} served the key");
@@ -425,24 +691,43 @@ async fn huge_and_slow_headers_are_refused() {
     let ca = TestCa::new();
     let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
     let digest = quay.push_blob("team/app", pseudo_random(1000, 31));
-    let stowage = Stowage::builder().trust(&ca).proxy("header_timeout = \"1s\"").start().await;
+    let stowage = Stowage::builder()
+        .trust(&ca)
+        .proxy("header_timeout = \"1s\"")
+        .start()
+        .await;
 
     // On the proxy listener: a 1 MiB header is refused, not buffered.
     let mut tcp = TcpStream::connect(stowage.addr).await.unwrap();
     let big = "a".repeat(1 << 20);
-    let _ = tokio::time::timeout(BOUND, tcp.write_all(format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n").as_bytes())).await;
+    let _ = tokio::time::timeout(
+        BOUND,
+        tcp.write_all(
+            format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n").as_bytes(),
+        ),
+    )
+    .await;
     let mut resp = Vec::new();
     let _ = bounded("huge header", tcp.read_to_end(&mut resp)).await;
     let text = String::from_utf8_lossy(&resp);
-    assert!(!text.starts_with("HTTP/1.1 200"), "a 1 MiB header was accepted: {text}");
+    assert!(
+        !text.starts_with("HTTP/1.1 200"),
+        "a 1 MiB header was accepted: {text}"
+    );
 
     // A client that never finishes its request head is cut off (slowloris).
     let mut tcp = TcpStream::connect(stowage.addr).await.unwrap();
-    tcp.write_all(b"CONNECT quay.io:443 HTTP/1.1\r\nHost: quay.io").await.unwrap();
+    tcp.write_all(b"CONNECT quay.io:443 HTTP/1.1\r\nHost: quay.io")
+        .await
+        .unwrap();
     let started = Instant::now();
     let mut rest = Vec::new();
     let _ = bounded("slow head", tcp.read_to_end(&mut rest)).await;
-    assert!(started.elapsed() < Duration::from_secs(5), "a stalled request head held the connection for {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a stalled request head held the connection for {:?}",
+        started.elapsed()
+    );
 
     // Inside a registry tunnel, over HTTP/1.1 and h2.
     let client = stowage.client();
@@ -450,12 +735,24 @@ async fn huge_and_slow_headers_are_refused() {
     for alpn in [Alpn::Http11, Alpn::H2] {
         let t = client.tunnel("quay.io", quay.port(), alpn).await.unwrap();
         let auth = format!("Bearer {}", s.token);
-        let r = bounded("huge header in tunnel", t.request_raw(Method::GET, &s.blob_path(&digest), &[("authorization", &auth), ("x-big", &big)])).await;
+        let r = bounded(
+            "huge header in tunnel",
+            t.request_raw(
+                Method::GET,
+                &s.blob_path(&digest),
+                &[("authorization", &auth), ("x-big", &big)],
+            ),
+        )
+        .await;
         if let Ok(r) = r {
             assert!(r.status.is_client_error(), "{alpn:?}: {}", r.status);
         }
     }
-    assert_eq!(quay.blob_gets(), 0, "a request with a huge header went upstream");
+    assert_eq!(
+        quay.blob_gets(),
+        0,
+        "a request with a huge header went upstream"
+    );
     assert_eq!(client.proxy_get("/healthz").await.status, StatusCode::OK);
 }
 
@@ -467,22 +764,45 @@ async fn absurd_ranges_are_answered_cleanly() {
     let len = data.len();
     let digest = quay.push_blob("team/app", data.clone());
     let stowage = Stowage::start(&ca).await;
-    let s = Session::login(&stowage.client(), "quay.io", quay.port(), "team/app", Alpn::H2).await;
+    let s = Session::login(
+        &stowage.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        Alpn::H2,
+    )
+    .await;
     assert_eq!(s.blob(&digest).await.x_cache(), "miss");
     eventually("stored", || stowage.is_cached(&digest)).await;
     let path = s.blob_path(&digest);
     let max = u64::MAX.to_string();
     let cases: Vec<(String, StatusCode, std::ops::Range<usize>)> = vec![
-        (format!("bytes={max}-"), StatusCode::RANGE_NOT_SATISFIABLE, 0..0),
-        (format!("bytes=0-{max}"), StatusCode::PARTIAL_CONTENT, 0..len),
+        (
+            format!("bytes={max}-"),
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            0..0,
+        ),
+        (
+            format!("bytes=0-{max}"),
+            StatusCode::PARTIAL_CONTENT,
+            0..len,
+        ),
         (format!("bytes=-{max}"), StatusCode::PARTIAL_CONTENT, 0..len),
-        ("bytes=99999999999999999999999999-".into(), StatusCode::OK, 0..len),
+        (
+            "bytes=99999999999999999999999999-".into(),
+            StatusCode::OK,
+            0..len,
+        ),
         ("bytes=-0".into(), StatusCode::RANGE_NOT_SATISFIABLE, 0..0),
         ("bytes=5-1".into(), StatusCode::OK, 0..len),
         ("bytes=0-0,5-9".into(), StatusCode::OK, 0..len),
         ("bytes=--5".into(), StatusCode::OK, 0..len),
         ("pages=1-2".into(), StatusCode::OK, 0..len),
-        (format!("bytes={}-{}", len - 1, len - 1), StatusCode::PARTIAL_CONTENT, len - 1..len),
+        (
+            format!("bytes={}-{}", len - 1, len - 1),
+            StatusCode::PARTIAL_CONTENT,
+            len - 1..len,
+        ),
     ];
     for (range, status, want) in cases {
         let r = bounded("range", s.get(&path, &[("range", &range)])).await;
@@ -490,9 +810,17 @@ async fn absurd_ranges_are_answered_cleanly() {
         assert_eq!(r.x_cache(), "hit", "Range: {range}");
         if status.is_success() {
             assert_eq!(&r.body[..], &data[want.clone()], "Range: {range}");
-            assert_eq!(r.content_length(), Some(want.len() as u64), "Range: {range}");
+            assert_eq!(
+                r.content_length(),
+                Some(want.len() as u64),
+                "Range: {range}"
+            );
         } else {
-            assert_eq!(r.header("content-range"), Some(format!("bytes */{len}").as_str()), "Range: {range}");
+            assert_eq!(
+                r.header("content-range"),
+                Some(format!("bytes */{len}").as_str()),
+                "Range: {range}"
+            );
         }
     }
     assert_eq!(quay.blob_gets(), 1);

@@ -9,8 +9,14 @@ use proptest::prelude::*;
 use stowage::oci::{Digest, RepoName, Route, Tag};
 
 fn cases() -> ProptestConfig {
-    let n = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(4096);
-    ProptestConfig { cases: n, ..ProptestConfig::default() }
+    let n = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4096);
+    ProptestConfig {
+        cases: n,
+        ..ProptestConfig::default()
+    }
 }
 
 /// Strings biased towards the shapes that matter: path separators, dots, digests.
@@ -35,7 +41,11 @@ fn assert_safe_name(s: &str) {
     assert!(!s.contains(".."), "{s}");
     assert!(!s.contains("//"), "{s}");
     assert!(!s.starts_with('/') && !s.ends_with('/'), "{s}");
-    assert!(s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/".contains(&b)), "{s}");
+    assert!(
+        s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/".contains(&b)),
+        "{s}"
+    );
 }
 
 proptest! {

@@ -19,8 +19,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use http::{Method, StatusCode};
 
-
-
 /// Polls `/metrics` until `check` holds (the access-log body records a request when the
 /// response body is dropped, a moment after the client has read it).
 async fn metrics_until(client: &ProxyClient, what: &str, check: impl Fn(&str) -> bool) -> String {
@@ -30,27 +28,44 @@ async fn metrics_until(client: &ProxyClient, what: &str, check: impl Fn(&str) ->
         if check(&text) {
             return text;
         }
-        assert!(Instant::now() < deadline, "metrics never showed {what}:\n{text}");
+        assert!(
+            Instant::now() < deadline,
+            "metrics never showed {what}:\n{text}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-
 fn total_size(cache: &Path) -> u64 {
-    files_under(&cache.join("blobs")).iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum()
+    files_under(&cache.join("blobs"))
+        .iter()
+        .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum()
 }
 
 /// Every object under `blobs/sha256/<xx>/<hex>` hashes to its name; returns the digests.
 fn assert_consistent(cache: &Path) -> Vec<String> {
     let mut digests = Vec::new();
     for p in files_under(&cache.join("blobs")) {
-        let rel = p.strip_prefix(cache.join("blobs")).unwrap().to_str().unwrap().to_owned();
+        let rel = p
+            .strip_prefix(cache.join("blobs"))
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
         let parts: Vec<&str> = rel.split('/').collect();
         assert_eq!(parts.len(), 3, "unexpected file in the cache: {rel}");
         assert_eq!(parts[0], "sha256", "{rel}");
-        assert!(parts[2].starts_with(parts[1]), "fan-out directory does not match: {rel}");
+        assert!(
+            parts[2].starts_with(parts[1]),
+            "fan-out directory does not match: {rel}"
+        );
         let d = format!("sha256:{}", parts[2]);
-        assert_eq!(sha256_digest(&std::fs::read(&p).unwrap()), d, "cached object does not hash to its name: {rel}");
+        assert_eq!(
+            sha256_digest(&std::fs::read(&p).unwrap()),
+            d,
+            "cached object does not hash to its name: {rel}"
+        );
         digests.push(d);
     }
     digests
@@ -114,7 +129,10 @@ impl Instance {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("listening") && line.contains("Proxy") {
                     if let Some(i) = line.find("127.0.0.1:") {
-                        let port: String = line[i + 10..].chars().take_while(|c| c.is_ascii_digit()).collect();
+                        let port: String = line[i + 10..]
+                            .chars()
+                            .take_while(|c| c.is_ascii_digit())
+                            .collect();
                         let _ = tx.send(format!("127.0.0.1:{port}").parse::<SocketAddr>().unwrap());
                     }
                 }
@@ -125,17 +143,36 @@ impl Instance {
             Ok(a) => a,
             Err(_) => {
                 let _ = child.kill();
-                panic!("stowage did not report its listener; log:\n{}", log.lock().unwrap().join("\n"));
+                panic!(
+                    "stowage did not report its listener; log:\n{}",
+                    log.lock().unwrap().join("\n")
+                );
             }
         };
-        let ca_pem = std::fs::read_to_string(self.dir.path().join("certs/ca.crt")).expect("CA written at start");
-        Proc { child, client: ProxyClient::via_proxy(addr, &ca_pem), log }
+        let ca_pem = std::fs::read_to_string(self.dir.path().join("certs/ca.crt"))
+            .expect("CA written at start");
+        Proc {
+            child,
+            client: ProxyClient::via_proxy(addr, &ca_pem),
+            log,
+        }
     }
 
     /// `stowage --config ... <args>` (the admin commands).
     fn cli(&self, args: &[&str]) -> Output {
-        let out = Command::new(env!("CARGO_BIN_EXE_stowage")).arg("--config").arg(&self.config).args(args).current_dir(self.dir.path()).output().unwrap();
-        eprintln!("$ stowage {}\n{}{}", args.join(" "), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(env!("CARGO_BIN_EXE_stowage"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap();
+        eprintln!(
+            "$ stowage {}\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         out
     }
 }
@@ -156,15 +193,26 @@ impl Proc {
 
     /// SIGTERM, and a clean exit within the bound.
     fn stop(mut self) {
-        let ok = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
+        let ok = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
         assert!(ok.success());
         let deadline = Instant::now() + BOUND;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "stowage exited with {status:?}; log:\n{}", self.log.lock().unwrap().join("\n"));
+                assert!(
+                    status.success(),
+                    "stowage exited with {status:?}; log:\n{}",
+                    self.log.lock().unwrap().join("\n")
+                );
                 return;
             }
-            assert!(Instant::now() < deadline, "stowage did not stop after SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "stowage did not stop after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -189,8 +237,12 @@ fn stdout(o: &Output) -> String {
 async fn sigkill_during_fills_then_restart_leaves_a_consistent_cache() {
     let ca = TestCa::new();
     let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
-    let done: Vec<String> = (0..3).map(|i| quay.push_blob("team/app", pseudo_random(300_000, 100 + i))).collect();
-    let inflight: Vec<String> = (0..4).map(|i| quay.push_blob("team/app", pseudo_random(2 << 20, 200 + i))).collect();
+    let done: Vec<String> = (0..3)
+        .map(|i| quay.push_blob("team/app", pseudo_random(300_000, 100 + i)))
+        .collect();
+    let inflight: Vec<String> = (0..4)
+        .map(|i| quay.push_blob("team/app", pseudo_random(2 << 20, 200 + i)))
+        .collect();
     let inst = Instance::new(&ca, "");
 
     let p = inst.start();
@@ -199,24 +251,48 @@ async fn sigkill_during_fills_then_restart_leaves_a_consistent_cache() {
         let r = bounded("pull", s.blob(d)).await;
         assert_eq!(sha256_digest(&r.body), *d);
     }
-    eventually("first blobs stored", || done.iter().all(|d| inst.blob_path(d).is_file())).await;
+    eventually("first blobs stored", || {
+        done.iter().all(|d| inst.blob_path(d).is_file())
+    })
+    .await;
     // Four fills in flight: upstream sent each head and first chunk, then waits.
     let gate = quay.hold_blob_bodies();
     let mut heads = Vec::new();
     for d in &inflight {
-        heads.push(bounded("in-flight head", s.tunnel.send(Method::GET, &s.blob_path(d), &[("authorization", &format!("Bearer {}", s.token))])).await.unwrap());
+        heads.push(
+            bounded(
+                "in-flight head",
+                s.tunnel.send(
+                    Method::GET,
+                    &s.blob_path(d),
+                    &[("authorization", &format!("Bearer {}", s.token))],
+                ),
+            )
+            .await
+            .unwrap(),
+        );
     }
     eventually("four temp files with data", || {
         let t = inst.temp_files();
-        t.len() == 4 && t.iter().all(|f| std::fs::metadata(f).map(|m| m.len() > 0).unwrap_or(false))
+        t.len() == 4
+            && t.iter()
+                .all(|f| std::fs::metadata(f).map(|m| m.len() > 0).unwrap_or(false))
     })
     .await;
     p.kill9();
     drop(heads);
-    assert_eq!(inst.temp_files().len(), 4, "the crash left its temp files (the restart must clear them)");
+    assert_eq!(
+        inst.temp_files().len(),
+        4,
+        "the crash left its temp files (the restart must clear them)"
+    );
 
     let p = inst.start();
-    assert!(inst.temp_files().is_empty(), "temp files survived a restart: {:?}", inst.temp_files());
+    assert!(
+        inst.temp_files().is_empty(),
+        "temp files survived a restart: {:?}",
+        inst.temp_files()
+    );
     let mut cached = assert_consistent(&inst.cache());
     cached.sort();
     let mut want = done.clone();
@@ -234,14 +310,25 @@ async fn sigkill_during_fills_then_restart_leaves_a_consistent_cache() {
         assert_eq!(r.x_cache(), "miss", "an interrupted fill looked cached");
         assert_eq!(sha256_digest(&r.body), *d);
     }
-    eventually("refetched blobs stored", || inflight.iter().all(|d| inst.blob_path(d).is_file())).await;
+    eventually("refetched blobs stored", || {
+        inflight.iter().all(|d| inst.blob_path(d).is_file())
+    })
+    .await;
     assert_eq!(assert_consistent(&inst.cache()).len(), 7);
 
     // Again under churn: concurrent pulls, slow upstream, a cache small enough to evict all
     // the time; killed at whatever point it has reached.
     p.stop();
-    let churn: Vec<String> = (0..10).map(|i| quay.push_blob("team/app", pseudo_random(700_000, 300 + i))).collect();
-    std::fs::write(&inst.config, std::fs::read_to_string(&inst.config).unwrap().replace("[cache]\n", "[cache]\nmax_size = \"3MiB\"\n")).unwrap();
+    let churn: Vec<String> = (0..10)
+        .map(|i| quay.push_blob("team/app", pseudo_random(700_000, 300 + i)))
+        .collect();
+    std::fs::write(
+        &inst.config,
+        std::fs::read_to_string(&inst.config)
+            .unwrap()
+            .replace("[cache]\n", "[cache]\nmax_size = \"3MiB\"\n"),
+    )
+    .unwrap();
     quay.set_chunking(64 * 1024, Duration::from_millis(1));
     for round in 0..3u64 {
         let p = inst.start();
@@ -249,7 +336,12 @@ async fn sigkill_during_fills_then_restart_leaves_a_consistent_cache() {
         let logged_in = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let workers: Vec<_> = (0..3u64)
             .map(|w| {
-                let (client, churn, port, logged_in) = (p.client.clone(), churn.clone(), quay.port(), logged_in.clone());
+                let (client, churn, port, logged_in) = (
+                    p.client.clone(),
+                    churn.clone(),
+                    quay.port(),
+                    logged_in.clone(),
+                );
                 tokio::spawn(async move {
                     let s = Session::login(&client, "quay.io", port, "team/app", Alpn::H2).await;
                     logged_in.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -266,29 +358,48 @@ async fn sigkill_during_fills_then_restart_leaves_a_consistent_cache() {
                 })
             })
             .collect();
-        eventually("workers logged in", || logged_in.load(std::sync::atomic::Ordering::SeqCst) == 3).await;
+        eventually("workers logged in", || {
+            logged_in.load(std::sync::atomic::Ordering::SeqCst) == 3
+        })
+        .await;
         let target = gets_before + 8 + round as usize * 3;
         eventually("the churn is under way", || quay.blob_gets() >= target).await;
         p.kill9();
         for w in workers {
-            bounded("worker", w).await.expect("a worker saw wrong bytes");
+            bounded("worker", w)
+                .await
+                .expect("a worker saw wrong bytes");
         }
         let p = inst.start();
-        assert!(inst.temp_files().is_empty(), "round {round}: temp files survived a restart");
+        assert!(
+            inst.temp_files().is_empty(),
+            "round {round}: temp files survived a restart"
+        );
         let survivors = assert_consistent(&inst.cache());
         let s = Session::login(&p.client, "quay.io", quay.port(), "team/app", Alpn::Http11).await;
         // Survivors first (misses would evict them), each a hit with the right bytes.
         for d in &survivors {
             let r = bounded("survivor after restart", s.blob(d)).await;
-            assert_eq!(r.x_cache(), "hit", "round {round}: a surviving object was not served from the cache");
+            assert_eq!(
+                r.x_cache(),
+                "hit",
+                "round {round}: a surviving object was not served from the cache"
+            );
             assert_eq!(sha256_digest(&r.body), *d);
         }
         for d in churn.iter().filter(|d| !survivors.contains(d)) {
             let r = bounded("after churn restart", s.blob(d)).await;
             assert_eq!(r.status, StatusCode::OK);
-            assert_eq!(sha256_digest(&r.body), *d, "round {round}: wrong bytes after a restart");
+            assert_eq!(
+                sha256_digest(&r.body),
+                *d,
+                "round {round}: wrong bytes after a restart"
+            );
         }
-        eventually("the cache back under max_size", || total_size(&inst.cache()) <= 3 << 20).await;
+        eventually("the cache back under max_size", || {
+            total_size(&inst.cache()) <= 3 << 20
+        })
+        .await;
         p.stop();
         assert_consistent(&inst.cache());
     }
@@ -301,24 +412,42 @@ async fn eviction_keeps_the_cache_under_max_size_while_serving() {
     let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
     let big_data = pseudo_random(6 << 20, 40);
     let big = quay.push_blob("team/app", big_data.clone());
-    let small: Vec<String> = (0..12).map(|i| quay.push_blob("team/app", pseudo_random(1 << 20, 41 + i))).collect();
-    let stowage = Stowage::builder().trust(&ca).cache("max_size = \"10MiB\"").start().await;
+    let small: Vec<String> = (0..12)
+        .map(|i| quay.push_blob("team/app", pseudo_random(1 << 20, 41 + i)))
+        .collect();
+    let stowage = Stowage::builder()
+        .trust(&ca)
+        .cache("max_size = \"10MiB\"")
+        .start()
+        .await;
     let client = stowage.client();
     let s = Session::login(&client, "quay.io", quay.port(), "team/app", Alpn::Http11).await;
 
-    let t = client.tunnel("quay.io", quay.port(), Alpn::Http11).await.unwrap();
+    let t = client
+        .tunnel("quay.io", quay.port(), Alpn::Http11)
+        .await
+        .unwrap();
     let auth = format!("Bearer {}", s.token);
     assert_eq!(bounded("big", s.blob(&big)).await.x_cache(), "miss");
     eventually("big stored", || stowage.is_cached(&big)).await;
     // A hit on the big blob starts right away (access times move at one-second steps, so it
     // stays the least recently used object); the client reads nothing yet.
-    let serving = bounded("big hit", t.send(Method::GET, &s.blob_path(&big), &[("authorization", &auth)])).await.unwrap();
+    let serving = bounded(
+        "big hit",
+        t.send(Method::GET, &s.blob_path(&big), &[("authorization", &auth)]),
+    )
+    .await
+    .unwrap();
     assert_eq!(serving.headers()["x-cache"], "hit");
     for d in &small[..4] {
         assert_eq!(bounded("small", s.blob(d)).await.x_cache(), "miss");
         eventually("small stored", || stowage.is_cached(d)).await;
     }
-    assert_eq!(total_size(&stowage.cache_dir), 10 << 20, "at max_size, not over it: nothing evicted yet");
+    assert_eq!(
+        total_size(&stowage.cache_dir),
+        10 << 20,
+        "at max_size, not over it: nothing evicted yet"
+    );
     assert!(stowage.is_cached(&big));
     // One more takes the cache over 10 MiB: the least recently used object (the big blob)
     // is evicted while it is being read.
@@ -327,7 +456,11 @@ async fn eviction_keeps_the_cache_under_max_size_while_serving() {
     eventually("under max_size", || total_size(&stowage.cache_dir) <= MAX).await;
     let r = client::read_response(serving).await;
     r.assert_complete();
-    assert_eq!(sha256_digest(&r.body), big, "the blob being served was cut off or changed by its eviction");
+    assert_eq!(
+        sha256_digest(&r.body),
+        big,
+        "the blob being served was cut off or changed by its eviction"
+    );
 
     // Serving on, the bound holds after every fill.
     for d in &small[5..] {
@@ -336,10 +469,23 @@ async fn eviction_keeps_the_cache_under_max_size_while_serving() {
         eventually("stored", || stowage.is_cached(d)).await;
         eventually("under max_size", || total_size(&stowage.cache_dir) <= MAX).await;
     }
-    let m = metrics_until(&client, "evictions", |m| metric(m, "stowage_evictions_total", &[]) >= 2.0).await;
-    assert!(metric(&m, "stowage_evicted_bytes_total", &[]) >= (6 << 20) as f64, "{m}");
-    assert!(metric(&m, "stowage_cache_size_bytes", &[]) <= MAX as f64, "{m}");
-    assert_eq!(metric(&m, "stowage_cache_size_bytes", &[]), total_size(&stowage.cache_dir) as f64, "{m}");
+    let m = metrics_until(&client, "evictions", |m| {
+        metric(m, "stowage_evictions_total", &[]) >= 2.0
+    })
+    .await;
+    assert!(
+        metric(&m, "stowage_evicted_bytes_total", &[]) >= (6 << 20) as f64,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "stowage_cache_size_bytes", &[]) <= MAX as f64,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "stowage_cache_size_bytes", &[]),
+        total_size(&stowage.cache_dir) as f64,
+        "{m}"
+    );
 
     // Evicted content is fetched again on demand.
     let gets = quay.blob_gets();
@@ -361,18 +507,40 @@ async fn metrics_move_over_a_miss_then_a_hit() {
     let stowage = Stowage::start(&ca).await;
     let client = stowage.client();
     let s = Session::login(&client, "quay.io", quay.port(), "team/app", Alpn::H2).await;
-    let req = |outcome: &'static str| move |m: &str| metric(m, "stowage_requests_total", &[("registry", "quay.io"), ("kind", "blob"), ("outcome", outcome)]);
-    let served = |source: &'static str| move |m: &str| metric(m, "stowage_served_bytes_total", &[("source", source)]);
+    let req = |outcome: &'static str| {
+        move |m: &str| {
+            metric(
+                m,
+                "stowage_requests_total",
+                &[
+                    ("registry", "quay.io"),
+                    ("kind", "blob"),
+                    ("outcome", outcome),
+                ],
+            )
+        }
+    };
+    let served = |source: &'static str| {
+        move |m: &str| metric(m, "stowage_served_bytes_total", &[("source", source)])
+    };
 
     let m0 = client.proxy_get("/metrics").await.text();
-    assert!(m0.contains("# TYPE stowage_requests counter") || m0.contains("# TYPE stowage_requests_total counter"), "{m0}");
+    assert!(
+        m0.contains("# TYPE stowage_requests counter")
+            || m0.contains("# TYPE stowage_requests_total counter"),
+        "{m0}"
+    );
     assert_eq!(req("miss")(&m0), 0.0);
     assert_eq!(metric(&m0, "stowage_cache_objects", &[]), 0.0);
 
     assert_eq!(bounded("miss", s.blob(&digest)).await.x_cache(), "miss");
     eventually("stored", || stowage.is_cached(&digest)).await;
     let m1 = metrics_until(&client, "the miss", |m| req("miss")(m) == 1.0).await;
-    assert_eq!(served("upstream")(&m1) - served("upstream")(&m0), len, "{m1}");
+    assert_eq!(
+        served("upstream")(&m1) - served("upstream")(&m0),
+        len,
+        "{m1}"
+    );
     assert_eq!(served("cache")(&m1), served("cache")(&m0), "{m1}");
     assert_eq!(req("hit")(&m1), 0.0);
     assert_eq!(metric(&m1, "stowage_cache_objects", &[]), 1.0, "{m1}");
@@ -383,10 +551,25 @@ async fn metrics_move_over_a_miss_then_a_hit() {
     let m2 = metrics_until(&client, "the hit", |m| req("hit")(m) == 1.0).await;
     assert_eq!(req("miss")(&m2), 1.0, "{m2}");
     assert_eq!(served("cache")(&m2) - served("cache")(&m1), len, "{m2}");
-    assert_eq!(served("upstream")(&m2), served("upstream")(&m1), "a hit counted upstream bytes: {m2}");
-    assert_eq!(metric(&m2, "stowage_upstream_errors_total", &[]), 0.0, "{m2}");
-    assert_eq!(metric(&m2, "stowage_cache_write_errors_total", &[]), 0.0, "{m2}");
-    assert!(metric(&m2, "stowage_certificates_minted_total", &[]) >= 1.0, "{m2}");
+    assert_eq!(
+        served("upstream")(&m2),
+        served("upstream")(&m1),
+        "a hit counted upstream bytes: {m2}"
+    );
+    assert_eq!(
+        metric(&m2, "stowage_upstream_errors_total", &[]),
+        0.0,
+        "{m2}"
+    );
+    assert_eq!(
+        metric(&m2, "stowage_cache_write_errors_total", &[]),
+        0.0,
+        "{m2}"
+    );
+    assert!(
+        metric(&m2, "stowage_certificates_minted_total", &[]) >= 1.0,
+        "{m2}"
+    );
     assert_eq!(quay.blob_gets(), 1);
 
     // The running server's stats (what `stowage cache stats` shows) agree.
@@ -421,8 +604,19 @@ async fn an_unwritable_cache_still_delivers_and_caching_resumes() {
         assert_eq!(r.x_cache(), "miss");
     }
     assert!(!stowage.is_cached(&digest));
-    let m = metrics_until(&client, "write errors", |m| metric(m, "stowage_cache_write_errors_total", &[]) >= 2.0).await;
-    assert_eq!(metric(&m, "stowage_cache_write_errors_total", &[("reason", "create")]), 2.0, "{m}");
+    let m = metrics_until(&client, "write errors", |m| {
+        metric(m, "stowage_cache_write_errors_total", &[]) >= 2.0
+    })
+    .await;
+    assert_eq!(
+        metric(
+            &m,
+            "stowage_cache_write_errors_total",
+            &[("reason", "create")]
+        ),
+        2.0,
+        "{m}"
+    );
     assert_eq!(quay.blob_gets(), 2);
 
     std::fs::remove_file(&tmp).unwrap();
@@ -440,7 +634,12 @@ struct Tmpfs(PathBuf);
 impl Tmpfs {
     fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
         std::fs::create_dir_all(at).unwrap();
-        let ok = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(at).status().map(|s| s.success()).unwrap_or(false);
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
         ok.then(|| Tmpfs(at.to_owned()))
     }
 }
@@ -476,7 +675,14 @@ async fn a_full_disk_still_delivers_and_caching_resumes() {
     assert!(r.body == huge, "wrong bytes");
     assert!(inst.temp_files().is_empty());
     assert!(!inst.blob_path(&dh).exists());
-    let m = metrics_until(&p.client, "disk_full", |m| metric(m, "stowage_cache_write_errors_total", &[("reason", "disk_full")]) >= 1.0).await;
+    let m = metrics_until(&p.client, "disk_full", |m| {
+        metric(
+            m,
+            "stowage_cache_write_errors_total",
+            &[("reason", "disk_full")],
+        ) >= 1.0
+    })
+    .await;
     assert_eq!(metric(&m, "stowage_cache_objects", &[]), 0.0);
 
     // Space for a smaller one: caching goes on.
@@ -490,17 +696,43 @@ async fn a_full_disk_still_delivers_and_caching_resumes() {
     let mid = pseudo_random(3 << 20, 63);
     let dm = quay.push_blob("team/app", mid.clone());
     let gate = quay.hold_blob_bodies();
-    let head = bounded("mid head", s.tunnel.send(Method::GET, &s.blob_path(&dm), &[("authorization", &format!("Bearer {}", s.token))])).await.unwrap();
+    let head = bounded(
+        "mid head",
+        s.tunnel.send(
+            Method::GET,
+            &s.blob_path(&dm),
+            &[("authorization", &format!("Bearer {}", s.token))],
+        ),
+    )
+    .await
+    .unwrap();
     eventually("the fill started", || inst.temp_files().len() == 1).await;
     let filler = inst.cache().join("filler");
     let _ = std::fs::write(&filler, vec![0u8; free() as usize]);
     gate.open();
     let r = client::read_response(head).await;
-    assert!(r.body_error.is_some() || r.body.len() < mid.len(), "a failed fill was delivered complete");
+    assert!(
+        r.body_error.is_some() || r.body.len() < mid.len(),
+        "a failed fill was delivered complete"
+    );
     assert!(r.body[..] == mid[..r.body.len()], "wrong bytes");
-    eventually("the failed fill's temp file removed", || inst.temp_files().is_empty()).await;
-    let m = metrics_until(&p.client, "write error", |m| metric(m, "stowage_cache_write_errors_total", &[("reason", "write")]) >= 1.0).await;
-    assert_eq!(metric(&m, "stowage_digest_mismatches_total", &[]), 0.0, "{m}");
+    eventually("the failed fill's temp file removed", || {
+        inst.temp_files().is_empty()
+    })
+    .await;
+    let m = metrics_until(&p.client, "write error", |m| {
+        metric(
+            m,
+            "stowage_cache_write_errors_total",
+            &[("reason", "write")],
+        ) >= 1.0
+    })
+    .await;
+    assert_eq!(
+        metric(&m, "stowage_digest_mismatches_total", &[]),
+        0.0,
+        "{m}"
+    );
     // The failed body closed that HTTP/1.1 connection: the client retries on a new one.
     let s = Session::login(&p.client, "quay.io", quay.port(), "team/app", Alpn::Http11).await;
     let r = bounded("retry", s.blob(&dm)).await;
@@ -515,12 +747,29 @@ async fn a_full_disk_still_delivers_and_caching_resumes() {
 async fn cache_commands_on_a_stopped_cache() {
     let ca = TestCa::new();
     let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
-    let img = quay.push_image("team/app", "v1", &[pseudo_random(400_000, 70), pseudo_random(200_000, 71)]);
+    let img = quay.push_image(
+        "team/app",
+        "v1",
+        &[pseudo_random(400_000, 70), pseudo_random(200_000, 71)],
+    );
     let inst = Instance::new(&ca, "");
     let p = inst.start();
-    pull(&p.client, "quay.io", quay.port(), "team/app", "v1", Alpn::H2).await;
-    let all: Vec<String> = std::iter::once(img.manifest.clone()).chain(img.blobs()).collect();
-    eventually("image stored", || all.iter().all(|d| inst.blob_path(d).is_file())).await;
+    pull(
+        &p.client,
+        "quay.io",
+        quay.port(),
+        "team/app",
+        "v1",
+        Alpn::H2,
+    )
+    .await;
+    let all: Vec<String> = std::iter::once(img.manifest.clone())
+        .chain(img.blobs())
+        .collect();
+    eventually("image stored", || {
+        all.iter().all(|d| inst.blob_path(d).is_file())
+    })
+    .await;
     p.stop();
     let total = total_size(&inst.cache());
 
@@ -537,8 +786,12 @@ async fn cache_commands_on_a_stopped_cache() {
     let o = inst.cli(&["cache", "ls"]);
     assert!(o.status.success());
     let text = stdout(&o);
-    assert!(text.contains("quay.io") && text.contains("team/app:v1"), "{text}");
-    let v: serde_json::Value = serde_json::from_slice(&inst.cli(&["cache", "ls", "--json"]).stdout).unwrap();
+    assert!(
+        text.contains("quay.io") && text.contains("team/app:v1"),
+        "{text}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&inst.cli(&["cache", "ls", "--json"]).stdout).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
     assert_eq!(v[0]["registry"], "quay.io");
     assert_eq!(v[0]["repository"], "team/app");
@@ -553,16 +806,34 @@ async fn cache_commands_on_a_stopped_cache() {
     bytes[1000] ^= 0x55;
     std::fs::write(inst.blob_path(bad), &bytes).unwrap();
     let o = inst.cli(&["cache", "verify"]);
-    assert_eq!(o.status.code(), Some(1), "verify reports corruption in its exit status");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "verify reports corruption in its exit status"
+    );
     let text = stdout(&o);
-    assert!(text.contains(&format!("corrupt: {bad} (removed)")), "{text}");
-    assert!(text.contains("verified 4 objects") && text.contains("1 corrupt and removed"), "{text}");
-    assert!(!inst.blob_path(bad).exists(), "the corrupt file is still there");
+    assert!(
+        text.contains(&format!("corrupt: {bad} (removed)")),
+        "{text}"
+    );
+    assert!(
+        text.contains("verified 4 objects") && text.contains("1 corrupt and removed"),
+        "{text}"
+    );
+    assert!(
+        !inst.blob_path(bad).exists(),
+        "the corrupt file is still there"
+    );
     assert_eq!(assert_consistent(&inst.cache()).len(), 3);
     let o = inst.cli(&["cache", "verify"]);
     assert!(o.status.success(), "a clean cache verifies");
-    assert!(stdout(&o).contains("verified 3 objects") && stdout(&o).contains("0 corrupt"), "{}", stdout(&o));
-    let v: serde_json::Value = serde_json::from_slice(&inst.cli(&["cache", "ls", "--json"]).stdout).unwrap();
+    assert!(
+        stdout(&o).contains("verified 3 objects") && stdout(&o).contains("0 corrupt"),
+        "{}",
+        stdout(&o)
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&inst.cli(&["cache", "ls", "--json"]).stdout).unwrap();
     assert_eq!(v[0]["missing"], 1, "{v}");
 
     // Prune to a size: least recently used objects go until it fits.
@@ -575,14 +846,30 @@ async fn cache_commands_on_a_stopped_cache() {
     assert!(!stdout(&o).starts_with("removed 0 "), "{}", stdout(&o));
     assert!(total_size(&inst.cache()) <= limit);
     let left = assert_consistent(&inst.cache()).len();
-    let v: serde_json::Value = serde_json::from_slice(&inst.cli(&["cache", "stats", "--json"]).stdout).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&inst.cli(&["cache", "stats", "--json"]).stdout).unwrap();
     assert_eq!(v["objects"], left as u64, "metadata agrees with the disk");
 
     // The server comes back and serves everything right, refetching what is gone.
     let p = inst.start();
-    let again = pull(&p.client, "quay.io", quay.port(), "team/app", "v1", Alpn::Http11).await;
-    assert_eq!(again.blobs[1].1.x_cache(), "miss", "the corrupt layer is fetched again");
-    eventually("image stored again", || all.iter().all(|d| inst.blob_path(d).is_file())).await;
+    let again = pull(
+        &p.client,
+        "quay.io",
+        quay.port(),
+        "team/app",
+        "v1",
+        Alpn::Http11,
+    )
+    .await;
+    assert_eq!(
+        again.blobs[1].1.x_cache(),
+        "miss",
+        "the corrupt layer is fetched again"
+    );
+    eventually("image stored again", || {
+        all.iter().all(|d| inst.blob_path(d).is_file())
+    })
+    .await;
     p.stop();
     assert_eq!(assert_consistent(&inst.cache()).len(), 4);
 }
@@ -605,13 +892,21 @@ async fn access_times_survive_a_restart() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(bounded("a again", s.blob(&a)).await.x_cache(), "hit");
     p.stop();
-    let mtime = |d: &str| std::fs::metadata(inst.blob_path(d)).unwrap().modified().unwrap();
+    let mtime = |d: &str| {
+        std::fs::metadata(inst.blob_path(d))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
     assert!(mtime(&a) < mtime(&b));
 
     // Room for one: the least recently *used* (b) goes, which only persisted access times
     // can tell (file times say a is older).
     let o = inst.cli(&["cache", "prune", "--max-size", "150000"]);
     assert!(o.status.success());
-    assert!(inst.blob_path(&a).is_file(), "the recently used blob was pruned: access times were lost");
+    assert!(
+        inst.blob_path(&a).is_file(),
+        "the recently used blob was pruned: access times were lost"
+    );
     assert!(!inst.blob_path(&b).exists());
 }

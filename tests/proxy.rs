@@ -14,31 +14,88 @@ use http::{Method, StatusCode, Version};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_pull_is_served_from_the_cache() {
     let ca = TestCa::new();
-    let hub = FakeRegistry::builder(&ca).host("registry-1.docker.io").realm_host("auth.docker.io").build().await;
-    let img = hub.push_image("library/app", "1.0", &[pseudo_random(300_000, 1), pseudo_random(70_000, 2)]);
+    let hub = FakeRegistry::builder(&ca)
+        .host("registry-1.docker.io")
+        .realm_host("auth.docker.io")
+        .build()
+        .await;
+    let img = hub.push_image(
+        "library/app",
+        "1.0",
+        &[pseudo_random(300_000, 1), pseudo_random(70_000, 2)],
+    );
     let stowage = Stowage::start(&ca).await;
     let client = stowage.client();
 
-    let first = pull(&client, "registry-1.docker.io", hub.port(), "library/app", "1.0", Alpn::Http11).await;
+    let first = pull(
+        &client,
+        "registry-1.docker.io",
+        hub.port(),
+        "library/app",
+        "1.0",
+        Alpn::Http11,
+    )
+    .await;
     assert_eq!(first.manifest_digest, img.manifest);
-    assert_eq!(first.blobs.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>(), img.blobs());
+    assert_eq!(
+        first
+            .blobs
+            .iter()
+            .map(|(d, _)| d.clone())
+            .collect::<Vec<_>>(),
+        img.blobs()
+    );
     assert_eq!(first.blob_x_cache(), ["miss", "miss", "miss"]);
-    assert_eq!(hub.blob_gets(), 3, "each blob downloaded once: {:#?}", hub.requests());
+    assert_eq!(
+        hub.blob_gets(),
+        3,
+        "each blob downloaded once: {:#?}",
+        hub.requests()
+    );
     // The token request went through a tunnel to the auth host.
-    let tokens: Vec<_> = hub.requests().into_iter().filter(|r| r.kind == Kind::Token && r.by_client()).collect();
+    let tokens: Vec<_> = hub
+        .requests()
+        .into_iter()
+        .filter(|r| r.kind == Kind::Token && r.by_client())
+        .collect();
     assert_eq!(tokens.len(), 1);
-    assert!(tokens[0].host.starts_with("auth.docker.io"), "{:?}", tokens[0]);
+    assert!(
+        tokens[0].host.starts_with("auth.docker.io"),
+        "{:?}",
+        tokens[0]
+    );
     for d in img.blobs() {
-        eventually(&format!("{d} stored in the cache"), || stowage.is_cached(&d)).await;
-        assert_eq!(std::fs::read(stowage.blob_path(&d)).unwrap(), first.blobs.iter().find(|(x, _)| *x == d).unwrap().1.body);
+        eventually(&format!("{d} stored in the cache"), || {
+            stowage.is_cached(&d)
+        })
+        .await;
+        assert_eq!(
+            std::fs::read(stowage.blob_path(&d)).unwrap(),
+            first.blobs.iter().find(|(x, _)| *x == d).unwrap().1.body
+        );
     }
 
     let seen = hub.requests().len();
-    let second = pull(&client, "registry-1.docker.io", hub.port(), "library/app", "1.0", Alpn::Http11).await;
+    let second = pull(
+        &client,
+        "registry-1.docker.io",
+        hub.port(),
+        "library/app",
+        "1.0",
+        Alpn::Http11,
+    )
+    .await;
     assert_eq!(second.manifest_digest, img.manifest);
     assert_eq!(second.blob_x_cache(), ["hit", "hit", "hit"]);
-    let blob_requests: Vec<_> = hub.requests()[seen..].iter().filter(|r| r.kind == Kind::Blob).cloned().collect();
-    assert!(blob_requests.is_empty(), "the second pull reached upstream for blobs: {blob_requests:#?}");
+    let blob_requests: Vec<_> = hub.requests()[seen..]
+        .iter()
+        .filter(|r| r.kind == Kind::Blob)
+        .cloned()
+        .collect();
+    assert!(
+        blob_requests.is_empty(),
+        "the second pull reached upstream for blobs: {blob_requests:#?}"
+    );
     assert_eq!(hub.blob_gets(), 3);
 }
 
@@ -66,9 +123,22 @@ async fn one_digest_from_two_registries_is_downloaded_once() {
     assert_eq!(r.x_cache(), "hit");
     assert_eq!(r.header("docker-content-digest"), Some(digest.as_str()));
     assert_eq!(sha256_digest(&r.body), digest);
-    assert_eq!(quay.blob_gets() + ghcr.blob_gets(), 1, "quay: {:#?}\nghcr: {:#?}", quay.requests(), ghcr.requests());
+    assert_eq!(
+        quay.blob_gets() + ghcr.blob_gets(),
+        1,
+        "quay: {:#?}\nghcr: {:#?}",
+        quay.requests(),
+        ghcr.requests()
+    );
     assert_eq!(ghcr.blob_gets(), 0);
-    assert_eq!(stowage.cached_files().iter().filter(|p| p.ends_with(&digest[7..])).count(), 1);
+    assert_eq!(
+        stowage
+            .cached_files()
+            .iter()
+            .filter(|p| p.ends_with(&digest[7..]))
+            .count(),
+        1
+    );
 }
 
 /// The client must not get the whole announced body when it does not match its digest.
@@ -102,13 +172,28 @@ async fn a_corrupt_blob_is_neither_cached_nor_delivered_complete() {
         match r {
             // Refusing before the head is fine too, as long as it is not a success.
             Ok(r) if r.status.is_success() => assert_aborted(&r, data.len(), &format!("{alpn:?}")),
-            Ok(r) => assert!(r.status.is_server_error(), "{alpn:?}: unexpected {}", r.status),
+            Ok(r) => assert!(
+                r.status.is_server_error(),
+                "{alpn:?}: unexpected {}",
+                r.status
+            ),
             Err(_) => {}
         }
-        assert_eq!(quay.blob_gets(), i + 1, "{alpn:?}: the corrupt blob was not fetched upstream again");
+        assert_eq!(
+            quay.blob_gets(),
+            i + 1,
+            "{alpn:?}: the corrupt blob was not fetched upstream again"
+        );
         eventually("the temp file deleted", || stowage.temp_files().is_empty()).await;
-        assert!(!stowage.is_cached(&digest), "{alpn:?}: a corrupt blob was cached");
-        assert!(stowage.cached_files().is_empty(), "{alpn:?}: {:?}", stowage.cached_files());
+        assert!(
+            !stowage.is_cached(&digest),
+            "{alpn:?}: a corrupt blob was cached"
+        );
+        assert!(
+            stowage.cached_files().is_empty(),
+            "{alpn:?}: {:?}",
+            stowage.cached_files()
+        );
     }
 
     // Upstream fixed: the next request goes upstream again, and is then cached.
@@ -140,7 +225,16 @@ async fn concurrent_cold_gets_share_one_download() {
     let tunnels = join_all((0..8).map(|i| {
         let client = client.clone();
         let port = quay.port();
-        async move { client.tunnel("quay.io", port, if i % 2 == 0 { Alpn::Http11 } else { Alpn::H2 }).await.unwrap() }
+        async move {
+            client
+                .tunnel(
+                    "quay.io",
+                    port,
+                    if i % 2 == 0 { Alpn::Http11 } else { Alpn::H2 },
+                )
+                .await
+                .unwrap()
+        }
     }))
     .await;
     // Upstream sends its head and first chunk, then waits: every request is in flight at
@@ -153,9 +247,16 @@ async fn concurrent_cold_gets_share_one_download() {
         join_all(tunnels.iter().map(|t| t.send(Method::GET, &path, &headers))),
     )
     .await
-    .expect("response heads must arrive while upstream is still sending (streaming, not buffering)");
+    .expect(
+        "response heads must arrive while upstream is still sending (streaming, not buffering)",
+    );
     gate.open();
-    let responses = join_all(heads.into_iter().map(|h| client::read_response(h.expect("request")))).await;
+    let responses = join_all(
+        heads
+            .into_iter()
+            .map(|h| client::read_response(h.expect("request"))),
+    )
+    .await;
 
     let mut outcomes = Vec::new();
     for r in &responses {
@@ -165,10 +266,23 @@ async fn concurrent_cold_gets_share_one_download() {
         assert_eq!(sha256_digest(&r.body), digest);
         outcomes.push(r.x_cache().to_owned());
     }
-    assert_eq!(quay.blob_gets(), 1, "one upstream download; outcomes {outcomes:?}");
-    assert_eq!(outcomes.iter().filter(|o| *o == "miss").count(), 1, "{outcomes:?}");
+    assert_eq!(
+        quay.blob_gets(),
+        1,
+        "one upstream download; outcomes {outcomes:?}"
+    );
+    assert_eq!(
+        outcomes.iter().filter(|o| *o == "miss").count(),
+        1,
+        "{outcomes:?}"
+    );
     assert!(outcomes.iter().any(|o| o == "coalesced"), "{outcomes:?}");
-    assert!(outcomes.iter().all(|o| o == "miss" || o == "coalesced" || o == "hit"), "{outcomes:?}");
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| o == "miss" || o == "coalesced" || o == "hit"),
+        "{outcomes:?}"
+    );
     eventually("the blob stored", || stowage.is_cached(&digest)).await;
     assert_eq!(s.blob(&digest).await.x_cache(), "hit");
     assert_eq!(quay.blob_gets(), 1);
@@ -182,7 +296,14 @@ async fn ranges_on_a_hit() {
     let len = data.len();
     let digest = quay.push_blob("team/app", data.clone());
     let stowage = Stowage::start(&ca).await;
-    let s = Session::login(&stowage.client(), "quay.io", quay.port(), "team/app", Alpn::H2).await;
+    let s = Session::login(
+        &stowage.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        Alpn::H2,
+    )
+    .await;
     assert_eq!(s.blob(&digest).await.x_cache(), "miss");
     eventually("the blob stored", || stowage.is_cached(&digest)).await;
     let path = s.blob_path(&digest);
@@ -190,22 +311,33 @@ async fn ranges_on_a_hit() {
     let r = s.get(&path, &[("range", "bytes=100-199")]).await;
     assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
     assert_eq!(r.x_cache(), "hit");
-    assert_eq!(r.header("content-range"), Some(format!("bytes 100-199/{len}").as_str()));
+    assert_eq!(
+        r.header("content-range"),
+        Some(format!("bytes 100-199/{len}").as_str())
+    );
     assert_eq!(r.content_length(), Some(100));
     assert_eq!(&r.body[..], &data[100..200]);
 
     let r = s.get(&path, &[("range", "bytes=-100")]).await;
     assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
-    assert_eq!(r.header("content-range"), Some(format!("bytes {}-{}/{len}", len - 100, len - 1).as_str()));
+    assert_eq!(
+        r.header("content-range"),
+        Some(format!("bytes {}-{}/{len}", len - 100, len - 1).as_str())
+    );
     assert_eq!(&r.body[..], &data[len - 100..]);
 
-    let r = s.get(&path, &[("range", &format!("bytes={}-", len - 10))]).await;
+    let r = s
+        .get(&path, &[("range", &format!("bytes={}-", len - 10))])
+        .await;
     assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
     assert_eq!(&r.body[..], &data[len - 10..]);
 
     let r = s.get(&path, &[("range", &format!("bytes={len}-"))]).await;
     assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE);
-    assert_eq!(r.header("content-range"), Some(format!("bytes */{len}").as_str()));
+    assert_eq!(
+        r.header("content-range"),
+        Some(format!("bytes */{len}").as_str())
+    );
 
     assert_eq!(quay.blob_gets(), 1, "ranges on a hit are served locally");
 }
@@ -214,22 +346,49 @@ async fn ranges_on_a_hit() {
 async fn storage_redirects_are_followed_without_the_registry_token() {
     let ca = TestCa::new();
     let storage = FakeStorage::start(&ca).await;
-    let quay = FakeRegistry::builder(&ca).host("quay.io").storage(&storage).blob_mode(BlobMode::Redirect(Location::Absolute)).build().await;
+    let quay = FakeRegistry::builder(&ca)
+        .host("quay.io")
+        .storage(&storage)
+        .blob_mode(BlobMode::Redirect(Location::Absolute))
+        .build()
+        .await;
     let a = pseudo_random(300_000, 7);
     let b = pseudo_random(100_000, 8);
     let c = pseudo_random(50_000, 9);
-    let (da, db, dc) = (quay.push_blob("team/app", a.clone()), quay.push_blob("team/app", b.clone()), quay.push_blob("team/app", c.clone()));
+    let (da, db, dc) = (
+        quay.push_blob("team/app", a.clone()),
+        quay.push_blob("team/app", b.clone()),
+        quay.push_blob("team/app", c.clone()),
+    );
     let stowage = Stowage::start(&ca).await;
-    let s = Session::login(&stowage.client(), "quay.io", quay.port(), "team/app", Alpn::Http11).await;
+    let s = Session::login(
+        &stowage.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        Alpn::Http11,
+    )
+    .await;
 
     // Absolute Location on another host.
     let r = s.blob(&da).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(sha256_digest(&r.body), da);
     assert_eq!(storage.gets(), 1, "Stowage followed the redirect itself");
-    let reg = quay.requests().into_iter().find(|r| r.kind == Kind::Blob && r.method == Method::GET).unwrap();
-    assert!(reg.authorization.is_some(), "the registry got the client's token");
-    assert!(!storage.saw_authorization(), "the registry token leaked to storage: {:#?}", storage.requests());
+    let reg = quay
+        .requests()
+        .into_iter()
+        .find(|r| r.kind == Kind::Blob && r.method == Method::GET)
+        .unwrap();
+    assert!(
+        reg.authorization.is_some(),
+        "the registry got the client's token"
+    );
+    assert!(
+        !storage.saw_authorization(),
+        "the registry token leaked to storage: {:#?}",
+        storage.requests()
+    );
 
     // Scheme-relative Location on another host.
     quay.set_blob_mode(BlobMode::Redirect(Location::SchemeRelative));
@@ -253,8 +412,6 @@ async fn storage_redirects_are_followed_without_the_registry_token() {
     assert_eq!(storage.gets(), 2);
 }
 
-
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_hosts_are_tunnelled_untouched_or_denied() {
     let ca = TestCa::new();
@@ -262,25 +419,55 @@ async fn other_hosts_are_tunnelled_untouched_or_denied() {
 
     // Blind tunnels reach only the configured ports (443 by default).
     let default = Stowage::start(&ca).await;
-    let (_, status) = default.client().connect_raw(&format!("tunnel.test:{port}")).await.unwrap();
-    assert_eq!(status, StatusCode::FORBIDDEN, "a blind tunnel to a port outside tunnel_ports");
+    let (_, status) = default
+        .client()
+        .connect_raw(&format!("tunnel.test:{port}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "a blind tunnel to a port outside tunnel_ports"
+    );
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
 
-    let stowage = Stowage::builder().trust(&ca).tunnel_ports(&[port]).start().await;
+    let stowage = Stowage::builder()
+        .trust(&ca)
+        .tunnel_ports(&[port])
+        .start()
+        .await;
     let client = stowage.client();
     echo_through(&client, &format!("tunnel.test:{port}"), 10, 200_000).await;
     echo_through(&client, &format!("127.0.0.1:{port}"), 11, 200_000).await;
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
 
-    let deny = Stowage::builder().trust(&ca).other_hosts("deny").tunnel_ports(&[port]).start().await;
+    let deny = Stowage::builder()
+        .trust(&ca)
+        .other_hosts("deny")
+        .tunnel_ports(&[port])
+        .start()
+        .await;
     let client = deny.client();
-    let (_, status) = client.connect_raw(&format!("tunnel.test:{port}")).await.unwrap();
+    let (_, status) = client
+        .connect_raw(&format!("tunnel.test:{port}"))
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::FORBIDDEN);
-    let (_, status) = client.connect_raw(&format!("127.0.0.1:{port}")).await.unwrap();
+    let (_, status) = client
+        .connect_raw(&format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::FORBIDDEN);
-    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2, "a denied CONNECT reached the host");
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "a denied CONNECT reached the host"
+    );
     // Registries are still served.
-    let (_, status) = client.connect_raw(&format!("quay.io:{port}")).await.unwrap();
+    let (_, status) = client
+        .connect_raw(&format!("quay.io:{port}"))
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::OK);
 }
 
@@ -292,7 +479,10 @@ async fn h2_and_http11_inside_the_tunnel() {
     let stowage = Stowage::start(&ca).await;
     let client = stowage.client();
 
-    for (alpn, proto, version) in [(Alpn::H2, &b"h2"[..], Version::HTTP_2), (Alpn::Http11, &b"http/1.1"[..], Version::HTTP_11)] {
+    for (alpn, proto, version) in [
+        (Alpn::H2, &b"h2"[..], Version::HTTP_2),
+        (Alpn::Http11, &b"http/1.1"[..], Version::HTTP_11),
+    ] {
         let t = client.tunnel("quay.io", quay.port(), alpn).await.unwrap();
         assert_eq!(t.alpn.as_deref(), Some(proto), "{alpn:?}");
         let s = Session::on(&client, t, "team/app", alpn).await;
@@ -305,10 +495,12 @@ async fn h2_and_http11_inside_the_tunnel() {
         assert_eq!(sha256_digest(&r.body), img.layers[0]);
     }
     // A client offering both gets h2 (curl's case).
-    let t = client.tunnel("quay.io", quay.port(), Alpn::Both).await.unwrap();
+    let t = client
+        .tunnel("quay.io", quay.port(), Alpn::Both)
+        .await
+        .unwrap();
     assert_eq!(t.alpn.as_deref(), Some(&b"h2"[..]));
 }
-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn minted_leaves_validate_for_the_requested_host() {
@@ -326,9 +518,15 @@ async fn minted_leaves_validate_for_the_requested_host() {
     let mut leaves = Vec::new();
     for (host, port) in [("quay.io", quay.port()), ("ghcr.io", ghcr.port())] {
         assert_ne!(port, 443);
-        let t = client.tunnel(host, port, Alpn::Both).await.unwrap_or_else(|e| panic!("{host}:{port}: {e}"));
+        let t = client
+            .tunnel(host, port, Alpn::Both)
+            .await
+            .unwrap_or_else(|e| panic!("{host}:{port}: {e}"));
         let leaf = t.peer_certs.first().expect("a certificate").clone();
-        assert_ne!(leaf, ca_der, "{host}: the CA certificate itself was presented");
+        assert_ne!(
+            leaf, ca_der,
+            "{host}: the CA certificate itself was presented"
+        );
         let (sans, is_ca) = cert_names(&leaf);
         assert_eq!(sans, [host], "{host}: SANs");
         assert!(!is_ca, "{host}: the leaf is a CA");
@@ -337,29 +535,45 @@ async fn minted_leaves_validate_for_the_requested_host() {
     assert_ne!(leaves[0], leaves[1], "two registries share a leaf");
 
     // The same host again: the same leaf (minted once).
-    let again = client.tunnel("quay.io", quay.port(), Alpn::Http11).await.unwrap();
+    let again = client
+        .tunnel("quay.io", quay.port(), Alpn::Http11)
+        .await
+        .unwrap();
     assert_eq!(again.peer_certs[0], leaves[0]);
 
     // Upstream's certificate is not passed through: a client trusting only the upstream
     // test CA refuses the tunnel's TLS.
     let upstream_only = ProxyClient::via_proxy(stowage.addr, &ca.cert_pem);
-    assert!(upstream_only.tls("quay.io", quay.port(), Alpn::Http11).await.is_err());
+    assert!(upstream_only
+        .tls("quay.io", quay.port(), Alpn::Http11)
+        .await
+        .is_err());
     // And the leaf is for the CONNECT host only.
-    let (tcp, status) = client.connect_raw(&format!("quay.io:{}", quay.port())).await.unwrap();
+    let (tcp, status) = client
+        .connect_raw(&format!("quay.io:{}", quay.port()))
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::OK);
-    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates({
-            let mut roots = rustls::RootCertStore::empty();
-            roots.add(ca_der.clone()).unwrap();
-            roots
-        })
-        .with_no_client_auth();
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates({
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca_der.clone()).unwrap();
+        roots
+    })
+    .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let wrong_name = rustls::pki_types::ServerName::try_from("ghcr.io").unwrap();
-    let r = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(wrong_name, tcp).await;
-    assert!(r.is_err(), "a quay.io tunnel presented a certificate valid for ghcr.io");
+    let r = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(wrong_name, tcp)
+        .await;
+    assert!(
+        r.is_err(),
+        "a quay.io tunnel presented a certificate valid for ghcr.io"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,12 +586,21 @@ async fn the_proxy_serves_its_own_endpoints() {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.text(), stowage.ca_pem);
     assert!(r.text().starts_with("-----BEGIN CERTIFICATE-----"));
-    assert_eq!(std::fs::read_to_string(stowage.ca_dir.join("ca.crt")).unwrap(), stowage.ca_pem);
+    assert_eq!(
+        std::fs::read_to_string(stowage.ca_dir.join("ca.crt")).unwrap(),
+        stowage.ca_pem
+    );
     assert!(!r.text().contains("PRIVATE KEY"));
 
     assert_eq!(client.proxy_get("/healthz").await.status, StatusCode::OK);
-    assert_eq!(client.proxy_get("/nope").await.status, StatusCode::NOT_FOUND);
-    assert_eq!(client.proxy_get("/ca.key").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        client.proxy_get("/nope").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        client.proxy_get("/ca.key").await.status,
+        StatusCode::NOT_FOUND
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -387,12 +610,22 @@ async fn head_of_a_cached_blob_is_answered_locally() {
     let data = pseudo_random(123_457, 13);
     let digest = quay.push_blob("team/app", data.clone());
     let stowage = Stowage::start(&ca).await;
-    let s = Session::login(&stowage.client(), "quay.io", quay.port(), "team/app", Alpn::Http11).await;
+    let s = Session::login(
+        &stowage.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        Alpn::Http11,
+    )
+    .await;
     assert_eq!(s.blob(&digest).await.x_cache(), "miss");
     eventually("the blob stored", || stowage.is_cached(&digest)).await;
 
     // The filter below relies on Stowage forwarding the client's User-Agent upstream.
-    assert!(quay.requests().iter().any(|r| r.kind == Kind::Blob && r.method == Method::GET && r.by_client()));
+    assert!(quay
+        .requests()
+        .iter()
+        .any(|r| r.kind == Kind::Blob && r.method == Method::GET && r.by_client()));
     let seen = quay.requests().len();
     let r = s.request(Method::HEAD, &s.blob_path(&digest), &[]).await;
     assert_eq!(r.status, StatusCode::OK);
@@ -401,8 +634,15 @@ async fn head_of_a_cached_blob_is_answered_locally() {
     assert_eq!(r.header("docker-content-digest"), Some(digest.as_str()));
     assert!(r.body.is_empty());
     // Stowage's own background requests (no test User-Agent) aside, nothing went upstream.
-    let upstream: Vec<_> = quay.requests()[seen..].iter().filter(|r| r.by_client()).cloned().collect();
-    assert!(upstream.is_empty(), "HEAD of a cached blob went upstream: {upstream:#?}");
+    let upstream: Vec<_> = quay.requests()[seen..]
+        .iter()
+        .filter(|r| r.by_client())
+        .cloned()
+        .collect();
+    assert!(
+        upstream.is_empty(),
+        "HEAD of a cached blob went upstream: {upstream:#?}"
+    );
     assert_eq!(quay.blob_gets(), 1);
 }
 
@@ -415,18 +655,38 @@ async fn an_unreachable_upstream_is_a_502_with_registry_json() {
     };
     let stowage = Stowage::start(&ca).await;
     let client = stowage.client();
-    let t = client.tunnel("quay.io", closed, Alpn::Http11).await.expect("a registry tunnel opens even when upstream is down");
+    let t = client
+        .tunnel("quay.io", closed, Alpn::Http11)
+        .await
+        .expect("a registry tunnel opens even when upstream is down");
     let digest = sha256_digest(b"anything");
-    for path in [format!("/v2/team/app/blobs/{digest}"), "/v2/".to_owned(), "/v2/team/app/manifests/latest".to_owned()] {
+    for path in [
+        format!("/v2/team/app/blobs/{digest}"),
+        "/v2/".to_owned(),
+        "/v2/team/app/manifests/latest".to_owned(),
+    ] {
         let started = Instant::now();
         let r = t.get(&path, &[("authorization", "Bearer whatever")]).await;
         assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{path}: {}", r.text());
-        assert!(r.header("content-type").unwrap_or("").contains("json"), "{path}: {:?}", r.headers);
+        assert!(
+            r.header("content-type").unwrap_or("").contains("json"),
+            "{path}: {:?}",
+            r.headers
+        );
         let v = r.json();
-        let errors = v["errors"].as_array().unwrap_or_else(|| panic!("{path}: no errors array: {v}"));
+        let errors = v["errors"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{path}: no errors array: {v}"));
         assert!(!errors.is_empty());
-        assert!(errors[0]["code"].is_string() && errors[0]["message"].is_string(), "{v}");
-        assert!(started.elapsed() < Duration::from_secs(5), "{path}: took {:?}", started.elapsed());
+        assert!(
+            errors[0]["code"].is_string() && errors[0]["message"].is_string(),
+            "{v}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{path}: took {:?}",
+            started.elapsed()
+        );
     }
     assert!(stowage.cached_files().is_empty());
 }
@@ -437,14 +697,26 @@ async fn manifests_by_digest_are_cached_with_their_media_type() {
     let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
     let img = quay.push_image("team/app", "v1", &[pseudo_random(1000, 14)]);
     let stowage = Stowage::start(&ca).await;
-    let s = Session::login(&stowage.client(), "quay.io", quay.port(), "team/app", Alpn::H2).await;
-    let by_digest = |r: &&Recorded| r.kind == Kind::Manifest && r.method == Method::GET && r.path.ends_with(&img.manifest);
+    let s = Session::login(
+        &stowage.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        Alpn::H2,
+    )
+    .await;
+    let by_digest = |r: &&Recorded| {
+        r.kind == Kind::Manifest && r.method == Method::GET && r.path.ends_with(&img.manifest)
+    };
 
     let r = s.manifest(&img.manifest).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.x_cache(), "miss");
     assert_eq!(r.header("content-type"), Some(OCI_MANIFEST));
-    assert_eq!(r.header("docker-content-digest"), Some(img.manifest.as_str()));
+    assert_eq!(
+        r.header("docker-content-digest"),
+        Some(img.manifest.as_str())
+    );
     assert_eq!(r.body, img.manifest_bytes);
     eventually("the manifest stored", || stowage.is_cached(&img.manifest)).await;
 
@@ -452,16 +724,30 @@ async fn manifests_by_digest_are_cached_with_their_media_type() {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.x_cache(), "hit");
     assert_eq!(r.header("content-type"), Some(OCI_MANIFEST));
-    assert_eq!(r.header("docker-content-digest"), Some(img.manifest.as_str()));
+    assert_eq!(
+        r.header("docker-content-digest"),
+        Some(img.manifest.as_str())
+    );
     assert_eq!(r.content_length(), Some(img.manifest_bytes.len() as u64));
     assert_eq!(sha256_digest(&r.body), img.manifest);
 
-    let r = s.request(Method::HEAD, &s.manifest_path(&img.manifest), &[("accept", OCI_MANIFEST)]).await;
+    let r = s
+        .request(
+            Method::HEAD,
+            &s.manifest_path(&img.manifest),
+            &[("accept", OCI_MANIFEST)],
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.x_cache(), "hit");
     assert_eq!(r.header("content-type"), Some(OCI_MANIFEST));
     assert_eq!(r.content_length(), Some(img.manifest_bytes.len() as u64));
     assert!(r.body.is_empty());
 
-    assert_eq!(quay.requests().iter().filter(by_digest).count(), 1, "{:#?}", quay.requests());
+    assert_eq!(
+        quay.requests().iter().filter(by_digest).count(),
+        1,
+        "{:#?}",
+        quay.requests()
+    );
 }

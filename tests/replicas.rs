@@ -93,15 +93,24 @@ impl Node {
         }
         toml.push('\n');
         toml.push_str(&c.extra);
-        let config = ::stowage::Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("config rejected: {e}\n{toml}"));
-        let server = ::stowage::Server::bind(config).await.unwrap_or_else(|e| panic!("Server::bind: {e}\n{toml}"));
+        let config = ::stowage::Config::from_toml_str(&toml)
+            .unwrap_or_else(|e| panic!("config rejected: {e}\n{toml}"));
+        let server = ::stowage::Server::bind(config)
+            .await
+            .unwrap_or_else(|e| panic!("Server::bind: {e}\n{toml}"));
         let addr = server.proxy_addr();
         let ca_pem = server.ca_cert_pem();
         let (tx, rx) = oneshot::channel::<()>();
         tokio::spawn(server.run(async move {
             let _ = rx.await;
         }));
-        Node { addr, ca_pem, cache_dir, shutdown: Some(tx), _dir: dir }
+        Node {
+            addr,
+            ca_pem,
+            cache_dir,
+            shutdown: Some(tx),
+            _dir: dir,
+        }
     }
 
     fn client(&self) -> ProxyClient {
@@ -110,7 +119,12 @@ impl Node {
 
     fn is_cached(&self, digest: &str) -> bool {
         let hex = &digest["sha256:".len()..];
-        self.cache_dir.join("blobs").join("sha256").join(&hex[..2]).join(hex).is_file()
+        self.cache_dir
+            .join("blobs")
+            .join("sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .is_file()
     }
 }
 
@@ -124,7 +138,10 @@ impl Drop for Node {
 
 /// `[storage]` for a shared directory.
 fn dir_storage(shared: &Path) -> String {
-    format!("[storage]\nbackend = \"dir\"\ndir = {}\n", toml_path(shared))
+    format!(
+        "[storage]\nbackend = \"dir\"\ndir = {}\n",
+        toml_path(shared)
+    )
 }
 
 /// Where the shared tier keeps `digest` (`<prefix>blobs/sha256/<hex>`).
@@ -140,13 +157,31 @@ fn shared_key(prefix: &str, digest: &str) -> String {
 async fn a_blob_fetched_by_one_replica_is_served_by_another_from_a_shared_directory() {
     let ca = TestCa::new();
     let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
-    let img = quay.push_image("team/app", "v1", &[pseudo_random(300_000, 101), pseudo_random(40_000, 102)]);
+    let img = quay.push_image(
+        "team/app",
+        "v1",
+        &[pseudo_random(300_000, 101), pseudo_random(40_000, 102)],
+    );
     let shared = tempfile::tempdir().unwrap();
-    let config = || NodeConfig { extra: dir_storage(shared.path()), ..NodeConfig::default() }.pin("quay.io", "\"127.0.0.1\"");
+    let config = || {
+        NodeConfig {
+            extra: dir_storage(shared.path()),
+            ..NodeConfig::default()
+        }
+        .pin("quay.io", "\"127.0.0.1\"")
+    };
     let a = Node::start(&ca, config()).await;
     let b = Node::start(&ca, config()).await;
 
-    let first = pull(&a.client(), "quay.io", quay.port(), "team/app", "v1", Alpn::Http11).await;
+    let first = pull(
+        &a.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        "v1",
+        Alpn::Http11,
+    )
+    .await;
     assert_eq!(first.blob_x_cache(), ["miss", "miss", "miss"]);
     assert_eq!(quay.blob_gets(), 3);
     // Replica A uploads what it verified: the shared directory holds exactly those bytes.
@@ -154,25 +189,61 @@ async fn a_blob_fetched_by_one_replica_is_served_by_another_from_a_shared_direct
         let path = shared.path().join(shared_key("", d));
         eventually(&format!("{d} in the shared directory"), || path.is_file()).await;
         let stored = std::fs::read(&path).unwrap();
-        assert_eq!(sha256_digest(&stored), *d, "the shared directory holds wrong bytes for {d}");
+        assert_eq!(
+            sha256_digest(&stored),
+            *d,
+            "the shared directory holds wrong bytes for {d}"
+        );
         assert_eq!(stored, r.body);
     }
 
     // Replica B has never seen the image: blobs come from the shared tier, not upstream.
     assert!(img.blobs().iter().all(|d| !b.is_cached(d)));
-    let second = pull(&b.client(), "quay.io", quay.port(), "team/app", "v1", Alpn::H2).await;
+    let second = pull(
+        &b.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        "v1",
+        Alpn::H2,
+    )
+    .await;
     assert_eq!(second.manifest_digest, img.manifest);
     assert_eq!(second.blob_x_cache(), ["hit", "hit", "hit"]);
-    assert_eq!(quay.blob_gets(), 3, "replica B fetched blobs upstream: {:#?}", quay.requests());
+    assert_eq!(
+        quay.blob_gets(),
+        3,
+        "replica B fetched blobs upstream: {:#?}",
+        quay.requests()
+    );
     // ... and are kept in B's own hot tier, verified.
     for d in img.blobs() {
-        eventually(&format!("{d} in replica B's local cache"), || b.is_cached(&d)).await;
+        eventually(&format!("{d} in replica B's local cache"), || {
+            b.is_cached(&d)
+        })
+        .await;
     }
-    let third = pull(&b.client(), "quay.io", quay.port(), "team/app", "v1", Alpn::Http11).await;
+    let third = pull(
+        &b.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        "v1",
+        Alpn::Http11,
+    )
+    .await;
     assert_eq!(third.blob_x_cache(), ["hit", "hit", "hit"]);
     assert_eq!(quay.blob_gets(), 3);
     // Nothing but the three objects (no temp files left behind by the uploads).
-    let mut names: Vec<String> = walk(shared.path()).iter().map(|p| p.strip_prefix(shared.path()).unwrap().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = walk(shared.path())
+        .iter()
+        .map(|p| {
+            p.strip_prefix(shared.path())
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
     names.sort();
     let mut expected: Vec<String> = img.blobs().iter().map(|d| shared_key("", d)).collect();
     expected.sort();
@@ -241,13 +312,22 @@ impl FakeS3 {
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let (st, bucket) = (st.clone(), bucket.clone());
-                        async move { Ok::<_, std::convert::Infallible>(s3_handle(&st, &bucket, req).await) }
+                        async move {
+                            Ok::<_, std::convert::Infallible>(s3_handle(&st, &bucket, req).await)
+                        }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tcp), svc).await;
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
                 });
             }
         });
-        FakeS3 { addr, bucket: bucket.to_owned(), state, _task: task }
+        FakeS3 {
+            addr,
+            bucket: bucket.to_owned(),
+            state,
+            _task: task,
+        }
     }
 
     fn endpoint(&self) -> String {
@@ -259,7 +339,10 @@ impl FakeS3 {
     }
 
     fn count(&self, method: &Method) -> usize {
-        self.requests().iter().filter(|r| r.method == method).count()
+        self.requests()
+            .iter()
+            .filter(|r| r.method == method)
+            .count()
     }
 
     fn objects(&self) -> HashMap<String, Bytes> {
@@ -283,25 +366,47 @@ fn s3_response(status: StatusCode, body: impl Into<Bytes>) -> http::Response<Ful
     let body = body.into();
     let mut r = http::Response::new(Full::new(body.clone()));
     *r.status_mut() = status;
-    r.headers_mut().insert(http::header::CONTENT_LENGTH, body.len().into());
+    r.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, body.len().into());
     r
 }
 
-async fn s3_handle(st: &S3State, bucket: &str, req: http::Request<hyper::body::Incoming>) -> http::Response<Full<Bytes>> {
+async fn s3_handle(
+    st: &S3State,
+    bucket: &str,
+    req: http::Request<hyper::body::Incoming>,
+) -> http::Response<Full<Bytes>> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let refused = check_sigv4(&req).err();
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     let key = path.strip_prefix(&format!("/{bucket}/")).map(str::to_owned);
     let resp = match (&refused, key) {
-        (Some(why), _) => s3_response(StatusCode::FORBIDDEN, format!("<Error><Code>SignatureDoesNotMatch</Code><Message>{why}</Message></Error>")),
-        (None, None) => s3_response(StatusCode::NOT_FOUND, "<Error><Code>NoSuchBucket</Code></Error>"),
+        (Some(why), _) => s3_response(
+            StatusCode::FORBIDDEN,
+            format!("<Error><Code>SignatureDoesNotMatch</Code><Message>{why}</Message></Error>"),
+        ),
+        (None, None) => s3_response(
+            StatusCode::NOT_FOUND,
+            "<Error><Code>NoSuchBucket</Code></Error>",
+        ),
         (None, Some(key)) => match method {
             Method::PUT => {
-                let declared = parts.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+                let declared = parts
+                    .headers
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<usize>().ok());
                 if declared != Some(body.len()) {
-                    s3_response(StatusCode::BAD_REQUEST, "<Error><Code>IncompleteBody</Code></Error>")
+                    s3_response(
+                        StatusCode::BAD_REQUEST,
+                        "<Error><Code>IncompleteBody</Code></Error>",
+                    )
                 } else {
                     st.objects.lock().unwrap().insert(key, body);
                     s3_response(StatusCode::OK, "")
@@ -310,22 +415,44 @@ async fn s3_handle(st: &S3State, bucket: &str, req: http::Request<hyper::body::I
             Method::GET | Method::HEAD => match st.objects.lock().unwrap().get(&key).cloned() {
                 Some(data) => {
                     let len = data.len();
-                    let mut r = s3_response(StatusCode::OK, if method == Method::HEAD { Bytes::new() } else { data });
-                    r.headers_mut().insert(http::header::CONTENT_LENGTH, len.into());
+                    let mut r = s3_response(
+                        StatusCode::OK,
+                        if method == Method::HEAD {
+                            Bytes::new()
+                        } else {
+                            data
+                        },
+                    );
+                    r.headers_mut()
+                        .insert(http::header::CONTENT_LENGTH, len.into());
                     r
                 }
-                None => s3_response(StatusCode::NOT_FOUND, if method == Method::HEAD { "" } else { "<Error><Code>NoSuchKey</Code></Error>" }),
+                None => s3_response(
+                    StatusCode::NOT_FOUND,
+                    if method == Method::HEAD {
+                        ""
+                    } else {
+                        "<Error><Code>NoSuchKey</Code></Error>"
+                    },
+                ),
             },
             _ => s3_response(StatusCode::METHOD_NOT_ALLOWED, ""),
         },
     };
-    st.log.lock().unwrap().push(S3Request { method, path, status: resp.status().as_u16(), refused });
+    st.log.lock().unwrap().push(S3Request {
+        method,
+        path,
+        status: resp.status().as_u16(),
+        refused,
+    });
     resp
 }
 
 fn hmac_sha256(key: &[u8], msg: &str) -> Vec<u8> {
     use aws_lc_rs::hmac;
-    hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), msg.as_bytes()).as_ref().to_vec()
+    hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), msg.as_bytes())
+        .as_ref()
+        .to_vec()
 }
 
 fn sha256_hex(data: &[u8]) -> String {
@@ -337,12 +464,22 @@ fn sha256_hex(data: &[u8]) -> String {
 /// received, the payload hash header), derives the signing key from the secret, and
 /// compares signatures.
 fn check_sigv4<B>(req: &http::Request<B>) -> Result<(), String> {
-    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
     let auth = header("authorization").ok_or("no Authorization")?;
-    let rest = auth.strip_prefix("AWS4-HMAC-SHA256 ").ok_or("not AWS4-HMAC-SHA256")?;
+    let rest = auth
+        .strip_prefix("AWS4-HMAC-SHA256 ")
+        .ok_or("not AWS4-HMAC-SHA256")?;
     let mut fields = HashMap::new();
     for part in rest.split(',') {
-        let (k, v) = part.trim().split_once('=').ok_or("malformed Authorization")?;
+        let (k, v) = part
+            .trim()
+            .split_once('=')
+            .ok_or("malformed Authorization")?;
         fields.insert(k.to_owned(), v.to_owned());
     }
     let credential = fields.get("Credential").ok_or("no Credential")?;
@@ -350,7 +487,9 @@ fn check_sigv4<B>(req: &http::Request<B>) -> Result<(), String> {
     let signature = fields.get("Signature").ok_or("no Signature")?;
     let cred: Vec<&str> = credential.split('/').collect();
     let [access_key, date, region, service, terminator] = cred[..] else {
-        return Err(format!("Credential {credential:?} is not key/date/region/service/aws4_request"));
+        return Err(format!(
+            "Credential {credential:?} is not key/date/region/service/aws4_request"
+        ));
     };
     if access_key != S3_ACCESS_KEY {
         return Err(format!("unknown access key {access_key}"));
@@ -360,7 +499,9 @@ fn check_sigv4<B>(req: &http::Request<B>) -> Result<(), String> {
     }
     let amz_date = header("x-amz-date").ok_or("no x-amz-date")?;
     if amz_date.len() != 16 || !amz_date.starts_with(date) || !amz_date.ends_with('Z') {
-        return Err(format!("x-amz-date {amz_date:?} does not match the scope date {date}"));
+        return Err(format!(
+            "x-amz-date {amz_date:?} does not match the scope date {date}"
+        ));
     }
     let payload = header("x-amz-content-sha256").ok_or("no x-amz-content-sha256")?;
     let names: Vec<&str> = signed_headers.split(';').collect();
@@ -379,24 +520,48 @@ fn check_sigv4<B>(req: &http::Request<B>) -> Result<(), String> {
         let v = header(n).ok_or_else(|| format!("signed header {n} missing from the request"))?;
         canonical_headers.push_str(&format!("{n}:{}\n", v.trim()));
     }
-    let mut query: Vec<&str> = req.uri().query().unwrap_or("").split('&').filter(|q| !q.is_empty()).collect();
+    let mut query: Vec<&str> = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|q| !q.is_empty())
+        .collect();
     query.sort();
-    let canonical = format!("{}\n{}\n{}\n{canonical_headers}\n{signed_headers}\n{payload}", req.method(), req.uri().path(), query.join("&"));
-    let to_sign = format!("AWS4-HMAC-SHA256\n{amz_date}\n{date}/{region}/s3/aws4_request\n{}", sha256_hex(canonical.as_bytes()));
+    let canonical = format!(
+        "{}\n{}\n{}\n{canonical_headers}\n{signed_headers}\n{payload}",
+        req.method(),
+        req.uri().path(),
+        query.join("&")
+    );
+    let to_sign = format!(
+        "AWS4-HMAC-SHA256\n{amz_date}\n{date}/{region}/s3/aws4_request\n{}",
+        sha256_hex(canonical.as_bytes())
+    );
     let k = hmac_sha256(format!("AWS4{S3_SECRET_KEY}").as_bytes(), date);
     let k = hmac_sha256(&k, region);
     let k = hmac_sha256(&k, "s3");
     let k = hmac_sha256(&k, "aws4_request");
     let expected = hex::encode(hmac_sha256(&k, &to_sign));
     if *signature != expected {
-        return Err(format!("signature mismatch; canonical request was {canonical:?}"));
+        return Err(format!(
+            "signature mismatch; canonical request was {canonical:?}"
+        ));
     }
     Ok(())
 }
 
 fn write_credentials(dir: &Path, secret: &str) -> PathBuf {
     let path = dir.join("s3.toml");
-    std::fs::write(&path, format!("access_key_id = {}\nsecret_access_key = {}\n", toml_str(S3_ACCESS_KEY), toml_str(secret))).unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "access_key_id = {}\nsecret_access_key = {}\n",
+            toml_str(S3_ACCESS_KEY),
+            toml_str(secret)
+        ),
+    )
+    .unwrap();
     path
 }
 
@@ -404,43 +569,109 @@ fn write_credentials(dir: &Path, secret: &str) -> PathBuf {
 async fn replicas_share_blobs_through_an_s3_bucket_with_signed_requests() {
     let ca = TestCa::new();
     let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
-    let img = quay.push_image("team/app", "v1", &[pseudo_random(200_000, 111), pseudo_random(30_000, 112)]);
+    let img = quay.push_image(
+        "team/app",
+        "v1",
+        &[pseudo_random(200_000, 111), pseudo_random(30_000, 112)],
+    );
     let s3 = FakeS3::start("stowage-blobs").await;
     let secrets = tempfile::tempdir().unwrap();
     let creds = write_credentials(secrets.path(), S3_SECRET_KEY);
-    let config = || NodeConfig { extra: s3.storage_toml("fleet/", &creds), ..NodeConfig::default() }.pin("quay.io", "\"127.0.0.1\"");
+    let config = || {
+        NodeConfig {
+            extra: s3.storage_toml("fleet/", &creds),
+            ..NodeConfig::default()
+        }
+        .pin("quay.io", "\"127.0.0.1\"")
+    };
     let a = Node::start(&ca, config()).await;
     let b = Node::start(&ca, config()).await;
 
-    let first = pull(&a.client(), "quay.io", quay.port(), "team/app", "v1", Alpn::Http11).await;
+    let first = pull(
+        &a.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        "v1",
+        Alpn::Http11,
+    )
+    .await;
     assert_eq!(first.blob_x_cache(), ["miss", "miss", "miss"]);
     assert_eq!(quay.blob_gets(), 3);
-    let keys: Vec<String> = img.blobs().iter().map(|d| format!("{}/{}", s3.bucket, shared_key("fleet/", d))).collect();
+    let keys: Vec<String> = img
+        .blobs()
+        .iter()
+        .map(|d| format!("{}/{}", s3.bucket, shared_key("fleet/", d)))
+        .collect();
     eventually("replica A uploaded every blob", || s3.objects().len() == 3).await;
     // Exactly the verified bytes, each under the key of its own digest.
     let objects = s3.objects();
     for d in img.blobs() {
         let key = shared_key("fleet/", &d);
-        let data = objects.get(&key).unwrap_or_else(|| panic!("no object {key}; bucket holds {:?}", objects.keys().collect::<Vec<_>>()));
-        assert_eq!(sha256_digest(data), d, "{key} holds bytes that do not hash to its digest");
+        let data = objects.get(&key).unwrap_or_else(|| {
+            panic!(
+                "no object {key}; bucket holds {:?}",
+                objects.keys().collect::<Vec<_>>()
+            )
+        });
+        assert_eq!(
+            sha256_digest(data),
+            d,
+            "{key} holds bytes that do not hash to its digest"
+        );
     }
-    let refused: Vec<_> = s3.requests().into_iter().filter(|r| r.refused.is_some()).collect();
-    assert!(refused.is_empty(), "requests with a bad signature: {refused:#?}");
+    let refused: Vec<_> = s3
+        .requests()
+        .into_iter()
+        .filter(|r| r.refused.is_some())
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "requests with a bad signature: {refused:#?}"
+    );
     assert_eq!(s3.count(&Method::PUT), 3, "{:#?}", s3.requests());
 
-    let second = pull(&b.client(), "quay.io", quay.port(), "team/app", "v1", Alpn::Http11).await;
+    let second = pull(
+        &b.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        "v1",
+        Alpn::Http11,
+    )
+    .await;
     assert_eq!(second.blob_x_cache(), ["hit", "hit", "hit"]);
-    assert_eq!(quay.blob_gets(), 3, "replica B fetched blobs upstream: {:#?}", quay.requests());
-    let gets: Vec<String> = s3.requests().into_iter().filter(|r| r.method == Method::GET && r.status == 200).map(|r| r.path).collect();
+    assert_eq!(
+        quay.blob_gets(),
+        3,
+        "replica B fetched blobs upstream: {:#?}",
+        quay.requests()
+    );
+    let gets: Vec<String> = s3
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == Method::GET && r.status == 200)
+        .map(|r| r.path)
+        .collect();
     for k in &keys {
-        assert!(gets.contains(&format!("/{k}")), "replica B did not read {k} from the bucket: {gets:?}");
+        assert!(
+            gets.contains(&format!("/{k}")),
+            "replica B did not read {k} from the bucket: {gets:?}"
+        );
     }
     for d in img.blobs() {
-        eventually("replica B keeps the blobs in its hot tier", || b.is_cached(&d)).await;
+        eventually("replica B keeps the blobs in its hot tier", || {
+            b.is_cached(&d)
+        })
+        .await;
     }
     // Content read from the bucket is not uploaded again.
     assert_eq!(s3.count(&Method::PUT), 3, "{:#?}", s3.requests());
-    assert!(s3.requests().iter().all(|r| r.refused.is_none()), "{:#?}", s3.requests());
+    assert!(
+        s3.requests().iter().all(|r| r.refused.is_none()),
+        "{:#?}",
+        s3.requests()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -452,17 +683,42 @@ async fn a_refused_s3_store_falls_back_to_upstream() {
     let secrets = tempfile::tempdir().unwrap();
     // The wrong secret: every request to the bucket is refused (403).
     let creds = write_credentials(secrets.path(), "not-the-secret");
-    let node = Node::start(&ca, NodeConfig { extra: s3.storage_toml("", &creds), ..NodeConfig::default() }.pin("quay.io", "\"127.0.0.1\"")).await;
+    let node = Node::start(
+        &ca,
+        NodeConfig {
+            extra: s3.storage_toml("", &creds),
+            ..NodeConfig::default()
+        }
+        .pin("quay.io", "\"127.0.0.1\""),
+    )
+    .await;
 
-    let pulled = pull(&node.client(), "quay.io", quay.port(), "team/app", "v1", Alpn::H2).await;
+    let pulled = pull(
+        &node.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        "v1",
+        Alpn::H2,
+    )
+    .await;
     assert_eq!(pulled.blob_x_cache(), ["miss", "miss"]);
     assert_eq!(quay.blob_gets(), 2);
     for d in img.blobs() {
         eventually("stored locally all the same", || node.is_cached(&d)).await;
     }
-    eventually("uploads attempted", || s3.count(&Method::HEAD) + s3.count(&Method::PUT) >= 2).await;
+    eventually("uploads attempted", || {
+        s3.count(&Method::HEAD) + s3.count(&Method::PUT) >= 2
+    })
+    .await;
     let requests = s3.requests();
-    assert!(!requests.is_empty() && requests.iter().all(|r| r.status == 403 && r.refused.is_some()), "{requests:#?}");
+    assert!(
+        !requests.is_empty()
+            && requests
+                .iter()
+                .all(|r| r.status == 403 && r.refused.is_some()),
+        "{requests:#?}"
+    );
     assert!(s3.objects().is_empty());
 }
 
@@ -490,7 +746,11 @@ impl FakeConnectProxy {
                 tokio::spawn(proxy_connection(tcp, s.clone()));
             }
         });
-        FakeConnectProxy { addr, seen, _task: task }
+        FakeConnectProxy {
+            addr,
+            seen,
+            _task: task,
+        }
     }
 
     fn url(&self) -> String {
@@ -504,7 +764,9 @@ impl FakeConnectProxy {
 
     /// Whether a tunnel to `authority` was asked for.
     fn connected_to(&self, authority: &str) -> bool {
-        self.seen().iter().any(|l| l.starts_with(&format!("CONNECT {authority} ")))
+        self.seen()
+            .iter()
+            .any(|l| l.starts_with(&format!("CONNECT {authority} ")))
     }
 
     fn saw_host(&self, host: &str) -> bool {
@@ -524,33 +786,47 @@ async fn proxy_connection(mut client: TcpStream, seen: Arc<Mutex<Vec<String>>>) 
     let text = String::from_utf8_lossy(&head).into_owned();
     let line = text.lines().next().unwrap_or("").to_owned();
     // The request line, plus the credentials when some came: `... [Basic dXNlcjpwdw==]`.
-    let auth = text.lines().find_map(|l| l.strip_prefix("Proxy-Authorization: ").or_else(|| l.strip_prefix("proxy-authorization: ")));
+    let auth = text.lines().find_map(|l| {
+        l.strip_prefix("Proxy-Authorization: ")
+            .or_else(|| l.strip_prefix("proxy-authorization: "))
+    });
     seen.lock().unwrap().push(match auth {
         Some(a) => format!("{line} [{a}]"),
         None => line.clone(),
     });
     let mut words = line.split_whitespace();
     let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    let port = target.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
+    let port = target
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok());
     let (true, Some(port)) = (method == "CONNECT", port) else {
         let _ = client.write_all(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
         return;
     };
     let Ok(mut upstream) = TcpStream::connect(("127.0.0.1", port)).await else {
-        let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+        let _ = client
+            .write_all(
+                b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            )
+            .await;
         return;
     };
-    if client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await.is_err() {
+    if client
+        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        .await
+        .is_err()
+    {
         return;
     }
     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
 }
 
-
-
 /// Whether a TCP connection to `addr` is refused (or otherwise fails) quickly.
 async fn unreachable(addr: SocketAddr) -> bool {
-    !matches!(tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr)).await, Ok(Ok(_)))
+    !matches!(
+        tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr)).await,
+        Ok(Ok(_))
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -564,29 +840,55 @@ async fn upstream_connections_go_through_the_configured_proxy_except_no_proxy_ho
     let corp = FakeConnectProxy::start().await;
     // Names reached through the proxy are pinned where nothing listens: only the proxy
     // (which puts every name on 127.0.0.1) can reach them.
-    assert!(unreachable(SocketAddr::from(([127, 0, 0, 2], quay.port()))).await, "127.0.0.2 must not reach the fake registry");
+    assert!(
+        unreachable(SocketAddr::from(([127, 0, 0, 2], quay.port()))).await,
+        "127.0.0.2 must not reach the fake registry"
+    );
     let node = Node::start(
         &ca,
-        NodeConfig { proxy: vec![format!("tunnel_ports = [{echo_port}]")], ..NodeConfig::default() }
-            .upstream(&format!("proxy = {}", toml_str(&corp.url())))
-            .upstream("no_proxy = \"ghcr.io, direct.test\"")
-            .pin("quay.io", "\"127.0.0.2\"")
-            .pin("tunnel.test", "\"127.0.0.2\"")
-            .pin("ghcr.io", "\"127.0.0.1\"")
-            .pin("direct.test", "\"127.0.0.1\""),
+        NodeConfig {
+            proxy: vec![format!("tunnel_ports = [{echo_port}]")],
+            ..NodeConfig::default()
+        }
+        .upstream(&format!("proxy = {}", toml_str(&corp.url())))
+        .upstream("no_proxy = \"ghcr.io, direct.test\"")
+        .pin("quay.io", "\"127.0.0.2\"")
+        .pin("tunnel.test", "\"127.0.0.2\"")
+        .pin("ghcr.io", "\"127.0.0.1\"")
+        .pin("direct.test", "\"127.0.0.1\""),
     )
     .await;
     let client = node.client();
 
     // A registry: the pull works, over a tunnel the corporate proxy opened.
-    let pulled = pull(&client, "quay.io", quay.port(), "team/app", "v1", Alpn::Http11).await;
+    let pulled = pull(
+        &client,
+        "quay.io",
+        quay.port(),
+        "team/app",
+        "v1",
+        Alpn::Http11,
+    )
+    .await;
     assert_eq!(pulled.blob_x_cache(), ["miss", "miss"]);
-    assert!(corp.connected_to(&format!("quay.io:{}", quay.port())), "the proxy saw {:?}", corp.seen());
-    assert!(corp.seen().iter().all(|l| l.starts_with("CONNECT ")), "{:?}", corp.seen());
+    assert!(
+        corp.connected_to(&format!("quay.io:{}", quay.port())),
+        "the proxy saw {:?}",
+        corp.seen()
+    );
+    assert!(
+        corp.seen().iter().all(|l| l.starts_with("CONNECT ")),
+        "{:?}",
+        corp.seen()
+    );
 
     // A host that is not a registry: Stowage's blind tunnel goes through the proxy too.
     echo_through(&client, &format!("tunnel.test:{echo_port}"), 133, 50_000).await;
-    assert!(corp.connected_to(&format!("tunnel.test:{echo_port}")), "the proxy saw {:?}", corp.seen());
+    assert!(
+        corp.connected_to(&format!("tunnel.test:{echo_port}")),
+        "the proxy saw {:?}",
+        corp.seen()
+    );
     assert_eq!(echo_accepted.load(Ordering::SeqCst), 1);
 
     // no_proxy hosts are reached directly: a registry and a blind tunnel.
@@ -595,7 +897,11 @@ async fn upstream_connections_go_through_the_configured_proxy_except_no_proxy_ho
     echo_through(&client, &format!("direct.test:{echo_port}"), 134, 50_000).await;
     assert_eq!(echo_accepted.load(Ordering::SeqCst), 2);
     assert!(ghcr.blob_gets() == 2);
-    assert!(!corp.saw_host("ghcr.io") && !corp.saw_host("direct.test"), "no_proxy hosts went through the proxy: {:?}", &corp.seen()[before..]);
+    assert!(
+        !corp.saw_host("ghcr.io") && !corp.saw_host("direct.test"),
+        "no_proxy hosts went through the proxy: {:?}",
+        &corp.seen()[before..]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -614,19 +920,46 @@ async fn a_proxy_that_refuses_the_tunnel_is_a_clean_502() {
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
                 let _ = s.read(&mut buf).await;
-                let _ = s.write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    )
+                    .await;
             });
         }
     });
-    let node = Node::start(&ca, NodeConfig::default().upstream(&format!("proxy = \"http://{addr}\"")).pin("quay.io", "\"127.0.0.1\"")).await;
-    let t = node.client().tunnel("quay.io", quay.port(), Alpn::Http11).await.expect("the client's tunnel opens; upstream is reached per request");
+    let node = Node::start(
+        &ca,
+        NodeConfig::default()
+            .upstream(&format!("proxy = \"http://{addr}\""))
+            .pin("quay.io", "\"127.0.0.1\""),
+    )
+    .await;
+    let t = node
+        .client()
+        .tunnel("quay.io", quay.port(), Alpn::Http11)
+        .await
+        .expect("the client's tunnel opens; upstream is reached per request");
     let started = Instant::now();
-    let r = t.get(&format!("/v2/team/app/blobs/{}", img.layers[0]), &[("authorization", "Bearer x")]).await;
+    let r = t
+        .get(
+            &format!("/v2/team/app/blobs/{}", img.layers[0]),
+            &[("authorization", "Bearer x")],
+        )
+        .await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
     assert!(r.json()["errors"][0]["code"].is_string(), "{}", r.text());
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert!(refusals.load(Ordering::SeqCst) >= 1, "the proxy was never asked");
-    assert_eq!(quay.requests().len(), 0, "upstream reached around the proxy: {:#?}", quay.requests());
+    assert!(
+        refusals.load(Ordering::SeqCst) >= 1,
+        "the proxy was never asked"
+    );
+    assert_eq!(
+        quay.requests().len(),
+        0,
+        "upstream reached around the proxy: {:#?}",
+        quay.requests()
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -642,25 +975,43 @@ async fn an_upstream_reachable_only_over_ipv4_works_when_its_name_also_resolves_
     // The fake listens on 127.0.0.1 only: the IPv6 address is unreachable (refused, or no
     // IPv6 at all on this machine).
     let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, quay.port()));
-    assert!(unreachable(v6).await, "something listens on {v6}; cannot test the fallback");
+    assert!(
+        unreachable(v6).await,
+        "something listens on {v6}; cannot test the fallback"
+    );
     assert!(unreachable(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, echo_port))).await);
     let node = Node::start(
         &ca,
-        NodeConfig { proxy: vec![format!("tunnel_ports = [{echo_port}]")], ..NodeConfig::default() }
-            .pin("quay.io", "[\"::1\", \"127.0.0.1\"]")
-            .pin("tunnel.test", "[\"::1\", \"127.0.0.1\"]"),
+        NodeConfig {
+            proxy: vec![format!("tunnel_ports = [{echo_port}]")],
+            ..NodeConfig::default()
+        }
+        .pin("quay.io", "[\"::1\", \"127.0.0.1\"]")
+        .pin("tunnel.test", "[\"::1\", \"127.0.0.1\"]"),
     )
     .await;
     let client = node.client();
 
     let started = Instant::now();
-    let pulled = pull(&client, "quay.io", quay.port(), "team/app", "v1", Alpn::Http11).await;
+    let pulled = pull(
+        &client,
+        "quay.io",
+        quay.port(),
+        "team/app",
+        "v1",
+        Alpn::Http11,
+    )
+    .await;
     assert_eq!(pulled.manifest_digest, img.manifest);
     assert_eq!(pulled.blob_x_cache(), ["miss", "miss"]);
     // A second repository on new connections: the fallback is not a one-off.
     let s = Session::login(&client, "quay.io", quay.port(), "team/app", Alpn::H2).await;
     assert_eq!(s.manifest(&img.manifest).await.status, StatusCode::OK);
-    assert!(started.elapsed() < Duration::from_secs(10), "the fallback took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the fallback took {:?}",
+        started.elapsed()
+    );
     // Blind tunnels fall back the same way.
     echo_through(&client, &format!("tunnel.test:{echo_port}"), 152, 50_000).await;
     assert_eq!(echo_accepted.load(Ordering::SeqCst), 1);
@@ -675,13 +1026,41 @@ async fn stowage_serves_a_pull_on_an_ipv6_loopback_listener() {
     let ca = TestCa::new();
     let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
     let img = quay.push_image("team/app", "v1", &[pseudo_random(80_000, 161)]);
-    let node = Node::start(&ca, NodeConfig { listen: Some("[::1]:0".into()), ..NodeConfig::default() }.pin("quay.io", "\"127.0.0.1\"")).await;
-    assert!(node.addr.is_ipv6() && node.addr.ip().is_loopback(), "{}", node.addr);
+    let node = Node::start(
+        &ca,
+        NodeConfig {
+            listen: Some("[::1]:0".into()),
+            ..NodeConfig::default()
+        }
+        .pin("quay.io", "\"127.0.0.1\""),
+    )
+    .await;
+    assert!(
+        node.addr.is_ipv6() && node.addr.ip().is_loopback(),
+        "{}",
+        node.addr
+    );
     let client = node.client();
-    let pulled = pull(&client, "quay.io", quay.port(), "team/app", "v1", Alpn::Both).await;
+    let pulled = pull(
+        &client,
+        "quay.io",
+        quay.port(),
+        "team/app",
+        "v1",
+        Alpn::Both,
+    )
+    .await;
     assert_eq!(pulled.manifest_digest, img.manifest);
     assert_eq!(pulled.blob_x_cache(), ["miss", "miss"]);
-    let again = pull(&client, "quay.io", quay.port(), "team/app", "v1", Alpn::Http11).await;
+    let again = pull(
+        &client,
+        "quay.io",
+        quay.port(),
+        "team/app",
+        "v1",
+        Alpn::Http11,
+    )
+    .await;
     assert_eq!(again.blob_x_cache(), ["hit", "hit"]);
     assert_eq!(client.proxy_get("/healthz").await.status, StatusCode::OK);
 }
@@ -689,12 +1068,27 @@ async fn stowage_serves_a_pull_on_an_ipv6_loopback_listener() {
 /// Asks `node` for `digest` twice: the first answer, from wrong bytes in the shared store,
 /// must not be delivered complete, nor cached; the second (a new connection, as the aborted
 /// response ended the last one) must be the right bytes, fetched upstream.
-async fn wrong_shared_bytes_then_right_ones(node: &Node, quay: &FakeRegistry, digest: &str, data: &[u8]) {
-    let s = Session::login(&node.client(), "quay.io", quay.port(), "team/app", Alpn::Http11).await;
+async fn wrong_shared_bytes_then_right_ones(
+    node: &Node,
+    quay: &FakeRegistry,
+    digest: &str,
+    data: &[u8],
+) {
+    let s = Session::login(
+        &node.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        Alpn::Http11,
+    )
+    .await;
     match s.request_raw(Method::GET, &s.blob_path(digest), &[]).await {
         Ok(r) if r.status.is_success() => {
             assert_eq!(r.x_cache(), "hit", "served from the shared store");
-            assert!(r.body_error.is_some() || r.body.len() < data.len(), "wrong bytes from the shared store were delivered complete");
+            assert!(
+                r.body_error.is_some() || r.body.len() < data.len(),
+                "wrong bytes from the shared store were delivered complete"
+            );
         }
         Ok(r) => panic!("unexpected {}: {}", r.status, r.text()),
         Err(_) => {}
@@ -702,7 +1096,14 @@ async fn wrong_shared_bytes_then_right_ones(node: &Node, quay: &FakeRegistry, di
     assert_eq!(quay.blob_gets(), 0);
     assert!(!node.is_cached(digest), "wrong bytes were cached");
 
-    let s = Session::login(&node.client(), "quay.io", quay.port(), "team/app", Alpn::Http11).await;
+    let s = Session::login(
+        &node.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        Alpn::Http11,
+    )
+    .await;
     let r = s.blob(digest).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(sha256_digest(&r.body), digest, "X-Cache {}", r.x_cache());
@@ -724,11 +1125,22 @@ async fn wrong_bytes_in_a_shared_directory_are_never_served_and_get_replaced() {
     let mut wrong = data.clone();
     wrong[100_000] ^= 0xff;
     std::fs::write(&path, &wrong).unwrap();
-    let node = Node::start(&ca, NodeConfig { extra: dir_storage(shared.path()), ..NodeConfig::default() }.pin("quay.io", "\"127.0.0.1\"")).await;
+    let node = Node::start(
+        &ca,
+        NodeConfig {
+            extra: dir_storage(shared.path()),
+            ..NodeConfig::default()
+        }
+        .pin("quay.io", "\"127.0.0.1\""),
+    )
+    .await;
 
     wrong_shared_bytes_then_right_ones(&node, &quay, &digest, &data).await;
     // The verified upload replaced the wrong object.
-    eventually("the shared object replaced", || std::fs::read(&path).is_ok_and(|b| b == data)).await;
+    eventually("the shared object replaced", || {
+        std::fs::read(&path).is_ok_and(|b| b == data)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -742,14 +1154,35 @@ async fn wrong_bytes_in_an_s3_bucket_are_never_served_and_get_replaced() {
     // Longer than the real blob, this time.
     let mut wrong = data.clone();
     wrong.extend_from_slice(b"trailing garbage");
-    s3.state.objects.lock().unwrap().insert(key.clone(), Bytes::from(wrong));
+    s3.state
+        .objects
+        .lock()
+        .unwrap()
+        .insert(key.clone(), Bytes::from(wrong));
     let secrets = tempfile::tempdir().unwrap();
     let creds = write_credentials(secrets.path(), S3_SECRET_KEY);
-    let node = Node::start(&ca, NodeConfig { extra: s3.storage_toml("", &creds), ..NodeConfig::default() }.pin("quay.io", "\"127.0.0.1\"")).await;
+    let node = Node::start(
+        &ca,
+        NodeConfig {
+            extra: s3.storage_toml("", &creds),
+            ..NodeConfig::default()
+        }
+        .pin("quay.io", "\"127.0.0.1\""),
+    )
+    .await;
 
     wrong_shared_bytes_then_right_ones(&node, &quay, &digest, &data).await;
-    eventually("the object replaced", || s3.objects().get(&key).is_some_and(|b| sha256_digest(b) == digest)).await;
-    assert!(s3.requests().iter().all(|r| r.refused.is_none()), "{:#?}", s3.requests());
+    eventually("the object replaced", || {
+        s3.objects()
+            .get(&key)
+            .is_some_and(|b| sha256_digest(b) == digest)
+    })
+    .await;
+    assert!(
+        s3.requests().iter().all(|r| r.refused.is_none()),
+        "{:#?}",
+        s3.requests()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -762,18 +1195,48 @@ async fn credentials_in_the_proxy_url_are_sent_to_the_proxy() {
     let corp = FakeConnectProxy::start().await;
     let node = Node::start(
         &ca,
-        NodeConfig { proxy: vec![format!("tunnel_ports = [{echo_port}]")], ..NodeConfig::default() }
-            .upstream(&format!("proxy = \"http://corp-user:s3cret@{}\"", corp.addr))
-            .pin("quay.io", "\"127.0.0.2\"")
-            .pin("tunnel.test", "\"127.0.0.2\""),
+        NodeConfig {
+            proxy: vec![format!("tunnel_ports = [{echo_port}]")],
+            ..NodeConfig::default()
+        }
+        .upstream(&format!(
+            "proxy = \"http://corp-user:s3cret@{}\"",
+            corp.addr
+        ))
+        .pin("quay.io", "\"127.0.0.2\"")
+        .pin("tunnel.test", "\"127.0.0.2\""),
     )
     .await;
-    pull(&node.client(), "quay.io", quay.port(), "team/app", "v1", Alpn::Http11).await;
-    echo_through(&node.client(), &format!("tunnel.test:{echo_port}"), 182, 50_000).await;
-    let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("corp-user:s3cret"));
-    for target in [format!("quay.io:{}", quay.port()), format!("tunnel.test:{echo_port}")] {
+    pull(
+        &node.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        "v1",
+        Alpn::Http11,
+    )
+    .await;
+    echo_through(
+        &node.client(),
+        &format!("tunnel.test:{echo_port}"),
+        182,
+        50_000,
+    )
+    .await;
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("corp-user:s3cret")
+    );
+    for target in [
+        format!("quay.io:{}", quay.port()),
+        format!("tunnel.test:{echo_port}"),
+    ] {
         let expected = format!("CONNECT {target} HTTP/1.1 [{basic}]");
-        assert!(corp.seen().contains(&expected), "no {expected:?} in {:?}", corp.seen());
+        assert!(
+            corp.seen().contains(&expected),
+            "no {expected:?} in {:?}",
+            corp.seen()
+        );
     }
 }
 
@@ -812,21 +1275,38 @@ async fn an_ipv6_address_that_swallows_connections_costs_a_fraction_of_a_second(
     };
     let node = Node::start(
         &ca,
-        NodeConfig { proxy: vec![format!("tunnel_ports = [{echo_port}]")], ..NodeConfig::default() }
-            .upstream("connect_timeout = \"5s\"")
-            .pin("quay.io", "[\"::1\", \"127.0.0.1\"]")
-            .pin("tunnel.test", "[\"::1\", \"127.0.0.1\"]"),
+        NodeConfig {
+            proxy: vec![format!("tunnel_ports = [{echo_port}]")],
+            ..NodeConfig::default()
+        }
+        .upstream("connect_timeout = \"5s\"")
+        .pin("quay.io", "[\"::1\", \"127.0.0.1\"]")
+        .pin("tunnel.test", "[\"::1\", \"127.0.0.1\"]"),
     )
     .await;
     let client = node.client();
     let started = Instant::now();
-    let pulled = pull(&client, "quay.io", quay.port(), "team/app", "v1", Alpn::Http11).await;
+    let pulled = pull(
+        &client,
+        "quay.io",
+        quay.port(),
+        "team/app",
+        "v1",
+        Alpn::Http11,
+    )
+    .await;
     assert_eq!(pulled.manifest_digest, img.manifest);
     let pull_took = started.elapsed();
     let started = Instant::now();
     echo_through(&client, &format!("tunnel.test:{echo_port}"), 192, 50_000).await;
     let tunnel_took = started.elapsed();
     eprintln!("pull {pull_took:?}, tunnel {tunnel_took:?}");
-    assert!(pull_took < Duration::from_secs(3), "the pull waited for the IPv6 address: {pull_took:?}");
-    assert!(tunnel_took < Duration::from_secs(2), "the blind tunnel waited for the IPv6 address: {tunnel_took:?}");
+    assert!(
+        pull_took < Duration::from_secs(3),
+        "the pull waited for the IPv6 address: {pull_took:?}"
+    );
+    assert!(
+        tunnel_took < Duration::from_secs(2),
+        "the blind tunnel waited for the IPv6 address: {tunnel_took:?}"
+    );
 }

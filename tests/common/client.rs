@@ -71,13 +71,19 @@ impl ProxyClient {
     /// Through Stowage at `proxy`, trusting only `ca_pem` (Stowage's CA).
     pub fn via_proxy(proxy: SocketAddr, ca_pem: &str) -> ProxyClient {
         install_provider();
-        ProxyClient { route: Route::Proxy(proxy), roots: Arc::new(roots_from_pem(ca_pem)) }
+        ProxyClient {
+            route: Route::Proxy(proxy),
+            roots: Arc::new(roots_from_pem(ca_pem)),
+        }
     }
 
     /// Straight to the fakes on 127.0.0.1, trusting only `ca_pem`.
     pub fn direct(ca_pem: &str) -> ProxyClient {
         install_provider();
-        ProxyClient { route: Route::Direct, roots: Arc::new(roots_from_pem(ca_pem)) }
+        ProxyClient {
+            route: Route::Direct,
+            roots: Arc::new(roots_from_pem(ca_pem)),
+        }
     }
 
     pub fn proxy_addr(&self) -> SocketAddr {
@@ -90,18 +96,28 @@ impl ProxyClient {
     /// Sends `CONNECT <authority>` and reads the proxy's response head. On 200 the stream
     /// is the tunnel.
     pub async fn connect_raw(&self, authority: &str) -> Result<(TcpStream, StatusCode), String> {
-        let mut tcp = TcpStream::connect(self.proxy_addr()).await.map_err(|e| format!("connect to proxy: {e}"))?;
+        let mut tcp = TcpStream::connect(self.proxy_addr())
+            .await
+            .map_err(|e| format!("connect to proxy: {e}"))?;
         tcp.set_nodelay(true).ok();
         let req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: {TEST_USER_AGENT}\r\n\r\n");
-        tcp.write_all(req.as_bytes()).await.map_err(|e| format!("write CONNECT: {e}"))?;
+        tcp.write_all(req.as_bytes())
+            .await
+            .map_err(|e| format!("write CONNECT: {e}"))?;
         // Byte by byte: nothing after the head may be consumed, it belongs to the tunnel.
         let mut head = Vec::new();
         let read_head = async {
             loop {
                 let mut b = [0u8; 1];
-                let n = tcp.read(&mut b).await.map_err(|e| format!("read CONNECT response: {e}"))?;
+                let n = tcp
+                    .read(&mut b)
+                    .await
+                    .map_err(|e| format!("read CONNECT response: {e}"))?;
                 if n == 0 {
-                    return Err(format!("proxy closed during CONNECT response: {:?}", String::from_utf8_lossy(&head)));
+                    return Err(format!(
+                        "proxy closed during CONNECT response: {:?}",
+                        String::from_utf8_lossy(&head)
+                    ));
                 }
                 head.push(b[0]);
                 if head.ends_with(b"\r\n\r\n") {
@@ -112,14 +128,19 @@ impl ProxyClient {
                 }
             }
         };
-        tokio::time::timeout(REQUEST_TIMEOUT, read_head).await.map_err(|_| "CONNECT response timed out".to_owned())??;
+        tokio::time::timeout(REQUEST_TIMEOUT, read_head)
+            .await
+            .map_err(|_| "CONNECT response timed out".to_owned())??;
         let text = String::from_utf8_lossy(&head);
         let status: u16 = text
             .split_whitespace()
             .nth(1)
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| format!("bad CONNECT response: {text:?}"))?;
-        Ok((tcp, StatusCode::from_u16(status).map_err(|e| e.to_string())?))
+        Ok((
+            tcp,
+            StatusCode::from_u16(status).map_err(|e| e.to_string())?,
+        ))
     }
 
     /// A TCP stream to `host:port`: a CONNECT tunnel through the proxy, or a direct socket.
@@ -132,13 +153,20 @@ impl ProxyClient {
                 }
                 Ok(tcp)
             }
-            Route::Direct => TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| format!("connect: {e}")),
+            Route::Direct => TcpStream::connect(("127.0.0.1", port))
+                .await
+                .map_err(|e| format!("connect: {e}")),
         }
     }
 
     /// Only the TLS handshake: fails unless the server's chain validates for `host`
     /// against this client's roots.
-    pub async fn tls(&self, host: &str, port: u16, alpn: Alpn) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    pub async fn tls(
+        &self,
+        host: &str,
+        port: u16,
+        alpn: Alpn,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
         let tcp = self.tcp_to(host, port).await?;
         let mut config = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
@@ -146,7 +174,8 @@ impl ProxyClient {
             .with_root_certificates(self.roots.clone())
             .with_no_client_auth();
         config.alpn_protocols = alpn.protocols();
-        let name = ServerName::try_from(host.to_owned()).map_err(|e| format!("server name {host}: {e}"))?;
+        let name = ServerName::try_from(host.to_owned())
+            .map_err(|e| format!("server name {host}: {e}"))?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         tokio::time::timeout(REQUEST_TIMEOUT, connector.connect(name, tcp))
             .await
@@ -159,7 +188,12 @@ impl ProxyClient {
         let tls = self.tls(host, port, alpn).await?;
         let (_, conn) = tls.get_ref();
         let negotiated = conn.alpn_protocol().map(|p| p.to_vec());
-        let peer_certs: Vec<CertificateDer<'static>> = conn.peer_certificates().unwrap_or(&[]).iter().map(|c| c.clone().into_owned()).collect();
+        let peer_certs: Vec<CertificateDer<'static>> = conn
+            .peer_certificates()
+            .unwrap_or(&[])
+            .iter()
+            .map(|c| c.clone().into_owned())
+            .collect();
         let io = TokioIo::new(tls);
         let sender = if negotiated.as_deref() == Some(b"h2") {
             let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
@@ -171,19 +205,31 @@ impl ProxyClient {
             });
             Sender::H2(send)
         } else {
-            let (send, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| format!("http/1.1 handshake: {e}"))?;
+            let (send, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| format!("http/1.1 handshake: {e}"))?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
             Sender::H1(tokio::sync::Mutex::new(send))
         };
-        Ok(Tunnel { sender, alpn: negotiated, peer_certs, host: host.to_owned(), port })
+        Ok(Tunnel {
+            sender,
+            alpn: negotiated,
+            peer_certs,
+            host: host.to_owned(),
+            port,
+        })
     }
 
     /// A plain HTTP/1.1 request to the proxy's own endpoints.
     pub async fn proxy_get(&self, path: &str) -> Resp {
-        let tcp = TcpStream::connect(self.proxy_addr()).await.expect("connect to proxy");
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("http/1.1 handshake");
+        let tcp = TcpStream::connect(self.proxy_addr())
+            .await
+            .expect("connect to proxy");
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .expect("http/1.1 handshake");
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -193,7 +239,10 @@ impl ProxyClient {
             .header(USER_AGENT, TEST_USER_AGENT)
             .body(Empty::<Bytes>::new())
             .unwrap();
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, send.send_request(req)).await.expect("timeout").expect("proxy request");
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, send.send_request(req))
+            .await
+            .expect("timeout")
+            .expect("proxy request");
         let r = read_response(resp).await;
         r.assert_complete();
         r
@@ -221,11 +270,18 @@ impl Tunnel {
     }
 
     /// Sends a request and returns as soon as the response head is in.
-    pub async fn send(&self, method: Method, path: &str, headers: &[(&str, &str)]) -> Result<Response<Incoming>, String> {
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Response<Incoming>, String> {
         let authority = format!("{}:{}", self.host, self.port);
         let mut b = Request::builder().method(method);
         b = match self.sender {
-            Sender::H2(_) => b.uri(format!("https://{authority}{path}")).version(Version::HTTP_2),
+            Sender::H2(_) => b
+                .uri(format!("https://{authority}{path}"))
+                .version(Version::HTTP_2),
             Sender::H1(_) => b.uri(path).header(HOST, &authority),
         };
         b = b.header(USER_AGENT, TEST_USER_AGENT);
@@ -238,28 +294,44 @@ impl Tunnel {
                 Sender::H2(s) => {
                     let mut s = s.clone();
                     s.ready().await.map_err(|e| format!("h2 not ready: {e}"))?;
-                    s.send_request(req).await.map_err(|e| format!("h2 request: {e}"))
+                    s.send_request(req)
+                        .await
+                        .map_err(|e| format!("h2 request: {e}"))
                 }
                 Sender::H1(s) => {
                     let mut s = s.lock().await;
-                    s.ready().await.map_err(|e| format!("http/1.1 not ready: {e}"))?;
-                    s.send_request(req).await.map_err(|e| format!("http/1.1 request: {e}"))
+                    s.ready()
+                        .await
+                        .map_err(|e| format!("http/1.1 not ready: {e}"))?;
+                    s.send_request(req)
+                        .await
+                        .map_err(|e| format!("http/1.1 request: {e}"))
                 }
             }
         };
-        tokio::time::timeout(REQUEST_TIMEOUT, fut).await.map_err(|_| "request timed out waiting for the response head".to_owned())?
+        tokio::time::timeout(REQUEST_TIMEOUT, fut)
+            .await
+            .map_err(|_| "request timed out waiting for the response head".to_owned())?
     }
 
     /// The whole response; a body that fails or stops early is reported in
     /// [`Resp::body_error`], not a panic.
-    pub async fn request_raw(&self, method: Method, path: &str, headers: &[(&str, &str)]) -> Result<Resp, String> {
+    pub async fn request_raw(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Resp, String> {
         let resp = self.send(method, path, headers).await?;
         Ok(read_response(resp).await)
     }
 
     /// The whole response; panics unless the body arrived complete.
     pub async fn request(&self, method: Method, path: &str, headers: &[(&str, &str)]) -> Resp {
-        let r = self.request_raw(method.clone(), path, headers).await.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let r = self
+            .request_raw(method.clone(), path, headers)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
         r.assert_complete();
         r
     }
@@ -299,7 +371,12 @@ impl Resp {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
     }
 
     pub fn text(&self) -> String {
@@ -308,7 +385,12 @@ impl Resp {
 
     pub fn assert_complete(&self) {
         if let Some(e) = &self.body_error {
-            panic!("response body failed after {} bytes: {e} (status {}, headers {:?})", self.body.len(), self.status, self.headers);
+            panic!(
+                "response body failed after {} bytes: {e} (status {}, headers {:?})",
+                self.body.len(),
+                self.status,
+                self.headers
+            );
         }
     }
 }
@@ -326,7 +408,12 @@ pub async fn read_response(resp: Response<Incoming>) -> Resp {
                         buf.extend_from_slice(&data);
                     }
                 }
-                Some(Err(e)) => return Some(format!("{e} ({:?})", std::error::Error::source(&e).map(|s| s.to_string()))),
+                Some(Err(e)) => {
+                    return Some(format!(
+                        "{e} ({:?})",
+                        std::error::Error::source(&e).map(|s| s.to_string())
+                    ))
+                }
             }
         }
     };
@@ -334,7 +421,13 @@ pub async fn read_response(resp: Response<Incoming>) -> Resp {
         Ok(e) => error = error.or(e),
         Err(_) => error = Some(format!("body timed out after {REQUEST_TIMEOUT:?}")),
     }
-    Resp { status: parts.status, version: parts.version, headers: parts.headers, body: buf.freeze(), body_error: error }
+    Resp {
+        status: parts.status,
+        version: parts.version,
+        headers: parts.headers,
+        body: buf.freeze(),
+        body_error: error,
+    }
 }
 
 /// An authenticated conversation with one registry, as a container runtime has it:
@@ -348,41 +441,89 @@ pub struct Session {
 impl Session {
     /// Does the token dance for pulling `repo` from `host:port`. The token service named
     /// by the challenge's realm is reached through its own tunnel when it is another host.
-    pub async fn login(client: &ProxyClient, host: &str, port: u16, repo: &str, alpn: Alpn) -> Session {
-        let tunnel = client.tunnel(host, port, alpn).await.unwrap_or_else(|e| panic!("tunnel to {host}:{port}: {e}"));
+    pub async fn login(
+        client: &ProxyClient,
+        host: &str,
+        port: u16,
+        repo: &str,
+        alpn: Alpn,
+    ) -> Session {
+        let tunnel = client
+            .tunnel(host, port, alpn)
+            .await
+            .unwrap_or_else(|e| panic!("tunnel to {host}:{port}: {e}"));
         let token = Self::token(client, &tunnel, repo, alpn).await;
-        Session { tunnel, token, repo: repo.to_owned() }
+        Session {
+            tunnel,
+            token,
+            repo: repo.to_owned(),
+        }
     }
 
     /// Like `login`, on an existing tunnel.
     pub async fn on(client: &ProxyClient, tunnel: Tunnel, repo: &str, alpn: Alpn) -> Session {
         let token = Self::token(client, &tunnel, repo, alpn).await;
-        Session { tunnel, token, repo: repo.to_owned() }
+        Session {
+            tunnel,
+            token,
+            repo: repo.to_owned(),
+        }
     }
 
     async fn token(client: &ProxyClient, tunnel: &Tunnel, repo: &str, alpn: Alpn) -> String {
         let ping = tunnel.get("/v2/", &[]).await;
-        assert_eq!(ping.status, StatusCode::UNAUTHORIZED, "GET /v2/ without a token: {:?}", ping.text());
-        let challenge = ping.header(WWW_AUTHENTICATE.as_str()).expect("401 without WWW-Authenticate").to_owned();
+        assert_eq!(
+            ping.status,
+            StatusCode::UNAUTHORIZED,
+            "GET /v2/ without a token: {:?}",
+            ping.text()
+        );
+        let challenge = ping
+            .header(WWW_AUTHENTICATE.as_str())
+            .expect("401 without WWW-Authenticate")
+            .to_owned();
         let param = |name: &str| -> Option<String> {
             let key = format!("{name}=\"");
             let start = challenge.find(&key)? + key.len();
             let end = challenge[start..].find('"')? + start;
             Some(challenge[start..end].to_owned())
         };
-        let realm: http::Uri = param("realm").expect("realm in challenge").parse().expect("realm is a URL");
+        let realm: http::Uri = param("realm")
+            .expect("realm in challenge")
+            .parse()
+            .expect("realm is a URL");
         let service = param("service").unwrap_or_default();
-        let (rhost, rport) = (realm.host().expect("realm host").to_owned(), realm.port_u16().unwrap_or(443));
-        let path = format!("{}?service={}&scope={}", realm.path(), percent_encode(&service), percent_encode(&format!("repository:{repo}:pull")));
+        let (rhost, rport) = (
+            realm.host().expect("realm host").to_owned(),
+            realm.port_u16().unwrap_or(443),
+        );
+        let path = format!(
+            "{}?service={}&scope={}",
+            realm.path(),
+            percent_encode(&service),
+            percent_encode(&format!("repository:{repo}:pull"))
+        );
         let resp = if rhost == tunnel.host && rport == tunnel.port {
             tunnel.get(&path, &[]).await
         } else {
-            let auth = client.tunnel(&rhost, rport, alpn).await.unwrap_or_else(|e| panic!("tunnel to token service {rhost}:{rport}: {e}"));
+            let auth = client
+                .tunnel(&rhost, rport, alpn)
+                .await
+                .unwrap_or_else(|e| panic!("tunnel to token service {rhost}:{rport}: {e}"));
             auth.get(&path, &[]).await
         };
-        assert_eq!(resp.status, StatusCode::OK, "token request: {}", resp.text());
+        assert_eq!(
+            resp.status,
+            StatusCode::OK,
+            "token request: {}",
+            resp.text()
+        );
         let v = resp.json();
-        v["token"].as_str().or(v["access_token"].as_str()).expect("token in response").to_owned()
+        v["token"]
+            .as_str()
+            .or(v["access_token"].as_str())
+            .expect("token in response")
+            .to_owned()
     }
 
     fn auth(&self) -> String {
@@ -400,7 +541,12 @@ impl Session {
         self.tunnel.request(method, path, &headers).await
     }
 
-    pub async fn request_raw(&self, method: Method, path: &str, extra: &[(&str, &str)]) -> Result<Resp, String> {
+    pub async fn request_raw(
+        &self,
+        method: Method,
+        path: &str,
+        extra: &[(&str, &str)],
+    ) -> Result<Resp, String> {
         let auth = self.auth();
         let mut headers: Vec<(&str, &str)> = vec![(AUTHORIZATION.as_str(), auth.as_str())];
         headers.extend_from_slice(extra);
@@ -421,7 +567,11 @@ impl Session {
 
     pub async fn manifest(&self, reference: &str) -> Resp {
         let accept = format!("{OCI_MANIFEST}, {DOCKER_MANIFEST}");
-        self.get(&self.manifest_path(reference), &[(ACCEPT.as_str(), accept.as_str())]).await
+        self.get(
+            &self.manifest_path(reference),
+            &[(ACCEPT.as_str(), accept.as_str())],
+        )
+        .await
     }
 }
 
@@ -435,22 +585,43 @@ pub struct Pulled {
 
 impl Pulled {
     pub fn blob_x_cache(&self) -> Vec<String> {
-        self.blobs.iter().map(|(_, r)| r.x_cache().to_owned()).collect()
+        self.blobs
+            .iter()
+            .map(|(_, r)| r.x_cache().to_owned())
+            .collect()
     }
 }
 
 /// Pulls `repo:tag` like a container runtime: token dance, manifest by tag, config, layers.
 /// Panics unless every status is 200 and every blob hashes to its digest.
-pub async fn pull(client: &ProxyClient, host: &str, port: u16, repo: &str, tag: &str, alpn: Alpn) -> Pulled {
+pub async fn pull(
+    client: &ProxyClient,
+    host: &str,
+    port: u16,
+    repo: &str,
+    tag: &str,
+    alpn: Alpn,
+) -> Pulled {
     let s = Session::login(client, host, port, repo, alpn).await;
     let manifest = s.manifest(tag).await;
-    assert_eq!(manifest.status, StatusCode::OK, "manifest {repo}:{tag}: {}", manifest.text());
+    assert_eq!(
+        manifest.status,
+        StatusCode::OK,
+        "manifest {repo}:{tag}: {}",
+        manifest.text()
+    );
     let manifest_digest = sha256_digest(&manifest.body);
     if let Some(d) = manifest.header("docker-content-digest") {
-        assert_eq!(d, manifest_digest, "Docker-Content-Digest of {repo}:{tag} does not match its body");
+        assert_eq!(
+            d, manifest_digest,
+            "Docker-Content-Digest of {repo}:{tag} does not match its body"
+        );
     }
     let m = manifest.json();
-    let mut digests = vec![m["config"]["digest"].as_str().expect("config digest").to_owned()];
+    let mut digests = vec![m["config"]["digest"]
+        .as_str()
+        .expect("config digest")
+        .to_owned()];
     let mut sizes = vec![m["config"]["size"].as_u64().expect("config size")];
     for l in m["layers"].as_array().expect("layers") {
         digests.push(l["digest"].as_str().expect("layer digest").to_owned());
@@ -461,8 +632,16 @@ pub async fn pull(client: &ProxyClient, host: &str, port: u16, repo: &str, tag: 
         let r = s.blob(&d).await;
         assert_eq!(r.status, StatusCode::OK, "blob {d}: {}", r.text());
         assert_eq!(r.body.len() as u64, size, "blob {d} size");
-        assert_eq!(sha256_digest(&r.body), d, "blob body does not hash to its digest");
+        assert_eq!(
+            sha256_digest(&r.body),
+            d,
+            "blob body does not hash to its digest"
+        );
         blobs.push((d, r));
     }
-    Pulled { manifest, manifest_digest, blobs }
+    Pulled {
+        manifest,
+        manifest_digest,
+        blobs,
+    }
 }

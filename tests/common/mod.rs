@@ -18,10 +18,14 @@ pub mod util;
 use std::time::{Duration, Instant};
 
 pub use client::{pull, Alpn, ProxyClient, Pulled, Resp, Session, Tunnel};
-pub use registry::{BlobMode, FakeRegistry, FakeStorage, Fault, Gate, Image, Kind, Location, Recorded};
+pub use registry::{
+    BlobMode, FakeRegistry, FakeStorage, Fault, Gate, Image, Kind, Location, Recorded,
+};
 pub use stowage::Stowage;
 pub use tls::TestCa;
-pub use util::{bounded, cert_names, client_config, echo_server, echo_through, files_under, metric, BOUND};
+pub use util::{
+    bounded, cert_names, client_config, echo_server, echo_through, files_under, metric, BOUND,
+};
 
 /// Every host name the fakes answer to; the Stowage fixture pins each to 127.0.0.1.
 pub const FAKE_HOSTS: &[&str] = &[
@@ -89,7 +93,10 @@ pub fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' && i + 2 < b.len() {
-            if let Some(v) = std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()) {
+            if let Some(v) = std::str::from_utf8(&b[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
                 out.push(v);
                 i += 3;
                 continue;

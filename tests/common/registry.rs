@@ -13,10 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, USER_AGENT, WWW_AUTHENTICATE};
+use futures_util::StreamExt;
+use http::header::{
+    AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, USER_AGENT, WWW_AUTHENTICATE,
+};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Frame;
-use futures_util::StreamExt;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use tokio::sync::watch;
@@ -66,7 +68,9 @@ impl Recorded {
 }
 
 fn body_full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(b.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 fn error_body(code: &str, message: &str) -> Bytes {
@@ -76,8 +80,10 @@ fn error_body(code: &str, message: &str) -> Bytes {
 fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
     let mut r = Response::new(body_full(body.clone()));
     *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut()
+        .insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
     r
 }
 
@@ -86,9 +92,19 @@ fn record(log: &Mutex<Vec<Recorded>>, req: &Request<Incoming>, kind: Kind, statu
         .uri()
         .authority()
         .map(|a| a.to_string())
-        .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+        .or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
         .unwrap_or_default();
-    let header = |name| req.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok()).map(str::to_owned);
+    let header = |name| {
+        req.headers()
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+            .map(str::to_owned)
+    };
     log.lock().unwrap().push(Recorded {
         method: req.method().clone(),
         kind,
@@ -194,7 +210,9 @@ pub struct Image {
 impl Image {
     /// Config first, then layers: every blob a pull downloads.
     pub fn blobs(&self) -> Vec<String> {
-        std::iter::once(self.config.clone()).chain(self.layers.iter().cloned()).collect()
+        std::iter::once(self.config.clone())
+            .chain(self.layers.iter().cloned())
+            .collect()
     }
 }
 
@@ -262,7 +280,11 @@ impl<'a> FakeRegistryBuilder<'a> {
             handler
         })
         .await;
-        FakeRegistry { shared: shared_slot.expect("handler made"), server, host: self.host }
+        FakeRegistry {
+            shared: shared_slot.expect("handler made"),
+            server,
+            host: self.host,
+        }
     }
 }
 
@@ -274,7 +296,13 @@ pub struct FakeRegistry {
 
 impl FakeRegistry {
     pub fn builder(ca: &TestCa) -> FakeRegistryBuilder<'_> {
-        FakeRegistryBuilder { ca, realm_host: None, host: "quay.io".into(), storage: None, mode: BlobMode::Serve }
+        FakeRegistryBuilder {
+            ca,
+            realm_host: None,
+            host: "quay.io".into(),
+            storage: None,
+            mode: BlobMode::Serve,
+        }
     }
 
     pub fn host(&self) -> &str {
@@ -294,22 +322,38 @@ impl FakeRegistry {
         let data = data.into();
         let digest = sha256_digest(&data);
         if let Some((storage, _)) = &self.shared.storage {
-            storage.blobs.lock().unwrap().insert(digest.clone(), data.clone());
+            storage
+                .blobs
+                .lock()
+                .unwrap()
+                .insert(digest.clone(), data.clone());
         }
         let mut st = self.shared.state.lock().unwrap();
-        st.repos.entry(repo.to_owned()).or_default().blobs.insert(digest.clone(), data);
+        st.repos
+            .entry(repo.to_owned())
+            .or_default()
+            .blobs
+            .insert(digest.clone(), data);
         digest
     }
 
     /// Adds a manifest under its digest (and `tag`, if given); returns its digest.
-    pub fn push_manifest(&self, repo: &str, tag: Option<&str>, bytes: impl Into<Bytes>, media_type: &str) -> String {
+    pub fn push_manifest(
+        &self,
+        repo: &str,
+        tag: Option<&str>,
+        bytes: impl Into<Bytes>,
+        media_type: &str,
+    ) -> String {
         let bytes = bytes.into();
         let digest = sha256_digest(&bytes);
         let mut st = self.shared.state.lock().unwrap();
         let r = st.repos.entry(repo.to_owned()).or_default();
-        r.manifests.insert(digest.clone(), (bytes.clone(), media_type.to_owned()));
+        r.manifests
+            .insert(digest.clone(), (bytes.clone(), media_type.to_owned()));
         if let Some(t) = tag {
-            r.manifests.insert(t.to_owned(), (bytes, media_type.to_owned()));
+            r.manifests
+                .insert(t.to_owned(), (bytes, media_type.to_owned()));
         }
         digest
     }
@@ -317,7 +361,10 @@ impl FakeRegistry {
     /// Builds and stores an OCI image: a config blob, the layers, and a manifest that
     /// references them with their digests and sizes, tagged `tag`.
     pub fn push_image(&self, repo: &str, tag: &str, layers: &[Vec<u8>]) -> Image {
-        let layer_digests: Vec<String> = layers.iter().map(|l| self.push_blob(repo, l.clone())).collect();
+        let layer_digests: Vec<String> = layers
+            .iter()
+            .map(|l| self.push_blob(repo, l.clone()))
+            .collect();
         let config = serde_json::json!({
             "architecture": "amd64",
             "os": "linux",
@@ -335,13 +382,25 @@ impl FakeRegistry {
             })).collect::<Vec<_>>(),
         });
         let manifest_bytes = Bytes::from(serde_json::to_vec_pretty(&manifest).unwrap());
-        let manifest_digest = self.push_manifest(repo, Some(tag), manifest_bytes.clone(), OCI_MANIFEST);
-        Image { manifest: manifest_digest, manifest_bytes, config: config_digest, config_bytes, layers: layer_digests }
+        let manifest_digest =
+            self.push_manifest(repo, Some(tag), manifest_bytes.clone(), OCI_MANIFEST);
+        Image {
+            manifest: manifest_digest,
+            manifest_bytes,
+            config: config_digest,
+            config_bytes,
+            layers: layer_digests,
+        }
     }
 
     /// Serves `digest` with one byte changed (same length) until [`heal`](Self::heal).
     pub fn corrupt_blob(&self, digest: &str) {
-        self.shared.state.lock().unwrap().corrupt.insert(digest.to_owned());
+        self.shared
+            .state
+            .lock()
+            .unwrap()
+            .corrupt
+            .insert(digest.to_owned());
     }
 
     pub fn heal(&self, digest: &str) {
@@ -350,7 +409,12 @@ impl FakeRegistry {
 
     /// `GET`s of `digest` misbehave as `fault` says until [`clear_fault`](Self::clear_fault).
     pub fn set_fault(&self, digest: &str, fault: Fault) {
-        self.shared.state.lock().unwrap().faults.insert(digest.to_owned(), fault);
+        self.shared
+            .state
+            .lock()
+            .unwrap()
+            .faults
+            .insert(digest.to_owned(), fault);
     }
 
     pub fn clear_fault(&self, digest: &str) {
@@ -375,7 +439,13 @@ impl FakeRegistry {
 
     /// Requests answered with `status`.
     pub fn count_status(&self, kind: Kind, status: u16) -> usize {
-        self.shared.log.lock().unwrap().iter().filter(|r| r.kind == kind && r.status == status).count()
+        self.shared
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.kind == kind && r.status == status)
+            .count()
     }
 
     pub fn set_blob_mode(&self, mode: BlobMode) {
@@ -405,14 +475,24 @@ impl FakeRegistry {
     /// [`add_user`](Self::add_user)) that may pull it; anonymous tokens are issued without
     /// access, as Docker Hub does, so requests with them get a 401.
     pub fn make_private(&self, repo: &str) {
-        self.shared.state.lock().unwrap().private.insert(repo.to_owned());
+        self.shared
+            .state
+            .lock()
+            .unwrap()
+            .private
+            .insert(repo.to_owned());
     }
 
     /// A token-service account (HTTP Basic at `/token`) that may pull the private
     /// repositories `repos`. Once any account exists, wrong credentials at `/token` get a 401.
     pub fn add_user(&self, username: &str, password: &str, repos: &[&str]) {
         let repos = repos.iter().map(|r| r.to_string()).collect();
-        self.shared.state.lock().unwrap().users.insert(username.to_owned(), (password.to_owned(), repos));
+        self.shared
+            .state
+            .lock()
+            .unwrap()
+            .users
+            .insert(username.to_owned(), (password.to_owned(), repos));
     }
 
     /// Manifest `GET` and `HEAD` (with a valid token) answer `status` until called with
@@ -429,7 +509,11 @@ impl FakeRegistry {
 
     /// Requests to the token service that carried `Authorization` (as sent).
     pub fn token_authorizations(&self) -> Vec<String> {
-        self.requests().into_iter().filter(|r| r.kind == Kind::Token).filter_map(|r| r.authorization).collect()
+        self.requests()
+            .into_iter()
+            .filter(|r| r.kind == Kind::Token)
+            .filter_map(|r| r.authorization)
+            .collect()
     }
 
     /// Every request served, in order.
@@ -438,7 +522,13 @@ impl FakeRegistry {
     }
 
     pub fn count(&self, kind: Kind, method: &Method) -> usize {
-        self.shared.log.lock().unwrap().iter().filter(|r| r.kind == kind && r.method == method).count()
+        self.shared
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.kind == kind && r.method == method)
+            .count()
     }
 
     pub fn blob_gets(&self) -> usize {
@@ -510,14 +600,19 @@ impl Shared {
             Kind::Manifest => self.manifest(&req),
             Kind::Blob => self.blob(&req),
             Kind::Storage => self.own_storage(&req),
-            Kind::Other => json_response(StatusCode::NOT_FOUND, error_body("NOT_FOUND", "no such route")),
+            Kind::Other => json_response(
+                StatusCode::NOT_FOUND,
+                error_body("NOT_FOUND", "no such route"),
+            ),
         };
         record(&self.log, &req, kind, resp.status());
         resp
     }
 
     fn stalls_head(&self, path: &str) -> bool {
-        let Some((_, digest)) = split_repo_path(path, "blobs") else { return false };
+        let Some((_, digest)) = split_repo_path(path, "blobs") else {
+            return false;
+        };
         self.state.lock().unwrap().faults.get(digest) == Some(&Fault::StallHead)
     }
 
@@ -526,8 +621,12 @@ impl Shared {
         if let Some(s) = scope {
             value.push_str(&format!(",scope=\"{s}\""));
         }
-        let mut r = json_response(StatusCode::UNAUTHORIZED, error_body("UNAUTHORIZED", "authentication required"));
-        r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_str(&value).unwrap());
+        let mut r = json_response(
+            StatusCode::UNAUTHORIZED,
+            error_body("UNAUTHORIZED", "authentication required"),
+        );
+        r.headers_mut()
+            .insert(WWW_AUTHENTICATE, HeaderValue::from_str(&value).unwrap());
         r
     }
 
@@ -539,26 +638,42 @@ impl Shared {
     fn base(&self, req: &Request<Incoming>) -> Response<Body> {
         let st = self.state.lock().unwrap();
         match Self::bearer(req) {
-            Some(t) if st.tokens.contains_key(&t) => json_response(StatusCode::OK, Bytes::from_static(b"{}")),
+            Some(t) if st.tokens.contains_key(&t) => {
+                json_response(StatusCode::OK, Bytes::from_static(b"{}"))
+            }
             _ => self.challenge(None),
         }
     }
 
     fn token(&self, req: &Request<Incoming>) -> Response<Body> {
         let pairs = query_pairs(req.uri().query().unwrap_or(""));
-        let get = |k: &str| pairs.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+        let get = |k: &str| {
+            pairs
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
         if get("service").as_deref() != Some("fake") {
-            return json_response(StatusCode::BAD_REQUEST, error_body("UNSUPPORTED", "unknown service"));
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                error_body("UNSUPPORTED", "unknown service"),
+            );
         }
         let repo = match get("scope") {
             None => None,
             Some(scope) => {
                 // repository:<name>:pull[,push]
                 let Some(rest) = scope.strip_prefix("repository:") else {
-                    return json_response(StatusCode::BAD_REQUEST, error_body("UNSUPPORTED", "bad scope"));
+                    return json_response(
+                        StatusCode::BAD_REQUEST,
+                        error_body("UNSUPPORTED", "bad scope"),
+                    );
                 };
                 let Some((name, actions)) = rest.rsplit_once(':') else {
-                    return json_response(StatusCode::BAD_REQUEST, error_body("UNSUPPORTED", "bad scope"));
+                    return json_response(
+                        StatusCode::BAD_REQUEST,
+                        error_body("UNSUPPORTED", "bad scope"),
+                    );
                 };
                 if !actions.split(',').any(|a| a == "pull") {
                     return json_response(StatusCode::FORBIDDEN, error_body("DENIED", "pull only"));
@@ -576,18 +691,35 @@ impl Shared {
                     None => None,
                     Some((user, password)) => match st.users.get(&user) {
                         Some((pw, repos)) if *pw == password => Some(repos.clone()),
-                        _ => return json_response(StatusCode::UNAUTHORIZED, error_body("UNAUTHORIZED", "incorrect username or password")),
+                        _ => {
+                            return json_response(
+                                StatusCode::UNAUTHORIZED,
+                                error_body("UNAUTHORIZED", "incorrect username or password"),
+                            )
+                        }
                     },
                 }
             };
             match repo {
-                Some(r) if st.private.contains(&r) && !account.as_ref().is_some_and(|a| a.contains(&r)) => None,
+                Some(r)
+                    if st.private.contains(&r)
+                        && !account.as_ref().is_some_and(|a| a.contains(&r)) =>
+                {
+                    None
+                }
                 other => other,
             }
         };
         let n = self.next_token.fetch_add(1, Ordering::SeqCst);
-        let token = format!("tok{n}-{}", &sha256_digest(format!("{n}{repo:?}").as_bytes())[7..23]);
-        self.state.lock().unwrap().tokens.insert(token.clone(), repo);
+        let token = format!(
+            "tok{n}-{}",
+            &sha256_digest(format!("{n}{repo:?}").as_bytes())[7..23]
+        );
+        self.state
+            .lock()
+            .unwrap()
+            .tokens
+            .insert(token.clone(), repo);
         let body = serde_json::json!({"token": token, "access_token": token, "expires_in": 300, "issued_at": "2024-01-01T00:00:00Z"});
         json_response(StatusCode::OK, Bytes::from(body.to_string()))
     }
@@ -607,28 +739,52 @@ impl Shared {
             return r;
         }
         if !matches!(*req.method(), Method::GET | Method::HEAD) {
-            return json_response(StatusCode::METHOD_NOT_ALLOWED, error_body("UNSUPPORTED", "read only"));
+            return json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                error_body("UNSUPPORTED", "read only"),
+            );
         }
         let failure = self.state.lock().unwrap().manifest_failure;
         if let Some(status) = failure {
-            let code = if status == StatusCode::TOO_MANY_REQUESTS { "TOOMANYREQUESTS" } else { "UNAVAILABLE" };
+            let code = if status == StatusCode::TOO_MANY_REQUESTS {
+                "TOOMANYREQUESTS"
+            } else {
+                "UNAVAILABLE"
+            };
             let mut r = json_response(status, error_body(code, "forced failure"));
             if status == StatusCode::TOO_MANY_REQUESTS {
-                r.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("60"));
+                r.headers_mut()
+                    .insert(http::header::RETRY_AFTER, HeaderValue::from_static("60"));
             }
             return r;
         }
-        let found = self.state.lock().unwrap().repos.get(repo).and_then(|r| r.manifests.get(reference).cloned());
+        let found = self
+            .state
+            .lock()
+            .unwrap()
+            .repos
+            .get(repo)
+            .and_then(|r| r.manifests.get(reference).cloned());
         let Some((bytes, media_type)) = found else {
-            return json_response(StatusCode::NOT_FOUND, error_body("MANIFEST_UNKNOWN", "manifest unknown"));
+            return json_response(
+                StatusCode::NOT_FOUND,
+                error_body("MANIFEST_UNKNOWN", "manifest unknown"),
+            );
         };
         let digest = sha256_digest(&bytes);
         let len = bytes.len();
-        let mut r = Response::new(if req.method() == Method::HEAD { body_full(Bytes::new()) } else { body_full(bytes) });
+        let mut r = Response::new(if req.method() == Method::HEAD {
+            body_full(Bytes::new())
+        } else {
+            body_full(bytes)
+        });
         let h = r.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_str(&media_type).unwrap());
         h.insert(CONTENT_LENGTH, HeaderValue::from(len));
-        h.insert("docker-content-digest", HeaderValue::from_str(&digest).unwrap());
+        h.insert(
+            "docker-content-digest",
+            HeaderValue::from_str(&digest).unwrap(),
+        );
         r
     }
 
@@ -638,11 +794,22 @@ impl Shared {
             return r;
         }
         if !matches!(*req.method(), Method::GET | Method::HEAD) {
-            return json_response(StatusCode::METHOD_NOT_ALLOWED, error_body("UNSUPPORTED", "read only"));
+            return json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                error_body("UNSUPPORTED", "read only"),
+            );
         }
         let st = self.state.lock().unwrap();
-        let Some(data) = st.repos.get(repo).and_then(|r| r.blobs.get(digest)).cloned() else {
-            return json_response(StatusCode::NOT_FOUND, error_body("BLOB_UNKNOWN", "blob unknown to registry"));
+        let Some(data) = st
+            .repos
+            .get(repo)
+            .and_then(|r| r.blobs.get(digest))
+            .cloned()
+        else {
+            return json_response(
+                StatusCode::NOT_FOUND,
+                error_body("BLOB_UNKNOWN", "blob unknown to registry"),
+            );
         };
         if req.method() == Method::HEAD {
             return blob_head(&data, digest);
@@ -654,25 +821,37 @@ impl Shared {
             let sig = &sha256_digest(format!("sig{digest}").as_bytes())[7..31];
             let storage_port = self.storage.as_ref().map(|(_, p)| *p);
             let location = match (loc, storage_port) {
-                (Location::Absolute, Some(p)) => format!("https://storage.test:{p}/blobs/{digest}?sig={sig}"),
-                (Location::SchemeRelative, Some(p)) => format!("//storage.test:{p}/blobs/{digest}?sig={sig}"),
+                (Location::Absolute, Some(p)) => {
+                    format!("https://storage.test:{p}/blobs/{digest}?sig={sig}")
+                }
+                (Location::SchemeRelative, Some(p)) => {
+                    format!("//storage.test:{p}/blobs/{digest}?sig={sig}")
+                }
                 (Location::PathRelative, _) => format!("/_storage/blobs/{digest}?sig={sig}"),
                 (_, None) => panic!("FakeRegistry: redirect to storage.test needs .storage(..)"),
             };
             let mut r = Response::new(body_full(Bytes::new()));
             *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
-            r.headers_mut().insert(LOCATION, HeaderValue::from_str(&location).unwrap());
+            r.headers_mut()
+                .insert(LOCATION, HeaderValue::from_str(&location).unwrap());
             r.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(0));
             return r;
         }
-        let data = if st.corrupt.contains(digest) { corrupted(&data) } else { data };
+        let data = if st.corrupt.contains(digest) {
+            corrupted(&data)
+        } else {
+            data
+        };
         blob_get(data, digest, st.pace.clone())
     }
 
     /// The registry's own storage path, reached through a path-relative redirect.
     fn own_storage(&self, req: &Request<Incoming>) -> Response<Body> {
         let Some(digest) = req.uri().path().strip_prefix("/_storage/blobs/") else {
-            return json_response(StatusCode::NOT_FOUND, error_body("NOT_FOUND", "no such object"));
+            return json_response(
+                StatusCode::NOT_FOUND,
+                error_body("NOT_FOUND", "no such object"),
+            );
         };
         if !req.uri().query().unwrap_or("").contains("sig=") {
             return json_response(StatusCode::FORBIDDEN, error_body("DENIED", "unsigned"));
@@ -680,8 +859,18 @@ impl Shared {
         let st = self.state.lock().unwrap();
         let data = st.repos.values().find_map(|r| r.blobs.get(digest)).cloned();
         match data {
-            Some(d) => blob_get(d, digest, Pace { gate: None, ..st.pace.clone() }),
-            None => json_response(StatusCode::NOT_FOUND, error_body("NOT_FOUND", "no such object")),
+            Some(d) => blob_get(
+                d,
+                digest,
+                Pace {
+                    gate: None,
+                    ..st.pace.clone()
+                },
+            ),
+            None => json_response(
+                StatusCode::NOT_FOUND,
+                error_body("NOT_FOUND", "no such object"),
+            ),
         }
     }
 }
@@ -691,7 +880,9 @@ fn basic_credentials(req: &Request<Incoming>) -> Option<(String, String)> {
     use base64::Engine;
     let v = req.headers().get(AUTHORIZATION)?.to_str().ok()?;
     let encoded = v.strip_prefix("Basic ")?;
-    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
     let text = String::from_utf8(decoded).ok()?;
     let (user, password) = text.split_once(':')?;
     Some((user.to_owned(), password.to_owned()))
@@ -708,11 +899,18 @@ fn corrupted(data: &Bytes) -> Bytes {
 }
 
 /// A blob `GET` answered as `fault` says.
-fn faulty_blob(data: Bytes, digest: &str, fault: &Fault, path: &str, query: Option<&str>) -> Response<Body> {
+fn faulty_blob(
+    data: Bytes,
+    digest: &str,
+    fault: &Fault,
+    path: &str,
+    query: Option<&str>,
+) -> Response<Body> {
     let redirect = |location: String| {
         let mut r = Response::new(body_full(Bytes::new()));
         *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
-        r.headers_mut().insert(LOCATION, HeaderValue::from_str(&location).unwrap());
+        r.headers_mut()
+            .insert(LOCATION, HeaderValue::from_str(&location).unwrap());
         r.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(0));
         r
     };
@@ -723,13 +921,21 @@ fn faulty_blob(data: Bytes, digest: &str, fault: &Fault, path: &str, query: Opti
         Fault::StallHead => unreachable!("handled before the handler runs"),
         Fault::Status(code) => {
             let status = StatusCode::from_u16(*code).expect("valid status");
-            let code = if *code == 429 { "TOOMANYREQUESTS" } else { "UNAVAILABLE" };
+            let code = if *code == 429 {
+                "TOOMANYREQUESTS"
+            } else {
+                "UNAVAILABLE"
+            };
             let mut r = json_response(status, error_body(code, "injected fault"));
-            r.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
             return r;
         }
         Fault::RedirectLoop => {
-            let hop: u64 = query.and_then(|q| q.strip_prefix("hop=")).and_then(|h| h.parse().ok()).unwrap_or(0);
+            let hop: u64 = query
+                .and_then(|q| q.strip_prefix("hop="))
+                .and_then(|h| h.parse().ok())
+                .unwrap_or(0);
             return redirect(format!("{path}?hop={}", hop + 1));
         }
         Fault::RedirectTo(url) => return redirect(url.clone()),
@@ -747,21 +953,34 @@ fn faulty_blob(data: Bytes, digest: &str, fault: &Fault, path: &str, query: Opti
         }
     })
     .filter_map(|x| async move { x });
-    let stream = futures_util::stream::once(async move { Ok::<_, BoxError>(Frame::data(head)) }).chain(tail);
+    let stream =
+        futures_util::stream::once(async move { Ok::<_, BoxError>(Frame::data(head)) }).chain(tail);
     let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
     let h = r.headers_mut();
-    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     h.insert(CONTENT_LENGTH, HeaderValue::from(len));
-    h.insert("docker-content-digest", HeaderValue::from_str(digest).unwrap());
+    h.insert(
+        "docker-content-digest",
+        HeaderValue::from_str(digest).unwrap(),
+    );
     r
 }
 
 fn blob_head(data: &Bytes, digest: &str) -> Response<Body> {
     let mut r = Response::new(body_full(Bytes::new()));
     let h = r.headers_mut();
-    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     h.insert(CONTENT_LENGTH, HeaderValue::from(data.len()));
-    h.insert("docker-content-digest", HeaderValue::from_str(digest).unwrap());
+    h.insert(
+        "docker-content-digest",
+        HeaderValue::from_str(digest).unwrap(),
+    );
     r
 }
 
@@ -779,36 +998,50 @@ struct Pace {
 
 impl Pace {
     fn plain() -> Pace {
-        Pace { chunk: 64 * 1024, pause: Duration::ZERO, tail: Duration::ZERO, gate: None }
+        Pace {
+            chunk: 64 * 1024,
+            pause: Duration::ZERO,
+            tail: Duration::ZERO,
+            gate: None,
+        }
     }
 }
 
 fn blob_get(data: Bytes, digest: &str, pace: Pace) -> Response<Body> {
     let len = data.len();
-    let stream = futures_util::stream::unfold((data, 0usize, pace), move |(data, pos, mut pace)| async move {
-        if pos >= data.len() {
-            if !pace.tail.is_zero() {
-                tokio::time::sleep(pace.tail).await;
+    let stream = futures_util::stream::unfold(
+        (data, 0usize, pace),
+        move |(data, pos, mut pace)| async move {
+            if pos >= data.len() {
+                if !pace.tail.is_zero() {
+                    tokio::time::sleep(pace.tail).await;
+                }
+                return None;
             }
-            return None;
-        }
-        if pos > 0 {
-            if let Some(g) = pace.gate.as_mut() {
-                let _ = g.wait_for(|open| *open).await;
+            if pos > 0 {
+                if let Some(g) = pace.gate.as_mut() {
+                    let _ = g.wait_for(|open| *open).await;
+                }
+                if !pace.pause.is_zero() {
+                    tokio::time::sleep(pace.pause).await;
+                }
             }
-            if !pace.pause.is_zero() {
-                tokio::time::sleep(pace.pause).await;
-            }
-        }
-        let end = (pos + pace.chunk).min(data.len());
-        let frame = Frame::data(data.slice(pos..end));
-        Some((Ok::<_, BoxError>(frame), (data, end, pace)))
-    });
+            let end = (pos + pace.chunk).min(data.len());
+            let frame = Frame::data(data.slice(pos..end));
+            Some((Ok::<_, BoxError>(frame), (data, end, pace)))
+        },
+    );
     let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
     let h = r.headers_mut();
-    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     h.insert(CONTENT_LENGTH, HeaderValue::from(len));
-    h.insert("docker-content-digest", HeaderValue::from_str(digest).unwrap());
+    h.insert(
+        "docker-content-digest",
+        HeaderValue::from_str(digest).unwrap(),
+    );
     r
 }
 
@@ -826,7 +1059,10 @@ pub struct FakeStorage {
 
 impl FakeStorage {
     pub async fn start(ca: &TestCa) -> FakeStorage {
-        let shared = Arc::new(StorageShared { blobs: Mutex::new(HashMap::new()), log: Mutex::new(Vec::new()) });
+        let shared = Arc::new(StorageShared {
+            blobs: Mutex::new(HashMap::new()),
+            log: Mutex::new(Vec::new()),
+        });
         let s = shared.clone();
         let server = TlsServer::start(ca.fake_hosts_config(), move |_| {
             let handler: Handler = Arc::new(move |req| {
@@ -846,7 +1082,11 @@ impl FakeStorage {
     pub fn put(&self, data: impl Into<Bytes>) -> String {
         let data = data.into();
         let digest = sha256_digest(&data);
-        self.shared.blobs.lock().unwrap().insert(digest.clone(), data);
+        self.shared
+            .blobs
+            .lock()
+            .unwrap()
+            .insert(digest.clone(), data);
         digest
     }
 
@@ -855,7 +1095,10 @@ impl FakeStorage {
     }
 
     pub fn gets(&self) -> usize {
-        self.requests().iter().filter(|r| r.method == Method::GET).count()
+        self.requests()
+            .iter()
+            .filter(|r| r.method == Method::GET)
+            .count()
     }
 
     /// Whether any request carried an `Authorization` header.
@@ -868,18 +1111,30 @@ impl StorageShared {
     fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let resp = (|| {
             let Some(digest) = req.uri().path().strip_prefix("/blobs/") else {
-                return json_response(StatusCode::NOT_FOUND, error_body("NoSuchKey", "no such object"));
+                return json_response(
+                    StatusCode::NOT_FOUND,
+                    error_body("NoSuchKey", "no such object"),
+                );
             };
             if !req.uri().query().unwrap_or("").contains("sig=") {
-                return json_response(StatusCode::FORBIDDEN, error_body("AccessDenied", "unsigned request"));
+                return json_response(
+                    StatusCode::FORBIDDEN,
+                    error_body("AccessDenied", "unsigned request"),
+                );
             }
             let Some(data) = self.blobs.lock().unwrap().get(digest).cloned() else {
-                return json_response(StatusCode::NOT_FOUND, error_body("NoSuchKey", "no such object"));
+                return json_response(
+                    StatusCode::NOT_FOUND,
+                    error_body("NoSuchKey", "no such object"),
+                );
             };
             match *req.method() {
                 Method::HEAD => blob_head(&data, digest),
                 Method::GET => blob_get(data, digest, Pace::plain()),
-                _ => json_response(StatusCode::METHOD_NOT_ALLOWED, error_body("MethodNotAllowed", "read only")),
+                _ => json_response(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    error_body("MethodNotAllowed", "read only"),
+                ),
             }
         })();
         record(&self.log, &req, Kind::Storage, resp.status());

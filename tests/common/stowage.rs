@@ -45,7 +45,8 @@ impl StowageBuilder {
     /// `[proxy] tunnel_ports`: ports blind tunnels may reach (Stowage's default is 443 only).
     pub fn tunnel_ports(mut self, ports: &[u16]) -> Self {
         let list: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
-        self.proxy_toml.push_str(&format!("tunnel_ports = [{}]\n", list.join(", ")));
+        self.proxy_toml
+            .push_str(&format!("tunnel_ports = [{}]\n", list.join(", ")));
         self
     }
 
@@ -107,8 +108,11 @@ impl StowageBuilder {
         }
         toml.push_str("\n[[registry]]\nhost = \"registry.example.test\"\nauth_hosts = [\"auth.example.test\"]\n");
         toml.push_str(&self.extra_toml);
-        let config = stowage::Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("config rejected: {e}\n{toml}"));
-        let server = stowage::Server::bind(config).await.unwrap_or_else(|e| panic!("Server::bind: {e}"));
+        let config = stowage::Config::from_toml_str(&toml)
+            .unwrap_or_else(|e| panic!("config rejected: {e}\n{toml}"));
+        let server = stowage::Server::bind(config)
+            .await
+            .unwrap_or_else(|e| panic!("Server::bind: {e}"));
         let addr = server.proxy_addr();
         let (mirror_addr, direct_addr) = (server.mirror_addr(), server.direct_addr());
         let ca_pem = server.ca_cert_pem();
@@ -116,7 +120,18 @@ impl StowageBuilder {
         let task = tokio::spawn(server.run(async move {
             let _ = rx.await;
         }));
-        Stowage { addr, mirror_addr, direct_addr, ca_pem, toml, cache_dir, ca_dir, shutdown: Some(tx), task: Some(task), _dir: dir }
+        Stowage {
+            addr,
+            mirror_addr,
+            direct_addr,
+            ca_pem,
+            toml,
+            cache_dir,
+            ca_dir,
+            shutdown: Some(tx),
+            task: Some(task),
+            _dir: dir,
+        }
     }
 }
 
@@ -138,7 +153,15 @@ pub struct Stowage {
 
 impl Stowage {
     pub fn builder() -> StowageBuilder {
-        StowageBuilder { other_hosts: "tunnel", extra_ca: Vec::new(), proxy_toml: String::new(), extra_toml: String::new(), cache_toml: String::new(), upstream_toml: String::new(), listen: None }
+        StowageBuilder {
+            other_hosts: "tunnel",
+            extra_ca: Vec::new(),
+            proxy_toml: String::new(),
+            extra_toml: String::new(),
+            cache_toml: String::new(),
+            upstream_toml: String::new(),
+            listen: None,
+        }
     }
 
     /// Started with defaults, trusting `ca` upstream.
@@ -154,7 +177,11 @@ impl Stowage {
     /// Where verified content for `digest` (`sha256:<hex>`) must live.
     pub fn blob_path(&self, digest: &str) -> PathBuf {
         let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
-        self.cache_dir.join("blobs").join("sha256").join(&hex[..2]).join(hex)
+        self.cache_dir
+            .join("blobs")
+            .join("sha256")
+            .join(&hex[..2])
+            .join(hex)
     }
 
     pub fn is_cached(&self, digest: &str) -> bool {
@@ -177,7 +204,10 @@ impl Stowage {
             let _ = tx.send(());
         }
         let task = self.task.take().expect("running");
-        tokio::time::timeout(std::time::Duration::from_secs(15), task).await.expect("run() returned after shutdown").expect("run task")
+        tokio::time::timeout(std::time::Duration::from_secs(15), task)
+            .await
+            .expect("run() returned after shutdown")
+            .expect("run task")
     }
 }
 
@@ -188,4 +218,3 @@ impl Drop for Stowage {
         }
     }
 }
-

@@ -15,7 +15,10 @@ use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -48,12 +51,22 @@ impl TestCa {
         dn.push(DnType::CommonName, "Stowage test upstream CA");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let cert = params.self_signed(&key).expect("self-signed CA");
         let dir = tempfile::tempdir().expect("tempdir");
         let pem_path = dir.path().join("test-ca.pem");
         std::fs::write(&pem_path, cert.pem()).expect("write CA PEM");
-        TestCa { cert_pem: cert.pem(), cert_der: cert.der().clone(), issuer: Issuer::new(params, key), pem_path, _dir: dir }
+        TestCa {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+            pem_path,
+            _dir: dir,
+        }
     }
 
     /// The PEM file to list in `[upstream] extra_ca`.
@@ -69,7 +82,10 @@ impl TestCa {
         params.is_ca = IsCa::ExplicitNoCa;
         let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
         let chain = vec![cert.der().clone(), self.cert_der.clone()];
-        (chain, PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
+        (
+            chain,
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
     }
 
     /// A server config for `names`, offering h2 and http/1.1.
@@ -115,9 +131,14 @@ pub struct TlsServer {
 
 impl TlsServer {
     /// Binds first, so `make_handler` can learn the port (for redirect and realm URLs).
-    pub async fn start(config: Arc<rustls::ServerConfig>, make_handler: impl FnOnce(SocketAddr) -> Handler) -> TlsServer {
+    pub async fn start(
+        config: Arc<rustls::ServerConfig>,
+        make_handler: impl FnOnce(SocketAddr) -> Handler,
+    ) -> TlsServer {
         install_provider();
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake server");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake server");
         let addr = listener.local_addr().expect("local addr");
         let handler = make_handler(addr);
         let connections = Arc::new(AtomicUsize::new(0));
@@ -148,7 +169,12 @@ impl TlsServer {
                 }
             }
         });
-        TlsServer { addr, connections, alpns, task }
+        TlsServer {
+            addr,
+            connections,
+            alpns,
+            task,
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {

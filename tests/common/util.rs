@@ -19,7 +19,9 @@ pub const BOUND: Duration = Duration::from_secs(20);
 
 /// `f`, or a panic naming `what` when it takes longer than [`BOUND`].
 pub async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(BOUND, f).await.unwrap_or_else(|_| panic!("{what}: no answer within {BOUND:?} (a hang)"))
+    tokio::time::timeout(BOUND, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer within {BOUND:?} (a hang)"))
 }
 
 /// The sum of every sample of `name` whose labels include `labels` (0 when absent), from
@@ -27,13 +29,21 @@ pub async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     let mut sum = 0.0;
     for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
         let (n, l) = match series.split_once('{') {
             Some((n, l)) => (n, l.trim_end_matches('}')),
             None => (series, ""),
         };
-        if n == name && labels.iter().all(|(k, v)| l.split(',').any(|kv| kv == format!("{k}=\"{v}\""))) {
-            sum += value.parse::<f64>().unwrap_or_else(|_| panic!("bad sample {line:?}"));
+        if n == name
+            && labels
+                .iter()
+                .all(|(k, v)| l.split(',').any(|kv| kv == format!("{k}=\"{v}\"")))
+        {
+            sum += value
+                .parse::<f64>()
+                .unwrap_or_else(|_| panic!("bad sample {line:?}"));
         }
     }
     sum
@@ -75,9 +85,15 @@ pub async fn echo_through(client: &ProxyClient, authority: &str, seed: u64, len:
         r.read_to_end(&mut got).await.unwrap();
         got
     };
-    let ((), got) = tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(write, read) }).await.expect("tunnel echo timed out");
+    let ((), got) =
+        tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(write, read) })
+            .await
+            .expect("tunnel echo timed out");
     assert_eq!(got.len(), sent.len(), "CONNECT {authority}: bytes lost");
-    assert!(got == sent, "CONNECT {authority}: bytes changed in the tunnel");
+    assert!(
+        got == sent,
+        "CONNECT {authority}: bytes changed in the tunnel"
+    );
 }
 
 /// The subject alternative names of a DER certificate (DNS names as text, others debug-
@@ -98,7 +114,11 @@ pub fn cert_names(der: &[u8]) -> (Vec<String>, bool) {
                 .collect()
         })
         .unwrap_or_default();
-    let is_ca = cert.basic_constraints().ok().flatten().is_some_and(|bc| bc.value.ca);
+    let is_ca = cert
+        .basic_constraints()
+        .ok()
+        .flatten()
+        .is_some_and(|bc| bc.value.ca);
     (sans, is_ca)
 }
 
@@ -106,7 +126,9 @@ pub fn cert_names(der: &[u8]) -> (Vec<String>, bool) {
 pub fn client_config(ca_pem: &str) -> Arc<rustls::ClientConfig> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap()).unwrap();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .unwrap()
@@ -120,7 +142,9 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in entries.flatten() {
             let p = e.path();
             if p.is_dir() {
