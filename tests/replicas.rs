@@ -13,7 +13,7 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -909,25 +909,15 @@ async fn a_proxy_that_refuses_the_tunnel_is_a_clean_502() {
     let ca = TestCa::new();
     let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
     let img = quay.push_image("team/app", "v1", &[pseudo_random(1000, 141)]);
-    // Something that speaks HTTP but is no CONNECT proxy: every request is a 405.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let refusals = Arc::new(AtomicUsize::new(0));
-    let r = refusals.clone();
-    let _task = tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            r.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                    )
-                    .await;
-            });
-        }
-    });
+    // Something that speaks HTTP but is no CONNECT proxy: every request is a 403.
+    let (addr, refusals, _task) = counting_server(|mut s| async move {
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .await;
+    })
+    .await;
     let node = Node::start(
         &ca,
         NodeConfig::default()

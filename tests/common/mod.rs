@@ -24,7 +24,8 @@ pub use registry::{
 pub use stowage::Stowage;
 pub use tls::TestCa;
 pub use util::{
-    bounded, cert_names, client_config, echo_server, echo_through, files_under, metric, BOUND,
+    bounded, cert_names, client_config, counting_server, echo_server, echo_through, files_under,
+    metric, BOUND,
 };
 
 /// Every host name the fakes answer to; the Stowage fixture pins each to 127.0.0.1.

@@ -2,6 +2,7 @@
 //! server for tunnels, certificate inspection, and file walks.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -49,24 +50,37 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     sum
 }
 
-/// An echo server on 127.0.0.1: returns every byte, closes its side after the client's
-/// EOF, counts connections.
-pub async fn echo_server() -> (u16, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+/// A TCP server on 127.0.0.1 that runs `serve` on every connection and counts them.
+pub async fn counting_server<F, Fut>(
+    serve: F,
+) -> (SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
     let a = accepted.clone();
     let task = tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
+        while let Ok((s, _)) = listener.accept().await {
             a.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
+            tokio::spawn(serve(s));
         }
     });
-    (port, accepted, task)
+    (addr, accepted, task)
+}
+
+/// An echo server on 127.0.0.1: returns every byte, closes its side after the client's
+/// EOF, counts connections.
+pub async fn echo_server() -> (u16, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let (addr, accepted, task) = counting_server(|mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await;
+    (addr.port(), accepted, task)
 }
 
 /// A blind tunnel through Stowage to `authority` (an [`echo_server`]) carries `len`
