@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The one test command: installs what the tests need (tests/deps.sh), runs every Rust test
-# (unit, property, hermetic integration), and runs the
+# The one test command: installs what the tests need (tests/deps.sh), checks formatting
+# (cargo fmt --check), runs every Rust test (cargo test --all-targets: unit, property,
+# hermetic integration), and runs the
 # end-to-end scenarios with real clients and a real registry (tests/e2e/). Prints a summary
 # line per suite and exits non-zero if anything failed. `.ci/run` calls exactly this.
 #
@@ -13,8 +14,21 @@ bash tests/deps.sh || exit 1
 export CARGO_TERM_COLOR=never
 
 status=0
-log=$(mktemp /tmp/stowage-cargo-test.XXXXXX)
 start=$(date +%s)
+# Formatting first: cheap, and the code is only reviewed in rustfmt's form.
+if cargo fmt --version >/dev/null 2>&1; then
+  if cargo fmt --all --check >/dev/null; then
+    fmt_summary="cargo fmt --check: ok"
+  else
+    cargo fmt --all --check 2>&1 | head -n 40
+    fmt_summary="cargo fmt --check: FAILED (run cargo fmt --all)"
+    status=1
+  fi
+else
+  fmt_summary="cargo fmt --check: skipped (rustfmt is not installed)"
+fi
+
+log=$(mktemp /tmp/stowage-cargo-test.XXXXXX)
 cargo test --all-targets --locked 2>&1 | tee "$log"
 cargo_status=${PIPESTATUS[0]}
 # cargo prints one "test result:" line per test binary; add them up.
@@ -34,6 +48,7 @@ fi
 
 echo
 echo "== summary ($(($(date +%s) - start))s) =="
+echo "$fmt_summary"
 echo "$summary"
 echo "$e2e_summary"
 [[ $status -eq 0 ]] && echo "RESULT: ok" || echo "RESULT: FAILED"
