@@ -96,60 +96,51 @@ fn references(bytes: &[u8]) -> Vec<Digest> {
 /// Cached tags per registry and repository, with what each holds in the cache.
 pub fn list(store: &BlobStore) -> Result<Vec<TagListing>, StoreError> {
     let mut seen: BTreeMap<(String, String, String), TagListing> = BTreeMap::new();
-    for (key, entry) in store.tags()? {
-        // key: <registry>/<repo>:<tag>#<accept>
-        let Some((name, _accept)) = key.split_once('#') else {
-            continue;
-        };
-        let Some((reg_repo, tag)) = name.rsplit_once(':') else {
-            continue;
-        };
-        let Some((registry, repo)) = reg_repo.split_once('/') else {
-            continue;
-        };
-        let Ok(root) = entry.digest.parse::<Digest>() else {
-            continue;
-        };
-        let mut listing = TagListing {
-            registry: registry.into(),
-            repository: repo.into(),
-            tag: tag.into(),
-            digest: entry.digest.clone(),
-            cached_bytes: 0,
-            missing: 0,
-            last_used_ms: 0,
-        };
-        // Walk manifest → (child manifests →) config and layers, bounded.
-        let mut queue = vec![root];
-        let mut visited = 0;
-        while let Some(d) = queue.pop() {
-            visited += 1;
-            if visited > 10_000 {
-                break;
-            }
-            match store.index.get(&d) {
-                Some(e) => {
-                    listing.cached_bytes += e.size;
-                    listing.last_used_ms = listing.last_used_ms.max(e.atime_ms);
-                    if store.media_type(&d).ok().flatten().is_some() {
-                        if let Ok(bytes) = std::fs::read(store.path(&d)) {
-                            queue.extend(references(&bytes));
+    for (key, row) in store.tags()? {
+        // Several Accept variants of one tag: each is listed once, the most complete wins.
+        for variant in &row.variants {
+            let root = variant.digest.clone();
+            let mut listing = TagListing {
+                registry: key.repo.registry.to_string(),
+                repository: key.repo.repo.to_string(),
+                tag: key.tag.as_str().to_owned(),
+                digest: variant.digest.to_string(),
+                cached_bytes: 0,
+                missing: 0,
+                last_used_ms: 0,
+            };
+            // Walk manifest → (child manifests →) config and layers, bounded.
+            let mut queue = vec![root];
+            let mut visited = 0;
+            while let Some(d) = queue.pop() {
+                visited += 1;
+                if visited > 10_000 {
+                    break;
+                }
+                match store.index.get(&d) {
+                    Some(e) => {
+                        listing.cached_bytes += e.size;
+                        listing.last_used_ms = listing.last_used_ms.max(e.atime_ms);
+                        if store.media_type(&d).ok().flatten().is_some() {
+                            if let Ok(bytes) = std::fs::read(store.path(&d)) {
+                                queue.extend(references(&bytes));
+                            }
                         }
                     }
+                    None => listing.missing += 1,
                 }
-                None => listing.missing += 1,
             }
-        }
-        // Several Accept variants of one tag: keep the most complete one.
-        let k = (
-            listing.registry.clone(),
-            listing.repository.clone(),
-            listing.tag.clone(),
-        );
-        match seen.get(&k) {
-            Some(old) if old.cached_bytes >= listing.cached_bytes => {}
-            _ => {
-                seen.insert(k, listing);
+            // Several Accept variants of one tag: keep the most complete one.
+            let k = (
+                listing.registry.clone(),
+                listing.repository.clone(),
+                listing.tag.clone(),
+            );
+            match seen.get(&k) {
+                Some(old) if old.cached_bytes >= listing.cached_bytes => {}
+                _ => {
+                    seen.insert(k, listing);
+                }
             }
         }
     }
@@ -199,7 +190,7 @@ pub fn human_bytes(n: u64) -> String {
 mod tests {
     use super::*;
     use crate::oci::Algorithm;
-    use crate::store::TagEntry;
+    use crate::store::TagVariant;
 
     fn sha(b: &[u8]) -> Digest {
         Digest::from_bytes(
@@ -229,9 +220,10 @@ mod tests {
             .unwrap();
         store
             .set_tag(
-                "quay.io/org/app:v1#application/json",
-                &TagEntry {
-                    digest: md.to_string(),
+                &"quay.io:5000/org/app:v1".parse().unwrap(),
+                TagVariant {
+                    accept: "application/json".into(),
+                    digest: md.clone(),
                     media_type: "x".into(),
                     checked_at_ms: 1,
                 },
@@ -245,7 +237,7 @@ mod tests {
                 l[0].repository.as_str(),
                 l[0].tag.as_str()
             ),
-            ("quay.io", "org/app", "v1")
+            ("quay.io:5000", "org/app", "v1")
         );
         assert_eq!(l[0].cached_bytes, 1000 + 2 + manifest.len() as u64);
         assert_eq!(l[0].missing, 1);

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::oci::{Host, Registry, Scheme};
+
 /// The configuration shipped in the repository's `config.toml`, embedded so the binary
 /// documents itself (`stowage config`).
 pub const DEFAULT_TOML: &str = include_str!("../config.toml");
@@ -412,7 +414,8 @@ impl Default for UpstreamConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryConfig {
-    /// The registry's API host, e.g. `quay.io`.
+    /// The registry's API host, e.g. `quay.io`, with `:port` when it is not 443. Only this
+    /// registry (scheme, host and port) gets the account below.
     pub host: String,
     /// Token or auth hosts this registry sends clients to; their TLS is terminated too.
     #[serde(default)]
@@ -474,6 +477,19 @@ impl fmt::Debug for Credentials {
 }
 
 impl RegistryConfig {
+    /// The registry this entry configures (validated: `host` is `name[:port]`, HTTPS).
+    pub fn registry(&self) -> Registry {
+        self.host.parse().expect("validated registry host")
+    }
+
+    /// The configured auth hosts as origins (HTTPS, port 443 unless written).
+    pub fn auth_origins(&self) -> Vec<Registry> {
+        self.auth_hosts
+            .iter()
+            .filter_map(|h| Registry::from_authority(Scheme::Https, h).ok())
+            .collect()
+    }
+
     /// Reads the configured password now (environment or file).
     pub fn credentials(&self, index: usize) -> Result<Option<Credentials>, ConfigError> {
         let Some(user) = &self.username else {
@@ -579,19 +595,31 @@ impl Config {
             ));
         }
         for (i, r) in self.registry.iter().enumerate() {
-            if !valid_host(&r.host) {
-                return Err(invalid(
-                    format!("registry[{i}].host"),
-                    format!("{:?} is not a lowercase host name", r.host),
-                ));
-            }
+            let registry = match r.host.parse::<Registry>() {
+                Ok(reg) if r.host == r.host.to_ascii_lowercase() => reg,
+                _ => {
+                    return Err(invalid(
+                        format!("registry[{i}].host"),
+                        format!(
+                        "{:?} is not a registry like quay.io or registry.local:5000 (lowercase)",
+                        r.host
+                    ),
+                    ))
+                }
+            };
             for h in &r.auth_hosts {
-                if !valid_host(h) {
+                if !(valid_host(h) || h.parse::<Registry>().is_ok_and(|a| a.is_https())) {
                     return Err(invalid(
                         format!("registry[{i}].auth_hosts"),
-                        format!("{h:?} is not a lowercase host name"),
+                        format!("{h:?} is not a lowercase host name (optionally with :port)"),
                     ));
                 }
+            }
+            if r.username.is_some() && !registry.is_https() {
+                return Err(invalid(
+                    format!("registry[{i}].username"),
+                    "credentials are only ever sent over TLS: this registry is plain http://",
+                ));
             }
             match (&r.username, &r.password_env, &r.password_file) {
                 (Some(_), Some(_), None) | (Some(_), None, Some(_)) | (None, None, None) => {}
@@ -611,6 +639,14 @@ impl Config {
             }
         }
         for (i, rule) in self.cache.ttl.iter().enumerate() {
+            if let Some(r) = &rule.registry {
+                if r.parse::<Registry>().is_err() {
+                    return Err(invalid(
+                        format!("cache.ttl[{i}].registry"),
+                        format!("{r:?} is not a registry like quay.io or registry.local:5000"),
+                    ));
+                }
+            }
             if rule.tag.is_empty() {
                 return Err(invalid(
                     format!("cache.ttl[{i}].tag"),
@@ -649,12 +685,13 @@ impl Config {
             ));
         }
         // `host` or `host:port`, as the mirror's router reads it (a registry on another port).
-        let default_ok = match self.mirror.default_registry.rsplit_once(':') {
-            Some((host, port)) if !host.contains(':') => {
-                valid_host(host) && port.parse::<u16>().is_ok_and(|p| p > 0)
-            }
-            _ => valid_host(&self.mirror.default_registry),
-        };
+        let default_ok = Registry::from_reference_domain(&self.mirror.default_registry).is_ok()
+            && match self.mirror.default_registry.rsplit_once(':') {
+                Some((host, port)) if !host.contains(':') => {
+                    valid_host(host) && port.parse::<u16>().is_ok_and(|p| p > 0)
+                }
+                _ => valid_host(&self.mirror.default_registry),
+            };
         if !default_ok {
             return Err(invalid(
                 "mirror.default_registry",
@@ -779,7 +816,7 @@ impl Config {
     pub fn registries(&self) -> Vec<RegistryConfig> {
         let mut all = builtin_registries();
         for r in &self.registry {
-            match all.iter_mut().find(|b| b.host == r.host) {
+            match all.iter_mut().find(|b| b.registry() == r.registry()) {
                 Some(b) => {
                     let auth_hosts = if r.auth_hosts.is_empty() {
                         b.auth_hosts.clone()
@@ -799,16 +836,19 @@ impl Config {
 
     /// The tag TTL for `registry`/`tag`: first matching `[[cache.ttl]]` rule, else the
     /// registry's own `manifest_ttl`, else `[cache] manifest_ttl`.
-    pub fn tag_ttl(&self, registry: &str, tag: &str) -> Duration {
+    pub fn tag_ttl(&self, registry: &Registry, tag: &str) -> Duration {
         for rule in &self.cache.ttl {
-            if rule.registry.as_deref().is_none_or(|r| r == registry) && glob_match(&rule.tag, tag)
-            {
+            let applies = match rule.registry.as_deref() {
+                None => true,
+                Some(r) => r.parse::<Registry>().is_ok_and(|r| &r == registry),
+            };
+            if applies && glob_match(&rule.tag, tag) {
                 return rule.ttl.0;
             }
         }
         self.registry
             .iter()
-            .find(|r| r.host == registry)
+            .find(|r| &r.registry() == registry)
             .and_then(|r| r.manifest_ttl)
             .map(|t| t.0)
             .unwrap_or(self.cache.manifest_ttl.0)
@@ -827,22 +867,9 @@ fn optional_addr(key: &str, value: &str) -> Result<Option<SocketAddr>, ConfigErr
     })
 }
 
-/// A DNS name or IP literal as it may appear in `CONNECT`: lowercase letters, digits,
-/// `-` and `.`, or an IP address.
+/// A host already in its normal form (see `oci::Host`): lowercase, no trailing dot.
 pub fn valid_host(h: &str) -> bool {
-    if h.parse::<IpAddr>().is_ok() {
-        return true;
-    }
-    !h.is_empty()
-        && h.len() <= 253
-        && h.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        })
+    Host::parse(h).is_ok_and(|n| n.as_str() == h || h.parse::<IpAddr>().is_ok())
 }
 
 /// A duration written as people write them: `250ms`, `30s`, `10m`, `2h`, `7d`.
@@ -1083,10 +1110,18 @@ mod tests {
             "[cache]\nmanifest_ttl = \"5m\"\n[[cache.ttl]]\ntag = \"v*\"\nttl = \"7d\"\n[[cache.ttl]]\ntag = \"*\"\nregistry = \"gcr.io\"\nttl = \"1m\"\n[[registry]]\nhost = \"quay.io\"\nmanifest_ttl = \"30s\"\n",
         )
         .unwrap();
-        assert_eq!(c.tag_ttl("ghcr.io", "v1.2"), Duration::from_secs(7 * 86400));
-        assert_eq!(c.tag_ttl("gcr.io", "latest"), Duration::from_secs(60));
-        assert_eq!(c.tag_ttl("quay.io", "latest"), Duration::from_secs(30));
-        assert_eq!(c.tag_ttl("ghcr.io", "latest"), Duration::from_secs(300));
+        let r = |s: &str| s.parse::<Registry>().unwrap();
+        assert_eq!(
+            c.tag_ttl(&r("ghcr.io"), "v1.2"),
+            Duration::from_secs(7 * 86400)
+        );
+        assert_eq!(c.tag_ttl(&r("gcr.io"), "latest"), Duration::from_secs(60));
+        assert_eq!(
+            c.tag_ttl(&r("gcr.io:5000"), "latest"),
+            Duration::from_secs(300)
+        );
+        assert_eq!(c.tag_ttl(&r("quay.io"), "latest"), Duration::from_secs(30));
+        assert_eq!(c.tag_ttl(&r("ghcr.io"), "latest"), Duration::from_secs(300));
         // A configured built-in keeps its auth hosts.
         let c = Config::from_toml_str(
             "[[registry]]\nhost = \"registry-1.docker.io\"\nmanifest_ttl = \"1m\"\n",

@@ -174,17 +174,17 @@ impl Metrics {
         out
     }
 
-    pub fn upstream_error(&self, registry: &str, status: &str) {
+    pub fn upstream_error(&self, registry: &crate::oci::Registry, status: &str) {
         self.upstream_errors
             .get_or_create(&ErrorLabels {
-                registry: registry.to_owned(),
+                registry: registry.to_string(),
                 status: status.to_owned(),
             })
             .inc();
     }
 
     /// Records `ratelimit-remaining: 76;w=21600` as 76.
-    pub fn observe_ratelimit(&self, registry: &str, headers: &http::HeaderMap) {
+    pub fn observe_ratelimit(&self, registry: &crate::oci::Registry, headers: &http::HeaderMap) {
         let Some(v) = headers
             .get("ratelimit-remaining")
             .and_then(|v| v.to_str().ok())
@@ -194,7 +194,7 @@ impl Metrics {
         if let Ok(n) = v.split(';').next().unwrap_or("").trim().parse::<i64>() {
             self.ratelimit_remaining
                 .get_or_create(&RegistryLabels {
-                    registry: registry.to_owned(),
+                    registry: registry.to_string(),
                 })
                 .set(n);
         }
@@ -244,7 +244,7 @@ mod tests {
             .inc_by(10);
         let mut h = http::HeaderMap::new();
         h.insert("ratelimit-remaining", "76;w=21600".parse().unwrap());
-        m.observe_ratelimit("registry-1.docker.io", &h);
+        m.observe_ratelimit(&"registry-1.docker.io".parse().unwrap(), &h);
         let text = m.render();
         assert!(
             text.contains(

@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::LazyConfigAcceptor;
 
-use crate::config::valid_host;
+use crate::oci::{Host, Registry, Scheme};
 use crate::proxy::serve_until_shutdown;
 use crate::registry::{self, Target};
 use crate::response::{full, head_without_body, registry_error, text, Body};
@@ -34,34 +34,14 @@ use crate::server::{HostKind, State};
 /// Where a mirror request goes, and the path to ask there.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Routed {
-    pub host: String,
-    pub port: u16,
+    pub registry: Registry,
     pub path_and_query: String,
 }
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum RouteError {
-    UnknownRegistry(String),
+    UnknownRegistry(Registry),
     BadNamespace,
-}
-
-/// `docker.io` and friends are names users write; the API lives elsewhere.
-fn canonical_registry(name: &str) -> &str {
-    match name {
-        "docker.io" | "index.docker.io" | "registry.docker.io" => "registry-1.docker.io",
-        other => other,
-    }
-}
-
-/// Splits `host[:port]`, lowercased and checked.
-fn split_host_port(s: &str) -> Option<(String, u16)> {
-    let s = s.to_ascii_lowercase();
-    let (host, port) = match s.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') => (h.to_owned(), p.parse().ok()?),
-        _ => (s.clone(), 443),
-    };
-    let host = canonical_registry(&host).to_owned();
-    valid_host(&host).then_some((host, port))
 }
 
 /// Decodes `%XX` escapes (and `+` as a space, as in form encoding); `None` for a broken
@@ -86,7 +66,7 @@ fn percent_decode(s: &str) -> Option<String> {
 pub fn route(
     uri: &Uri,
     default_registry: &str,
-    known: impl Fn(&str) -> bool,
+    known: impl Fn(&Host) -> bool,
 ) -> Result<Routed, RouteError> {
     let path = uri.path();
     let mut ns = None;
@@ -109,13 +89,13 @@ pub fn route(
         format!("?{}", rest_query.join("&"))
     };
     if let Some(ns) = ns {
-        let (host, port) = split_host_port(&ns).ok_or(RouteError::BadNamespace)?;
-        if !known(&host) {
-            return Err(RouteError::UnknownRegistry(host));
+        let registry =
+            Registry::from_reference_domain(&ns).map_err(|_| RouteError::BadNamespace)?;
+        if !known(registry.host()) {
+            return Err(RouteError::UnknownRegistry(registry));
         }
         return Ok(Routed {
-            host,
-            port,
+            registry,
             path_and_query: format!("{path}{query}"),
         });
     }
@@ -124,22 +104,22 @@ pub fn route(
     if let Some(rest) = path.strip_prefix("/v2/") {
         if let Some((first, tail)) = rest.split_once('/') {
             if first.contains('.') || first.contains(':') || first == "localhost" {
-                let (host, port) = split_host_port(first).ok_or(RouteError::BadNamespace)?;
-                if !known(&host) {
-                    return Err(RouteError::UnknownRegistry(host));
+                let registry =
+                    Registry::from_reference_domain(first).map_err(|_| RouteError::BadNamespace)?;
+                if !known(registry.host()) {
+                    return Err(RouteError::UnknownRegistry(registry));
                 }
                 return Ok(Routed {
-                    host,
-                    port,
+                    registry,
                     path_and_query: format!("/v2/{tail}{query}"),
                 });
             }
         }
     }
-    let (host, port) = split_host_port(default_registry).ok_or(RouteError::BadNamespace)?;
+    let registry =
+        Registry::from_reference_domain(default_registry).map_err(|_| RouteError::BadNamespace)?;
     Ok(Routed {
-        host,
-        port,
+        registry,
         path_and_query: format!("{path}{query}"),
     })
 }
@@ -213,9 +193,7 @@ async fn mirror_request(state: Arc<State>, mut req: Request<Incoming>) -> Respon
     // The mirror's own credentials are for the mirror, never for upstream.
     req.headers_mut().remove(AUTHORIZATION);
     let target = Arc::new(Target {
-        scheme: "https",
-        host: routed.host,
-        port: routed.port,
+        registry: routed.registry,
         auth_host: false,
         mirror: true,
     });
@@ -234,17 +212,17 @@ pub async fn loop_check(state: &State, target: &Target) -> Option<Response<Body>
     let addrs = state
         .upstream
         .resolver()
-        .resolve(&target.host, target.port)
+        .resolve(target.registry.host().as_str(), target.registry.port())
         .await
         .ok()?;
     let own = addrs.iter().find(|a| state.is_own_address(a))?;
-    tracing::error!(host = %target.host, address = %own, "upstream resolves to this Stowage: refusing a request loop");
+    tracing::error!(registry = %target.registry, address = %own, "upstream resolves to this Stowage: refusing a request loop");
     Some(registry_error(
         StatusCode::LOOP_DETECTED,
         "UNAVAILABLE",
         &format!(
             "{} resolves to this Stowage ({own}); the proxy host must resolve registries for real, or pin them in [upstream.resolve]",
-            target.host
+            target.registry.host()
         ),
     ))
 }
@@ -362,7 +340,7 @@ pub async fn serve_direct_connection(state: Arc<State>, stream: TcpStream, peer:
         tracing::warn!(%peer, "direct TLS without SNI: refused (clients must connect by registry name)");
         return refuse_unrecognized_name(start.io).await;
     };
-    let Some(kind) = state.host_kind(&sni) else {
+    let Some(kind) = Host::parse(&sni).ok().and_then(|h| state.host_kind(&h)) else {
         tracing::warn!(%peer, sni, "direct TLS for a host that is not a configured registry: refused");
         return refuse_unrecognized_name(start.io).await;
     };
@@ -374,10 +352,9 @@ pub async fn serve_direct_connection(state: Arc<State>, stream: TcpStream, peer:
         return;
     };
     let port = state.config.direct.upstream_port.unwrap_or(443);
+    let Ok(host) = Host::parse(&sni) else { return };
     let target = Arc::new(Target {
-        scheme: "https",
-        host: sni,
-        port,
+        registry: Registry::new(Scheme::Https, host, port),
         auth_host: kind == HostKind::AuthHost,
         mirror: false,
     });
@@ -389,14 +366,13 @@ mod tests {
     use super::*;
 
     fn r(uri: &str) -> Result<Routed, RouteError> {
-        let known = |h: &str| ["registry-1.docker.io", "quay.io", "ghcr.io"].contains(&h);
+        let known = |h: &Host| ["registry-1.docker.io", "quay.io", "ghcr.io"].contains(&h.as_str());
         route(&uri.parse().unwrap(), "registry-1.docker.io", known)
     }
 
     fn ok(host: &str, port: u16, pq: &str) -> Result<Routed, RouteError> {
         Ok(Routed {
-            host: host.into(),
-            port,
+            registry: Registry::new(Scheme::Https, Host::parse(host).unwrap(), port),
             path_and_query: pq.into(),
         })
     }
@@ -437,7 +413,7 @@ mod tests {
         );
         assert_eq!(
             r("/v2/a/manifests/1?ns=evil.example"),
-            Err(RouteError::UnknownRegistry("evil.example".into()))
+            Err(RouteError::UnknownRegistry("evil.example".parse().unwrap()))
         );
         assert_eq!(
             r("/v2/a/manifests/1?ns=../x"),
@@ -481,7 +457,9 @@ mod tests {
         );
         assert_eq!(
             r("/v2/unknown.example/org/app/manifests/1"),
-            Err(RouteError::UnknownRegistry("unknown.example".into()))
+            Err(RouteError::UnknownRegistry(
+                "unknown.example".parse().unwrap()
+            ))
         );
     }
 }

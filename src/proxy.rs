@@ -24,7 +24,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::LazyConfigAcceptor;
 use tracing::Instrument;
 
-use crate::config::{valid_host, OtherHosts};
+use crate::config::OtherHosts;
+use crate::oci::{Registry, Scheme};
 use crate::registry::{self, Target};
 use crate::response::{empty, full, text, Body};
 use crate::server::{HostKind, State};
@@ -274,25 +275,17 @@ async fn admin(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-/// `host:port` from a CONNECT target, lowercased and checked.
-fn connect_target(req: &Request<Incoming>) -> Option<(String, u16)> {
-    let authority = req.uri().authority()?;
-    let host = authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_ascii_lowercase();
-    let host = host.strip_suffix('.').map(str::to_owned).unwrap_or(host);
-    if !valid_host(&host) {
-        return None;
-    }
-    Some((host, authority.port_u16().unwrap_or(443)))
+/// The CONNECT target as an HTTPS origin (normalised by `oci::origin`).
+fn connect_target(req: &Request<Incoming>) -> Option<Registry> {
+    Registry::from_authority(Scheme::Https, req.uri().authority()?.as_str()).ok()
 }
 
 async fn connect(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-    let Some((host, port)) = connect_target(&req) else {
+    let Some(target) = connect_target(&req) else {
         return text(StatusCode::BAD_REQUEST, "CONNECT needs a host:port target");
     };
+    let port = target.port();
+    let host = target.host().as_str().to_owned();
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
         if state.is_own_address(&SocketAddr::new(ip, port)) {
             return text(
@@ -301,15 +294,15 @@ async fn connect(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) ->
             );
         }
     }
-    match state.host_kind(&host) {
+    match state.host_kind(target.host()) {
         Some(kind) => {
-            let span = tracing::info_span!("tunnel", %host, port, mode = "tls");
+            let span = tracing::info_span!("tunnel", registry = %target, mode = "tls");
             let st = state.clone();
             state.tasks.spawn(
                 async move {
                     match hyper::upgrade::on(req).await {
                         Ok(upgraded) => {
-                            terminate_tls(st, TokioIo::new(upgraded), host, port, kind).await
+                            terminate_tls(st, TokioIo::new(upgraded), target, kind).await
                         }
                         Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
                     }
@@ -379,7 +372,7 @@ async fn connect(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) ->
 }
 
 /// Terminates TLS inside a CONNECT tunnel and serves the registry API for `host:port`.
-async fn terminate_tls<IO>(state: Arc<State>, io: IO, host: String, port: u16, kind: HostKind)
+async fn terminate_tls<IO>(state: Arc<State>, io: IO, registry: Registry, kind: HostKind)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -389,15 +382,16 @@ where
         Ok(Err(e)) => return tracing::info!(error = %e, "TLS ClientHello rejected"),
         Err(_) => return tracing::info!("no TLS ClientHello in time"),
     };
+    let host = registry.host().as_str();
     if let Some(sni) = start.client_hello().server_name() {
-        if !sni.eq_ignore_ascii_case(&host) {
+        if !sni.eq_ignore_ascii_case(host) {
             tracing::debug!(
                 sni,
                 "SNI differs from the CONNECT host; using the CONNECT host"
             );
         }
     }
-    let config = match state.ca.server_config(&host).await {
+    let config = match state.ca.server_config(host).await {
         Ok(c) => c,
         Err(e) => return tracing::error!(error = %e, "cannot mint a certificate"),
     };
@@ -407,9 +401,7 @@ where
         Err(_) => return tracing::info!("TLS handshake timed out"),
     };
     let target = Arc::new(Target {
-        scheme: "https",
-        host,
-        port,
+        registry,
         auth_host: kind == HostKind::AuthHost,
         mirror: false,
     });
@@ -426,15 +418,10 @@ async fn absolute_form(state: Arc<State>, req: Request<Incoming>) -> Response<Bo
             "only http:// URLs can be proxied in absolute form; use CONNECT for https",
         );
     }
-    let Some(host) = uri
-        .host()
-        .map(|h| h.to_ascii_lowercase())
-        .filter(|h| valid_host(h))
-    else {
+    let Some(registry) = Registry::of_uri(uri) else {
         return text(StatusCode::BAD_REQUEST, "request URL has no valid host");
     };
-    let port = uri.port_u16().unwrap_or(80);
-    let kind = state.host_kind(&host);
+    let kind = state.host_kind(registry.host());
     if kind.is_none() && state.other_hosts == OtherHosts::Deny {
         return text(
             StatusCode::FORBIDDEN,
@@ -442,9 +429,7 @@ async fn absolute_form(state: Arc<State>, req: Request<Incoming>) -> Response<Bo
         );
     }
     let target = Arc::new(Target {
-        scheme: "http",
-        host,
-        port,
+        registry,
         auth_host: kind != Some(HostKind::Registry),
         mirror: false,
     });

@@ -22,25 +22,23 @@ use hyper::body::Incoming;
 
 use tracing::Instrument;
 
-use crate::access::{now_ms, repo_key};
+use crate::access::{now_ms, Authorized, Refusal, Reply, UpstreamNow};
 use crate::auth::{self, credential_id, Answer};
-use crate::config::AuthCheck;
 use crate::fill::{file_stream, fill_stream, FillState, Join};
-use crate::oci::{Algorithm, Digest, Reference, RepoName, Route, Tag};
+use crate::oci::{Algorithm, Digest, Reference, Registry, RepoKey, RepoName, Route, Tag, TagKey};
 use crate::response::{
     empty, full, head_without_body, registry_error, set_len, strip_hop_by_hop, Body, CacheStatus,
     LogLine, Logged, ServeError, DOCKER_CONTENT_DIGEST, X_CACHE,
 };
 use crate::server::State;
-use crate::store::{StoreError, TagEntry};
+use crate::store::{StoreError, TagVariant};
 use crate::upstream::{BoxError, UpBody, UpstreamError};
 
 /// The upstream a tunnel (or listener) serves.
 #[derive(Clone, Debug)]
 pub struct Target {
-    pub scheme: &'static str,
-    pub host: String,
-    pub port: u16,
+    /// Scheme, host and port: everything cached or granted for this target is keyed by it.
+    pub registry: Registry,
     /// A registry's auth host (token service): everything is forwarded.
     pub auth_host: bool,
     /// Served through the mirror listener: clients bring no upstream credentials, so
@@ -50,24 +48,16 @@ pub struct Target {
 
 impl Target {
     fn uri(&self, path_and_query: &str) -> Result<Uri, ServeError> {
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
-        let default_port = if self.scheme == "https" { 443 } else { 80 };
-        let authority = if self.port == default_port {
-            host
-        } else {
-            format!("{host}:{}", self.port)
-        };
-        format!("{}://{}{}", self.scheme, authority, path_and_query)
-            .parse()
-            .map_err(|_| {
-                ServeError::Upstream(crate::upstream::UpstreamError::BadUri(
-                    path_and_query.chars().take(100).collect(),
-                ))
-            })
+        self.registry.uri(path_and_query).map_err(|_| {
+            ServeError::Upstream(crate::upstream::UpstreamError::BadUri(
+                path_and_query.chars().take(100).collect(),
+            ))
+        })
+    }
+
+    /// `repo` of this target's registry.
+    pub fn repo(&self, repo: &RepoName) -> RepoKey {
+        RepoKey::new(self.registry.clone(), repo.clone())
     }
 }
 
@@ -113,12 +103,12 @@ pub async fn handle(
             {
                 state
                     .metrics
-                    .upstream_error(&target.host, r.status().as_str());
+                    .upstream_error(&target.registry, r.status().as_str());
             }
             r
         }
         Err(e) => {
-            tracing::warn!(host = %target.host, error = %e, "request failed");
+            tracing::warn!(registry = %target.registry, error = %e, "request failed");
             let kind = match &e {
                 ServeError::Upstream(
                     UpstreamError::Timeout { .. } | UpstreamError::BodyStalled(_),
@@ -129,19 +119,31 @@ pub async fn handle(
                 _ => None,
             };
             if let Some(k) = kind {
-                state.metrics.upstream_error(&target.host, k);
+                state.metrics.upstream_error(&target.registry, k);
             }
             e.into_response()
         }
     };
-    // Upstream just let this credential read this repository: remember it, and learn in
-    // the background whether the repository is public.
+    // Upstream just let this credential read this repository (and, for an object by
+    // digest, showed that it belongs there): remember it, and learn in the background
+    // whether the repository is public. Only a 2xx counts.
     if let Some(repo) = route.repo() {
         let asked_upstream = matches!(outcome, CacheStatus::Miss | CacheStatus::Pass);
-        if asked_upstream && (resp.status().is_success() || resp.status().is_redirection()) {
-            let key = repo_key(&target.host, repo);
-            state.access.grant(&key, credential);
-            if state.auth_check() == AuthCheck::Upstream && state.access.should_probe(&key) {
+        if asked_upstream && resp.status().is_success() {
+            let key = target.repo(repo);
+            match &route {
+                Route::Blob { digest, .. }
+                | Route::Manifest {
+                    reference: Reference::Digest(digest),
+                    ..
+                } => {
+                    state
+                        .access
+                        .granted_by_upstream(&key, digest, credential, resp.status());
+                }
+                _ => state.access.grant(&key, credential),
+            }
+            if state.access.should_probe(&key) {
                 spawn_public_probe(state.clone(), target.clone(), key, path);
             }
         }
@@ -150,7 +152,7 @@ pub async fn handle(
     resp.headers_mut()
         .insert(X_CACHE, HeaderValue::from_static(outcome.as_str()));
     let line = LogLine {
-        registry: target.host.clone(),
+        registry: target.registry.clone(),
         repo: route.repo().map(|r| r.to_string()).unwrap_or_default(),
         kind: route.kind(),
         method: method.to_string(),
@@ -220,7 +222,7 @@ async fn pass(state: &State, target: &Target, req: Request<Incoming>) -> Served 
     let pq = path_and_query(&req).to_owned();
     let bodiless = matches!(*req.method(), Method::GET | Method::HEAD)
         && !req.headers().contains_key(CONTENT_LENGTH);
-    let answers = target.mirror || state.credentials.contains_key(&target.host);
+    let answers = target.mirror || state.credentials.contains_key(&target.registry);
     if bodiless && !target.auth_host && answers && !req.headers().contains_key(AUTHORIZATION) {
         // Answer the challenge with the configured account (the `/v2/` ping included), so
         // anonymous clients pull as that account.
@@ -247,7 +249,7 @@ async fn pass(state: &State, target: &Target, req: Request<Incoming>) -> Served 
         .expect("valid parts");
     *up.headers_mut() = upstream_headers(&parts.headers);
     if target.auth_host && !up.headers().contains_key(AUTHORIZATION) {
-        if let Some(c) = state.inject.get(&target.host) {
+        if let Some(c) = state.inject.get(&target.registry) {
             up.headers_mut().insert(AUTHORIZATION, c.basic());
         }
     }
@@ -257,68 +259,122 @@ async fn pass(state: &State, target: &Target, req: Request<Incoming>) -> Served 
     }
 }
 
-/// Decides whether cached content of `repo` may go to this client; `Err` is the refusal
-/// to send instead. See `access` for the rules.
+/// What kind of object a cached digest is served as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Object {
+    Blob,
+    Manifest,
+}
+
+/// The access decision (see `access`) for cached `digest` under `repo`: an
+/// [`Authorized`] to serve it with, or the refusal to send instead. `object_path` is the
+/// object's own path (`/v2/<repo>/blobs/<digest>` or `.../manifests/<digest>`): asking
+/// upstream for it proves both that the client may read the repository and that the
+/// object belongs there. `len` is the stored object's size, when known.
+#[allow(clippy::too_many_arguments)]
 async fn authorize(
     state: &State,
     target: &Target,
     repo: &RepoName,
+    digest: &Digest,
+    object: Object,
     headers: &HeaderMap,
-    pq: &str,
-) -> Result<(), Response<Body>> {
-    if state.auth_check() == AuthCheck::None {
-        return Ok(());
-    }
-    let key = repo_key(&target.host, repo);
-    let credential = credential_id(headers);
-    if state.access.granted(&key, credential) {
-        return Ok(());
-    }
-    let public_since = state.store.public_since(&key).unwrap_or(None);
-    if state.access.public_fresh(public_since) {
-        return Ok(());
-    }
-    if state.offline() {
-        return match public_since {
-            Some(_) => Ok(()),
-            None => Err(registry_error(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", "offline mode: this repository is not known to be public, and upstream cannot be asked")),
-        };
-    }
-    match upstream_fetch(state, target, Method::HEAD, pq, headers, false).await {
-        Ok(resp) if resp.status().is_success() || resp.status().is_redirection() => {
-            state.access.grant(&key, credential);
-            Ok(())
-        }
-        Ok(resp) if matches!(resp.status().as_u16(), 401 | 403 | 404) => {
-            tracing::info!(registry = %target.host, %repo, status = resp.status().as_u16(), "cached content refused: upstream denies this client");
-            Err(refusal(resp))
-        }
-        other => {
-            let why = match &other {
-                Ok(r) => format!("upstream answered {}", r.status()),
-                Err(e) => e.to_string(),
-            };
-            if public_since.is_some() {
-                tracing::info!(registry = %target.host, %repo, %why, "upstream unavailable; serving a public repository from the cache");
-                Ok(())
-            } else {
-                tracing::info!(registry = %target.host, %repo, %why, "upstream unavailable and repository not known public; refusing cached content");
-                Err(match other {
-                    Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS => refusal(r),
-                    _ => registry_error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "UNAVAILABLE",
-                        "upstream registry unavailable; cannot confirm access to this repository",
-                    ),
-                })
+    now: UpstreamNow,
+    len: Option<u64>,
+) -> Result<Authorized, Response<Body>> {
+    let key = target.repo(repo);
+    let (object_path, headers) = match object {
+        Object::Blob => (format!("/v2/{repo}/blobs/{digest}"), headers.clone()),
+        Object::Manifest => {
+            let mut h = headers.clone();
+            if !h.contains_key(ACCEPT) {
+                h.insert(ACCEPT, HeaderValue::from_static(PROBE_ACCEPT));
             }
+            (format!("/v2/{repo}/manifests/{digest}"), h)
         }
+    };
+    let credential = credential_id(&headers);
+    let ask = || ask_upstream(state, target, object_path, &headers, len);
+    state
+        .access
+        .authorize(&key, digest, credential, now, ask)
+        .await
+        .map_err(|refusal| match refusal {
+            Refusal::Upstream { status, headers } => refusal_response(status, &headers),
+            Refusal::Unavailable(why) => {
+                registry_error(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", why)
+            }
+        })
+}
+
+/// "May this client read this object here?", asked upstream with the client's
+/// credentials: a `HEAD` of the object. A redirect (blob storage) is followed with a
+/// one-byte ranged `GET`, since storage URLs are often signed for `GET` only; it counts as
+/// a yes only when storage answers with content of the stored object's size, so a login
+/// page at the end of a redirect is no yes.
+async fn ask_upstream(
+    state: &State,
+    target: &Target,
+    object_path: String,
+    headers: &HeaderMap,
+    len: Option<u64>,
+) -> Result<Reply, String> {
+    let resp = upstream_fetch(state, target, Method::HEAD, &object_path, headers, false)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !resp.status().is_redirection() {
+        return Ok(answer_of(&resp));
+    }
+    let mut ranged = headers.clone();
+    ranged.insert(RANGE, HeaderValue::from_static("bytes=0-0"));
+    let resp = upstream_fetch(state, target, Method::GET, &object_path, &ranged, true)
+        .await
+        .map_err(|e| e.to_string())?;
+    let size = match resp.status() {
+        StatusCode::PARTIAL_CONTENT => resp
+            .headers()
+            .get(CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit_once('/'))
+            .and_then(|(_, total)| total.parse::<u64>().ok()),
+        StatusCode::OK => resp
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok()),
+        _ => return Ok(answer_of(&resp)),
+    };
+    let matches = match (len, size) {
+        (Some(want), Some(got)) => want == got,
+        (None, _) => true,
+        (Some(_), None) => false,
+    };
+    Ok(Reply {
+        status: if matches {
+            StatusCode::OK
+        } else {
+            StatusCode::NOT_FOUND
+        },
+        headers: HeaderMap::new(),
+    })
+}
+
+/// The parts of an upstream answer a refusal passes on.
+fn answer_of<B>(resp: &Response<B>) -> Reply {
+    let mut headers = HeaderMap::new();
+    for name in [WWW_AUTHENTICATE, http::header::RETRY_AFTER] {
+        for v in resp.headers().get_all(&name) {
+            headers.append(name.clone(), v.clone());
+        }
+    }
+    Reply {
+        status: resp.status(),
+        headers,
     }
 }
 
 /// Upstream's refusal as the client should see it: status and challenge, a JSON body.
-fn refusal(resp: Response<Incoming>) -> Response<Body> {
-    let status = resp.status();
+fn refusal_response(status: StatusCode, passed: &HeaderMap) -> Response<Body> {
     let code = match status.as_u16() {
         401 => "UNAUTHORIZED",
         403 => "DENIED",
@@ -327,10 +383,8 @@ fn refusal(resp: Response<Incoming>) -> Response<Body> {
         _ => "UNAVAILABLE",
     };
     let mut out = registry_error(status, code, "upstream registry refused access");
-    for name in [WWW_AUTHENTICATE, http::header::RETRY_AFTER] {
-        for v in resp.headers().get_all(&name) {
-            out.headers_mut().append(name.clone(), v.clone());
-        }
+    for (name, v) in passed {
+        out.headers_mut().append(name.clone(), v.clone());
     }
     out
 }
@@ -368,7 +422,7 @@ fn revalidation_answer(method: &Method, resp: Response<Incoming>) -> Response<Bo
 }
 
 /// Learns, without credentials, whether upstream serves `repo_key` to anyone.
-fn spawn_public_probe(state: Arc<State>, target: Arc<Target>, key: String, path: String) {
+fn spawn_public_probe(state: Arc<State>, target: Arc<Target>, key: RepoKey, path: String) {
     let tasks = state.tasks.clone();
     tasks.spawn(async move {
         let uri = match target.uri(&path) {
@@ -389,16 +443,9 @@ fn spawn_public_probe(state: Arc<State>, target: Arc<Target>, key: String, path:
             false,
         )
         .await;
-        let public = match r {
-            Ok(f) if f.response.status().is_success() || f.response.status().is_redirection() => {
-                Some(now_ms())
-            }
-            Ok(f) if matches!(f.response.status().as_u16(), 401 | 403 | 404) => None,
-            _ => return,
-        };
-        tracing::debug!(repo = %key, public = public.is_some(), "anonymous access probe");
-        let store = state.store.clone();
-        let _ = tokio::task::spawn_blocking(move || store.set_public(&key, public)).await;
+        if let Ok(f) = r {
+            state.access.record_probe(&key, f.response.status());
+        }
     });
 }
 
@@ -450,9 +497,9 @@ fn blob_headers(headers: &mut HeaderMap, digest: &Digest) {
 
 /// Serves verified content from disk: whole, a range, or just the headers for `HEAD`.
 fn serve_stored(
+    authorized: Authorized,
     file: std::fs::File,
     len: u64,
-    digest: &Digest,
     content_type: &str,
     method: &Method,
     range: Option<&HeaderValue>,
@@ -470,7 +517,7 @@ fn serve_stored(
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    blob_headers(h, digest);
+    blob_headers(h, authorized.digest());
     h.insert(
         CONTENT_TYPE,
         HeaderValue::from_str(content_type)
@@ -499,15 +546,27 @@ async fn blob(
     let pq = path_and_query(&req).to_owned();
     match state.store.open_blob(digest) {
         Ok(Some((file, len))) => {
-            if let Err(refused) = authorize(state, target, repo, req.headers(), &pq).await {
-                return (CacheStatus::Hit, Ok(refused));
-            }
+            let authorized = match authorize(
+                state,
+                target,
+                repo,
+                digest,
+                Object::Blob,
+                req.headers(),
+                UpstreamNow::Ask,
+                Some(len),
+            )
+            .await
+            {
+                Ok(a) => a,
+                Err(refused) => return (CacheStatus::Hit, Ok(refused)),
+            };
             return (
                 CacheStatus::Hit,
                 serve_stored(
+                    authorized,
                     file,
                     len,
-                    digest,
                     OCTET_STREAM,
                     &method,
                     req.headers().get(RANGE),
@@ -546,12 +605,24 @@ async fn blob(
     match join {
         Join::Stored => match state.store.open_blob(digest) {
             Ok(Some((file, len))) => {
-                if let Err(refused) = authorize(state, target, repo, req.headers(), &pq).await {
-                    return (CacheStatus::Hit, Ok(refused));
-                }
+                let authorized = match authorize(
+                    state,
+                    target,
+                    repo,
+                    digest,
+                    Object::Blob,
+                    req.headers(),
+                    UpstreamNow::Ask,
+                    Some(len),
+                )
+                .await
+                {
+                    Ok(a) => a,
+                    Err(refused) => return (CacheStatus::Hit, Ok(refused)),
+                };
                 (
                     CacheStatus::Hit,
-                    serve_stored(file, len, digest, OCTET_STREAM, &method, None),
+                    serve_stored(authorized, file, len, OCTET_STREAM, &method, None),
                 )
             }
             _ => fetch_uncached_blob(state, target, req, digest).await,
@@ -559,9 +630,21 @@ async fn blob(
         Join::Follower(fill) => {
             // Joining someone else's download is a hit on bytes this client has not been
             // authorized for yet.
-            if let Err(refused) = authorize(state, target, repo, req.headers(), &pq).await {
-                return (CacheStatus::Coalesced, Ok(refused));
-            }
+            let authorized = match authorize(
+                state,
+                target,
+                repo,
+                digest,
+                Object::Blob,
+                req.headers(),
+                UpstreamNow::Ask,
+                None,
+            )
+            .await
+            {
+                Ok(a) => a,
+                Err(refused) => return (CacheStatus::Coalesced, Ok(refused)),
+            };
             state.metrics.coalesced_readers.inc();
             let mut rx = fill.subscribe();
             let state_now = rx
@@ -571,12 +654,13 @@ async fn blob(
             match state_now {
                 Ok(FillState::Streaming { total, .. }) => (
                     CacheStatus::Coalesced,
-                    Ok(fill_response(fill, total, digest)),
+                    Ok(fill_response(authorized, fill, total)),
                 ),
                 // All of it is there and verified, only fsyncs pending: a hit in all but name.
-                Ok(FillState::Verified { len } | FillState::Complete { len }) => {
-                    (CacheStatus::Hit, Ok(fill_response(fill, Some(len), digest)))
-                }
+                Ok(FillState::Verified { len } | FillState::Complete { len }) => (
+                    CacheStatus::Hit,
+                    Ok(fill_response(authorized, fill, Some(len))),
+                ),
                 // The leader's upstream answer was not content (401, 404, error): this client
                 // asks upstream itself, with its own credentials.
                 _ => fetch_uncached_blob(state, target, req, digest).await,
@@ -586,15 +670,32 @@ async fn blob(
             // The shared tier first: content another replica fetched and verified. It is
             // cached content, so the client must be authorized for it like a hit.
             if let Some(backend) = state.backend.clone() {
-                if let Err(refused) = authorize(state, target, repo, req.headers(), &pq).await {
-                    leader.abandon("client not authorized");
-                    return (CacheStatus::Hit, Ok(refused));
-                }
+                let authorized = match authorize(
+                    state,
+                    target,
+                    repo,
+                    digest,
+                    Object::Blob,
+                    req.headers(),
+                    UpstreamNow::Ask,
+                    None,
+                )
+                .await
+                {
+                    Ok(a) => a,
+                    Err(refused) => {
+                        leader.abandon("client not authorized");
+                        return (CacheStatus::Hit, Ok(refused));
+                    }
+                };
                 match backend.get(digest).await {
                     Ok(Some((body, len))) => {
                         let fill = leader.fill();
                         spawn_fill(state, leader, body, Some(len), false);
-                        return (CacheStatus::Hit, Ok(fill_response(fill, Some(len), digest)));
+                        return (
+                            CacheStatus::Hit,
+                            Ok(fill_response(authorized, fill, Some(len))),
+                        );
                     }
                     Ok(None) => {}
                     Err(e) => {
@@ -634,9 +735,23 @@ async fn blob(
                     return (CacheStatus::Miss, Ok(verified_relay(state, resp, digest)));
                 }
             }
+            // Upstream's 200 to this client's own request is its authorization for the
+            // bytes it sends.
+            let Some(authorized) = state.access.granted_by_upstream(
+                &target.repo(repo),
+                digest,
+                credential_id(req.headers()),
+                resp.status(),
+            ) else {
+                leader.abandon("upstream did not answer 200");
+                return (CacheStatus::Miss, Ok(relay(resp)));
+            };
             let fill = leader.fill();
             spawn_fill(state, leader, incoming_body(resp.into_body()), total, true);
-            (CacheStatus::Miss, Ok(fill_response(fill, total, digest)))
+            (
+                CacheStatus::Miss,
+                Ok(fill_response(authorized, fill, total)),
+            )
         }
     }
 }
@@ -687,13 +802,13 @@ fn spawn_fill(
 }
 
 fn fill_response(
+    authorized: Authorized,
     fill: Arc<crate::fill::Fill>,
     total: Option<u64>,
-    digest: &Digest,
 ) -> Response<Body> {
     let mut resp = Response::new(StreamBody::new(fill_stream(fill, 0)).boxed_unsync());
     let h = resp.headers_mut();
-    blob_headers(h, digest);
+    blob_headers(h, authorized.digest());
     h.insert(CONTENT_TYPE, HeaderValue::from_static(OCTET_STREAM));
     if let Some(t) = total {
         set_len(h, t);
@@ -770,12 +885,24 @@ async fn manifest_by_digest(
     let method = req.method().clone();
     let pq = path_and_query(&req).to_owned();
     if let Some((file, len, media_type)) = stored_manifest(state, digest) {
-        if let Err(refused) = authorize(state, target, repo, req.headers(), &pq).await {
-            return (CacheStatus::Hit, Ok(refused));
-        }
+        let authorized = match authorize(
+            state,
+            target,
+            repo,
+            digest,
+            Object::Manifest,
+            req.headers(),
+            UpstreamNow::Ask,
+            Some(len),
+        )
+        .await
+        {
+            Ok(a) => a,
+            Err(refused) => return (CacheStatus::Hit, Ok(refused)),
+        };
         return (
             CacheStatus::Hit,
-            serve_stored(file, len, digest, &media_type, &method, None),
+            serve_stored(authorized, file, len, &media_type, &method, None),
         );
     }
     if method == Method::HEAD {
@@ -915,13 +1042,7 @@ fn accept_key(headers: &HeaderMap) -> String {
 /// `HEAD` upstream, so the manifest is not here yet and the tag cannot be recorded (a tag
 /// row is only written once its content is stored). It is recorded now if the content is
 /// already stored, else when that manifest is stored by digest within `PENDING_TAG_TTL`.
-async fn remember_tag_head(
-    state: &State,
-    target: &Target,
-    repo: &RepoName,
-    key: &str,
-    headers: &HeaderMap,
-) {
+async fn remember_tag_head(state: &State, key: &TagKey, accept: String, headers: &HeaderMap) {
     let Some(digest) = headers
         .get(DOCKER_CONTENT_DIGEST)
         .and_then(|v| v.to_str().ok())
@@ -937,36 +1058,37 @@ async fn remember_tag_head(
     if media_type.is_empty() {
         return;
     }
-    let entry = TagEntry {
-        digest: digest.to_string(),
+    let variant = TagVariant {
+        accept,
+        digest: digest.clone(),
         media_type,
         checked_at_ms: now_ms(),
     };
     if stored_manifest(state, &digest).is_some() {
-        set_tag(state, key.to_owned(), entry).await;
+        set_tag(state, key.clone(), variant).await;
         return;
     }
-    let pending_key = format!("{}@{digest}", repo_key(&target.host, repo));
+    let pending_key = (key.repo.clone(), digest);
     let mut tags = state.pending_tags.get(&pending_key).unwrap_or_default();
-    tags.retain(|(k, _)| k != key);
-    tags.push((key.to_owned(), entry));
+    tags.retain(|(k, v)| !(k == key && v.accept == variant.accept));
+    tags.push((key.clone(), variant));
     tags.truncate(MAX_PENDING_TAGS);
     state.pending_tags.insert(pending_key, tags);
 }
 
 /// Records the tags whose `HEAD` named `digest`, now that it is stored.
 async fn record_pending_tags(state: &State, target: &Target, repo: &RepoName, digest: &Digest) {
-    let pending_key = format!("{}@{digest}", repo_key(&target.host, repo));
+    let pending_key = (target.repo(repo), digest.clone());
     if let Some(tags) = state.pending_tags.remove(&pending_key) {
-        for (key, entry) in tags {
-            set_tag(state, key, entry).await;
+        for (key, variant) in tags {
+            set_tag(state, key, variant).await;
         }
     }
 }
 
-async fn set_tag(state: &State, key: String, entry: TagEntry) {
+async fn set_tag(state: &State, key: TagKey, variant: TagVariant) {
     let store = state.store.clone();
-    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.set_tag(&key, &entry)).await {
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.set_tag(&key, variant)).await {
         tracing::warn!(error = %e, "tag not recorded");
     }
 }
@@ -985,33 +1107,38 @@ async fn manifest_by_tag(
 ) -> Served {
     let method = req.method().clone();
     let pq = path_and_query(&req).to_owned();
-    let key = format!(
-        "{}:{}#{}",
-        repo_key(&target.host, repo),
-        tag.as_str(),
-        accept_key(req.headers())
-    );
-    let entry = state.store.tag(&key).unwrap_or_else(|e| {
+    let key = TagKey::new(target.repo(repo), tag.clone());
+    let accept = accept_key(req.headers());
+    let row = state.store.tag(&key).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "tag lookup failed; treating as a miss");
         None
     });
-    let cached = match entry {
-        Some(e) => match e.digest.parse::<Digest>() {
-            Ok(d) => stored_manifest(state, &d).map(|(f, len, _)| (e, d, f, len)),
-            Err(_) => None,
-        },
-        None => None,
-    };
-    if let Some((entry, digest, file, len)) = cached {
-        let ttl = state.config.tag_ttl(&target.host, tag.as_str());
-        let age = now_ms().saturating_sub(entry.checked_at_ms);
-        if state.offline() || age < ttl.as_millis() as u64 {
-            if let Err(refused) = authorize(state, target, repo, req.headers(), &pq).await {
-                return (CacheStatus::Hit, Ok(refused));
-            }
+    let cached = row
+        .as_ref()
+        .and_then(|r| r.variant(&accept))
+        .and_then(|v| stored_manifest(state, &v.digest).map(|(f, len, _)| (v.clone(), f, len)));
+    if let Some((variant, file, len)) = cached {
+        let digest = variant.digest.clone();
+        let ttl = state.config.tag_ttl(&target.registry, tag.as_str());
+        if state.offline() || variant.is_fresh(now_ms(), ttl) {
+            let authorized = match authorize(
+                state,
+                target,
+                repo,
+                &digest,
+                Object::Manifest,
+                req.headers(),
+                UpstreamNow::Ask,
+                Some(len),
+            )
+            .await
+            {
+                Ok(a) => a,
+                Err(refused) => return (CacheStatus::Hit, Ok(refused)),
+            };
             return (
                 CacheStatus::Hit,
-                serve_stored(file, len, &digest, &entry.media_type, &method, None),
+                serve_stored(authorized, file, len, &variant.media_type, &method, None),
             );
         }
         // Stale: revalidate with HEAD, which Docker Hub does not count against pull limits.
@@ -1024,19 +1151,25 @@ async fn manifest_by_tag(
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<Digest>().ok());
                 if upstream_digest.as_ref() == Some(&digest) {
-                    state
+                    // Upstream just confirmed, for this client, that the tag names this
+                    // manifest in this repository.
+                    let authorized = state
                         .access
-                        .grant(&repo_key(&target.host, repo), credential_id(req.headers()));
-                    let updated = TagEntry {
+                        .granted_by_upstream(
+                            &key.repo,
+                            &digest,
+                            credential_id(req.headers()),
+                            r.status(),
+                        )
+                        .expect("a 200 authorizes");
+                    let updated = TagVariant {
                         checked_at_ms: now_ms(),
-                        ..entry.clone()
+                        ..variant.clone()
                     };
-                    let store = state.store.clone();
-                    let k = key.clone();
-                    let _ = tokio::task::spawn_blocking(move || store.set_tag(&k, &updated)).await;
+                    set_tag(state, key.clone(), updated).await;
                     return (
                         CacheStatus::Hit,
-                        serve_stored(file, len, &digest, &entry.media_type, &method, None),
+                        serve_stored(authorized, file, len, &variant.media_type, &method, None),
                     );
                 }
                 // The tag moved (or upstream did not say where): fetch it below.
@@ -1049,17 +1182,31 @@ async fn manifest_by_tag(
                     Ok(r) => format!("upstream answered {}", r.status()),
                     Err(e) => e.to_string(),
                 };
-                let rkey = repo_key(&target.host, repo);
-                let allowed = state.auth_check() == AuthCheck::None
-                    || state.access.granted(&rkey, credential_id(req.headers()))
-                    || state.store.public_since(&rkey).unwrap_or(None).is_some();
-                if allowed {
-                    tracing::warn!(registry = %target.host, %repo, tag = tag.as_str(), %why, "serving a stale manifest");
-                    let mut resp =
-                        match serve_stored(file, len, &digest, &entry.media_type, &method, None) {
-                            Ok(r) => r,
-                            Err(e) => return (CacheStatus::Stale, Err(e)),
-                        };
+                // The same decision as every hit, told that upstream is failing right now.
+                let decided = authorize(
+                    state,
+                    target,
+                    repo,
+                    &digest,
+                    Object::Manifest,
+                    req.headers(),
+                    UpstreamNow::Failing,
+                    Some(len),
+                )
+                .await;
+                if let Ok(authorized) = decided {
+                    tracing::warn!(tag = %key, %why, "serving a stale manifest");
+                    let mut resp = match serve_stored(
+                        authorized,
+                        file,
+                        len,
+                        &variant.media_type,
+                        &method,
+                        None,
+                    ) {
+                        Ok(r) => r,
+                        Err(e) => return (CacheStatus::Stale, Err(e)),
+                    };
                     resp.headers_mut().insert(
                         WARNING,
                         HeaderValue::from_static("110 stowage \"Response is Stale\""),
@@ -1077,7 +1224,7 @@ async fn manifest_by_tag(
         let served = fetch_uncached(state, target, req).await;
         if let (_, Ok(resp)) = &served {
             if resp.status() == StatusCode::OK {
-                remember_tag_head(state, target, repo, &key, resp.headers()).await;
+                remember_tag_head(state, &key, accept, resp.headers()).await;
             }
         }
         return served;
@@ -1091,16 +1238,13 @@ async fn manifest_by_tag(
                 .unwrap_or("")
                 .to_owned();
             if !media_type.is_empty() {
-                let entry = TagEntry {
-                    digest: digest.to_string(),
+                let variant = TagVariant {
+                    accept,
+                    digest,
                     media_type,
                     checked_at_ms: now_ms(),
                 };
-                let store = state.store.clone();
-                let r = tokio::task::spawn_blocking(move || store.set_tag(&key, &entry)).await;
-                if let Ok(Err(e)) = r {
-                    tracing::warn!(error = %e, "tag not recorded");
-                }
+                set_tag(state, key, variant).await;
             }
             (CacheStatus::Miss, Ok(resp))
         }
@@ -1132,36 +1276,5 @@ mod tests {
         assert_eq!(r("items=0-1", 1000), None);
         assert_eq!(r("bytes=abc", 1000), None);
         assert_eq!(r("bytes=99999999999999999999999-", 1000), None);
-    }
-
-    #[test]
-    fn target_uris_keep_non_default_ports() {
-        let t = Target {
-            scheme: "https",
-            host: "quay.io".into(),
-            port: 5443,
-            auth_host: false,
-            mirror: false,
-        };
-        assert_eq!(
-            t.uri("/v2/?x=1").unwrap().to_string(),
-            "https://quay.io:5443/v2/?x=1"
-        );
-        let t = Target {
-            scheme: "https",
-            host: "ghcr.io".into(),
-            port: 443,
-            auth_host: false,
-            mirror: false,
-        };
-        assert_eq!(t.uri("/v2/").unwrap().to_string(), "https://ghcr.io/v2/");
-        let t = Target {
-            scheme: "https",
-            host: "::1".into(),
-            port: 8443,
-            auth_host: false,
-            mirror: false,
-        };
-        assert_eq!(t.uri("/v2/").unwrap().to_string(), "https://[::1]:8443/v2/");
     }
 }

@@ -157,7 +157,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// What the access-log line says about a request.
 pub struct LogLine {
-    pub registry: String,
+    pub registry: crate::oci::Registry,
     pub repo: String,
     pub kind: &'static str,
     pub method: String,
@@ -254,7 +254,7 @@ impl Drop for Logged {
         l.metrics
             .requests
             .get_or_create(&RequestLabels {
-                registry: l.registry.clone(),
+                registry: l.registry.to_string(),
                 kind: l.kind.into(),
                 outcome: l.outcome.as_str().into(),
             })

@@ -21,6 +21,7 @@ use crate::auth::{Answer, Tokens};
 use crate::ca::{CaError, CertificateAuthority};
 use crate::config::{AuthCheck, Config, ConfigError, Credentials, OtherHosts};
 use crate::fill::Fills;
+use crate::oci::{Host, Registry, RepoKey, TagKey};
 use crate::store::{BlobStore, StoreError};
 use crate::upstream::Upstream;
 
@@ -61,17 +62,20 @@ pub struct State {
     pub upstream: Arc<Upstream>,
     /// The shared tier behind the local cache, if configured.
     pub backend: Option<Arc<dyn crate::backend::Backend>>,
-    pub hosts: HashMap<String, HostKind>,
-    /// Registry host → configured account.
-    pub credentials: HashMap<String, Credentials>,
-    /// Auth host → account added to clients' anonymous token requests.
-    pub inject: HashMap<String, Credentials>,
+    /// Hosts whose TLS is terminated (port-independent: what is cached and who may read it
+    /// is keyed by the full `Registry` elsewhere).
+    pub hosts: HashMap<Host, HostKind>,
+    /// Registry (scheme, host and port) → configured account.
+    pub credentials: HashMap<Registry, Credentials>,
+    /// Auth host origin → account added to clients' anonymous token requests.
+    pub inject: HashMap<Registry, Credentials>,
     pub tokens: Tokens,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub access: Access,
-    /// `<registry>/<repo>@<digest>` → tag rows waiting for that manifest to be stored
+    /// (repository, manifest digest) → tag rows waiting for that manifest to be stored
     /// (tags resolved with `HEAD`; see `registry::remember_tag_head`).
-    pub pending_tags: moka::sync::Cache<String, Vec<(String, crate::store::TagEntry)>>,
+    pub pending_tags:
+        moka::sync::Cache<(RepoKey, crate::oci::Digest), Vec<(TagKey, crate::store::TagVariant)>>,
     pub config: Arc<Config>,
     pub other_hosts: OtherHosts,
     pub max_manifest_size: u64,
@@ -98,7 +102,7 @@ pub struct State {
 }
 
 impl State {
-    pub fn host_kind(&self, host: &str) -> Option<HostKind> {
+    pub fn host_kind(&self, host: &Host) -> Option<HostKind> {
         self.hosts.get(host).copied()
     }
 
@@ -107,7 +111,7 @@ impl State {
     /// clients (who cannot log in upstream), and not at all for proxy clients (they do
     /// their own token dance).
     pub fn answer(&self, target: &crate::registry::Target) -> Answer<'_> {
-        match self.credentials.get(&target.host) {
+        match self.credentials.get(&target.registry) {
             Some(c) => Answer::With(Some(c)),
             None if target.mirror => Answer::With(None),
             None => Answer::No,
@@ -286,33 +290,33 @@ impl Server {
         let mut inject = HashMap::new();
         let registries = config.registries();
         for (i, r) in registries.iter().enumerate() {
-            for a in &r.auth_hosts {
-                hosts.insert(a.clone(), HostKind::AuthHost);
+            for a in r.auth_origins() {
+                hosts.insert(a.host().clone(), HostKind::AuthHost);
             }
             let index = config
                 .registry
                 .iter()
-                .position(|c| c.host == r.host)
+                .position(|c| c.registry() == r.registry())
                 .unwrap_or(i);
             if let Some(c) = r.credentials(index)? {
-                tracing::info!(registry = %r.host, username = %c.username, "using configured upstream credentials");
+                tracing::info!(registry = %r.registry(), username = %c.username, "using configured upstream credentials");
                 if r.inject() {
-                    for a in &r.auth_hosts {
-                        inject.insert(a.clone(), c.clone());
+                    for a in r.auth_origins() {
+                        inject.insert(a, c.clone());
                     }
                 }
-                credentials.insert(r.host.clone(), c);
+                credentials.insert(r.registry(), c);
             }
         }
         for r in &registries {
-            hosts.insert(r.host.clone(), HostKind::Registry);
+            hosts.insert(r.registry().host().clone(), HostKind::Registry);
         }
         if config.cache.auth_check == AuthCheck::None {
             tracing::warn!("cache.auth_check = \"none\": every cached object is served to anyone who reaches the proxy");
         }
         let state = Arc::new(State {
             ca,
-            store,
+            store: store.clone(),
             fills: Arc::new(Fills::default()),
             upstream,
             backend,
@@ -321,7 +325,13 @@ impl Server {
             inject,
             tokens: Tokens::default(),
             metrics,
-            access: Access::new(config.cache.auth_ttl.0, config.cache.public_ttl.0),
+            access: Access::new(
+                store.clone(),
+                config.cache.auth_check,
+                config.cache.offline,
+                config.cache.auth_ttl.0,
+                config.cache.public_ttl.0,
+            ),
             pending_tags: moka::sync::Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(crate::registry::PENDING_TAG_TTL)

@@ -319,10 +319,11 @@ impl Upstream {
     /// Sends one request; no redirects followed.
     pub async fn send(&self, req: Request<UpBody>) -> Result<Response<Incoming>, UpstreamError> {
         let host = req.uri().host().unwrap_or_default().to_owned();
+        let origin = crate::oci::Registry::of_uri(req.uri());
         match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
             Ok(Ok(resp)) => {
-                if let Some(m) = &self.metrics {
-                    m.observe_ratelimit(&host, resp.headers());
+                if let (Some(m), Some(origin)) = (&self.metrics, &origin) {
+                    m.observe_ratelimit(origin, resp.headers());
                 }
                 Ok(resp)
             }

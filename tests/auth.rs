@@ -859,7 +859,8 @@ async fn configured_credentials_answer_for_anonymous_clients_and_stay_out_of_the
     hub.add_user(USER, PASSWORD, &["acme/private"]);
     let stowage = Stowage::builder()
         .trust(&ca)
-        .toml(&format!("[[registry]]\nhost = \"registry-1.docker.io\"\nusername = \"{USER}\"\npassword_env = \"STOWAGE_TEST_AUTH_HUB_PASSWORD\"\n"))
+        // The account is for this registry only: host, and port (the fake's).
+        .toml(&format!("[[registry]]\nhost = \"registry-1.docker.io:{}\"\nauth_hosts = [\"auth.docker.io:{}\"]\nusername = \"{USER}\"\npassword_env = \"STOWAGE_TEST_AUTH_HUB_PASSWORD\"\n", hub.port(), hub.port()))
         .start()
         .await;
     let client = stowage.client();
@@ -1051,7 +1052,7 @@ async fn a_cached_token_that_upstream_rejects_is_replaced() {
     quay.add_user("robot", "robot-pw", &["team/private"]);
     let stowage = Stowage::builder()
         .trust(&ca)
-        .toml("[[registry]]\nhost = \"quay.io\"\nusername = \"robot\"\npassword_env = \"STOWAGE_TEST_AUTH_RESTART_PASSWORD\"\n")
+        .toml(&format!("[[registry]]\nhost = \"quay.io:{}\"\nusername = \"robot\"\npassword_env = \"STOWAGE_TEST_AUTH_RESTART_PASSWORD\"\n", quay.port()))
         .start()
         .await;
     let t = stowage
@@ -1149,7 +1150,7 @@ async fn a_clients_own_authorization_passes_unchanged() {
     // Configured credentials too: the client's own must still win.
     let stowage = Stowage::builder()
         .trust(&ca)
-        .toml("[[registry]]\nhost = \"quay.io\"\nusername = \"robot\"\npassword_env = \"STOWAGE_TEST_AUTH_OWN_PASSWORD\"\n")
+        .toml(&format!("[[registry]]\nhost = \"quay.io:{}\"\nusername = \"robot\"\npassword_env = \"STOWAGE_TEST_AUTH_OWN_PASSWORD\"\n", quay.port()))
         .start()
         .await;
     let client = stowage.client();

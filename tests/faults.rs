@@ -165,7 +165,10 @@ async fn upstream_never_answers() {
         metric(
             &m,
             "stowage_upstream_errors_total",
-            &[("registry", "quay.io"), ("status", "timeout")]
+            &[
+                ("registry", &format!("quay.io:{}", quay.port())),
+                ("status", "timeout")
+            ]
         ) >= 1.0,
         "{m}"
     );
@@ -255,7 +258,10 @@ async fn upstream_5xx_and_429_pass_through_and_nothing_is_cached() {
             metric(
                 &m,
                 "stowage_upstream_errors_total",
-                &[("registry", "quay.io"), ("status", &code.to_string())]
+                &[
+                    ("registry", &format!("quay.io:{}", quay.port())),
+                    ("status", &code.to_string())
+                ]
             ),
             2.0,
             "{m}"

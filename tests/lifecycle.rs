@@ -507,13 +507,16 @@ async fn metrics_move_over_a_miss_then_a_hit() {
     let stowage = Stowage::start(&ca).await;
     let client = stowage.client();
     let s = Session::login(&client, "quay.io", quay.port(), "team/app", Alpn::H2).await;
+    // The registry label is the canonical registry: host and (non-443) port.
+    let registry = format!("quay.io:{}", quay.port());
+    let registry = registry.as_str();
     let req = |outcome: &'static str| {
         move |m: &str| {
             metric(
                 m,
                 "stowage_requests_total",
                 &[
-                    ("registry", "quay.io"),
+                    ("registry", registry),
                     ("kind", "blob"),
                     ("outcome", outcome),
                 ],
@@ -793,7 +796,10 @@ async fn cache_commands_on_a_stopped_cache() {
     let v: serde_json::Value =
         serde_json::from_slice(&inst.cli(&["cache", "ls", "--json"]).stdout).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
-    assert_eq!(v[0]["registry"], "quay.io");
+    assert_eq!(
+        v[0]["registry"],
+        format!("quay.io:{}", quay.port()).as_str()
+    );
     assert_eq!(v[0]["repository"], "team/app");
     assert_eq!(v[0]["tag"], "v1");
     assert_eq!(v[0]["digest"], img.manifest.as_str());

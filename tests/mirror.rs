@@ -547,7 +547,8 @@ async fn the_mirror_answers_upstream_challenges_with_the_configured_account() {
         .trust(&ca)
         .toml(&mirror_config(""))
         .toml(&format!(
-            "[[registry]]\nhost = \"quay.io\"\nusername = \"robot\"\npassword_file = {:?}\n",
+            "[[registry]]\nhost = \"quay.io:{}\"\nusername = \"robot\"\npassword_file = {:?}\n",
+            quay.port(),
             password_file.to_str().unwrap()
         ))
         .start()

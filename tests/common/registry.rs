@@ -187,6 +187,9 @@ struct RegState {
     manifest_failure: Option<StatusCode>,
     /// Digest → fault for its `GET`s (see [`FakeRegistry::set_fault`]).
     faults: HashMap<String, Fault>,
+    /// Repository → `Location` of the `302` its manifest and blob requests without any
+    /// `Authorization` get (see [`FakeRegistry::redirect_anonymous`]).
+    anonymous_redirects: HashMap<String, String>,
 }
 
 struct Shared {
@@ -266,6 +269,7 @@ impl<'a> FakeRegistryBuilder<'a> {
                     users: HashMap::new(),
                     manifest_failure: None,
                     faults: HashMap::new(),
+                    anonymous_redirects: HashMap::new(),
                 }),
                 log: Mutex::new(Vec::new()),
                 next_token: AtomicU64::new(1),
@@ -495,6 +499,19 @@ impl FakeRegistry {
             .insert(username.to_owned(), (password.to_owned(), repos));
     }
 
+    /// From now on, manifest and blob requests for `repo` that carry no `Authorization`
+    /// at all are answered `302 Found` to `location` (an SSO login page, as some
+    /// registries behind a corporate login do) instead of the `401` challenge; requests
+    /// with a token are served (or refused) as before.
+    pub fn redirect_anonymous(&self, repo: &str, location: &str) {
+        self.shared
+            .state
+            .lock()
+            .unwrap()
+            .anonymous_redirects
+            .insert(repo.to_owned(), location.to_owned());
+    }
+
     /// Manifest `GET` and `HEAD` (with a valid token) answer `status` until called with
     /// `None`: 429 comes with `Retry-After`, like Docker Hub's pull limit.
     pub fn fail_manifests(&self, status: Option<StatusCode>) {
@@ -713,7 +730,9 @@ impl Shared {
         let n = self.next_token.fetch_add(1, Ordering::SeqCst);
         let token = format!(
             "tok{n}-{}",
-            &sha256_digest(format!("{n}{repo:?}").as_bytes())[7..23]
+            // Each registry signs its own tokens: one issued by another fake (another port)
+            // is no good here, as with real registries.
+            &sha256_digest(format!("{}{n}{repo:?}", self.realm).as_bytes())[7..23]
         );
         self.state
             .lock()
@@ -724,9 +743,20 @@ impl Shared {
         json_response(StatusCode::OK, Bytes::from(body.to_string()))
     }
 
-    /// The 401 to send when the request has no token for `repo`.
+    /// The 401 to send when the request has no token for `repo` (or the `302` of
+    /// [`FakeRegistry::redirect_anonymous`] when it has no `Authorization` at all).
     fn refusal(&self, req: &Request<Incoming>, repo: &str) -> Option<Response<Body>> {
         let st = self.state.lock().unwrap();
+        if !req.headers().contains_key(AUTHORIZATION) {
+            if let Some(location) = st.anonymous_redirects.get(repo) {
+                let mut r = Response::new(body_full(Bytes::new()));
+                *r.status_mut() = StatusCode::FOUND;
+                r.headers_mut()
+                    .insert(LOCATION, HeaderValue::from_str(location).unwrap());
+                r.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(0));
+                return Some(r);
+            }
+        }
         match Self::bearer(req).and_then(|t| st.tokens.get(&t).cloned()) {
             Some(Some(r)) if r == repo => None,
             _ => Some(self.challenge(Some(&format!("repository:{repo}:pull")))),

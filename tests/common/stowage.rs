@@ -27,6 +27,7 @@ pub struct StowageBuilder {
     cache_toml: String,
     upstream_toml: String,
     listen: Option<String>,
+    cache_dir: Option<PathBuf>,
 }
 
 impl StowageBuilder {
@@ -78,6 +79,14 @@ impl StowageBuilder {
         self
     }
 
+    /// `[cache] dir`: this directory (owned by the test, e.g. a `tempfile::TempDir` it
+    /// keeps) instead of one inside the instance's own tempdir, so a second instance
+    /// started on the same path after [`Stowage::stop`] opens the same cache (a restart).
+    pub fn cache_dir(mut self, dir: &Path) -> Self {
+        self.cache_dir = Some(dir.to_owned());
+        self
+    }
+
     /// Appended to the generated TOML; must start with a table header.
     pub fn toml(mut self, extra: &str) -> Self {
         self.extra_toml.push('\n');
@@ -90,7 +99,10 @@ impl StowageBuilder {
         install_provider();
         let dir = tempfile::tempdir().expect("tempdir");
         let ca_dir = dir.path().join("certs");
-        let cache_dir = dir.path().join("cache");
+        let cache_dir = self
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("cache"));
         let extra_ca: Vec<String> = self.extra_ca.iter().map(|p| toml_path(p)).collect();
         let mut toml = format!(
             "[proxy]\nlisten = {}\nother_hosts = {}\n{}\n[ca]\ndir = {}\n\n[cache]\ndir = {}\n{}\n[upstream]\nextra_ca = [{}]\nconnect_timeout = \"2s\"\n{}\n[upstream.resolve]\n",
@@ -161,6 +173,7 @@ impl Stowage {
             cache_toml: String::new(),
             upstream_toml: String::new(),
             listen: None,
+            cache_dir: None,
         }
     }
 

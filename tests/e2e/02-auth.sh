@@ -111,7 +111,7 @@ proxy2_port=$(free_port)
 export E2E_QUAY_PASSWORD=$password
 RUST_LOG=debug start_stowage stowage2 "$proxy2_port" "$WORK/upstream/ca.crt" quay.io <<EOF
 [[registry]]
-host = "quay.io"
+host = "quay.io:$reg_port"
 username = "$user"
 password_env = "E2E_QUAY_PASSWORD"
 EOF

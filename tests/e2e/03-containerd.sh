@@ -101,7 +101,7 @@ ctr -a "$sock" -n e2e images ls -q | grep -qxF "$ref" || fail "image not listed 
 grep -qaF "msg=\"HEAD /v2/e2e/app/manifests/v1?ns=quay.io%3A$reg_port HTTP/1.1\"" "$WORK/pull-first.log" ||
   fail "containerd's request to the mirror does not carry ns=quay.io%3A$reg_port (see pull-first.log)"
 grep -qaF "msg=\"Host: 127.0.0.1:$mirror_port\"" "$WORK/pull-first.log" || fail "containerd did not ask the mirror"
-mirror_lines=$(grep 'mirror{' "$WORK/stowage.log" | grep 'stowage::access' | grep -c 'registry=quay.io repo=e2e/app' || true)
+mirror_lines=$(grep 'mirror{' "$WORK/stowage.log" | grep 'stowage::access' | grep -c "registry=quay.io:$reg_port repo=e2e/app" || true)
 ((mirror_lines >= 5)) || fail "Stowage's log shows $mirror_lines mirror requests for quay.io e2e/app, expected manifest + 4 blobs"
 ok "first pull through the mirror (ns=quay.io:$reg_port): $first upstream blob GETs, image unpacked"
 

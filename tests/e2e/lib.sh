@@ -192,3 +192,21 @@ verify_dir_copy() {
 registry_blob_gets_ok() {
   grep -cE '"GET /v2/[^ ]+/blobs/sha256:[0-9a-f]{64} HTTP/[0-9.]+" 200 ' "$WORK/$1.log" || true
 }
+
+# Stops one process this scenario started, by its PID, waits for it, and drops it from the
+# list cleanup signals (so a restarted process's old PID, maybe reused, is never signalled).
+# Usage: stop_pid PID
+stop_pid() {
+  local pid=$1 i
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  for i in "${!PIDS[@]}"; do
+    [[ ${PIDS[$i]} != "$pid" ]] || unset 'PIDS[i]'
+  done
+}
+
+# The digests an OCI layout's manifest references (config first, then layers), one a line.
+# Usage: oci_blobs OCI_DIR MANIFEST_DIGEST
+oci_blobs() {
+  jq -r '.config.digest, .layers[].digest' "$1/blobs/sha256/${2#sha256:}"
+}

@@ -1,10 +1,8 @@
-//! Validated names from the OCI distribution API, and the request classifier.
+//! Validated names from the OCI distribution API: digests, repository names, tags.
 //!
-//! Everything a request says about content (digest, repository, tag) is parsed here into
-//! a type before any other module sees it. A `Digest` is `algorithm:hex` with the exact hex
-//! length of its algorithm, so its parts are safe to use as file names; a `RepoName` follows
-//! the distribution spec's grammar (lowercase components, no `..`). Anything that does not
-//! parse is classified as `Route::Other` and forwarded, never cached.
+//! A `Digest` is `algorithm:hex` with the exact hex length of its algorithm, so its parts
+//! are safe to use as file names; a `RepoName` follows the distribution spec's grammar
+//! (lowercase components, no `..`). Nothing reaches a file path or a cache key unparsed.
 
 use std::fmt;
 use std::str::FromStr;
@@ -98,9 +96,22 @@ impl fmt::Display for Digest {
     }
 }
 
+impl serde::Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// A repository name such as `library/alpine`, validated against the distribution grammar:
 /// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*`, at most 255 bytes.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RepoName(String);
 
 impl RepoName {
@@ -153,7 +164,7 @@ impl FromStr for RepoName {
 }
 
 /// A tag, `[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Tag(String);
 
 impl Tag {
@@ -185,76 +196,6 @@ impl FromStr for Tag {
 pub enum Reference {
     Digest(Digest),
     Tag(Tag),
-}
-
-/// Which part of the registry API a request addresses.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Route {
-    /// `/v2/<name>/blobs/<digest>`
-    Blob { name: RepoName, digest: Digest },
-    /// `/v2/<name>/manifests/<reference>`
-    Manifest {
-        name: RepoName,
-        reference: Reference,
-    },
-    /// Anything else: `/v2/`, tags list, uploads, token endpoints, unparseable paths.
-    Other,
-}
-
-impl Route {
-    /// Classifies a request path (without query). Percent-encoded or otherwise odd paths
-    /// fall through to `Other`: they are forwarded, never used for the cache.
-    pub fn classify(path: &str) -> Route {
-        let Some(rest) = path.strip_prefix("/v2/") else {
-            return Route::Other;
-        };
-        if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
-            if let (Ok(name), Ok(digest)) = (name.parse(), digest.parse()) {
-                return Route::Blob { name, digest };
-            }
-        }
-        if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
-            let Ok(name) = name.parse() else {
-                return Route::Other;
-            };
-            if let Ok(digest) = reference.parse() {
-                return Route::Manifest {
-                    name,
-                    reference: Reference::Digest(digest),
-                };
-            }
-            if let Ok(tag) = reference.parse() {
-                return Route::Manifest {
-                    name,
-                    reference: Reference::Tag(tag),
-                };
-            }
-        }
-        Route::Other
-    }
-
-    /// The repository a route is about, for logs.
-    pub fn repo(&self) -> Option<&RepoName> {
-        match self {
-            Route::Blob { name, .. } | Route::Manifest { name, .. } => Some(name),
-            Route::Other => None,
-        }
-    }
-
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Route::Blob { .. } => "blob",
-            Route::Manifest {
-                reference: Reference::Digest(_),
-                ..
-            } => "manifest",
-            Route::Manifest {
-                reference: Reference::Tag(_),
-                ..
-            } => "tag",
-            Route::Other => "other",
-        }
-    }
 }
 
 #[cfg(test)]
@@ -321,38 +262,5 @@ mod tests {
         assert!(".hidden".parse::<Tag>().is_err());
         assert!("a/b".parse::<Tag>().is_err());
         assert!("a".repeat(129).parse::<Tag>().is_err());
-    }
-
-    #[test]
-    fn routes_classify() {
-        let blob = format!("/v2/library/alpine/blobs/sha256:{HEX}");
-        match Route::classify(&blob) {
-            Route::Blob { name, digest } => {
-                assert_eq!(name.as_str(), "library/alpine");
-                assert_eq!(digest.hex(), HEX);
-            }
-            other => panic!("{other:?}"),
-        }
-        let m = format!("/v2/a/blobs/x/manifests/sha256:{HEX}");
-        assert!(matches!(
-            Route::classify(&m),
-            Route::Manifest {
-                reference: Reference::Digest(_),
-                ..
-            }
-        ));
-        assert_eq!(Route::classify("/v2/a/manifests/latest").kind(), "tag");
-        assert_eq!(Route::classify("/v2/"), Route::Other);
-        assert_eq!(Route::classify("/v2/a/tags/list"), Route::Other);
-        assert_eq!(
-            Route::classify(&format!("/v2/../blobs/sha256:{HEX}")),
-            Route::Other
-        );
-        assert_eq!(
-            Route::classify(&format!("/v2/a/blobs/sha256:{}", &HEX[2..])),
-            Route::Other
-        );
-        assert_eq!(Route::classify("/v2/a/blobs/uploads/"), Route::Other);
-        assert_eq!(Route::classify("/token"), Route::Other);
     }
 }

@@ -1,0 +1,116 @@
+//! The request classifier: which part of the registry API a path addresses.
+//!
+//! Percent-encoded or otherwise odd paths fall through to `Route::Other`: they are
+//! forwarded, never used for the cache.
+
+use super::names::{Digest, Reference, RepoName};
+
+/// Which part of the registry API a request addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// `/v2/<name>/blobs/<digest>`
+    Blob { name: RepoName, digest: Digest },
+    /// `/v2/<name>/manifests/<reference>`
+    Manifest {
+        name: RepoName,
+        reference: Reference,
+    },
+    /// Anything else: `/v2/`, tags list, uploads, token endpoints, unparseable paths.
+    Other,
+}
+
+impl Route {
+    /// Classifies a request path (without query). Percent-encoded or otherwise odd paths
+    /// fall through to `Other`: they are forwarded, never used for the cache.
+    pub fn classify(path: &str) -> Route {
+        let Some(rest) = path.strip_prefix("/v2/") else {
+            return Route::Other;
+        };
+        if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
+            if let (Ok(name), Ok(digest)) = (name.parse(), digest.parse()) {
+                return Route::Blob { name, digest };
+            }
+        }
+        if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
+            let Ok(name) = name.parse() else {
+                return Route::Other;
+            };
+            if let Ok(digest) = reference.parse() {
+                return Route::Manifest {
+                    name,
+                    reference: Reference::Digest(digest),
+                };
+            }
+            if let Ok(tag) = reference.parse() {
+                return Route::Manifest {
+                    name,
+                    reference: Reference::Tag(tag),
+                };
+            }
+        }
+        Route::Other
+    }
+
+    /// The repository a route is about, for logs.
+    pub fn repo(&self) -> Option<&RepoName> {
+        match self {
+            Route::Blob { name, .. } | Route::Manifest { name, .. } => Some(name),
+            Route::Other => None,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Route::Blob { .. } => "blob",
+            Route::Manifest {
+                reference: Reference::Digest(_),
+                ..
+            } => "manifest",
+            Route::Manifest {
+                reference: Reference::Tag(_),
+                ..
+            } => "tag",
+            Route::Other => "other",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEX: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn routes_classify() {
+        let blob = format!("/v2/library/alpine/blobs/sha256:{HEX}");
+        match Route::classify(&blob) {
+            Route::Blob { name, digest } => {
+                assert_eq!(name.as_str(), "library/alpine");
+                assert_eq!(digest.hex(), HEX);
+            }
+            other => panic!("{other:?}"),
+        }
+        let m = format!("/v2/a/blobs/x/manifests/sha256:{HEX}");
+        assert!(matches!(
+            Route::classify(&m),
+            Route::Manifest {
+                reference: Reference::Digest(_),
+                ..
+            }
+        ));
+        assert_eq!(Route::classify("/v2/a/manifests/latest").kind(), "tag");
+        assert_eq!(Route::classify("/v2/"), Route::Other);
+        assert_eq!(Route::classify("/v2/a/tags/list"), Route::Other);
+        assert_eq!(
+            Route::classify(&format!("/v2/../blobs/sha256:{HEX}")),
+            Route::Other
+        );
+        assert_eq!(
+            Route::classify(&format!("/v2/a/blobs/sha256:{}", &HEX[2..])),
+            Route::Other
+        );
+        assert_eq!(Route::classify("/v2/a/blobs/uploads/"), Route::Other);
+        assert_eq!(Route::classify("/token"), Route::Other);
+    }
+}
