@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use aws_lc_rs::digest::{Context, SHA256, SHA512};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use stowage::ca::CertificateAuthority;
+use stowage::ingress::ca::CertificateAuthority;
 use stowage::oci::Route;
 
 fn hashing(c: &mut Criterion) {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use stowage::admin;
-use stowage::config::{Config, HumanDuration, LogFormat, Size};
+use stowage::settings::{Config, HumanDuration, LogFormat, Size};
 use tracing_subscriber::EnvFilter;
 
 /// A caching forward proxy for container registries: point HTTPS_PROXY at it, trust its CA,
@@ -94,7 +94,7 @@ fn main() -> anyhow::Result<()> {
     limit_malloc_arenas();
     let cli = Cli::parse();
     if cli.print_default_config {
-        print!("{}", stowage::config::DEFAULT_TOML);
+        print!("{}", stowage::settings::DEFAULT_TOML);
         return Ok(());
     }
     let mut config = match &cli.config {
@@ -116,7 +116,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run => run(config),
         Command::Cache(c) => cache_command(&config, c),
         Command::Ca(CaCommand::Export { out }) => {
-            let ca = stowage::ca::CertificateAuthority::load_or_create(&config.ca.dir)?;
+            let ca = stowage::ingress::ca::CertificateAuthority::load_or_create(&config.ca.dir)?;
             match out {
                 Some(path) => std::fs::write(&path, ca.cert_pem())
                     .with_context(|| format!("writing {}", path.display()))?,
@@ -125,13 +125,13 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Setup { runtime, address } => {
-            let ca = stowage::ca::CertificateAuthority::load_or_create(&config.ca.dir)?;
+            let ca = stowage::ingress::ca::CertificateAuthority::load_or_create(&config.ca.dir)?;
             let address = address.unwrap_or_else(|| {
                 client_address(&config)
                     .map(|a| a.to_string())
                     .unwrap_or_default()
             });
-            let text = stowage::setup::snippet(&runtime, &address, &config, ca.cert_pem())
+            let text = stowage::admin::setup::snippet(&runtime, &address, &config, ca.cert_pem())
                 .map_err(anyhow::Error::msg)?;
             print!("{text}");
             Ok(())
@@ -222,8 +222,8 @@ fn ask_server(config: &Config, method: &str, path: &str) -> anyhow::Result<Optio
     })
 }
 
-fn open_store(config: &Config) -> anyhow::Result<std::sync::Arc<stowage::store::BlobStore>> {
-    stowage::store::BlobStore::open(&config.cache.dir).with_context(|| {
+fn open_store(config: &Config) -> anyhow::Result<std::sync::Arc<stowage::cache::BlobStore>> {
+    stowage::cache::BlobStore::open(&config.cache.dir).with_context(|| {
         format!(
             "opening the cache at {} (is a Stowage server using it on another address?)",
             config.cache.dir.display()
@@ -293,7 +293,7 @@ fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
                     println!("{}", t.registry);
                     last_registry = t.registry.clone();
                 }
-                let age = stowage::access::now_ms().saturating_sub(t.last_used_ms) / 1000;
+                let age = stowage::clock::now_ms().saturating_sub(t.last_used_ms) / 1000;
                 let missing = if t.missing > 0 {
                     format!(", {} objects not cached", t.missing)
                 } else {
@@ -312,7 +312,7 @@ fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
             Ok(())
         }
         CacheCommand::Verify => {
-            let report: stowage::store::VerifyReport =
+            let report: stowage::cache::VerifyReport =
                 match ask_server(config, "POST", "/admin/verify")? {
                     Some(body) => serde_json::from_str(&body)?,
                     None => {

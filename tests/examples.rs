@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use stowage::config::Config;
+use stowage::settings::Config;
 
 fn repo(path: &str) -> String {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);

@@ -86,7 +86,7 @@ proptest! {
     fn ranges_stay_inside_the_content(spec in "(bytes=)?[0-9-, ]{0,24}|[ -~]{0,30}", len in 0u64..1_000_000) {
         let h = http::HeaderValue::from_str(&spec);
         if let Ok(h) = h {
-            if let Some(Ok((start, end))) = stowage::registry::parse_range(Some(&h), len) {
+            if let Some(Ok((start, end))) = stowage::registry_api::parse_range(Some(&h), len) {
                 prop_assert!(start < end && end <= len, "{} {} {}", spec, start, end);
             }
         }
@@ -94,7 +94,7 @@ proptest! {
 
     #[test]
     fn bearer_challenges_never_panic(s in any::<String>()) {
-        if let Some(c) = stowage::auth::parse_bearer(&s) {
+        if let Some(c) = stowage::upstream::token_auth::parse_bearer(&s) {
             prop_assert!(s.to_ascii_lowercase().contains("realm"));
             let _ = c;
         }
@@ -104,7 +104,7 @@ proptest! {
     fn mirror_routing_never_panics_and_names_valid_hosts(path in pathish(), ns in "[ -~]{0,20}") {
         let uri = format!("/v2/{}?ns={}", path.trim_start_matches('/'), ns);
         if let Ok(uri) = uri.parse::<http::Uri>() {
-            if let Ok(r) = stowage::mirror::route(&uri, "registry-1.docker.io", |_| true) {
+            if let Ok(r) = stowage::ingress::mirror::route(&uri, &"registry-1.docker.io".parse().unwrap(), |_| true) {
                 let shown = r.registry.to_string();
                 prop_assert_eq!(shown.parse::<stowage::oci::Registry>().ok(), Some(r.registry.clone()), "{}", shown);
                 prop_assert!(r.path_and_query.starts_with("/v2/"));

@@ -127,7 +127,7 @@ impl Instance {
         let l = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("listening") && line.contains("Proxy") {
+                if line.contains("listening") && line.contains("listener=\"proxy\"") {
                     if let Some(i) = line.find("127.0.0.1:") {
                         let port: String = line[i + 10..]
                             .chars()

@@ -19,9 +19,10 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, StreamBody};
 
-use crate::config::StorageConfig;
+use crate::http_util::{Body as UpBody, BoxError};
 use crate::oci::Digest;
-use crate::upstream::{BoxError, UpBody, Upstream};
+use crate::settings::StorageConfig;
+use crate::upstream::Upstream;
 
 pub type BackendBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
@@ -205,8 +206,8 @@ impl Backend for FsBackend {
                 Err(e) => return Err(failed(e)),
             };
             let len = file.metadata().map_err(failed)?.len();
-            let body =
-                StreamBody::new(crate::fill::file_stream(Arc::new(file), 0, len)).boxed_unsync();
+            let body = StreamBody::new(crate::cache::fill::file_stream(Arc::new(file), 0, len))
+                .boxed_unsync();
             Ok(Some((
                 Checked::wrap(body, digest, len, self.quarantine.clone()),
                 len,
@@ -362,7 +363,7 @@ impl S3Backend {
         digest: &Digest,
         body: UpBody,
         len: Option<u64>,
-    ) -> Result<http::Response<hyper::body::Incoming>, BackendError> {
+    ) -> Result<http::Response<UpBody>, BackendError> {
         let mut req = Request::builder()
             .method(method)
             .uri(self.object_uri(digest))
@@ -428,8 +429,8 @@ impl Backend for S3Backend {
                 }
             }
             let f = std::fs::File::open(file).map_err(failed)?;
-            let body =
-                StreamBody::new(crate::fill::file_stream(Arc::new(f), 0, len)).boxed_unsync();
+            let body = StreamBody::new(crate::cache::fill::file_stream(Arc::new(f), 0, len))
+                .boxed_unsync();
             let resp = self.send(Method::PUT, digest, body, Some(len)).await?;
             if !resp.status().is_success() {
                 let status = resp.status();

@@ -8,11 +8,14 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+pub mod setup;
+
 use serde::{Deserialize, Serialize};
 
-use crate::access::now_ms;
+use crate::cache::{BlobStore, StoreError, VerifyReport};
+use crate::clock::now_ms;
 use crate::oci::Digest;
-use crate::store::{BlobStore, StoreError, VerifyReport};
+pub use crate::telemetry::metrics::Traffic;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Stats {
@@ -21,27 +24,6 @@ pub struct Stats {
     pub max_size: u64,
     /// Present when asked of a running server.
     pub since_start: Option<Traffic>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Traffic {
-    pub hits: u64,
-    pub misses: u64,
-    pub coalesced: u64,
-    pub stale: u64,
-    pub passed: u64,
-    /// Bytes served from the cache: what upstream did not have to send.
-    pub bytes_saved: u64,
-    pub bytes_from_upstream: u64,
-}
-
-impl Traffic {
-    /// Hits (including coalesced and stale) over requests that could be cached.
-    pub fn hit_ratio(&self) -> Option<f64> {
-        let served = self.hits + self.coalesced + self.stale;
-        let total = served + self.misses;
-        (total > 0).then(|| served as f64 / total as f64)
-    }
 }
 
 pub fn stats(store: &BlobStore, max_size: u64) -> Stats {
@@ -189,8 +171,8 @@ pub fn human_bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::TagVariant;
     use crate::oci::Algorithm;
-    use crate::store::TagVariant;
 
     fn sha(b: &[u8]) -> Digest {
         Digest::from_bytes(

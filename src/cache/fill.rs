@@ -18,9 +18,9 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 use tokio::sync::watch;
 
+use crate::cache::{BlobStore, BlobWriter, StoreError};
+use crate::http_util::BoxError;
 use crate::oci::Digest;
-use crate::store::{BlobStore, BlobWriter, StoreError};
-use crate::upstream::BoxError;
 
 /// Bytes read from disk per body frame.
 const CHUNK: usize = 256 * 1024;
@@ -278,7 +278,7 @@ impl Leader {
                 self.remove();
                 // Only after the fill is out of the map, so "stored" is seen as soon as the
                 // file is in place; a crash before this fsync costs a refetch, nothing else.
-                if let Err(e) = blocking(|| crate::store::sync_dir(&dir)) {
+                if let Err(e) = blocking(|| crate::cache::writer::sync_dir(&dir)) {
                     tracing::warn!(error = %e, "could not make the cache directory durable");
                 }
                 Ok(len)
@@ -427,14 +427,14 @@ pub struct Verified<B> {
     expected: Digest,
     hasher: Option<aws_lc_rs::digest::Context>,
     held: Option<Bytes>,
-    metrics: Option<Arc<crate::metrics::Metrics>>,
+    metrics: Option<Arc<crate::telemetry::metrics::Metrics>>,
 }
 
 impl<B> Verified<B> {
     pub fn new(
         inner: B,
         expected: Digest,
-        metrics: Option<Arc<crate::metrics::Metrics>>,
+        metrics: Option<Arc<crate::telemetry::metrics::Metrics>>,
     ) -> Verified<B> {
         let alg = match expected.algorithm() {
             crate::oci::Algorithm::Sha256 => &aws_lc_rs::digest::SHA256,

@@ -26,9 +26,9 @@ use std::time::Duration;
 
 use http::{HeaderMap, StatusCode};
 
-use crate::config::AuthCheck;
+use crate::cache::BlobStore;
 use crate::oci::{Digest, RepoKey};
-use crate::store::BlobStore;
+use crate::settings::AuthCheck;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -70,6 +70,12 @@ pub enum Refusal {
     /// Upstream cannot be asked, and nothing known allows it.
     Unavailable(&'static str),
 }
+
+/// The question to upstream, not yet asked (a future is polled only when needed). Boxed:
+/// it borrows the caller's upstream and registry, which generic futures cannot carry
+/// through `Send` bounds on this compiler.
+pub type Ask<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Reply, String>> + Send + 'a>>;
 
 /// Whether the caller may ask upstream now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,18 +125,15 @@ impl Access {
 
     /// The decision for a cached `digest` asked for under `repo` by a client whose
     /// credential hashes to `credential`. `ask` asks upstream (a `HEAD` of the object with
-    /// the client's credentials) and is called only when nothing known decides.
-    pub async fn authorize<F>(
+    /// the client's credentials); it is a future, polled only when nothing known decides.
+    pub async fn authorize(
         &self,
         repo: &RepoKey,
         digest: &Digest,
         credential: [u8; 32],
         now: UpstreamNow,
-        ask: impl FnOnce() -> F,
-    ) -> Result<Authorized, Refusal>
-    where
-        F: std::future::Future<Output = Result<Reply, String>>,
-    {
+        ask: Ask<'_>,
+    ) -> Result<Authorized, Refusal> {
         let yes = || {
             Ok(Authorized {
                 digest: digest.clone(),
@@ -168,7 +171,7 @@ impl Access {
                 "this repository is not known to be public, and upstream cannot be asked"
             }));
         }
-        match ask().await {
+        match ask.await {
             Ok(a) if a.status.is_success() => {
                 self.grant(repo, credential);
                 self.remember_member(repo, digest);
@@ -301,15 +304,21 @@ mod tests {
         cred: u8,
         answer: Option<u16>,
     ) -> Result<Authorized, Refusal> {
-        a.authorize(r, dg, [cred; 32], UpstreamNow::Ask, || async move {
-            match answer {
-                Some(s) => Ok(Reply {
-                    status: StatusCode::from_u16(s).unwrap(),
-                    headers: HeaderMap::new(),
-                }),
-                None => Err("unreachable".to_string()),
-            }
-        })
+        a.authorize(
+            r,
+            dg,
+            [cred; 32],
+            UpstreamNow::Ask,
+            Box::pin(async move {
+                match answer {
+                    Some(s) => Ok(Reply {
+                        status: StatusCode::from_u16(s).unwrap(),
+                        headers: HeaderMap::new(),
+                    }),
+                    None => Err("unreachable".to_string()),
+                }
+            }),
+        )
         .await
     }
 

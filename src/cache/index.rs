@@ -8,7 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
-use crate::access::now_ms;
+use crate::clock::now_ms;
 use crate::oci::Digest;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,4 +1,4 @@
-//! Who may use Stowage: client networks per listener, and proxy users.
+//! Who may use Stowage: client networks per listener, proxy users, mirror users.
 //!
 //! Proxy users live in an htpasswd-style file (`user:<bcrypt hash>` per line, as written by
 //! `htpasswd -B`). bcrypt is deliberately slow, so a verified `Proxy-Authorization` value
@@ -13,7 +13,7 @@ use std::time::Duration;
 use base64::Engine;
 use http::HeaderValue;
 
-use crate::config::ConfigError;
+use crate::settings::ConfigError;
 
 /// Whether `ip` is inside one of `allow`; an empty list allows everyone. IPv4-mapped IPv6
 /// peers (dual-stack listeners) are matched as IPv4.
@@ -26,6 +26,25 @@ pub fn allowed(allow: &[ipnet::IpNet], ip: IpAddr) -> bool {
         v4 => v4,
     };
     allow.iter().any(|net| net.contains(&ip))
+}
+
+/// Whether a mirror request carries one of the mirror's accounts (or the mirror is open).
+/// Compared in constant time.
+pub fn mirror_user_ok(users: &[crate::settings::Credentials], headers: &http::HeaderMap) -> bool {
+    if users.is_empty() {
+        return true;
+    }
+    headers
+        .get(http::header::AUTHORIZATION)
+        .is_some_and(|given| {
+            users
+                .iter()
+                .any(|u| constant_time_eq(u.basic().as_bytes(), given.as_bytes()))
+        })
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 pub struct ProxyUsers {

@@ -2,7 +2,7 @@
 //! `GET /setup/<runtime>` and printed by `stowage setup <runtime>`. The files in
 //! `examples/` are the same recipes with placeholder addresses.
 
-use crate::config::Config;
+use crate::settings::Config;
 
 pub const RUNTIMES: &[&str] = &[
     "docker",
@@ -43,7 +43,7 @@ fn mirror_url(config: &Config, proxy_address: &str) -> String {
         .flatten()
         .map(|a| a.port())
         .unwrap_or(5000);
-    let scheme = if config.mirror.tls == crate::config::MirrorTls::Off {
+    let scheme = if config.mirror.tls == crate::settings::MirrorTls::Off {
         "http"
     } else {
         "https"

@@ -13,75 +13,22 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use aws_lc_rs::digest::{Context, SHA256, SHA512};
-use redb::{MultimapTableDefinition, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::ReadableTable;
 
-use crate::index::Index;
-use crate::oci::{Algorithm, Digest, RepoKey, TagKey};
+use super::metadata::{drop_portless_rows, ATIMES, MEDIA_TYPES, MEMBERS, PUBLIC_REPOS, TAGS};
+use super::writer::BlobWriter;
+
+use super::index::Index;
+use crate::oci::{Algorithm, Digest};
 
 /// Page cache for `meta.redb`.
 const META_CACHE_BYTES: usize = 16 << 20;
-
-const MEDIA_TYPES: TableDefinition<&str, &str> = TableDefinition::new("media_types");
-/// `TagKey` (`<registry>/<repo>:<tag>`) → JSON `TagRow`.
-const TAGS: TableDefinition<&str, &str> = TableDefinition::new("tags_v2");
-/// `<digest>` → unix milliseconds of the last read (LRU eviction survives restarts).
-const ATIMES: TableDefinition<&str, u64> = TableDefinition::new("atimes");
-/// `RepoKey` → unix milliseconds when upstream last served it without credentials.
-const PUBLIC_REPOS: TableDefinition<&str, u64> = TableDefinition::new("public_v2");
-/// `<digest>` → every `RepoKey` upstream has served it under: a digest is served under a
-/// repository only where it is known to belong (as distribution links blobs to
-/// repositories). Keyed by digest so eviction drops an object's rows at once.
-const MEMBERS: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("members_v1");
-/// Written before registries had ports: `<host>/<repo>:<tag>#<accept>` and `<host>/<repo>`.
-/// Which port such a row came from cannot be known, so they are dropped on open.
-const TAGS_V1: TableDefinition<&str, &str> = TableDefinition::new("tags");
-const PUBLIC_REPOS_V1: TableDefinition<&str, u64> = TableDefinition::new("public_repos");
-
-/// Most `Accept` variants remembered for one tag.
-pub const MAX_TAG_VARIANTS: usize = 16;
-
-/// What a tag pointed to, for one `Accept` variant, when last fetched or revalidated.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct TagVariant {
-    /// The client's `Accept` list, normalised (see `registry::accept_key`).
-    pub accept: String,
-    pub digest: Digest,
-    pub media_type: String,
-    /// Unix milliseconds of the last upstream confirmation.
-    pub checked_at_ms: u64,
-}
-
-impl TagVariant {
-    /// Whether upstream confirmed it within `ttl` before `now_ms`.
-    pub fn is_fresh(&self, now_ms: u64, ttl: std::time::Duration) -> bool {
-        now_ms.saturating_sub(self.checked_at_ms) < ttl.as_millis() as u64
-    }
-}
-
-/// Everything known about one tag (`TagKey`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct TagRow {
-    pub variants: Vec<TagVariant>,
-}
-
-impl TagRow {
-    pub fn variant(&self, accept: &str) -> Option<&TagVariant> {
-        self.variants.iter().find(|v| v.accept == accept)
-    }
-
-    /// Replaces the variant for its `accept`, newest first, bounded.
-    fn put(&mut self, variant: TagVariant) {
-        self.variants.retain(|v| v.accept != variant.accept);
-        self.variants.insert(0, variant);
-        self.variants.truncate(MAX_TAG_VARIANTS);
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -93,7 +40,7 @@ pub enum StoreError {
     Meta(String),
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+pub(super) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.to_owned(),
         source,
@@ -101,15 +48,15 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
 }
 
 pub struct BlobStore {
-    blobs: PathBuf,
-    tmp: PathBuf,
-    meta: redb::Database,
-    next_tmp: AtomicU64,
+    pub(super) blobs: PathBuf,
+    pub(super) tmp: PathBuf,
+    pub(super) meta: redb::Database,
+    pub(super) next_tmp: AtomicU64,
     /// What is on disk, with sizes and access times.
     pub index: Index,
     /// Woken when an insert takes the cache past `max_size`.
     pub pressure: tokio::sync::Notify,
-    max_size: AtomicU64,
+    pub(super) max_size: AtomicU64,
 }
 
 /// What `verify` found.
@@ -445,261 +392,6 @@ impl BlobStore {
     }
 }
 
-impl BlobStore {
-    /// Every recorded tag.
-    pub fn tags(&self) -> Result<Vec<(TagKey, TagRow)>, StoreError> {
-        let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
-        let txn = self.meta.begin_read().map_err(|e| m(&e))?;
-        let table = txn.open_table(TAGS).map_err(|e| m(&e))?;
-        let mut out = Vec::new();
-        for row in table.iter().map_err(|e| m(&e))? {
-            let (k, v) = row.map_err(|e| m(&e))?;
-            if let (Ok(key), Ok(row)) = (k.value().parse(), serde_json::from_str(v.value())) {
-                out.push((key, row));
-            }
-        }
-        Ok(out)
-    }
-
-    pub fn tag(&self, key: &TagKey) -> Result<Option<TagRow>, StoreError> {
-        let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
-        let txn = self.meta.begin_read().map_err(|e| m(&e))?;
-        let table = txn.open_table(TAGS).map_err(|e| m(&e))?;
-        let value = table.get(key.to_string().as_str()).map_err(|e| m(&e))?;
-        // A row that does not parse is treated as absent: it will be refetched.
-        Ok(value.and_then(|v| serde_json::from_str(v.value()).ok()))
-    }
-
-    /// Records what `key` points to for one `Accept` variant, and that the manifest belongs
-    /// to the tag's repository, in one transaction. Only after the manifest itself is stored.
-    pub fn set_tag(&self, key: &TagKey, variant: TagVariant) -> Result<(), StoreError> {
-        let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
-        let k = key.to_string();
-        let txn = self.meta.begin_write().map_err(|e| m(&e))?;
-        {
-            let mut table = txn.open_table(TAGS).map_err(|e| m(&e))?;
-            let mut row: TagRow = table
-                .get(k.as_str())
-                .map_err(|e| m(&e))?
-                .and_then(|v| serde_json::from_str(v.value()).ok())
-                .unwrap_or_default();
-            let digest = variant.digest.to_string();
-            row.put(variant);
-            let json = serde_json::to_string(&row).map_err(|e| m(&e))?;
-            table.insert(k.as_str(), json.as_str()).map_err(|e| m(&e))?;
-            let mut members = txn.open_multimap_table(MEMBERS).map_err(|e| m(&e))?;
-            members
-                .insert(digest.as_str(), key.repo.to_string().as_str())
-                .map_err(|e| m(&e))?;
-        }
-        txn.commit().map_err(|e| m(&e))
-    }
-
-    /// Forgets a tag (every variant).
-    pub fn remove_tag(&self, key: &TagKey) -> Result<(), StoreError> {
-        let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
-        let txn = self.meta.begin_write().map_err(|e| m(&e))?;
-        {
-            let mut table = txn.open_table(TAGS).map_err(|e| m(&e))?;
-            table.remove(key.to_string().as_str()).map_err(|e| m(&e))?;
-        }
-        txn.commit().map_err(|e| m(&e))
-    }
-
-    /// When upstream last served `repo` without credentials, if it ever did.
-    pub fn public_since(&self, repo: &RepoKey) -> Result<Option<u64>, StoreError> {
-        let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
-        let txn = self.meta.begin_read().map_err(|e| m(&e))?;
-        let table = txn.open_table(PUBLIC_REPOS).map_err(|e| m(&e))?;
-        let value = table.get(repo.to_string().as_str()).map_err(|e| m(&e))?;
-        Ok(value.map(|v| v.value()))
-    }
-
-    /// Records (`Some`) or forgets (`None`) that a repository is readable anonymously.
-    pub fn set_public(&self, repo: &RepoKey, at: Option<u64>) -> Result<(), StoreError> {
-        let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
-        let k = repo.to_string();
-        let txn = self.meta.begin_write().map_err(|e| m(&e))?;
-        {
-            let mut table = txn.open_table(PUBLIC_REPOS).map_err(|e| m(&e))?;
-            match at {
-                Some(t) => {
-                    table.insert(k.as_str(), t).map_err(|e| m(&e))?;
-                }
-                None => {
-                    table.remove(k.as_str()).map_err(|e| m(&e))?;
-                }
-            }
-        }
-        txn.commit().map_err(|e| m(&e))
-    }
-
-    /// Whether upstream has served `digest` under `repo`.
-    pub fn is_member(&self, repo: &RepoKey, digest: &Digest) -> Result<bool, StoreError> {
-        let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
-        let txn = self.meta.begin_read().map_err(|e| m(&e))?;
-        let table = txn.open_multimap_table(MEMBERS).map_err(|e| m(&e))?;
-        let want = repo.to_string();
-        for v in table.get(digest.to_string().as_str()).map_err(|e| m(&e))? {
-            if v.map_err(|e| m(&e))?.value() == want {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    }
-
-    /// Records that upstream served `digest` under `repo`.
-    pub fn add_member(&self, repo: &RepoKey, digest: &Digest) -> Result<(), StoreError> {
-        if self.is_member(repo, digest)? {
-            return Ok(());
-        }
-        let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
-        let txn = self.meta.begin_write().map_err(|e| m(&e))?;
-        {
-            let mut table = txn.open_multimap_table(MEMBERS).map_err(|e| m(&e))?;
-            table
-                .insert(digest.to_string().as_str(), repo.to_string().as_str())
-                .map_err(|e| m(&e))?;
-        }
-        txn.commit().map_err(|e| m(&e))
-    }
-
-    /// The repositories `digest` is known to belong to.
-    pub fn members(&self, digest: &Digest) -> Result<Vec<RepoKey>, StoreError> {
-        let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
-        let txn = self.meta.begin_read().map_err(|e| m(&e))?;
-        let table = txn.open_multimap_table(MEMBERS).map_err(|e| m(&e))?;
-        let mut out = Vec::new();
-        for v in table.get(digest.to_string().as_str()).map_err(|e| m(&e))? {
-            if let Ok(k) = v.map_err(|e| m(&e))?.value().parse() {
-                out.push(k);
-            }
-        }
-        Ok(out)
-    }
-}
-
-/// Deletes the tables of the port-less format, returning how many rows each held.
-fn drop_portless_rows(txn: &redb::WriteTransaction) -> Result<(u64, u64), StoreError> {
-    let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
-    let mut counts = (0, 0);
-    let names: Vec<String> = txn
-        .list_tables()
-        .map_err(|e| m(&e))?
-        .map(|t| redb::TableHandle::name(&t).to_owned())
-        .collect();
-    if names.iter().any(|n| n == "tags") {
-        counts.0 = txn
-            .open_table(TAGS_V1)
-            .map_err(|e| m(&e))?
-            .len()
-            .map_err(|e| m(&e))?;
-        txn.delete_table(TAGS_V1).map_err(|e| m(&e))?;
-    }
-    if names.iter().any(|n| n == "public_repos") {
-        counts.1 = txn
-            .open_table(PUBLIC_REPOS_V1)
-            .map_err(|e| m(&e))?
-            .len()
-            .map_err(|e| m(&e))?;
-        txn.delete_table(PUBLIC_REPOS_V1).map_err(|e| m(&e))?;
-    }
-    Ok(counts)
-}
-
-/// A fill in progress: a temp file being hashed as it is written. Readers of a growing
-/// fill share `file()` and read it with positioned reads.
-pub struct BlobWriter {
-    store: Arc<BlobStore>,
-    file: Arc<File>,
-    tmp: PathBuf,
-    dest: PathBuf,
-    expected: Digest,
-    hasher: Context,
-    written: u64,
-    finished: bool,
-}
-
-impl BlobWriter {
-    pub fn file(&self) -> Arc<File> {
-        self.file.clone()
-    }
-
-    pub fn written(&self) -> u64 {
-        self.written
-    }
-
-    pub fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
-        (&*self.file).write_all(bytes).map_err(io_err(&self.tmp))?;
-        self.hasher.update(bytes);
-        self.written += bytes.len() as u64;
-        Ok(())
-    }
-
-    /// Whether what was written so far hashes to the expected digest.
-    pub fn verify(&self) -> Result<(), StoreError> {
-        let actual = Digest::from_bytes(
-            self.expected.algorithm(),
-            self.hasher.clone().finish().as_ref(),
-        );
-        if actual != self.expected {
-            return Err(StoreError::Mismatch {
-                expected: self.expected.clone(),
-                actual,
-            });
-        }
-        Ok(())
-    }
-
-    /// Verifies the digest, then makes the content durable and visible. On a mismatch the
-    /// temp file is removed (by drop) and nothing becomes visible.
-    pub fn finish(self) -> Result<(), StoreError> {
-        let dir = self.publish()?;
-        sync_dir(&dir)
-    }
-
-    /// `finish` but for its last step: verified, `sync_all`, renamed into place and indexed;
-    /// the rename itself is made durable by [`sync_dir`] on the returned directory. A fill
-    /// lets its readers go on the stored file before that fsync: after a crash in between
-    /// the blob is merely fetched again.
-    pub fn publish(mut self) -> Result<PathBuf, StoreError> {
-        self.verify()?;
-        self.file.sync_all().map_err(io_err(&self.tmp))?;
-        let dir = self
-            .dest
-            .parent()
-            .expect("blob paths have a parent")
-            .to_owned();
-        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        // Same content under the same name: if another fill got there first, rename simply
-        // replaces identical bytes.
-        fs::rename(&self.tmp, &self.dest).map_err(io_err(&self.dest))?;
-        self.finished = true;
-        self.store
-            .index
-            .insert(self.expected.clone(), self.written, None);
-        if self.store.index.total() > self.store.max_size.load(Ordering::Relaxed) {
-            self.store.pressure.notify_one();
-        }
-        Ok(dir)
-    }
-}
-
-/// Makes renames in `dir` durable.
-pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
-}
-
-impl Drop for BlobWriter {
-    fn drop(&mut self) {
-        if !self.finished {
-            let _ = fs::remove_file(&self.tmp);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -817,66 +509,5 @@ mod tests {
         assert_eq!((report.checked, report.corrupt), (2, 1));
         assert!(!store.contains(&sha256(&objs[3])));
         assert_eq!(store.index.len(), 1);
-    }
-
-    #[test]
-    fn tags_public_marks_and_membership_persist_per_registry() {
-        let dir = tempfile::tempdir().unwrap();
-        let key: TagKey = "quay.io:5000/a:latest".parse().unwrap();
-        let other: TagKey = "quay.io/a:latest".parse().unwrap();
-        let v = TagVariant {
-            accept: String::new(),
-            digest: sha256(b"m"),
-            media_type: "x".into(),
-            checked_at_ms: 7,
-        };
-        {
-            let store = BlobStore::open(dir.path()).unwrap();
-            assert_eq!(store.tag(&key).unwrap(), None);
-            store.set_tag(&key, v.clone()).unwrap();
-            store.set_public(&key.repo, Some(9)).unwrap();
-            store.set_public(&other.repo, Some(9)).unwrap();
-            store.set_public(&other.repo, None).unwrap();
-            store.add_member(&other.repo, &sha256(b"layer")).unwrap();
-        }
-        let store = BlobStore::open(dir.path()).unwrap();
-        assert_eq!(store.tag(&key).unwrap().unwrap().variant(""), Some(&v));
-        assert_eq!(
-            store.tag(&other).unwrap(),
-            None,
-            "another port is another registry"
-        );
-        assert_eq!(store.public_since(&key.repo).unwrap(), Some(9));
-        assert_eq!(store.public_since(&other.repo).unwrap(), None);
-        assert!(
-            store.is_member(&key.repo, &sha256(b"m")).unwrap(),
-            "a tag's manifest belongs to its repository"
-        );
-        assert!(!store.is_member(&other.repo, &sha256(b"m")).unwrap());
-        assert!(store.is_member(&other.repo, &sha256(b"layer")).unwrap());
-        assert!(!store.is_member(&key.repo, &sha256(b"layer")).unwrap());
-        assert_eq!(
-            store.members(&sha256(b"layer")).unwrap(),
-            vec![other.repo.clone()]
-        );
-    }
-
-    #[test]
-    fn variants_are_per_accept_newest_first_and_bounded() {
-        let mut row = TagRow::default();
-        for i in 0..(MAX_TAG_VARIANTS + 3) {
-            row.put(TagVariant {
-                accept: format!("a{i}"),
-                digest: sha256(&[i as u8]),
-                media_type: "x".into(),
-                checked_at_ms: i as u64,
-            });
-        }
-        assert_eq!(row.variants.len(), MAX_TAG_VARIANTS);
-        assert_eq!(row.variants[0].accept, format!("a{}", MAX_TAG_VARIANTS + 2));
-        assert!(row.variant("a0").is_none());
-        let v = &row.variants[0];
-        assert!(v.is_fresh(v.checked_at_ms + 999, std::time::Duration::from_secs(1)));
-        assert!(!v.is_fresh(v.checked_at_ms + 1000, std::time::Duration::from_secs(1)));
     }
 }

@@ -200,10 +200,10 @@ impl Metrics {
         }
     }
 
-    pub fn traffic(&self) -> crate::admin::Traffic {
+    pub fn traffic(&self) -> Traffic {
         let t = &self.totals;
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        crate::admin::Traffic {
+        Traffic {
             hits: g(&t.hits),
             misses: g(&t.misses),
             coalesced: g(&t.coalesced),
@@ -220,6 +220,27 @@ impl Metrics {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Traffic {
+    pub hits: u64,
+    pub misses: u64,
+    pub coalesced: u64,
+    pub stale: u64,
+    pub passed: u64,
+    /// Bytes served from the cache: what upstream did not have to send.
+    pub bytes_saved: u64,
+    pub bytes_from_upstream: u64,
+}
+
+impl Traffic {
+    /// Hits (including coalesced and stale) over requests that could be cached.
+    pub fn hit_ratio(&self) -> Option<f64> {
+        let served = self.hits + self.coalesced + self.stale;
+        let total = served + self.misses;
+        (total > 0).then(|| served as f64 / total as f64)
     }
 }
 

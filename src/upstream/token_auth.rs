@@ -5,15 +5,13 @@
 //! (realm, service, scope, account) until shortly before they expire. Credentials and
 //! tokens are sensitive header values and never logged.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
-use http_body_util::{BodyExt, Limited};
 
-use crate::config::Credentials;
-use crate::upstream::{Fetched, Upstream, UpstreamError};
+use super::client::{empty, Fetched, Upstream, UpstreamError};
+use crate::settings::Credentials;
 
 /// A parsed `WWW-Authenticate: Bearer realm="...",service="...",scope="..."`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -242,11 +240,9 @@ async fn fetch_token(
     }
     let Fetched { response, .. } = upstream.fetch(Method::GET, uri, headers).await?;
     let status = response.status();
-    let body = Limited::new(response.into_body(), 1 << 20)
-        .collect()
+    let body = crate::http_util::collect_limited(response.into_body(), 1 << 20)
         .await
-        .map_err(|e| UpstreamError::Body(format!("token response: {e}")))?
-        .to_bytes();
+        .map_err(|e| UpstreamError::Body(format!("token response: {e:?}")))?;
     if status != StatusCode::OK {
         return Err(UpstreamError::Body(format!(
             "token service answered {status}"
@@ -296,7 +292,6 @@ pub enum Answer<'a> {
 /// Bearer challenge per `answer` when the client sent no `Authorization`.
 pub async fn fetch(
     upstream: &Upstream,
-    tokens: &Tokens,
     method: Method,
     uri: Uri,
     mut headers: HeaderMap,
@@ -310,7 +305,7 @@ pub async fn fetch(
             let mut req = http::Request::builder()
                 .method(method)
                 .uri(uri.clone())
-                .body(crate::upstream::empty())
+                .body(empty())
                 .expect("valid parts");
             *req.headers_mut() = headers;
             req.headers_mut().remove(http::header::HOST);
@@ -320,6 +315,7 @@ pub async fn fetch(
                 .map(|response| Fetched { response, uri })
         }
     };
+    let tokens = &upstream.tokens;
     let client_auth = headers.contains_key(AUTHORIZATION);
     let hint_key = match answer {
         Answer::With(creds) if !client_auth => HintKey::new(&uri, creds),
@@ -373,7 +369,7 @@ pub async fn fetch(
         drop(first);
         headers.insert(AUTHORIZATION, c.basic());
         let second = send(method, uri, headers).await?;
-        remember(tokens, hint_key, &second, Hint::Basic).await;
+        remember(tokens, hint_key, second.response.status(), Hint::Basic).await;
         return Ok(second);
     };
     let (value, cached) = match tokens.get_tracked(upstream, &ch, creds).await {
@@ -387,7 +383,7 @@ pub async fn fetch(
     headers.insert(AUTHORIZATION, value.clone());
     let second = send(method.clone(), uri.clone(), headers.clone()).await?;
     if !cached || second.response.status() != StatusCode::UNAUTHORIZED {
-        remember(tokens, hint_key, &second, Hint::Bearer(ch)).await;
+        remember(tokens, hint_key, second.response.status(), Hint::Bearer(ch)).await;
         return Ok(second);
     }
     // Upstream refused a token it issued earlier (restarted with a new key, revoked): a
@@ -404,13 +400,12 @@ pub async fn fetch(
     drop(second);
     headers.insert(AUTHORIZATION, value);
     let third = send(method, uri, headers).await?;
-    remember(tokens, hint_key, &third, Hint::Bearer(ch)).await;
+    remember(tokens, hint_key, third.response.status(), Hint::Bearer(ch)).await;
     Ok(third)
 }
 
 /// Keeps `hint` for the repository when the answered request was accepted.
-async fn remember(tokens: &Tokens, key: Option<HintKey>, fetched: &Fetched, hint: Hint) {
-    let status = fetched.response.status();
+async fn remember(tokens: &Tokens, key: Option<HintKey>, status: StatusCode, hint: Hint) {
     if let Some(key) = key {
         if status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN {
             tokens.hints.insert(key, hint).await;
@@ -431,9 +426,6 @@ pub fn credential_id(headers: &HeaderMap) -> [u8; 32] {
         }
     }
 }
-
-/// Shared helper so `Arc<Tokens>` can be passed around cheaply.
-pub type SharedTokens = Arc<Tokens>;
 
 #[cfg(test)]
 mod tests {

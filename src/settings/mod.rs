@@ -17,7 +17,7 @@ use crate::oci::{Host, Registry, Scheme};
 
 /// The configuration shipped in the repository's `config.toml`, embedded so the binary
 /// documents itself (`stowage config`).
-pub const DEFAULT_TOML: &str = include_str!("../config.toml");
+pub const DEFAULT_TOML: &str = include_str!("../../config.toml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

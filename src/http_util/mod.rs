@@ -1,0 +1,175 @@
+//! Protocol hygiene shared by every layer: the one response body type, small response
+//! builders, hop-by-hop header removal, `HEAD` bodies, and header names. Nothing here
+//! knows about registries, the cache or upstream policy.
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use http_body::Body as HttpBody;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Every body Stowage sends or receives once it leaves hyper: client responses, upstream
+/// requests and responses, cache reads.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+pub const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+pub fn empty() -> Body {
+    full(Bytes::new())
+}
+
+/// A body that is already in memory and ends at once.
+pub fn boxed<B>(body: B) -> Body
+where
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+/// A plain-text response for the proxy's own endpoints and CONNECT refusals.
+pub fn text(status: StatusCode, message: &str) -> Response<Body> {
+    let mut resp = Response::new(full(format!("{message}\n")));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and proxy credentials: never forwarded either way.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        headers.remove(n);
+    }
+}
+
+/// A response to `HEAD` carries no body. hyper drops it on HTTP/1.1 but sends it on h2,
+/// where DATA on a `HEAD` stream is a protocol error for the client; registry errors and
+/// refusals are built with JSON bodies, so they are emptied here. The headers, including
+/// any `Content-Length`, stay as they are.
+pub fn head_without_body(method: &http::Method, resp: Response<Body>) -> Response<Body> {
+    if method != http::Method::HEAD || resp.body().is_end_stream() {
+        return resp;
+    }
+    let (parts, _) = resp.into_parts();
+    Response::from_parts(parts, empty())
+}
+
+/// Sets `Content-Length` for a body of known size.
+pub fn set_len(headers: &mut HeaderMap, len: u64) {
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+}
+
+/// Why [`collect_limited`] stopped.
+#[derive(Debug)]
+pub enum CollectError {
+    /// The body is longer than the limit.
+    TooLarge,
+    /// The body failed.
+    Body(String),
+}
+
+/// Reads a whole body into memory, refusing one longer than `limit` bytes as soon as it
+/// passes the limit (no more is buffered).
+pub async fn collect_limited(mut body: Body, limit: usize) -> Result<Bytes, CollectError> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| CollectError::Body(e.to_string()))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(CollectError::TooLarge);
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Decodes `%XX` escapes (and `+` as a space, as in form encoding); `None` for a broken
+/// escape or a result that is not UTF-8.
+pub fn percent_decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'%' => {
+                let hex = [bytes.next()?, bytes.next()?];
+                out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json_error() -> Response<Body> {
+        let mut r = Response::new(full("{}"));
+        *r.status_mut() = StatusCode::UNAUTHORIZED;
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        r
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_in_connection_go() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close, x-private"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert(
+            "proxy-authorization",
+            HeaderValue::from_static("Basic secret"),
+        );
+        h.insert("authorization", HeaderValue::from_static("Bearer t"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("authorization"));
+    }
+
+    #[test]
+    fn head_responses_lose_their_body_only() {
+        let r = head_without_body(&http::Method::HEAD, json_error());
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(r.headers()["content-type"], "application/json");
+        assert!(r.body().is_end_stream());
+        let r = head_without_body(&http::Method::GET, json_error());
+        assert!(!r.body().is_end_stream());
+    }
+}

@@ -1,0 +1,252 @@
+//! The forward-proxy listener (`HTTPS_PROXY`): `CONNECT`, absolute-form `http://` requests,
+//! and the proxy's own endpoints.
+//!
+//! `CONNECT` to a registry or auth host is answered `200`, then TLS is terminated (`tls`)
+//! with a leaf for the CONNECT host and the registry API is served inside. `CONNECT` to any
+//! other host is a blind tunnel (or `403`). Origin-form requests are the proxy's own
+//! endpoints.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use super::tls::{self, Choice};
+use super::{connection, own_endpoints, tunnel, HostKind, Ingress, Listener};
+use crate::http_util::{boxed, empty, text, Body};
+use crate::oci::{Registry, Scheme};
+use crate::registry_api::Target;
+use crate::settings::OtherHosts;
+
+/// Serves one client connection to the proxy listener until it closes or shutdown ends it.
+pub async fn serve_connection(ingress: Arc<Ingress>, stream: TcpStream, peer: SocketAddr) {
+    let this = ingress.clone();
+    let svc = service_fn(move |req| {
+        let ingress = this.clone();
+        async move { Ok::<_, Infallible>(proxy_request(ingress, req, peer).await) }
+    });
+    connection::serve(
+        ingress.limits,
+        &ingress.shutdown,
+        TokioIo::new(stream),
+        svc,
+        true,
+    )
+    .await
+}
+
+async fn proxy_request(
+    ingress: Arc<Ingress>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let proxied = req.method() == Method::CONNECT || req.uri().scheme().is_some();
+    if proxied {
+        if let Some(users) = &ingress.proxy.users {
+            if !users
+                .check(req.headers().get(http::header::PROXY_AUTHORIZATION))
+                .await
+            {
+                tracing::info!(%peer, "proxy authentication required or failed");
+                let mut r = text(
+                    StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+                    "proxy authentication required",
+                );
+                r.headers_mut().insert(
+                    http::header::PROXY_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"stowage\""),
+                );
+                return r;
+            }
+        }
+    }
+    if req.method() == Method::CONNECT {
+        return connect(ingress, req, peer).await;
+    }
+    if req.uri().scheme().is_some() {
+        return absolute_form(ingress, req).await;
+    }
+    if let Some(r) = own_endpoints::serve(&ingress, Listener::Proxy, &req, peer).await {
+        return r;
+    }
+    text(
+        StatusCode::NOT_FOUND,
+        "not found: this is Stowage, a registry proxy. Use it as HTTPS_PROXY; GET /ca.crt for its CA, /healthz for health",
+    )
+}
+
+/// The CONNECT target as an HTTPS origin (normalised by `oci::origin`).
+fn connect_target(req: &Request<Incoming>) -> Option<Registry> {
+    Registry::from_authority(Scheme::Https, req.uri().authority()?.as_str()).ok()
+}
+
+fn loop_refused() -> Response<Body> {
+    text(
+        StatusCode::LOOP_DETECTED,
+        "CONNECT to this proxy's own address is refused",
+    )
+}
+
+async fn connect(
+    ingress: Arc<Ingress>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let Some(target) = connect_target(&req) else {
+        return text(StatusCode::BAD_REQUEST, "CONNECT needs a host:port target");
+    };
+    let port = target.port();
+    if let Some(ip) = target.host().ip() {
+        if ingress.own.contains(&SocketAddr::new(ip, port)) {
+            return loop_refused();
+        }
+    }
+    let host = target.host().as_str().to_owned();
+    match ingress.host_kind(target.host()) {
+        Some(kind) => {
+            let span = tracing::info_span!("tunnel", registry = %target, mode = "tls");
+            let this = ingress.clone();
+            ingress.tasks.spawn(
+                async move {
+                    match hyper::upgrade::on(req).await {
+                        Ok(upgraded) => terminate(this, TokioIo::new(upgraded), target, kind).await,
+                        Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+                    }
+                }
+                .instrument(span),
+            );
+            Response::new(empty())
+        }
+        None if ingress.proxy.other_hosts == OtherHosts::Deny => {
+            tracing::info!(%peer, %host, port, "CONNECT refused: not a registry");
+            text(
+                StatusCode::FORBIDDEN,
+                "this proxy only serves container registries",
+            )
+        }
+        None if !ingress.proxy.tunnel_ports.contains(&port) => {
+            tracing::info!(%peer, %host, port, "CONNECT refused: port not in proxy.tunnel_ports");
+            text(
+                StatusCode::FORBIDDEN,
+                "tunnels to this port are not allowed (proxy.tunnel_ports)",
+            )
+        }
+        None => {
+            // A name (or pin) that leads back to a listener of ours would turn a remote
+            // client into a loopback one, the kind allowed to use /admin.
+            let upstream = &ingress.api.upstream;
+            if let Ok(addrs) = upstream.resolver().resolve(&host, port).await {
+                if addrs.iter().any(|a| ingress.own.contains(a)) {
+                    tracing::info!(%peer, %host, port, "CONNECT refused: resolves to this proxy");
+                    return loop_refused();
+                }
+            }
+            let stream = match upstream.connect_tcp(&host, port).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::info!(%host, port, error = %e, "tunnel connect failed");
+                    return text(StatusCode::BAD_GATEWAY, &e.to_string());
+                }
+            };
+            if stream.peer_addr().is_ok_and(|a| ingress.own.contains(&a)) {
+                tracing::info!(%peer, %host, port, "CONNECT refused: connected to this proxy");
+                return loop_refused();
+            }
+            let span = tracing::info_span!("tunnel", %host, port, mode = "blind");
+            let this = ingress.clone();
+            ingress.tasks.spawn(
+                async move {
+                    match hyper::upgrade::on(req).await {
+                        Ok(upgraded) => {
+                            let (up, down) = tunnel::relay(
+                                TokioIo::new(upgraded),
+                                stream,
+                                this.limits.idle_timeout,
+                                &this.shutdown,
+                            )
+                            .await;
+                            tracing::debug!(bytes_up = up, bytes_down = down, "tunnel closed");
+                        }
+                        Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+                    }
+                }
+                .instrument(span),
+            );
+            Response::new(empty())
+        }
+    }
+}
+
+/// Terminates TLS inside a CONNECT tunnel with a leaf for the CONNECT host (whatever SNI
+/// says) and serves the registry API for `registry`.
+async fn terminate<IO>(ingress: Arc<Ingress>, io: IO, registry: Registry, kind: HostKind)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let host = registry.host().as_str().to_owned();
+    let ca = &ingress.ca;
+    let choose = |sni: Option<String>| async move {
+        if sni.as_deref().is_some_and(|s| s != host) {
+            tracing::debug!(
+                sni,
+                "SNI differs from the CONNECT host; using the CONNECT host"
+            );
+        }
+        match ca.server_config(&host).await {
+            Ok(c) => Choice::Serve(c),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot mint a certificate");
+                Choice::Refuse
+            }
+        }
+    };
+    let Some(tls) = tls::accept(io, ingress.limits.header_timeout, choose).await else {
+        return;
+    };
+    let target = Arc::new(Target {
+        registry,
+        auth_host: kind == HostKind::AuthHost,
+        mirror: false,
+    });
+    ingress.serve_registry(TokioIo::new(tls), target).await
+}
+
+/// Plain-HTTP requests in absolute form (`GET http://host/...`): registries speaking plain
+/// HTTP get the registry path; anything else is forwarded or refused like a tunnel.
+async fn absolute_form(ingress: Arc<Ingress>, req: Request<Incoming>) -> Response<Body> {
+    let uri = req.uri();
+    if uri.scheme_str() != Some("http") {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "only http:// URLs can be proxied in absolute form; use CONNECT for https",
+        );
+    }
+    let Some(registry) = Registry::of_uri(uri) else {
+        return text(StatusCode::BAD_REQUEST, "request URL has no valid host");
+    };
+    let kind = ingress.host_kind(registry.host());
+    if kind.is_none() && ingress.proxy.other_hosts == OtherHosts::Deny {
+        return text(
+            StatusCode::FORBIDDEN,
+            "this proxy only serves container registries",
+        );
+    }
+    // Forwarding to ourselves would loop, and would reach /admin as a loopback client.
+    let resolver = ingress.api.upstream.resolver();
+    if let Some(refused) = ingress.own.check(resolver, &registry).await {
+        return refused;
+    }
+    let target = Arc::new(Target {
+        registry,
+        auth_host: kind != Some(HostKind::Registry),
+        mirror: false,
+    });
+    ingress.api.serve(target, req.map(boxed)).await
+}

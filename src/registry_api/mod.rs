@@ -1,0 +1,493 @@
+//! The registry API: one [`RegistryApi::serve`] per request, given the registry and the way
+//! in ([`Target`]), whichever listener the request came through.
+//!
+//! `serve` classifies the request (`oci::Route`) and picks one path: blobs by digest
+//! ([`blobs`]: disk hit, or a coalesced streaming fill), manifests by digest and by tag
+//! ([`manifests`]: buffered, verified, stored with their media type; tags with a TTL and
+//! `HEAD` revalidation, stale on upstream failure), and everything else forwarded
+//! ([`pass_through`]). Errors become registry JSON in [`errors`].
+//!
+//! Invariant: every cached byte leaves with an `access::Authorized`, which only the access
+//! decision makes; every response gets one outcome, `X-Cache` and one access-log line.
+
+pub mod blobs;
+pub mod errors;
+pub mod manifests;
+pub mod pass_through;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{ACCEPT, ACCEPT_RANGES, CONTENT_RANGE, CONTENT_TYPE, ETAG};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, StreamBody};
+use tokio_util::task::TaskTracker;
+
+use crate::access::{probe, Access, Authorized, Refusal, UpstreamNow};
+use crate::cache::fill::file_stream;
+use crate::cache::{Cache, TagVariant};
+use crate::http_util::{
+    empty, head_without_body, set_len, strip_hop_by_hop, Body, DOCKER_CONTENT_DIGEST, X_CACHE,
+};
+use crate::oci::{Digest, Reference, Registry, RepoKey, RepoName, Route, TagKey};
+use crate::settings::{glob_match, Credentials};
+use crate::telemetry::{CacheStatus, LogLine, Logged, Metrics};
+use crate::upstream::token_auth::{self, credential_id, Answer};
+use crate::upstream::{Upstream, UpstreamError};
+pub use errors::{registry_error, ServeError};
+
+/// The upstream a tunnel (or listener) serves.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// Scheme, host and port: everything cached or granted for this target is keyed by it.
+    pub registry: Registry,
+    /// A registry's auth host (token service): everything is forwarded.
+    pub auth_host: bool,
+    /// Served through the mirror listener: clients bring no upstream credentials, so
+    /// Stowage answers upstream challenges itself (its account, or anonymously).
+    pub mirror: bool,
+}
+impl Target {
+    fn uri(&self, path_and_query: &str) -> Result<Uri, ServeError> {
+        self.registry.uri(path_and_query).map_err(|_| {
+            ServeError::Upstream(crate::upstream::UpstreamError::BadUri(
+                path_and_query.chars().take(100).collect(),
+            ))
+        })
+    }
+
+    /// `repo` of this target's registry.
+    pub fn repo(&self, repo: &RepoName) -> RepoKey {
+        RepoKey::new(self.registry.clone(), repo.clone())
+    }
+}
+
+/// Everything the registry API uses, built once by the composition root.
+pub struct RegistryApi {
+    pub cache: Arc<Cache>,
+    pub upstream: Arc<Upstream>,
+    pub access: Arc<Access>,
+    pub metrics: Arc<Metrics>,
+    pub accounts: Accounts,
+    pub tag_ttl: TagTtl,
+    /// Fills and probes run here, so shutdown waits for them.
+    pub tasks: TaskTracker,
+    /// (repository, manifest digest) → tag rows waiting for that manifest to be stored
+    /// (tags resolved with `HEAD`; see `manifests::remember_tag_head`).
+    pending_tags: moka::sync::Cache<(RepoKey, Digest), Vec<(TagKey, TagVariant)>>,
+}
+
+/// Configured upstream accounts, by the exact registry (scheme, host, port) they are for.
+#[derive(Default)]
+pub struct Accounts {
+    /// Registry → account used for clients without credentials of their own.
+    pub credentials: HashMap<Registry, Credentials>,
+    /// Auth host origin → account added to clients' anonymous token requests.
+    pub inject: HashMap<Registry, Credentials>,
+}
+
+/// How long a tag is fresh: `[[cache.ttl]]` rules first, then the registry's own
+/// `manifest_ttl`, then `[cache] manifest_ttl`. Parsed once from the settings.
+pub struct TagTtl {
+    pub rules: Vec<(Option<Registry>, String, Duration)>,
+    pub per_registry: HashMap<Registry, Duration>,
+    pub default: Duration,
+}
+
+impl TagTtl {
+    pub fn ttl(&self, registry: &Registry, tag: &str) -> Duration {
+        for (r, pattern, ttl) in &self.rules {
+            if r.as_ref().is_none_or(|r| r == registry) && glob_match(pattern, tag) {
+                return *ttl;
+            }
+        }
+        self.per_registry
+            .get(registry)
+            .copied()
+            .unwrap_or(self.default)
+    }
+}
+
+impl RegistryApi {
+    pub fn new(
+        cache: Arc<Cache>,
+        upstream: Arc<Upstream>,
+        access: Arc<Access>,
+        metrics: Arc<Metrics>,
+        accounts: Accounts,
+        tag_ttl: TagTtl,
+        tasks: TaskTracker,
+    ) -> RegistryApi {
+        RegistryApi {
+            cache,
+            upstream,
+            access,
+            metrics,
+            accounts,
+            tag_ttl,
+            tasks,
+            pending_tags: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(manifests::PENDING_TAG_TTL)
+                .build(),
+        }
+    }
+
+    /// How Stowage answers upstream challenges for clients without credentials of their
+    /// own: with the registry's configured account if any; else anonymously for mirror
+    /// clients (who cannot log in upstream), and not at all for proxy clients (they do
+    /// their own token dance).
+    pub fn answer(&self, target: &Target) -> Answer<'_> {
+        match self.accounts.credentials.get(&target.registry) {
+            Some(c) => Answer::With(Some(c)),
+            None if target.mirror => Answer::With(None),
+            None => Answer::No,
+        }
+    }
+
+    /// Serves one registry request for `target`.
+    pub async fn serve(
+        self: &Arc<Self>,
+        target: Arc<Target>,
+        req: Request<Body>,
+    ) -> Response<Body> {
+        let api = self;
+        let started = Instant::now();
+        let route = if target.auth_host {
+            Route::Other
+        } else {
+            Route::classify(req.uri().path())
+        };
+        let method = req.method().clone();
+        let credential = credential_id(req.headers());
+        let path = req.uri().path().to_owned();
+        let (outcome, resp) = match (&route, &method) {
+            (Route::Blob { name, digest }, &Method::GET | &Method::HEAD) => {
+                blobs::blob(api, &target, req, name, digest).await
+            }
+            (
+                Route::Manifest {
+                    name,
+                    reference: Reference::Digest(digest),
+                },
+                &Method::GET | &Method::HEAD,
+            ) => manifests::manifest_by_digest(api, &target, req, name, digest).await,
+            (
+                Route::Manifest {
+                    name,
+                    reference: Reference::Tag(tag),
+                },
+                &Method::GET | &Method::HEAD,
+            ) => manifests::manifest_by_tag(api, &target, req, name, tag).await,
+            _ => pass_through::pass(api, &target, req).await,
+        };
+        let resp = match resp {
+            Ok(r) => {
+                let from_upstream = matches!(outcome, CacheStatus::Miss | CacheStatus::Pass);
+                if from_upstream
+                    && (r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS)
+                {
+                    api.metrics
+                        .upstream_error(&target.registry, r.status().as_str());
+                }
+                r
+            }
+            Err(e) => {
+                tracing::warn!(registry = %target.registry, error = %e, "request failed");
+                let kind = match &e {
+                    ServeError::Upstream(
+                        UpstreamError::Timeout { .. } | UpstreamError::BodyStalled(_),
+                    ) => Some("timeout"),
+                    ServeError::Upstream(UpstreamError::Body(_)) => Some("body"),
+                    ServeError::Upstream(_) => Some("connect"),
+                    ServeError::DigestMismatch => Some("digest"),
+                    _ => None,
+                };
+                if let Some(k) = kind {
+                    api.metrics.upstream_error(&target.registry, k);
+                }
+                e.into_response()
+            }
+        };
+        // Upstream just let this credential read this repository (and, for an object by
+        // digest, showed that it belongs there): remember it, and learn in the background
+        // whether the repository is public. Only a 2xx counts.
+        if let Some(repo) = route.repo() {
+            let asked_upstream = matches!(outcome, CacheStatus::Miss | CacheStatus::Pass);
+            if asked_upstream && resp.status().is_success() {
+                let key = target.repo(repo);
+                match &route {
+                    Route::Blob { digest, .. }
+                    | Route::Manifest {
+                        reference: Reference::Digest(digest),
+                        ..
+                    } => {
+                        api.access
+                            .granted_by_upstream(&key, digest, credential, resp.status());
+                    }
+                    _ => api.access.grant(&key, credential),
+                }
+                if api.access.should_probe(&key) {
+                    spawn_public_probe(api.clone(), target.clone(), key, path);
+                }
+            }
+        }
+        let mut resp = head_without_body(&method, resp);
+        resp.headers_mut()
+            .insert(X_CACHE, HeaderValue::from_static(outcome.as_str()));
+        let line = LogLine {
+            registry: target.registry.clone(),
+            repo: route.repo().map(|r| r.to_string()).unwrap_or_default(),
+            kind: route.kind(),
+            method: method.to_string(),
+            outcome,
+            status: resp.status().as_u16(),
+            started,
+            metrics: api.metrics.clone(),
+        };
+        Logged::wrap(resp, line)
+    }
+}
+
+type Served = (CacheStatus, Result<Response<Body>, ServeError>);
+
+/// Client headers as they go upstream: hop-by-hop removed, `Host` recomputed,
+/// `Authorization` kept.
+fn upstream_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut h = headers.clone();
+    strip_hop_by_hop(&mut h);
+    h.remove(http::header::HOST);
+    h
+}
+
+/// An upstream response passed to the client as it is (hop-by-hop headers aside).
+fn relay(resp: Response<Body>) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, body)
+}
+
+fn path_and_query(req: &Request<Body>) -> &str {
+    req.uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+}
+
+/// A bodiless request upstream on behalf of the client (its credentials, or Stowage's
+/// configured account when it has none).
+async fn upstream_fetch(
+    api: &RegistryApi,
+    target: &Target,
+    method: Method,
+    pq: &str,
+    headers: &HeaderMap,
+    follow: bool,
+) -> Result<Response<Body>, ServeError> {
+    let uri = target.uri(pq)?;
+    let answer = api.answer(target);
+    let fetched = token_auth::fetch(
+        &api.upstream,
+        method,
+        uri,
+        upstream_headers(headers),
+        answer,
+        follow,
+    )
+    .await?;
+    Ok(fetched.response)
+}
+
+/// A request that is answered upstream without filling the cache. `GET` follows storage
+/// redirects itself; `HEAD` is relayed as it is (storage URLs are often signed for GET only).
+async fn fetch_uncached(api: &RegistryApi, target: &Target, req: Request<Body>) -> Served {
+    let method = req.method().clone();
+    let follow = method != Method::HEAD;
+    let r = upstream_fetch(
+        api,
+        target,
+        method,
+        path_and_query(&req),
+        req.headers(),
+        follow,
+    )
+    .await;
+    (CacheStatus::Miss, r.map(relay))
+}
+
+/// What kind of object a cached digest is served as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Object {
+    Blob,
+    Manifest,
+}
+
+/// The access decision (see `access`) for cached `digest` under `repo`: an
+/// [`Authorized`] to serve it with, or the refusal to send instead. `object_path` is the
+/// object's own path (`/v2/<repo>/blobs/<digest>` or `.../manifests/<digest>`): asking
+/// upstream for it proves both that the client may read the repository and that the
+/// object belongs there. `len` is the stored object's size, when known.
+#[allow(clippy::too_many_arguments)]
+async fn authorize(
+    api: &RegistryApi,
+    target: &Target,
+    repo: &RepoName,
+    digest: &Digest,
+    object: Object,
+    headers: &HeaderMap,
+    now: UpstreamNow,
+    len: Option<u64>,
+) -> Result<Authorized, Response<Body>> {
+    let key = target.repo(repo);
+    let (object_path, headers) = match object {
+        Object::Blob => (format!("/v2/{repo}/blobs/{digest}"), headers.clone()),
+        Object::Manifest => {
+            let mut h = headers.clone();
+            if !h.contains_key(ACCEPT) {
+                h.insert(ACCEPT, HeaderValue::from_static(probe::PROBE_ACCEPT));
+            }
+            (format!("/v2/{repo}/manifests/{digest}"), h)
+        }
+    };
+    let credential = credential_id(&headers);
+    let upstream_view = upstream_headers(&headers);
+    let answer = api.answer(target);
+    let ask = Box::pin(probe::ask(
+        &api.upstream,
+        &target.registry,
+        answer,
+        &object_path,
+        upstream_view,
+        len,
+    ));
+    api.access
+        .authorize(&key, digest, credential, now, ask)
+        .await
+        .map_err(|refusal| match refusal {
+            Refusal::Upstream { status, headers } => errors::refusal_response(status, &headers),
+            Refusal::Unavailable(why) => {
+                registry_error(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", why)
+            }
+        })
+}
+
+/// Serves verified content from disk: whole, a range, or just the headers for `HEAD`.
+fn serve_stored(
+    authorized: Authorized,
+    file: std::fs::File,
+    len: u64,
+    content_type: &str,
+    method: &Method,
+    range: Option<&HeaderValue>,
+) -> Result<Response<Body>, ServeError> {
+    let (status, start, end) = match parse_range(range, len) {
+        None => (StatusCode::OK, 0, len),
+        Some(Ok((s, e))) => (StatusCode::PARTIAL_CONTENT, s, e),
+        Some(Err(e)) => return Err(e),
+    };
+    let body = if method == Method::HEAD {
+        empty()
+    } else {
+        StreamBody::new(file_stream(Arc::new(file), start, end)).boxed_unsync()
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    blob_headers(h, authorized.digest());
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_str(content_type)
+            .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
+    set_len(h, end - start);
+    if status == StatusCode::PARTIAL_CONTENT {
+        h.insert(
+            CONTENT_RANGE,
+            HeaderValue::from_str(&format!("bytes {}-{}/{}", start, end - 1, len)).expect("ascii"),
+        );
+    }
+    Ok(resp)
+}
+
+fn blob_headers(headers: &mut HeaderMap, digest: &Digest) {
+    let d = HeaderValue::from_str(&digest.to_string()).expect("digest is ascii");
+    headers.insert(DOCKER_CONTENT_DIGEST, d.clone());
+    headers.insert(
+        ETAG,
+        HeaderValue::from_str(&format!("\"{digest}\"")).expect("ascii"),
+    );
+    headers.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+}
+
+/// A single byte range, as `start..end` (end exclusive), from a `Range` header.
+/// `None`: no usable range (absent, multi-range or malformed: serve the whole body, as
+/// RFC 9110 allows). `Some(Err)`: a well-formed range that lies outside the content.
+pub fn parse_range(
+    header: Option<&HeaderValue>,
+    len: u64,
+) -> Option<Result<(u64, u64), ServeError>> {
+    let spec = header?.to_str().ok()?.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (a, b) = (a.trim(), b.trim());
+    let unsatisfiable = Some(Err(ServeError::RangeNotSatisfiable { len }));
+    if a.is_empty() {
+        let n: u64 = b.parse().ok()?;
+        if n == 0 || len == 0 {
+            return unsatisfiable;
+        }
+        return Some(Ok((len.saturating_sub(n), len)));
+    }
+    let start: u64 = a.parse().ok()?;
+    let end = if b.is_empty() {
+        len.saturating_sub(1)
+    } else {
+        b.parse::<u64>().ok()?.min(len.saturating_sub(1))
+    };
+    if !b.is_empty() && b.parse::<u64>().ok()? < start {
+        return None;
+    }
+    if start >= len {
+        return unsatisfiable;
+    }
+    Some(Ok((start, end + 1)))
+}
+
+/// Learns, without credentials, whether upstream serves `repo_key` to anyone.
+fn spawn_public_probe(api: Arc<RegistryApi>, target: Arc<Target>, key: RepoKey, path: String) {
+    let tasks = api.tasks.clone();
+    tasks.spawn(async move {
+        if let Some(status) = probe::anonymous(&api.upstream, &target.registry, &path).await {
+            api.access.record_probe(&key, status);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(h: &str, len: u64) -> Option<Result<(u64, u64), ()>> {
+        parse_range(Some(&HeaderValue::from_str(h).unwrap()), len).map(|r| r.map_err(|_| ()))
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(r("bytes=100-199", 1000), Some(Ok((100, 200))));
+        assert_eq!(r("bytes=900-", 1000), Some(Ok((900, 1000))));
+        assert_eq!(r("bytes=-10", 1000), Some(Ok((990, 1000))));
+        assert_eq!(r("bytes=-5000", 1000), Some(Ok((0, 1000))));
+        assert_eq!(r("bytes=990-5000", 1000), Some(Ok((990, 1000))));
+        assert_eq!(r("bytes=1000-", 1000), Some(Err(())));
+        assert_eq!(r("bytes=18446744073709551615-", 1000), Some(Err(())));
+        assert_eq!(r("bytes=-0", 1000), Some(Err(())));
+        assert_eq!(r("bytes=5-1", 1000), None);
+        assert_eq!(r("bytes=0-1,5-6", 1000), None);
+        assert_eq!(r("items=0-1", 1000), None);
+        assert_eq!(r("bytes=abc", 1000), None);
+        assert_eq!(r("bytes=99999999999999999999999-", 1000), None);
+    }
+}

@@ -1,0 +1,43 @@
+//! Everything that is not a blob or manifest by digest or tag (`/v2/`, tags lists,
+//! referrers, uploads, token endpoints on auth hosts): forwarded unchanged, with the
+//! configured account answering challenges for clients that bring none.
+
+use http::header::{AUTHORIZATION, CONTENT_LENGTH};
+use http::{Method, Request};
+
+use super::{path_and_query, relay, upstream_fetch, upstream_headers, RegistryApi, Served, Target};
+use crate::http_util::Body;
+use crate::telemetry::CacheStatus;
+
+pub(super) async fn pass(api: &RegistryApi, target: &Target, req: Request<Body>) -> Served {
+    let pq = path_and_query(&req).to_owned();
+    let bodiless = matches!(*req.method(), Method::GET | Method::HEAD)
+        && !req.headers().contains_key(CONTENT_LENGTH);
+    let answers = target.mirror || api.accounts.credentials.contains_key(&target.registry);
+    if bodiless && !target.auth_host && answers && !req.headers().contains_key(AUTHORIZATION) {
+        // Answer the challenge with the configured account (the `/v2/` ping included), so
+        // anonymous clients pull as that account.
+        let r = upstream_fetch(api, target, req.method().clone(), &pq, req.headers(), false).await;
+        return (CacheStatus::Pass, r.map(relay));
+    }
+    let uri = match target.uri(&pq) {
+        Ok(u) => u,
+        Err(e) => return (CacheStatus::Pass, Err(e)),
+    };
+    let (parts, body) = req.into_parts();
+    let mut up = Request::builder()
+        .method(parts.method)
+        .uri(uri)
+        .body(body)
+        .expect("valid parts");
+    *up.headers_mut() = upstream_headers(&parts.headers);
+    if target.auth_host && !up.headers().contains_key(AUTHORIZATION) {
+        if let Some(c) = api.accounts.inject.get(&target.registry) {
+            up.headers_mut().insert(AUTHORIZATION, c.basic());
+        }
+    }
+    match api.upstream.send(up).await {
+        Ok(resp) => (CacheStatus::Pass, Ok(relay(resp))),
+        Err(e) => (CacheStatus::Pass, Err(e.into())),
+    }
+}

@@ -1,0 +1,8 @@
+//! Metrics and logs: the Prometheus registry ([`metrics`]) and the per-request outcome and
+//! access-log line ([`access_log`]). Secrets never reach either.
+
+pub mod access_log;
+pub mod metrics;
+
+pub use access_log::{CacheStatus, LogLine, Logged};
+pub use metrics::Metrics;
