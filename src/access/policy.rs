@@ -28,15 +28,8 @@ use http::{HeaderMap, StatusCode};
 
 use crate::cache::BlobStore;
 use crate::oci::{Digest, RepoKey};
+use crate::clock::now_ms;
 use crate::settings::AuthCheck;
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// Proof that one object may go to the client that asked. The serving functions take it;
 /// nothing outside this module can make one.
