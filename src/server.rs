@@ -28,7 +28,7 @@ use crate::ingress::{
     ProxySettings,
 };
 use crate::oci::Registry;
-use crate::registry_api::{Accounts, RegistryApi, TagTtl};
+use crate::registry_api::{Accounts, RegistryApi};
 use crate::settings::{self, AuthCheck, BackendKind, Config, ConfigError};
 use crate::telemetry::Metrics;
 use crate::upstream::Upstream;
@@ -120,30 +120,6 @@ fn catalog_and_accounts(
     Ok((hosts, accounts))
 }
 
-/// The tag TTL rules, parsed once.
-fn tag_ttl(config: &Config) -> TagTtl {
-    TagTtl {
-        rules: config
-            .cache
-            .ttl
-            .iter()
-            .map(|rule| {
-                let registry = rule
-                    .registry
-                    .as_deref()
-                    .map(|r| r.parse::<Registry>().expect("validated ttl registry"));
-                (registry, rule.tag.clone(), rule.ttl.0)
-            })
-            .collect(),
-        per_registry: config
-            .registry
-            .iter()
-            .filter_map(|r| r.manifest_ttl.map(|t| (r.registry(), t.0)))
-            .collect(),
-        default: config.cache.manifest_ttl.0,
-    }
-}
-
 impl Server {
     pub async fn bind(config: Config) -> Result<Server, Error> {
         // aws-lc seeds its random generator from CPU jitter on first use: ~100 ms that the
@@ -209,7 +185,7 @@ impl Server {
             access,
             metrics,
             accounts,
-            tag_ttl(&config),
+            config.tag_ttls(),
             tasks.clone(),
         ));
 

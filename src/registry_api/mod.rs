@@ -17,7 +17,7 @@ pub mod pass_through;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http::header::{ACCEPT, ACCEPT_RANGES, CONTENT_RANGE, CONTENT_TYPE, ETAG};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
@@ -31,7 +31,8 @@ use crate::http_util::{
     empty, head_without_body, set_len, strip_hop_by_hop, Body, DOCKER_CONTENT_DIGEST, X_CACHE,
 };
 use crate::oci::{Digest, Reference, Registry, RepoKey, RepoName, Route, TagKey};
-use crate::settings::{glob_match, Credentials};
+use crate::settings::Credentials;
+pub use crate::settings::TagTtl;
 use crate::telemetry::{CacheStatus, LogLine, Logged, Metrics};
 use crate::upstream::token_auth::{self, credential_id, Answer};
 use crate::upstream::{Upstream, UpstreamError};
@@ -85,28 +86,6 @@ pub struct Accounts {
     pub credentials: HashMap<Registry, Credentials>,
     /// Auth host origin → account added to clients' anonymous token requests.
     pub inject: HashMap<Registry, Credentials>,
-}
-
-/// How long a tag is fresh: `[[cache.ttl]]` rules first, then the registry's own
-/// `manifest_ttl`, then `[cache] manifest_ttl`. Parsed once from the settings.
-pub struct TagTtl {
-    pub rules: Vec<(Option<Registry>, String, Duration)>,
-    pub per_registry: HashMap<Registry, Duration>,
-    pub default: Duration,
-}
-
-impl TagTtl {
-    pub fn ttl(&self, registry: &Registry, tag: &str) -> Duration {
-        for (r, pattern, ttl) in &self.rules {
-            if r.as_ref().is_none_or(|r| r == registry) && glob_match(pattern, tag) {
-                return *ttl;
-            }
-        }
-        self.per_registry
-            .get(registry)
-            .copied()
-            .unwrap_or(self.default)
-    }
 }
 
 impl RegistryApi {

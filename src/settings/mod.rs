@@ -834,24 +834,51 @@ impl Config {
         all
     }
 
-    /// The tag TTL for `registry`/`tag`: first matching `[[cache.ttl]]` rule, else the
-    /// registry's own `manifest_ttl`, else `[cache] manifest_ttl`.
-    pub fn tag_ttl(&self, registry: &Registry, tag: &str) -> Duration {
-        for rule in &self.cache.ttl {
-            let applies = match rule.registry.as_deref() {
-                None => true,
-                Some(r) => r.parse::<Registry>().is_ok_and(|r| &r == registry),
-            };
-            if applies && glob_match(&rule.tag, tag) {
-                return rule.ttl.0;
+    /// The tag TTL rules, parsed once (validated: every rule's registry parses).
+    pub fn tag_ttls(&self) -> TagTtl {
+        TagTtl {
+            rules: self
+                .cache
+                .ttl
+                .iter()
+                .map(|rule| {
+                    let registry = rule
+                        .registry
+                        .as_deref()
+                        .map(|r| r.parse::<Registry>().expect("validated ttl registry"));
+                    (registry, rule.tag.clone(), rule.ttl.0)
+                })
+                .collect(),
+            per_registry: self
+                .registry
+                .iter()
+                .filter_map(|r| r.manifest_ttl.map(|t| (r.registry(), t.0)))
+                .collect(),
+            default: self.cache.manifest_ttl.0,
+        }
+    }
+}
+
+/// How long a tag is fresh: the first matching `[[cache.ttl]]` rule, else the registry's
+/// own `manifest_ttl`, else `[cache] manifest_ttl`.
+#[derive(Clone, Debug)]
+pub struct TagTtl {
+    pub rules: Vec<(Option<Registry>, String, Duration)>,
+    pub per_registry: std::collections::HashMap<Registry, Duration>,
+    pub default: Duration,
+}
+
+impl TagTtl {
+    pub fn ttl(&self, registry: &Registry, tag: &str) -> Duration {
+        for (r, pattern, ttl) in &self.rules {
+            if r.as_ref().is_none_or(|r| r == registry) && glob_match(pattern, tag) {
+                return *ttl;
             }
         }
-        self.registry
-            .iter()
-            .find(|r| &r.registry() == registry)
-            .and_then(|r| r.manifest_ttl)
-            .map(|t| t.0)
-            .unwrap_or(self.cache.manifest_ttl.0)
+        self.per_registry
+            .get(registry)
+            .copied()
+            .unwrap_or(self.default)
     }
 }
 
@@ -1111,17 +1138,18 @@ mod tests {
         )
         .unwrap();
         let r = |s: &str| s.parse::<Registry>().unwrap();
+        let c_ttl = c.tag_ttls();
         assert_eq!(
-            c.tag_ttl(&r("ghcr.io"), "v1.2"),
+            c_ttl.ttl(&r("ghcr.io"), "v1.2"),
             Duration::from_secs(7 * 86400)
         );
-        assert_eq!(c.tag_ttl(&r("gcr.io"), "latest"), Duration::from_secs(60));
+        assert_eq!(c_ttl.ttl(&r("gcr.io"), "latest"), Duration::from_secs(60));
         assert_eq!(
-            c.tag_ttl(&r("gcr.io:5000"), "latest"),
+            c_ttl.ttl(&r("gcr.io:5000"), "latest"),
             Duration::from_secs(300)
         );
-        assert_eq!(c.tag_ttl(&r("quay.io"), "latest"), Duration::from_secs(30));
-        assert_eq!(c.tag_ttl(&r("ghcr.io"), "latest"), Duration::from_secs(300));
+        assert_eq!(c_ttl.ttl(&r("quay.io"), "latest"), Duration::from_secs(30));
+        assert_eq!(c_ttl.ttl(&r("ghcr.io"), "latest"), Duration::from_secs(300));
         // A configured built-in keeps its auth hosts.
         let c = Config::from_toml_str(
             "[[registry]]\nhost = \"registry-1.docker.io\"\nmanifest_ttl = \"1m\"\n",
