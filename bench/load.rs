@@ -10,7 +10,6 @@
 //! Bounded in count and time; stops by itself; never leaves loopback.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

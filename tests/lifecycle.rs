@@ -666,7 +666,7 @@ async fn a_full_disk_still_delivers_and_caching_resumes() {
     let p = inst.start();
     let s = Session::login(&p.client, "quay.io", quay.port(), "team/app", Alpn::Http11).await;
     let free = || {
-        let st = rustix::fs::statvfs(&inst.cache()).unwrap();
+        let st = rustix::fs::statvfs(inst.cache()).unwrap();
         st.f_bavail * st.f_frsize
     };
     // Larger than the free space: passed through whole, not cut off half-way.

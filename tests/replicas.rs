@@ -1246,7 +1246,7 @@ async fn ipv6_blackhole(port: u16) -> Option<(tokio::net::TcpListener, Vec<TcpSt
         }
     }
     let probe = tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await;
-    matches!(probe, Err(_)).then_some((listener, held))
+    probe.is_err().then_some((listener, held))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

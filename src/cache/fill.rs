@@ -72,6 +72,9 @@ pub struct Fills {
     inflight: Mutex<HashMap<Digest, Arc<Fill>>>,
 }
 
+/// Returned once per miss and matched at once: boxing the leader would cost an allocation
+/// per fill for nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Join {
     /// The content is already stored.
     Stored,

@@ -41,7 +41,7 @@ pub const MAX_TAG_VARIANTS: usize = 16;
 /// What a tag pointed to, for one `Accept` variant, when last fetched or revalidated.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TagVariant {
-    /// The client's `Accept` list, normalised (see `registry::accept_key`).
+    /// The client's `Accept` list, normalised (see `registry_api::manifests::accept_key`).
     pub accept: String,
     pub digest: Digest,
     pub media_type: String,
