@@ -81,6 +81,9 @@ pub enum UpstreamNow {
 
 pub struct Access {
     store: Arc<BlobStore>,
+    /// Memberships already found in the store: a fact that stays true (upstream served
+    /// this digest here), so a hit needs no metadata read for it.
+    known_members: moka::sync::Cache<(RepoKey, Digest), ()>,
     recent: moka::sync::Cache<(RepoKey, [u8; 32]), ()>,
     probed: moka::sync::Cache<RepoKey, ()>,
     public_ttl: Duration,
@@ -98,6 +101,7 @@ impl Access {
     ) -> Access {
         Access {
             store,
+            known_members: moka::sync::Cache::builder().max_capacity(100_000).build(),
             recent: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(auth_ttl)
@@ -135,10 +139,7 @@ impl Access {
         if self.check == AuthCheck::None {
             return yes();
         }
-        let member = self.store.is_member(repo, digest).unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "membership lookup failed; asking upstream");
-            false
-        });
+        let member = self.is_member(repo, digest);
         let public_since = if member {
             self.store.public_since(repo).unwrap_or(None)
         } else {
@@ -225,9 +226,29 @@ impl Access {
         self.recent.insert((repo.clone(), credential), ());
     }
 
+    fn is_member(&self, repo: &RepoKey, digest: &Digest) -> bool {
+        let key = (repo.clone(), digest.clone());
+        if self.known_members.contains_key(&key) {
+            return true;
+        }
+        let member = self.store.is_member(repo, digest).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "membership lookup failed; asking upstream");
+            false
+        });
+        if member {
+            self.known_members.insert(key, ());
+        }
+        member
+    }
+
     fn remember_member(&self, repo: &RepoKey, digest: &Digest) {
-        if let Err(e) = self.store.add_member(repo, digest) {
-            tracing::warn!(error = %e, "repository membership not recorded");
+        let key = (repo.clone(), digest.clone());
+        if self.known_members.contains_key(&key) {
+            return;
+        }
+        match self.store.add_member(repo, digest) {
+            Ok(()) => self.known_members.insert(key, ()),
+            Err(e) => tracing::warn!(error = %e, "repository membership not recorded"),
         }
     }
 

@@ -184,7 +184,10 @@ impl BlobStore {
             return Ok(());
         }
         let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
-        let txn = self.meta.begin_write().map_err(|e| m(&e))?;
+        let mut txn = self.meta.begin_write().map_err(|e| m(&e))?;
+        // No fsync of its own (it runs on a request's path): a crash may lose this row, which
+        // costs one upstream HEAD later; it is made durable with the next durable commit.
+        txn.set_durability(redb::Durability::Eventual);
         {
             let mut table = txn.open_multimap_table(MEMBERS).map_err(|e| m(&e))?;
             table
