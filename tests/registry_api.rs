@@ -1,2 +1,1994 @@
-#[test]
-fn stub() {}
+//! The registry API in-process (issue 13, item 6): `RegistryApi::serve` driven against a
+//! fake upstream behind `upstream::Transport`, with no sockets, TLS or listeners.
+//!
+//! Each case builds a fresh API over a temporary cache and a [`Fake`] that holds any number
+//! of registries keyed by their whole identity (scheme, host, port), so two registries under
+//! one name on two ports, or over `http://` and `https://`, differ. The fake records every
+//! request it answers; cases assert the exact upstream traffic (`"HEAD blob team/private anon
+//! 401"`), statuses, headers and bytes for the request-path rules: who may read cached
+//! content, tag freshness and revalidation, stale answers while upstream fails, offline
+//! mode, and upstream errors. Every request is followed by [`Harness::settle`], which waits
+//! for the background work it started (fills, the public-repository probe), so the recorded
+//! traffic is deterministic.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, HOST, LOCATION,
+    RETRY_AFTER, WARNING, WWW_AUTHENTICATE,
+};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+
+use stowage::access::Access;
+use stowage::cache::{BlobStore, Cache, Limits};
+use stowage::http_util::{empty, full, Body, BoxError};
+use stowage::oci::{Algorithm, Digest, Registry, RepoKey, TagKey};
+use stowage::registry_api::{Accounts, RegistryApi, TagTtl, Target};
+use stowage::settings::{AuthCheck, Credentials, UpstreamConfig};
+use stowage::telemetry::Metrics;
+use stowage::upstream::{Transport, Upstream};
+
+/// `Basic alice:secret`: the one credential private repositories accept.
+const ALICE: &str = "Basic YWxpY2U6c2VjcmV0";
+/// `Basic bob:wrong`: a credential upstream refuses.
+const BOB: &str = "Basic Ym9iOndyb25n";
+/// `Basic carol:x`: public repositories serve it (they ignore credentials); nothing grants it.
+const CAROL: &str = "Basic Y2Fyb2w6eA==";
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+/// Where SSO-protected repositories send anonymous clients.
+const LOGIN_HOST: &str = "login.example.com";
+const LOGIN_PAGE: &str = "<html><body>Sign in to continue</body></html>";
+
+fn reg(s: &str) -> Registry {
+    s.parse().expect("registry")
+}
+
+fn repo_key(s: &str) -> RepoKey {
+    s.parse().expect("registry/repository")
+}
+
+fn tag_key(s: &str) -> TagKey {
+    s.parse().expect("registry/repository:tag")
+}
+
+fn sha256(bytes: &[u8]) -> Digest {
+    Digest::from_bytes(
+        Algorithm::Sha256,
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes).as_ref(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// The fake upstream
+// ---------------------------------------------------------------------------------------
+
+/// What a request to the fake addressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Base,
+    Manifest,
+    Blob,
+    /// The SSO login page at [`LOGIN_HOST`].
+    Login,
+    Other,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Base => "base",
+            Kind::Manifest => "manifest",
+            Kind::Blob => "blob",
+            Kind::Login => "login",
+            Kind::Other => "other",
+        }
+    }
+}
+
+/// Who may read a fake repository.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Visibility {
+    /// Anyone, whatever credentials they send.
+    Public,
+    /// Alice only; anyone else gets `401` with a Basic challenge.
+    Private,
+    /// Alice only; anonymous requests get a `302` to a login page (an SSO front end),
+    /// other credentials `401`.
+    Sso,
+}
+
+/// A registry that is failing: every request to it gets this.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    Status(u16),
+    /// The connection fails (the transport returns an error).
+    Unreachable,
+}
+
+/// One request the fake answered.
+#[derive(Clone, Debug)]
+struct Seen {
+    registry: Registry,
+    method: Method,
+    kind: Kind,
+    repo: String,
+    authorization: Option<String>,
+    /// `None`: the transport failed.
+    status: Option<u16>,
+}
+
+impl Seen {
+    /// `"HEAD blob team/private anon 401"`.
+    fn summary(&self) -> String {
+        let who = match self.authorization.as_deref() {
+            None => "anon",
+            Some(ALICE) => "alice",
+            Some(BOB) => "bob",
+            Some(CAROL) => "carol",
+            Some(_) => "other",
+        };
+        let status = self
+            .status
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "err".into());
+        let repo = if self.repo.is_empty() {
+            "-"
+        } else {
+            &self.repo
+        };
+        format!(
+            "{} {} {repo} {who} {status}",
+            self.method,
+            self.kind.as_str()
+        )
+    }
+}
+
+struct FakeRepo {
+    visibility: Visibility,
+    /// Tag → manifest digests, one per media type (the `Accept` header picks one).
+    tags: HashMap<String, Vec<Digest>>,
+    /// Digest → (media type, bytes). The bytes need not hash to the digest.
+    manifests: HashMap<Digest, (String, Bytes)>,
+    /// Digest → bytes, for this repository only. The bytes need not hash to the digest.
+    blobs: HashMap<Digest, Bytes>,
+}
+
+#[derive(Default)]
+struct FakeRegistry {
+    repos: HashMap<String, FakeRepo>,
+    failure: Option<Failure>,
+}
+
+#[derive(Default)]
+struct State {
+    registries: HashMap<Registry, FakeRegistry>,
+    seen: Vec<Seen>,
+    /// When set, blob bodies send their first chunk, then wait for this to turn true.
+    hold: Option<watch::Receiver<bool>>,
+}
+
+/// An in-process upstream: any number of registries, each a map of repositories.
+#[derive(Clone, Default)]
+struct Fake(Arc<Mutex<State>>);
+
+fn registry_json(status: StatusCode, code: &str) -> Response<Body> {
+    let body = format!(r#"{{"errors":[{{"code":"{code}","message":"fake"}}]}}"#);
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// `/v2/<name>/blobs/<ref>` etc., as the fake understands them.
+fn split_path(path: &str) -> (Kind, String, String) {
+    let Some(rest) = path.strip_prefix("/v2/") else {
+        return (Kind::Other, String::new(), String::new());
+    };
+    if rest.is_empty() {
+        return (Kind::Base, String::new(), String::new());
+    }
+    for (marker, kind) in [("/blobs/", Kind::Blob), ("/manifests/", Kind::Manifest)] {
+        if let Some((name, reference)) = rest.rsplit_once(marker) {
+            return (kind, name.to_owned(), reference.to_owned());
+        }
+    }
+    (Kind::Other, String::new(), String::new())
+}
+
+impl Fake {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.0.lock().expect("fake lock")
+    }
+
+    /// Creates (or changes the visibility of) `repo` on `registry`.
+    fn repo(&self, registry: &str, repo: &str, visibility: Visibility) {
+        let mut st = self.state();
+        let r = st.registries.entry(reg(registry)).or_default();
+        r.repos
+            .entry(repo.to_owned())
+            .or_insert_with(|| FakeRepo {
+                visibility,
+                tags: HashMap::new(),
+                manifests: HashMap::new(),
+                blobs: HashMap::new(),
+            })
+            .visibility = visibility;
+    }
+
+    fn with_repo<T>(&self, registry: &str, repo: &str, f: impl FnOnce(&mut FakeRepo) -> T) -> T {
+        let mut st = self.state();
+        let r = st
+            .registries
+            .get_mut(&reg(registry))
+            .and_then(|r| r.repos.get_mut(repo))
+            .unwrap_or_else(|| panic!("create {registry}/{repo} first"));
+        f(r)
+    }
+
+    /// Pushes a blob; returns its digest.
+    fn blob(&self, registry: &str, repo: &str, bytes: &[u8]) -> Digest {
+        let d = sha256(bytes);
+        self.blob_as(registry, repo, &d, bytes);
+        d
+    }
+
+    /// Puts `bytes` under `digest`, whether or not they hash to it.
+    fn blob_as(&self, registry: &str, repo: &str, digest: &Digest, bytes: &[u8]) {
+        self.with_repo(registry, repo, |r| {
+            r.blobs
+                .insert(digest.clone(), Bytes::copy_from_slice(bytes))
+        });
+    }
+
+    /// Pushes a manifest (and points `tag` at it for its media type); returns its digest.
+    fn manifest(
+        &self,
+        registry: &str,
+        repo: &str,
+        tag: Option<&str>,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Digest {
+        let d = sha256(bytes);
+        self.manifest_as(registry, repo, tag, &d, media_type, bytes);
+        d
+    }
+
+    /// Puts a manifest under `digest`, whether or not its bytes hash to it.
+    fn manifest_as(
+        &self,
+        registry: &str,
+        repo: &str,
+        tag: Option<&str>,
+        digest: &Digest,
+        media_type: &str,
+        bytes: &[u8],
+    ) {
+        self.with_repo(registry, repo, |r| {
+            r.manifests.insert(
+                digest.clone(),
+                (media_type.to_owned(), Bytes::copy_from_slice(bytes)),
+            );
+            if let Some(tag) = tag {
+                let variants = r.tags.entry(tag.to_owned()).or_default();
+                let manifests = &r.manifests;
+                variants.retain(|v| manifests.get(v).is_none_or(|(m, _)| m != media_type));
+                variants.push(digest.clone());
+            }
+        });
+    }
+
+    fn untag(&self, registry: &str, repo: &str, tag: &str) {
+        self.with_repo(registry, repo, |r| r.tags.remove(tag));
+    }
+
+    /// A one-layer image: its layer blob, and a manifest naming it, tagged `tag`.
+    fn image(&self, registry: &str, repo: &str, tag: &str, seed: &str) -> Image {
+        let layer = Bytes::from(format!("layer of {seed} at {registry}/{repo}\n").repeat(40));
+        let layer_digest = self.blob(registry, repo, &layer);
+        let manifest = Bytes::from(format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer_digest}","size":{}}}],"annotations":{{"seed":"{seed}"}}}}"#,
+            layer.len()
+        ));
+        let digest = self.manifest(registry, repo, Some(tag), OCI_MANIFEST, &manifest);
+        Image {
+            manifest,
+            digest,
+            layer,
+            layer_digest,
+        }
+    }
+
+    fn fail(&self, registry: &str, failure: Option<Failure>) {
+        self.state()
+            .registries
+            .entry(reg(registry))
+            .or_default()
+            .failure = failure;
+    }
+
+    /// Makes blob bodies wait after their first chunk until the returned sender says `true`.
+    fn hold_blobs(&self) -> watch::Sender<bool> {
+        let (tx, rx) = watch::channel(false);
+        self.state().hold = Some(rx);
+        tx
+    }
+
+    /// A position in the request log, for [`Fake::since`].
+    fn mark(&self) -> usize {
+        self.state().seen.len()
+    }
+
+    /// Requests answered since `mark`, as summaries (every registry).
+    fn since(&self, mark: usize) -> Vec<String> {
+        self.state().seen[mark..]
+            .iter()
+            .map(Seen::summary)
+            .collect()
+    }
+
+    /// Requests to `registry` since `mark`, as summaries.
+    fn since_at(&self, mark: usize, registry: &str) -> Vec<String> {
+        let r = reg(registry);
+        self.state().seen[mark..]
+            .iter()
+            .filter(|s| s.registry == r)
+            .map(Seen::summary)
+            .collect()
+    }
+
+    fn answer(&self, req: &Request<Body>) -> Result<Response<Body>, BoxError> {
+        let mut st = self.state();
+        let registry = Registry::of_uri(req.uri()).ok_or("the fake needs absolute URIs")?;
+        let (mut kind, repo, reference) = split_path(req.uri().path());
+        if registry.host().as_str() == LOGIN_HOST {
+            kind = Kind::Login;
+        }
+        let authorization = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let result = st.respond(
+            &registry,
+            req.method(),
+            kind,
+            &repo,
+            &reference,
+            authorization.as_deref(),
+            req.headers(),
+        );
+        st.seen.push(Seen {
+            registry,
+            method: req.method().clone(),
+            kind,
+            repo,
+            authorization,
+            status: result.as_ref().ok().map(|r| r.status().as_u16()),
+        });
+        result
+    }
+}
+
+impl State {
+    #[allow(clippy::too_many_arguments)]
+    fn respond(
+        &self,
+        registry: &Registry,
+        method: &Method,
+        kind: Kind,
+        repo: &str,
+        reference: &str,
+        authorization: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Result<Response<Body>, BoxError> {
+        let head = method == Method::HEAD;
+        let content = |status: StatusCode, media_type: &str, bytes: Bytes, body: Body| {
+            let mut r = Response::new(if head { empty() } else { body });
+            *r.status_mut() = status;
+            let h = r.headers_mut();
+            h.insert(CONTENT_TYPE, HeaderValue::from_str(media_type).unwrap());
+            h.insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+            r
+        };
+        if kind == Kind::Login {
+            let page = Bytes::from_static(LOGIN_PAGE.as_bytes());
+            return Ok(content(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                page.clone(),
+                full(page),
+            ));
+        }
+        let Some(fake) = self.registries.get(registry) else {
+            return Err(format!("{registry}: no such host").into());
+        };
+        match fake.failure {
+            Some(Failure::Unreachable) => return Err("connection refused".into()),
+            Some(Failure::Status(s)) => {
+                let status = StatusCode::from_u16(s).unwrap();
+                let mut r = registry_json(status, "UNAVAILABLE");
+                if s == 429 {
+                    r.headers_mut()
+                        .insert(RETRY_AFTER, HeaderValue::from_static("7"));
+                }
+                return Ok(r);
+            }
+            None => {}
+        }
+        match kind {
+            Kind::Base => return Ok(registry_json(StatusCode::OK, "NONE")),
+            Kind::Other | Kind::Login => {
+                return Ok(registry_json(StatusCode::NOT_FOUND, "UNSUPPORTED"))
+            }
+            Kind::Manifest | Kind::Blob => {}
+        }
+        let Some(r) = fake.repos.get(repo) else {
+            return Ok(registry_json(StatusCode::NOT_FOUND, "NAME_UNKNOWN"));
+        };
+        match (r.visibility, authorization) {
+            (Visibility::Public, _) => {}
+            (Visibility::Private | Visibility::Sso, Some(ALICE)) => {}
+            (Visibility::Sso, None) => {
+                let mut resp = Response::new(empty());
+                *resp.status_mut() = StatusCode::FOUND;
+                resp.headers_mut().insert(
+                    LOCATION,
+                    HeaderValue::from_str(&format!("https://{LOGIN_HOST}/sso?from={repo}"))
+                        .unwrap(),
+                );
+                return Ok(resp);
+            }
+            _ => {
+                let mut resp = registry_json(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
+                resp.headers_mut().insert(
+                    WWW_AUTHENTICATE,
+                    HeaderValue::from_static(r#"Basic realm="fake registry""#),
+                );
+                return Ok(resp);
+            }
+        }
+        if kind == Kind::Manifest {
+            let digest = match reference.parse::<Digest>() {
+                Ok(d) => Some(d),
+                Err(_) => {
+                    let accept: Vec<&str> = headers
+                        .get_all(ACCEPT)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .collect();
+                    let accept = accept.join(",");
+                    r.tags.get(reference).and_then(|variants| {
+                        variants
+                            .iter()
+                            .find(|d| r.manifests.get(d).is_some_and(|(m, _)| accept.contains(m)))
+                            .or(variants.first())
+                            .cloned()
+                    })
+                }
+            };
+            let Some((digest, (media_type, bytes))) =
+                digest.and_then(|d| r.manifests.get(&d).map(|m| (d, m.clone())))
+            else {
+                return Ok(registry_json(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"));
+            };
+            let mut resp = content(StatusCode::OK, &media_type, bytes.clone(), full(bytes));
+            resp.headers_mut().insert(
+                "docker-content-digest",
+                HeaderValue::from_str(&digest.to_string()).unwrap(),
+            );
+            return Ok(resp);
+        }
+        let Some((digest, bytes)) = reference
+            .parse::<Digest>()
+            .ok()
+            .and_then(|d| r.blobs.get(&d).map(|b| (d, b.clone())))
+        else {
+            return Ok(registry_json(StatusCode::NOT_FOUND, "BLOB_UNKNOWN"));
+        };
+        // Three chunks, so that streaming and held-back last frames are exercised.
+        let third = bytes.len().div_ceil(3).max(1);
+        let chunks: Vec<Bytes> = bytes.chunks(third).map(Bytes::copy_from_slice).collect();
+        let hold = self.hold.clone();
+        let stream = futures_util::stream::unfold(
+            (chunks.into_iter(), hold, true),
+            |(mut it, mut hold, first)| async move {
+                let chunk = it.next()?;
+                if !first {
+                    if let Some(h) = hold.as_mut() {
+                        let _ = h.wait_for(|open| *open).await;
+                    }
+                }
+                Some((Ok::<_, BoxError>(Frame::data(chunk)), (it, hold, false)))
+            },
+        );
+        let mut resp = content(
+            StatusCode::OK,
+            "application/octet-stream",
+            bytes,
+            StreamBody::new(stream).boxed_unsync(),
+        );
+        resp.headers_mut().insert(
+            "docker-content-digest",
+            HeaderValue::from_str(&digest.to_string()).unwrap(),
+        );
+        Ok(resp)
+    }
+}
+
+impl Transport for Fake {
+    fn send(
+        &self,
+        req: Request<Body>,
+    ) -> Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>> {
+        let answer = self.answer(&req);
+        Box::pin(async move { answer })
+    }
+}
+
+struct Image {
+    manifest: Bytes,
+    digest: Digest,
+    layer: Bytes,
+    layer_digest: Digest,
+}
+
+// ---------------------------------------------------------------------------------------
+// The harness: one RegistryApi over a temporary cache and the fake
+// ---------------------------------------------------------------------------------------
+
+struct Opts {
+    offline: bool,
+    tag_ttl: Duration,
+    auth_ttl: Duration,
+    public_ttl: Duration,
+    /// Configured upstream accounts, by registry.
+    accounts: Vec<(&'static str, Credentials)>,
+    max_concurrent_fills: usize,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            offline: false,
+            tag_ttl: Duration::from_secs(3600),
+            auth_ttl: Duration::from_secs(300),
+            public_ttl: Duration::from_secs(3600),
+            accounts: Vec::new(),
+            max_concurrent_fills: 16,
+        }
+    }
+}
+
+impl Opts {
+    /// Tags are stale at once: every tag request after the first revalidates.
+    fn stale_tags() -> Opts {
+        Opts {
+            tag_ttl: Duration::ZERO,
+            ..Opts::default()
+        }
+    }
+}
+
+struct Harness {
+    api: Arc<RegistryApi>,
+    fake: Fake,
+    dir: tempfile::TempDir,
+}
+
+/// What a client got: status, headers, the bytes that arrived, and how the body ended.
+#[derive(Debug)]
+struct Resp {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+    /// The body ended in an error after `body`.
+    error: Option<String>,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    fn x_cache(&self) -> &str {
+        self.header("x-cache").unwrap_or("(none)")
+    }
+
+    /// A complete `200` with exactly `bytes`.
+    fn assert_ok(&self, bytes: &[u8], x_cache: &str) {
+        assert_eq!(self.status, StatusCode::OK, "{self:?}");
+        assert_eq!(self.error, None, "{self:?}");
+        assert_eq!(self.body, bytes, "wrong content");
+        assert_eq!(self.x_cache(), x_cache, "{self:?}");
+    }
+
+    /// Refused with `status`, and none of `secret` in the answer.
+    fn assert_refused(&self, status: u16, secret: &[u8]) {
+        assert_eq!(self.status.as_u16(), status, "{self:?}");
+        assert!(
+            !self.body.windows(secret.len()).any(|w| w == secret),
+            "refused, yet the body holds the content"
+        );
+    }
+}
+
+fn build(fake: &Fake, dir: &std::path::Path, opts: &Opts) -> Arc<RegistryApi> {
+    let store = BlobStore::open(dir).expect("cache opens");
+    let metrics = Arc::new(Metrics::default());
+    let upstream = Arc::new(Upstream::with_transport(
+        &UpstreamConfig::default(),
+        Arc::new(fake.clone()),
+        Some(metrics.clone()),
+    ));
+    let cache = Arc::new(Cache::new(
+        store.clone(),
+        None,
+        Limits {
+            max_size: 1 << 30,
+            min_free: 0,
+            max_manifest_size: 1 << 20,
+            max_concurrent_fills: opts.max_concurrent_fills,
+        },
+    ));
+    let access = Arc::new(Access::new(
+        store,
+        AuthCheck::Upstream,
+        opts.offline,
+        opts.auth_ttl,
+        opts.public_ttl,
+    ));
+    let mut accounts = Accounts::default();
+    for (r, c) in &opts.accounts {
+        accounts.credentials.insert(reg(r), c.clone());
+    }
+    let tag_ttl = TagTtl {
+        rules: Vec::new(),
+        per_registry: HashMap::new(),
+        default: opts.tag_ttl,
+    };
+    Arc::new(RegistryApi::new(
+        cache,
+        upstream,
+        access,
+        metrics,
+        accounts,
+        tag_ttl,
+        TaskTracker::new(),
+    ))
+}
+
+impl Harness {
+    fn new(fake: &Fake, opts: Opts) -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let api = build(fake, dir.path(), &opts);
+        Harness {
+            api,
+            fake: fake.clone(),
+            dir,
+        }
+    }
+
+    /// A restart: the same cache directory, a new API (grants and probes forgotten).
+    async fn reopen(self, opts: Opts) -> Harness {
+        self.settle().await;
+        let Harness { api, fake, dir } = self;
+        // The last reference: the store (and its database lock) goes with it.
+        drop(
+            Arc::try_unwrap(api)
+                .ok()
+                .expect("nothing else holds the API"),
+        );
+        let api = build(&fake, dir.path(), &opts);
+        Harness { api, fake, dir }
+    }
+
+    /// Waits (boundedly) for the background work requests started: fills and probes.
+    async fn settle(&self) {
+        for _ in 0..400 {
+            if self.api.tasks.is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("background tasks still running after 2 s");
+    }
+
+    /// One request as a way in hands it over: origin-form path and query, the client's
+    /// headers; the body collected (for at most 5 s).
+    async fn send(
+        &self,
+        method: Method,
+        registry: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        mirror: bool,
+    ) -> Resp {
+        let registry = reg(registry);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(empty())
+            .expect("request");
+        req.headers_mut().insert(
+            HOST,
+            HeaderValue::from_str(&registry.authority()).expect("host"),
+        );
+        for (name, value) in headers {
+            req.headers_mut().append(
+                HeaderName::from_bytes(name.as_bytes()).expect("header name"),
+                HeaderValue::from_str(value).expect("header value"),
+            );
+        }
+        let target = Arc::new(Target {
+            registry,
+            auth_host: false,
+            mirror,
+        });
+        let resp = self.api.serve(target, req).await;
+        let (parts, mut body) = resp.into_parts();
+        let mut bytes = BytesMut::new();
+        let mut error = None;
+        let collect = async {
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(f) => {
+                        if let Ok(d) = f.into_data() {
+                            bytes.extend_from_slice(&d);
+                        }
+                    }
+                    Err(e) => {
+                        error = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), collect)
+            .await
+            .expect("the body ends within 5 s");
+        Resp {
+            status: parts.status,
+            headers: parts.headers,
+            body: bytes.freeze(),
+            error,
+        }
+    }
+
+    async fn get(&self, registry: &str, path: &str, headers: &[(&str, &str)]) -> Resp {
+        let r = self.send(Method::GET, registry, path, headers, false).await;
+        self.settle().await;
+        r
+    }
+
+    async fn head(&self, registry: &str, path: &str, headers: &[(&str, &str)]) -> Resp {
+        let r = self
+            .send(Method::HEAD, registry, path, headers, false)
+            .await;
+        self.settle().await;
+        r
+    }
+
+    async fn mirror_get(&self, registry: &str, path: &str) -> Resp {
+        let r = self.send(Method::GET, registry, path, &[], true).await;
+        self.settle().await;
+        r
+    }
+
+    fn stored(&self, digest: &Digest) -> bool {
+        self.api.cache.store.contains(digest)
+    }
+
+    fn public_since(&self, repo: &str) -> Option<u64> {
+        self.api
+            .cache
+            .store
+            .public_since(&repo_key(repo))
+            .expect("metadata")
+    }
+}
+
+fn as_alice() -> [(&'static str, &'static str); 1] {
+    [("authorization", ALICE)]
+}
+
+fn blob_path(repo: &str, d: &Digest) -> String {
+    format!("/v2/{repo}/blobs/{d}")
+}
+
+fn manifest_path(repo: &str, reference: &str) -> String {
+    format!("/v2/{repo}/manifests/{reference}")
+}
+
+// ---------------------------------------------------------------------------------------
+// Authorization
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_private_blob_goes_only_to_clients_upstream_lets_read_it() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "team/private", Visibility::Private);
+    let img = fake.image("quay.io", "team/private", "1", "private");
+    let h = Harness::new(&fake, Opts::default());
+    let path = blob_path("team/private", &img.layer_digest);
+
+    let m = fake.mark();
+    h.get("quay.io", &path, &as_alice())
+        .await
+        .assert_ok(&img.layer, "miss");
+    assert_eq!(
+        fake.since(m),
+        [
+            "GET blob team/private alice 200",
+            "HEAD blob team/private anon 401"
+        ],
+        "alice's fill, then the anonymous probe"
+    );
+    assert!(h.stored(&img.layer_digest));
+    assert_eq!(h.public_since("quay.io/team/private"), None);
+
+    // Refused clients: upstream is asked with their credentials, and says no.
+    for (who, auth, seen) in [
+        ("anonymous", None, "HEAD blob team/private anon 401"),
+        ("bob", Some(BOB), "HEAD blob team/private bob 401"),
+    ] {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
+        let m = fake.mark();
+        let r = h.get("quay.io", &path, &headers).await;
+        r.assert_refused(401, &img.layer);
+        assert!(
+            r.header("www-authenticate")
+                .is_some_and(|c| c.starts_with("Basic")),
+            "{who}: upstream's challenge is passed on: {r:?}"
+        );
+        assert_eq!(fake.since(m), [seen], "{who}");
+    }
+
+    // Alice: granted by her own fill, served from disk without asking upstream.
+    let m = fake.mark();
+    h.get("quay.io", &path, &as_alice())
+        .await
+        .assert_ok(&img.layer, "hit");
+    let r = h.head("quay.io", &path, &as_alice()).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.body.is_empty());
+    assert_eq!(
+        r.header("content-length"),
+        Some(img.layer.len().to_string().as_str())
+    );
+    assert_eq!(fake.since(m), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn the_probe_makes_a_public_repository_readable_by_anyone() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "library/pub", Visibility::Public);
+    let img = fake.image("quay.io", "library/pub", "1", "public");
+    let h = Harness::new(&fake, Opts::default());
+    let path = blob_path("library/pub", &img.layer_digest);
+
+    let m = fake.mark();
+    h.get("quay.io", &path, &as_alice())
+        .await
+        .assert_ok(&img.layer, "miss");
+    assert_eq!(
+        fake.since(m),
+        [
+            "GET blob library/pub alice 200",
+            "HEAD blob library/pub anon 200"
+        ]
+    );
+    assert!(h.public_since("quay.io/library/pub").is_some());
+
+    // Public: clients without a grant of their own are served without a question upstream.
+    let m = fake.mark();
+    h.get("quay.io", &path, &[])
+        .await
+        .assert_ok(&img.layer, "hit");
+    h.get("quay.io", &path, &[("authorization", CAROL)])
+        .await
+        .assert_ok(&img.layer, "hit");
+    assert_eq!(fake.since(m), Vec::<String>::new());
+
+    // The inverse: once the repository is no longer known public, carol is asked about.
+    h.api
+        .access
+        .record_probe(&repo_key("quay.io/library/pub"), StatusCode::UNAUTHORIZED);
+    let m = fake.mark();
+    h.get("quay.io", &path, &[("authorization", CAROL)])
+        .await
+        .assert_ok(&img.layer, "hit");
+    assert_eq!(fake.since(m), ["HEAD blob library/pub carol 200"]);
+}
+
+#[tokio::test]
+async fn a_redirect_to_a_login_page_does_not_make_a_repository_public() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "sso/app", Visibility::Sso);
+    let img = fake.image("quay.io", "sso/app", "1", "sso");
+    let h = Harness::new(&fake, Opts::default());
+    let path = blob_path("sso/app", &img.layer_digest);
+
+    let m = fake.mark();
+    h.get("quay.io", &path, &as_alice())
+        .await
+        .assert_ok(&img.layer, "miss");
+    assert_eq!(
+        fake.since(m),
+        ["GET blob sso/app alice 200", "HEAD blob sso/app anon 302"],
+        "the probe got the redirect"
+    );
+    assert_eq!(h.public_since("quay.io/sso/app"), None);
+
+    // Anonymous: asked upstream, which redirects to a login page; the page is no yes.
+    let m = fake.mark();
+    h.get("quay.io", &path, &[])
+        .await
+        .assert_refused(404, &img.layer);
+    assert_eq!(
+        fake.since(m),
+        [
+            "HEAD blob sso/app anon 302",
+            "GET blob sso/app anon 302",
+            "GET login - anon 200",
+        ]
+    );
+    // Alice still is.
+    let m = fake.mark();
+    h.get("quay.io", &path, &as_alice())
+        .await
+        .assert_ok(&img.layer, "hit");
+    assert_eq!(fake.since(m), Vec::<String>::new());
+}
+
+/// quay.io with a public `library/pub` and a private `team/private`, both cached: alice
+/// pulled the private image, anyone the public one (and the probe marked it public).
+async fn public_and_private(opts: Opts) -> (Harness, Image, Image) {
+    let fake = Fake::default();
+    fake.repo("quay.io", "library/pub", Visibility::Public);
+    fake.repo("quay.io", "team/private", Visibility::Private);
+    let public = fake.image("quay.io", "library/pub", "1", "public");
+    let private = fake.image("quay.io", "team/private", "1", "private");
+    let h = Harness::new(&fake, opts);
+    h.get("quay.io", &manifest_path("library/pub", "1"), &[])
+        .await
+        .assert_ok(&public.manifest, "miss");
+    h.get(
+        "quay.io",
+        &blob_path("library/pub", &public.layer_digest),
+        &[],
+    )
+    .await
+    .assert_ok(&public.layer, "miss");
+    h.get("quay.io", &manifest_path("team/private", "1"), &as_alice())
+        .await
+        .assert_ok(&private.manifest, "miss");
+    h.get(
+        "quay.io",
+        &blob_path("team/private", &private.layer_digest),
+        &as_alice(),
+    )
+    .await
+    .assert_ok(&private.layer, "miss");
+    assert!(h.public_since("quay.io/library/pub").is_some());
+    assert_eq!(h.public_since("quay.io/team/private"), None);
+    (h, public, private)
+}
+
+#[tokio::test]
+async fn a_private_digest_under_a_public_repository_is_refused() {
+    let (h, public, private) = public_and_private(Opts::default()).await;
+    let fake = h.fake.clone();
+    let layer_there = blob_path("library/pub", &private.layer_digest);
+    let manifest_there = manifest_path("library/pub", &private.digest.to_string());
+
+    // Not known to belong to library/pub: upstream is asked, and answers 404, for anyone.
+    for (auth, who) in [(None, "anon"), (Some(ALICE), "alice")] {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
+        let m = fake.mark();
+        h.get("quay.io", &layer_there, &headers)
+            .await
+            .assert_refused(404, &private.layer);
+        h.get("quay.io", &manifest_there, &headers)
+            .await
+            .assert_refused(404, &private.manifest);
+        assert_eq!(
+            fake.since(m),
+            [
+                format!("HEAD blob library/pub {who} 404"),
+                format!("HEAD manifest library/pub {who} 404"),
+            ]
+        );
+    }
+    // The public repository's own layer is served from disk to anyone.
+    let m = fake.mark();
+    h.get(
+        "quay.io",
+        &blob_path("library/pub", &public.layer_digest),
+        &[],
+    )
+    .await
+    .assert_ok(&public.layer, "hit");
+    assert_eq!(fake.since(m), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_private_digest_under_a_public_repository_is_refused_while_upstream_fails() {
+    let (h, public, private) = public_and_private(Opts::default()).await;
+    for failure in [Failure::Unreachable, Failure::Status(503)] {
+        h.fake.fail("quay.io", Some(failure));
+        h.get(
+            "quay.io",
+            &blob_path("library/pub", &private.layer_digest),
+            &[],
+        )
+        .await
+        .assert_refused(503, &private.layer);
+        h.get(
+            "quay.io",
+            &manifest_path("library/pub", &private.digest.to_string()),
+            &[],
+        )
+        .await
+        .assert_refused(503, &private.manifest);
+        // What does belong there stays servable.
+        h.get(
+            "quay.io",
+            &blob_path("library/pub", &public.layer_digest),
+            &[],
+        )
+        .await
+        .assert_ok(&public.layer, "hit");
+    }
+}
+
+#[tokio::test]
+async fn another_port_is_another_registry() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "team/app", Visibility::Private);
+    fake.repo("quay.io:5000", "team/app", Visibility::Public);
+    let a = fake.image("quay.io", "team/app", "1", "registry A");
+    let b = fake.image("quay.io:5000", "team/app", "1", "registry B");
+    assert_ne!(a.digest, b.digest);
+    let h = Harness::new(&fake, Opts::default());
+    let tag = manifest_path("team/app", "1");
+
+    h.get("quay.io", &tag, &as_alice())
+        .await
+        .assert_ok(&a.manifest, "miss");
+    h.get(
+        "quay.io",
+        &blob_path("team/app", &a.layer_digest),
+        &as_alice(),
+    )
+    .await
+    .assert_ok(&a.layer, "miss");
+
+    // Same name, same repository, same tag, another port: its own manifest, from upstream.
+    let m = fake.mark();
+    h.get("quay.io:5000", &tag, &[])
+        .await
+        .assert_ok(&b.manifest, "miss");
+    assert_eq!(
+        fake.since_at(m, "quay.io:5000"),
+        [
+            "GET manifest team/app anon 200",
+            "HEAD manifest team/app anon 200"
+        ]
+    );
+    assert_eq!(fake.since_at(m, "quay.io"), Vec::<String>::new());
+    // ...and alice gets B there too, and A on 443: each port its own tag row.
+    h.get("quay.io:5000", &tag, &as_alice())
+        .await
+        .assert_ok(&b.manifest, "hit");
+    h.get("quay.io", &tag, &as_alice())
+        .await
+        .assert_ok(&a.manifest, "hit");
+
+    // A's private layer asked for on 5000 (public there): not a member, 5000 says 404.
+    let m = fake.mark();
+    h.get("quay.io:5000", &blob_path("team/app", &a.layer_digest), &[])
+        .await
+        .assert_refused(404, &a.layer);
+    assert_eq!(
+        fake.since_at(m, "quay.io:5000"),
+        ["HEAD blob team/app anon 404"]
+    );
+    // And A's tag is refused to the anonymous client 5000 served.
+    h.get("quay.io", &tag, &[])
+        .await
+        .assert_refused(401, &a.manifest);
+}
+
+#[tokio::test]
+async fn plain_http_is_another_registry() {
+    let fake = Fake::default();
+    fake.repo("http://quay.io", "team/app", Visibility::Public);
+    fake.repo("quay.io", "team/app", Visibility::Private);
+    let plain = fake.image("http://quay.io", "team/app", "1", "plaintext server");
+    let tls = fake.image("quay.io", "team/app", "1", "https server");
+    let h = Harness::new(&fake, Opts::default());
+    let tag = manifest_path("team/app", "1");
+
+    h.get("http://quay.io", &tag, &[])
+        .await
+        .assert_ok(&plain.manifest, "miss");
+    h.get(
+        "http://quay.io",
+        &blob_path("team/app", &plain.layer_digest),
+        &[],
+    )
+    .await
+    .assert_ok(&plain.layer, "miss");
+
+    // The HTTPS client never reads the plaintext server's rows.
+    let m = fake.mark();
+    h.get("quay.io", &tag, &as_alice())
+        .await
+        .assert_ok(&tls.manifest, "miss");
+    assert_eq!(
+        fake.since_at(m, "quay.io"),
+        [
+            "GET manifest team/app alice 200",
+            "HEAD manifest team/app anon 401"
+        ]
+    );
+    // Nor its content as a member of the HTTPS repository.
+    let m = fake.mark();
+    h.get("quay.io", &blob_path("team/app", &plain.layer_digest), &[])
+        .await
+        .assert_refused(401, &plain.layer);
+    assert_eq!(fake.since_at(m, "quay.io"), ["HEAD blob team/app anon 401"]);
+    h.get("quay.io", &tag, &[])
+        .await
+        .assert_refused(401, &tls.manifest);
+}
+
+#[tokio::test]
+async fn a_configured_account_opens_only_its_own_registry() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "team/private", Visibility::Private);
+    fake.repo("quay.io:5000", "team/private", Visibility::Private);
+    let img = fake.image("quay.io", "team/private", "1", "shared layer");
+    // The very same layer on the other port, which Stowage has no account for.
+    fake.blob("quay.io:5000", "team/private", &img.layer);
+    let h = Harness::new(
+        &fake,
+        Opts {
+            accounts: vec![("quay.io", Credentials::new("alice", "secret"))],
+            ..Opts::default()
+        },
+    );
+    let path = blob_path("team/private", &img.layer_digest);
+
+    // Mirror clients send no credentials; Stowage answers the challenge with its account.
+    let m = fake.mark();
+    h.mirror_get("quay.io", &path)
+        .await
+        .assert_ok(&img.layer, "miss");
+    assert_eq!(
+        fake.since(m),
+        [
+            "GET blob team/private anon 401",
+            "GET blob team/private alice 200",
+            "HEAD blob team/private anon 401",
+        ]
+    );
+    let m = fake.mark();
+    h.mirror_get("quay.io", &path)
+        .await
+        .assert_ok(&img.layer, "hit");
+    assert_eq!(fake.since(m), Vec::<String>::new());
+
+    // The same digest under the same name on :5000: that registry decides, and refuses.
+    let m = fake.mark();
+    h.mirror_get("quay.io:5000", &path)
+        .await
+        .assert_refused(401, &img.layer);
+    assert_eq!(
+        fake.since_at(m, "quay.io:5000"),
+        ["HEAD blob team/private anon 401"]
+    );
+}
+
+#[tokio::test]
+async fn a_cached_manifest_is_authorized_like_a_blob() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "team/private", Visibility::Private);
+    let img = fake.image("quay.io", "team/private", "1", "private");
+    let h = Harness::new(&fake, Opts::default());
+    let by_digest = manifest_path("team/private", &img.digest.to_string());
+    let by_tag = manifest_path("team/private", "1");
+
+    h.get("quay.io", &by_tag, &as_alice())
+        .await
+        .assert_ok(&img.manifest, "miss");
+
+    let m = fake.mark();
+    let r = h.get("quay.io", &by_digest, &[]).await;
+    r.assert_refused(401, &img.manifest);
+    assert!(r.header("www-authenticate").is_some(), "{r:?}");
+    // A fresh tag is no way around it.
+    h.get("quay.io", &by_tag, &[])
+        .await
+        .assert_refused(401, &img.manifest);
+    assert_eq!(
+        fake.since(m),
+        [
+            "HEAD manifest team/private anon 401",
+            "HEAD manifest team/private anon 401"
+        ]
+    );
+
+    let m = fake.mark();
+    let r = h.get("quay.io", &by_digest, &as_alice()).await;
+    r.assert_ok(&img.manifest, "hit");
+    assert_eq!(r.header("content-type"), Some(OCI_MANIFEST));
+    assert_eq!(
+        r.header("docker-content-digest"),
+        Some(img.digest.to_string().as_str())
+    );
+    assert_eq!(fake.since(m), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn an_anonymous_miss_on_a_private_repository_is_relayed_and_not_cached() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "team/private", Visibility::Private);
+    let img = fake.image("quay.io", "team/private", "1", "private");
+    let h = Harness::new(&fake, Opts::default());
+
+    let m = fake.mark();
+    let r = h
+        .get(
+            "quay.io",
+            &blob_path("team/private", &img.layer_digest),
+            &[],
+        )
+        .await;
+    r.assert_refused(401, &img.layer);
+    assert_eq!(r.x_cache(), "miss");
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some(r#"Basic realm="fake registry""#)
+    );
+    let r = h
+        .get("quay.io", &manifest_path("team/private", "1"), &[])
+        .await;
+    r.assert_refused(401, &img.manifest);
+    // No probe: upstream did not serve anything.
+    assert_eq!(
+        fake.since(m),
+        [
+            "GET blob team/private anon 401",
+            "GET manifest team/private anon 401"
+        ]
+    );
+    assert!(!h.stored(&img.layer_digest) && !h.stored(&img.digest));
+    let row = h
+        .api
+        .cache
+        .store
+        .tag(&tag_key("quay.io/team/private:1"))
+        .unwrap();
+    assert!(row.is_none(), "{row:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Tags
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_fresh_tag_is_served_without_asking_upstream() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "library/app", Visibility::Public);
+    let img = fake.image("quay.io", "library/app", "1", "v1");
+    let h = Harness::new(&fake, Opts::default());
+    let tag = manifest_path("library/app", "1");
+
+    let m = fake.mark();
+    let r = h.get("quay.io", &tag, &[]).await;
+    r.assert_ok(&img.manifest, "miss");
+    assert_eq!(r.header("content-type"), Some(OCI_MANIFEST));
+    assert_eq!(
+        fake.since(m),
+        [
+            "GET manifest library/app anon 200",
+            "HEAD manifest library/app anon 200"
+        ]
+    );
+    // Even when upstream has moved the tag: within the TTL the row answers.
+    let v2 = fake.image("quay.io", "library/app", "1", "v2");
+    let m = fake.mark();
+    for _ in 0..3 {
+        h.get("quay.io", &tag, &[])
+            .await
+            .assert_ok(&img.manifest, "hit");
+    }
+    let r = h.head("quay.io", &tag, &[]).await;
+    assert_eq!((r.status, r.x_cache()), (StatusCode::OK, "hit"));
+    assert_eq!(
+        r.header("docker-content-digest"),
+        Some(img.digest.to_string().as_str())
+    );
+    assert!(r.body.is_empty());
+    assert_eq!(fake.since(m), Vec::<String>::new());
+    assert_ne!(v2.digest, img.digest);
+}
+
+#[tokio::test]
+async fn a_stale_tag_is_revalidated_with_one_head() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "library/app", Visibility::Public);
+    let img = fake.image("quay.io", "library/app", "1", "v1");
+    let h = Harness::new(&fake, Opts::stale_tags());
+    let tag = manifest_path("library/app", "1");
+
+    h.get("quay.io", &tag, &[])
+        .await
+        .assert_ok(&img.manifest, "miss");
+    for _ in 0..2 {
+        let m = fake.mark();
+        h.get("quay.io", &tag, &[])
+            .await
+            .assert_ok(&img.manifest, "hit");
+        assert_eq!(
+            fake.since(m),
+            ["HEAD manifest library/app anon 200"],
+            "one HEAD, no GET"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_moved_tag_fetches_the_new_manifest() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "library/app", Visibility::Public);
+    let v1 = fake.image("quay.io", "library/app", "1", "v1");
+    let h = Harness::new(&fake, Opts::stale_tags());
+    let tag = manifest_path("library/app", "1");
+
+    h.get("quay.io", &tag, &[])
+        .await
+        .assert_ok(&v1.manifest, "miss");
+    let v2 = fake.image("quay.io", "library/app", "1", "v2");
+    let m = fake.mark();
+    let r = h.get("quay.io", &tag, &[]).await;
+    r.assert_ok(&v2.manifest, "miss");
+    assert_eq!(
+        r.header("docker-content-digest"),
+        Some(v2.digest.to_string().as_str())
+    );
+    assert_eq!(
+        fake.since(m),
+        [
+            "HEAD manifest library/app anon 200",
+            "GET manifest library/app anon 200"
+        ]
+    );
+    // The row now names v2: the next revalidation finds the same digest.
+    let m = fake.mark();
+    h.get("quay.io", &tag, &[])
+        .await
+        .assert_ok(&v2.manifest, "hit");
+    assert_eq!(fake.since(m), ["HEAD manifest library/app anon 200"]);
+}
+
+#[tokio::test]
+async fn a_tag_gone_upstream_is_relayed_on_revalidation() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "library/app", Visibility::Public);
+    let img = fake.image("quay.io", "library/app", "1", "v1");
+    let h = Harness::new(&fake, Opts::stale_tags());
+    let tag = manifest_path("library/app", "1");
+
+    h.get("quay.io", &tag, &[])
+        .await
+        .assert_ok(&img.manifest, "miss");
+    fake.untag("quay.io", "library/app", "1");
+    let r = h.get("quay.io", &tag, &[]).await;
+    r.assert_refused(404, &img.manifest);
+    assert_eq!(r.x_cache(), "miss");
+    assert!(
+        std::str::from_utf8(&r.body)
+            .unwrap()
+            .contains("MANIFEST_UNKNOWN"),
+        "{r:?}"
+    );
+}
+
+#[tokio::test]
+async fn accept_variants_are_cached_separately() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "library/multi", Visibility::Public);
+    let index = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+    let docker = br#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","layers":[]}"#;
+    fake.manifest("quay.io", "library/multi", Some("1"), OCI_INDEX, index);
+    fake.manifest(
+        "quay.io",
+        "library/multi",
+        Some("1"),
+        DOCKER_MANIFEST,
+        docker,
+    );
+    let h = Harness::new(&fake, Opts::default());
+    let tag = manifest_path("library/multi", "1");
+
+    let cases: [(&str, &[u8], &str, &str); 4] = [
+        (OCI_INDEX, index, OCI_INDEX, "miss"),
+        (DOCKER_MANIFEST, docker, DOCKER_MANIFEST, "miss"),
+        (OCI_INDEX, index, OCI_INDEX, "hit"),
+        (DOCKER_MANIFEST, docker, DOCKER_MANIFEST, "hit"),
+    ];
+    for (accept, body, content_type, x_cache) in cases {
+        let r = h.get("quay.io", &tag, &[("accept", accept)]).await;
+        r.assert_ok(body, x_cache);
+        assert_eq!(r.header("content-type"), Some(content_type), "{accept}");
+    }
+    // Parameters and case do not make another variant.
+    let m = fake.mark();
+    h.get(
+        "quay.io",
+        &tag,
+        &[("accept", "Application/VND.oci.image.index.v1+json; q=0.9")],
+    )
+    .await
+    .assert_ok(index, "hit");
+    assert_eq!(fake.since(m), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_tag_resolved_with_head_is_recorded_when_its_manifest_is_fetched() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "library/app", Visibility::Public);
+    let img = fake.image("quay.io", "library/app", "1", "v1");
+    let h = Harness::new(&fake, Opts::default());
+    let accept = [("accept", OCI_MANIFEST)];
+    let tag = manifest_path("library/app", "1");
+
+    // containerd: HEAD the tag, then GET the digest it named.
+    let r = h.head("quay.io", &tag, &accept).await;
+    assert_eq!((r.status, r.x_cache()), (StatusCode::OK, "miss"));
+    assert!(!h.stored(&img.digest));
+    h.get(
+        "quay.io",
+        &manifest_path("library/app", &img.digest.to_string()),
+        &accept,
+    )
+    .await
+    .assert_ok(&img.manifest, "miss");
+    let m = fake.mark();
+    h.get("quay.io", &tag, &accept)
+        .await
+        .assert_ok(&img.manifest, "hit");
+    assert_eq!(fake.since(m), Vec::<String>::new());
+}
+
+// ---------------------------------------------------------------------------------------
+// Stale answers while upstream fails
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_stale_tag_is_served_while_upstream_fails_to_a_granted_client_only() {
+    // One registry per way of failing: (registry, failure, what the refused client gets,
+    // what upstream's log shows).
+    let cases = [
+        ("quay.io:5001", Failure::Status(503), 503, "503"),
+        ("quay.io:5002", Failure::Status(429), 429, "429"),
+        ("quay.io:5003", Failure::Unreachable, 502, "err"),
+    ];
+    let fake = Fake::default();
+    let h = Harness::new(&fake, Opts::stale_tags());
+    let tag = manifest_path("team/private", "1");
+    for (registry, failure, refused, seen) in cases {
+        fake.repo(registry, "team/private", Visibility::Private);
+        let img = fake.image(registry, "team/private", "1", "private");
+        h.get(registry, &tag, &as_alice())
+            .await
+            .assert_ok(&img.manifest, "miss");
+        fake.fail(registry, Some(failure));
+
+        let m = fake.mark();
+        let r = h.get(registry, &tag, &as_alice()).await;
+        r.assert_ok(&img.manifest, "stale");
+        assert_eq!(
+            r.header("warning"),
+            Some(r#"110 stowage "Response is Stale""#),
+            "{failure:?}"
+        );
+        assert_eq!(
+            fake.since(m),
+            [format!("HEAD manifest team/private alice {seen}")]
+        );
+
+        let r = h.get(registry, &tag, &[]).await;
+        r.assert_refused(refused, &img.manifest);
+        assert!(r.headers.get(WARNING).is_none());
+        assert_ne!(r.x_cache(), "stale", "{failure:?}");
+        if refused == 429 {
+            assert_eq!(r.header("retry-after"), Some("7"));
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stale_public_tag_is_served_to_anyone_while_upstream_fails() {
+    let cases = [
+        ("quay.io:5001", Failure::Status(503)),
+        ("quay.io:5002", Failure::Status(429)),
+        ("quay.io:5003", Failure::Unreachable),
+    ];
+    let fake = Fake::default();
+    let h = Harness::new(&fake, Opts::stale_tags());
+    let tag = manifest_path("library/app", "1");
+    for (registry, failure) in cases {
+        fake.repo(registry, "library/app", Visibility::Public);
+        let img = fake.image(registry, "library/app", "1", "public");
+        h.get(registry, &tag, &[])
+            .await
+            .assert_ok(&img.manifest, "miss");
+        assert!(h.public_since(&format!("{registry}/library/app")).is_some());
+        fake.fail(registry, Some(failure));
+        // Carol was never granted anything: the public mark is what lets her in.
+        let r = h.get(registry, &tag, &[("authorization", CAROL)]).await;
+        r.assert_ok(&img.manifest, "stale");
+        assert!(r.headers.contains_key(WARNING), "{failure:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Offline mode
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn offline_after_a_restart_serves_members_of_public_repositories_only() {
+    let (h, public, private) = public_and_private(Opts::default()).await;
+    let h = h
+        .reopen(Opts {
+            offline: true,
+            ..Opts::stale_tags()
+        })
+        .await;
+    let fake = h.fake.clone();
+    fake.fail("quay.io", Some(Failure::Unreachable));
+    let m = fake.mark();
+
+    // A public member: served, stale tag and blob alike.
+    h.get("quay.io", &manifest_path("library/pub", "1"), &[])
+        .await
+        .assert_ok(&public.manifest, "hit");
+    h.get(
+        "quay.io",
+        &blob_path("library/pub", &public.layer_digest),
+        &[],
+    )
+    .await
+    .assert_ok(&public.layer, "hit");
+    // Not a member of the public repository: refused.
+    h.get(
+        "quay.io",
+        &blob_path("library/pub", &private.layer_digest),
+        &[],
+    )
+    .await
+    .assert_refused(503, &private.layer);
+    // Private: refused to anyone, alice included (her grant did not survive the restart).
+    let private_layer = blob_path("team/private", &private.layer_digest);
+    for headers in [&[][..], &as_alice()[..]] {
+        h.get("quay.io", &private_layer, headers)
+            .await
+            .assert_refused(503, &private.layer);
+        h.get("quay.io", &manifest_path("team/private", "1"), headers)
+            .await
+            .assert_refused(503, &private.manifest);
+    }
+    assert_eq!(fake.since(m), Vec::<String>::new(), "offline asks nobody");
+}
+
+#[tokio::test]
+async fn offline_serves_a_private_repository_to_a_granted_client() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "team/private", Visibility::Private);
+    let img = fake.image("quay.io", "team/private", "1", "private");
+    let h = Harness::new(
+        &fake,
+        Opts {
+            offline: true,
+            ..Opts::default()
+        },
+    );
+    let path = blob_path("team/private", &img.layer_digest);
+    // A miss still goes upstream; what it returns grants alice.
+    h.get("quay.io", &path, &as_alice())
+        .await
+        .assert_ok(&img.layer, "miss");
+
+    let m = fake.mark();
+    h.get("quay.io", &path, &as_alice())
+        .await
+        .assert_ok(&img.layer, "hit");
+    for auth in [None, Some(BOB)] {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
+        h.get("quay.io", &path, &headers)
+            .await
+            .assert_refused(503, &img.layer);
+    }
+    assert_eq!(fake.since(m), Vec::<String>::new());
+}
+
+// ---------------------------------------------------------------------------------------
+// Upstream errors
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn upstream_404_is_relayed_and_nothing_is_cached() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "library/app", Visibility::Public);
+    let h = Harness::new(&fake, Opts::default());
+    let missing = sha256(b"never pushed");
+    let paths = [
+        blob_path("library/app", &missing),
+        manifest_path("library/app", &missing.to_string()),
+        manifest_path("library/app", "nope"),
+    ];
+    for round in 0..2 {
+        let m = fake.mark();
+        for p in &paths {
+            let r = h.get("quay.io", p, &[]).await;
+            assert_eq!(
+                (r.status, r.x_cache()),
+                (StatusCode::NOT_FOUND, "miss"),
+                "{p}"
+            );
+        }
+        // Asked again every time: a 404 is not remembered.
+        assert_eq!(
+            fake.since(m),
+            [
+                "GET blob library/app anon 404",
+                "GET manifest library/app anon 404",
+                "GET manifest library/app anon 404"
+            ],
+            "round {round}"
+        );
+    }
+    assert!(!h.stored(&missing));
+    let row = h.api.cache.store.tag(&tag_key("quay.io/library/app:nope"));
+    assert!(row.unwrap().is_none());
+    assert_eq!(
+        h.public_since("quay.io/library/app"),
+        None,
+        "no probe either"
+    );
+}
+
+#[tokio::test]
+async fn a_manifest_that_does_not_match_its_digest_is_refused_and_not_stored() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "library/app", Visibility::Public);
+    let claimed = sha256(b"the manifest upstream claims to serve");
+    let served = br#"{"schemaVersion":2,"evil":true}"#;
+    fake.manifest_as(
+        "quay.io",
+        "library/app",
+        Some("bad"),
+        &claimed,
+        OCI_MANIFEST,
+        served,
+    );
+    let h = Harness::new(&fake, Opts::default());
+
+    for path in [
+        manifest_path("library/app", &claimed.to_string()),
+        manifest_path("library/app", "bad"),
+    ] {
+        let r = h.get("quay.io", &path, &[]).await;
+        r.assert_refused(502, served);
+        assert!(
+            std::str::from_utf8(&r.body)
+                .unwrap()
+                .contains("DIGEST_INVALID"),
+            "{r:?}"
+        );
+    }
+    assert!(!h.stored(&claimed) && !h.stored(&sha256(served)));
+    let row = h.api.cache.store.tag(&tag_key("quay.io/library/app:bad"));
+    assert!(row.unwrap().is_none());
+}
+
+/// Whether a blob response that must not deliver `bytes` complete did not.
+fn assert_never_complete(r: &Resp, bytes: &[u8]) {
+    if r.status == StatusCode::OK {
+        assert!(r.error.is_some(), "the body ended cleanly: {r:?}");
+        assert!(
+            r.body.len() < bytes.len(),
+            "all {} bytes delivered",
+            bytes.len()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_blob_with_wrong_bytes_is_never_delivered_complete() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "library/app", Visibility::Public);
+    let claimed = sha256(b"the real layer");
+    let served = b"not the real layer, but just as long as one".repeat(20);
+    fake.blob_as("quay.io", "library/app", &claimed, &served);
+    let h = Harness::new(&fake, Opts::default());
+    let path = blob_path("library/app", &claimed);
+
+    for _ in 0..2 {
+        let m = fake.mark();
+        let r = h.get("quay.io", &path, &[]).await;
+        assert_never_complete(&r, &served);
+        assert!(!h.stored(&claimed));
+        assert_eq!(
+            fake.since(m).first().map(String::as_str),
+            Some("GET blob library/app anon 200"),
+            "nothing cached: asked again"
+        );
+    }
+    // The same for a blob passed through without a fill (the fill limit reached).
+    let h = Harness::new(
+        &fake,
+        Opts {
+            max_concurrent_fills: 0,
+            ..Opts::default()
+        },
+    );
+    let r = h.get("quay.io", &path, &[]).await;
+    assert_never_complete(&r, &served);
+    assert!(!h.stored(&claimed));
+}
+
+#[tokio::test]
+async fn a_blob_passed_through_without_a_fill_is_complete_and_not_stored() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "library/app", Visibility::Public);
+    let img = fake.image("quay.io", "library/app", "1", "v1");
+    let h = Harness::new(
+        &fake,
+        Opts {
+            max_concurrent_fills: 0,
+            ..Opts::default()
+        },
+    );
+    let path = blob_path("library/app", &img.layer_digest);
+    for _ in 0..2 {
+        h.get("quay.io", &path, &[])
+            .await
+            .assert_ok(&img.layer, "miss");
+    }
+    assert!(!h.stored(&img.layer_digest));
+}
+
+#[tokio::test]
+async fn upstream_failures_on_a_miss_are_relayed_and_nothing_is_cached() {
+    let cases = [
+        ("quay.io:5001", Failure::Status(503), 503),
+        ("quay.io:5002", Failure::Status(429), 429),
+        ("quay.io:5003", Failure::Unreachable, 502),
+    ];
+    let fake = Fake::default();
+    let h = Harness::new(&fake, Opts::default());
+    for (registry, failure, status) in cases {
+        fake.repo(registry, "library/app", Visibility::Public);
+        let img = fake.image(registry, "library/app", "1", "v1");
+        fake.fail(registry, Some(failure));
+        for path in [
+            blob_path("library/app", &img.layer_digest),
+            manifest_path("library/app", "1"),
+        ] {
+            let r = h.get(registry, &path, &[]).await;
+            assert_eq!(
+                (r.status.as_u16(), r.x_cache()),
+                (status, "miss"),
+                "{failure:?} {path}: {r:?}"
+            );
+        }
+        assert!(!h.stored(&img.layer_digest) && !h.stored(&img.digest));
+    }
+}
+
+#[tokio::test]
+async fn ranges_on_a_cached_blob() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "library/app", Visibility::Public);
+    let img = fake.image("quay.io", "library/app", "1", "v1");
+    let h = Harness::new(&fake, Opts::default());
+    let path = blob_path("library/app", &img.layer_digest);
+    let len = img.layer.len();
+    h.get("quay.io", &path, &[])
+        .await
+        .assert_ok(&img.layer, "miss");
+
+    let m = fake.mark();
+    for (range, start, end) in [
+        ("bytes=100-199".to_string(), 100, 200),
+        ("bytes=-10".to_string(), len - 10, len),
+        (format!("bytes={}-", len - 1), len - 1, len),
+    ] {
+        let r = h.get("quay.io", &path, &[("range", &range)]).await;
+        assert_eq!(r.status, StatusCode::PARTIAL_CONTENT, "{range}: {r:?}");
+        assert_eq!(
+            r.headers.get(CONTENT_RANGE).unwrap(),
+            &format!("bytes {start}-{}/{len}", end - 1),
+            "{range}"
+        );
+        assert_eq!(r.body, img.layer[start..end], "{range}");
+        assert_eq!(r.x_cache(), "hit");
+    }
+    let r = h
+        .get("quay.io", &path, &[("range", &format!("bytes={len}-"))])
+        .await;
+    assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(
+        r.header("content-range"),
+        Some(format!("bytes */{len}").as_str())
+    );
+    assert_eq!(fake.since(m), Vec::<String>::new());
+}
+
+// ---------------------------------------------------------------------------------------
+// X-Cache and coalescing
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn x_cache_says_where_each_answer_came_from() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "library/app", Visibility::Public);
+    let img = fake.image("quay.io", "library/app", "1", "v1");
+    let h = Harness::new(&fake, Opts::default());
+    let blob = blob_path("library/app", &img.layer_digest);
+
+    let m = fake.mark();
+    let r = h.get("quay.io", "/v2/", &[]).await;
+    assert_eq!((r.status, r.x_cache()), (StatusCode::OK, "pass"));
+    let r = h
+        .get("quay.io", "/v2/library/app/tags/list?n=10", &[])
+        .await;
+    assert_eq!((r.status, r.x_cache()), (StatusCode::NOT_FOUND, "pass"));
+    assert_eq!(
+        fake.since(m),
+        ["GET base - anon 200", "GET other - anon 404"]
+    );
+
+    h.get("quay.io", &blob, &[])
+        .await
+        .assert_ok(&img.layer, "miss");
+    h.get("quay.io", &blob, &[])
+        .await
+        .assert_ok(&img.layer, "hit");
+    let r = h.head("quay.io", &blob, &[]).await;
+    assert_eq!((r.status, r.x_cache()), (StatusCode::OK, "hit"));
+    assert_eq!(
+        r.header("docker-content-digest"),
+        Some(img.layer_digest.to_string().as_str())
+    );
+    assert_eq!(
+        r.header("content-length"),
+        Some(img.layer.len().to_string().as_str())
+    );
+    assert!(r.body.is_empty());
+    // A HEAD on a miss is answered upstream and fills nothing.
+    let other = fake.blob("quay.io", "library/app", b"another layer");
+    let r = h
+        .head("quay.io", &blob_path("library/app", &other), &[])
+        .await;
+    assert_eq!((r.status, r.x_cache()), (StatusCode::OK, "miss"));
+    assert!(!h.stored(&other));
+}
+
+#[tokio::test]
+async fn concurrent_misses_share_one_download() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "team/private", Visibility::Private);
+    let img = fake.image("quay.io", "team/private", "1", "private");
+    let gate = fake.hold_blobs();
+    let h = Harness::new(&fake, Opts::default());
+    let path = blob_path("team/private", &img.layer_digest);
+
+    let alice = as_alice();
+    let m = fake.mark();
+    let (first, second, ()) = tokio::join!(
+        h.send(Method::GET, "quay.io", &path, &alice, false),
+        h.send(Method::GET, "quay.io", &path, &alice, false),
+        async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            gate.send_replace(true);
+        }
+    );
+    h.settle().await;
+    first.assert_ok(&img.layer, "miss");
+    second.assert_ok(&img.layer, "coalesced");
+    // The follower joins before the leader's bytes have verified, so no grant exists yet
+    // (a miss grants only once its content verifies): it is asked about with one HEAD.
+    assert_eq!(
+        fake.since(m),
+        [
+            "GET blob team/private alice 200",
+            "HEAD blob team/private alice 200",
+            "HEAD blob team/private anon 401"
+        ]
+    );
+    assert!(h.stored(&img.layer_digest));
+}
+
+// ---------------------------------------------------------------------------------------
+// Found here: redirects that end at a login page, on a miss
+// ---------------------------------------------------------------------------------------
+
+/// The probe does not count a redirect as public, but a miss follows redirects (blob
+/// storage) and counts the login page's `200` at the end as upstream's yes: the anonymous
+/// client is granted the repository for `auth_ttl` (and the digest recorded as a member),
+/// before the fill fails its digest check. Once alice fills the blob, the anonymous client
+/// gets her private layer from disk without a question upstream.
+#[tokio::test]
+async fn an_anonymous_miss_redirected_to_a_login_page_grants_nothing() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "sso/app", Visibility::Sso);
+    let img = fake.image("quay.io", "sso/app", "1", "sso");
+    let h = Harness::new(&fake, Opts::default());
+    let path = blob_path("sso/app", &img.layer_digest);
+
+    let r = h.get("quay.io", &path, &[]).await;
+    assert_never_complete(&r, LOGIN_PAGE.as_bytes());
+    assert!(!h.stored(&img.layer_digest));
+    h.get("quay.io", &path, &as_alice())
+        .await
+        .assert_ok(&img.layer, "miss");
+    let r = h.get("quay.io", &path, &[]).await;
+    r.assert_refused(404, &img.layer);
+}
+
+/// The same on a tag: the login page's `200` (no `Docker-Content-Digest`, hashed as it
+/// came) is stored as the tag's manifest with media type `text/html`, and the tag row then
+/// answers everyone with the same `Accept` until the TTL ends: alice, who may read the
+/// repository, gets `404 NAME_UNKNOWN` (`X-Cache: hit`: upstream has no manifest with the
+/// page's digest) instead of her image. The anonymous client, answered `200` with the page,
+/// is also granted the repository, as in the blob case above.
+#[tokio::test]
+async fn an_anonymous_tag_miss_redirected_to_a_login_page_caches_nothing() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "sso/app", Visibility::Sso);
+    let img = fake.image("quay.io", "sso/app", "1", "sso");
+    let h = Harness::new(&fake, Opts::default());
+    let tag = manifest_path("sso/app", "1");
+    let accept = [("accept", OCI_MANIFEST)];
+
+    // An anonymous client first: whatever it gets, nothing of it may stay.
+    h.get("quay.io", &tag, &accept).await;
+    let row = h
+        .api
+        .cache
+        .store
+        .tag(&tag_key("quay.io/sso/app:1"))
+        .unwrap();
+    assert!(row.is_none(), "a tag row from a login page: {row:?}");
+    assert!(!h.stored(&sha256(LOGIN_PAGE.as_bytes())));
+    // Alice, who may read the repository, gets her image.
+    let r = h
+        .get(
+            "quay.io",
+            &tag,
+            &[("accept", OCI_MANIFEST), ("authorization", ALICE)],
+        )
+        .await;
+    r.assert_ok(&img.manifest, "miss");
+}

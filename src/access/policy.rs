@@ -221,6 +221,15 @@ impl Access {
         })
     }
 
+    /// The bytes upstream is sending in answer to this client's own request for `digest`:
+    /// served as they arrive, never completed unless they verify. Grants nothing (that
+    /// waits for the verification: a redirect to a login page also answers 200).
+    pub fn upstream_answer(&self, digest: &Digest) -> Authorized {
+        Authorized {
+            digest: digest.clone(),
+        }
+    }
+
     /// Upstream let `credential` read `repo` just now (a `2xx`).
     pub fn grant(&self, repo: &RepoKey, credential: [u8; 32]) {
         self.recent.insert((repo.clone(), credential), ());

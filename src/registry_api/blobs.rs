@@ -24,7 +24,7 @@ pub(super) const OCTET_STREAM: &str = "application/octet-stream";
 
 pub(super) async fn blob(
     api: &Arc<RegistryApi>,
-    target: &Target,
+    target: &Arc<Target>,
     req: Request<Body>,
     repo: &RepoName,
     digest: &Digest,
@@ -178,7 +178,7 @@ pub(super) async fn blob(
                 match backend.get(digest).await {
                     Ok(Some((body, len))) => {
                         let fill = leader.fill();
-                        spawn_fill(api, leader, body, Some(len), false);
+                        spawn_fill(api, leader, body, Some(len), None);
                         return (
                             CacheStatus::Hit,
                             Ok(fill_response(authorized, fill, Some(len))),
@@ -222,19 +222,17 @@ pub(super) async fn blob(
                     return (CacheStatus::Miss, Ok(verified_relay(api, resp, digest)));
                 }
             }
-            // Upstream's 200 to this client's own request is its authorization for the
-            // bytes it sends.
-            let Some(authorized) = api.access.granted_by_upstream(
-                &target.repo(repo),
-                digest,
-                credential_id(req.headers()),
-                resp.status(),
-            ) else {
-                leader.abandon("upstream did not answer 200");
-                return (CacheStatus::Miss, Ok(relay(resp)));
+            // Upstream's 200 to this client's own request is what the client may read: the
+            // fill verifies it before the last byte, and only then is it a grant.
+            let authorized = api.access.upstream_answer(digest);
+            let grant = Grant {
+                target: target.clone(),
+                repo: target.repo(repo),
+                credential: credential_id(req.headers()),
+                path: pq.clone(),
             };
             let fill = leader.fill();
-            spawn_fill(api, leader, resp.into_body(), total, true);
+            spawn_fill(api, leader, resp.into_body(), total, Some(grant));
             (
                 CacheStatus::Miss,
                 Ok(fill_response(authorized, fill, total)),
@@ -245,13 +243,25 @@ pub(super) async fn blob(
 
 /// Runs a fill to completion in the background (even if this client goes away), then,
 /// for content new to the shared tier, uploads it there.
+/// Who upstream served a fill to: granted once the fill verifies.
+pub(super) struct Grant {
+    target: Arc<Target>,
+    repo: crate::oci::RepoKey,
+    credential: [u8; 32],
+    path: String,
+}
+
+/// Runs a fill to completion in the background. `grant` is the client whose own upstream
+/// request the fill is (new content, uploaded to the shared tier); `None` for content
+/// from the shared tier.
 pub(super) fn spawn_fill(
     api: &Arc<RegistryApi>,
     leader: Leader,
     body: Body,
     total: Option<u64>,
-    upload: bool,
+    grant: Option<Grant>,
 ) {
+    let upload = grant.is_some();
     let digest = leader.digest().clone();
     let span = tracing::info_span!("fill", %digest);
     let st = api.clone();
@@ -261,6 +271,9 @@ pub(super) fn spawn_fill(
             match leader.run(body, total, idle).await {
                 Ok(len) => {
                     tracing::debug!(bytes = len, "stored");
+                    if let Some(g) = grant {
+                        st.upstream_served(&g.target, &g.repo, Some(&digest), g.credential, g.path);
+                    }
                     if let (true, Some(backend)) = (upload, st.cache.shared.clone()) {
                         let path = st.cache.store.path(&digest);
                         match backend.put(&digest, &path, len).await {

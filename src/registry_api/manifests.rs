@@ -2,6 +2,8 @@
 //! kept) and by tag (a row per `Accept` variant with a TTL; revalidated with `HEAD`, which
 //! Docker Hub does not count against pull limits; served stale when upstream fails).
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, WARNING};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
@@ -37,8 +39,8 @@ pub(super) fn stored_manifest(
 }
 
 pub(super) async fn manifest_by_digest(
-    api: &RegistryApi,
-    target: &Target,
+    api: &Arc<RegistryApi>,
+    target: &Arc<Target>,
     req: Request<Body>,
     repo: &RepoName,
     digest: &Digest,
@@ -72,6 +74,8 @@ pub(super) async fn manifest_by_digest(
     match fetch_manifest(api, target, &pq, req.headers(), Some(digest)).await {
         Ok(Fetch::Stored(resp, _)) => {
             record_pending_tags(api, target, repo, digest).await;
+            let credential = credential_id(req.headers());
+            api.upstream_served(target, &target.repo(repo), Some(digest), credential, pq);
             (CacheStatus::Miss, Ok(resp))
         }
         Ok(Fetch::Relayed(resp)) => (CacheStatus::Miss, Ok(resp)),
@@ -97,6 +101,16 @@ pub(super) async fn fetch_manifest(
 ) -> Result<Fetch, ServeError> {
     let resp = upstream_fetch(api, target, Method::GET, pq, headers, true).await?;
     if resp.status() != StatusCode::OK {
+        return Ok(Fetch::Relayed(relay(resp)));
+    }
+    // Only a manifest is stored as one: a redirect that ends at a login page also answers
+    // 200, with HTML.
+    let is_manifest = resp
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(is_manifest_type);
+    if !is_manifest {
         return Ok(Fetch::Relayed(relay(resp)));
     }
     let limit = api.cache.limits.max_manifest_size;
@@ -170,6 +184,19 @@ pub(super) async fn fetch_manifest(
         Response::from_parts(parts, full(bytes)),
         digest,
     ))
+}
+
+/// Whether `content_type` is a manifest or index media type (OCI or Docker).
+fn is_manifest_type(content_type: &str) -> bool {
+    let t = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    t.starts_with("application/vnd.oci.image.")
+        || t.starts_with("application/vnd.docker.distribution.manifest.")
+        || t.starts_with("application/vnd.docker.container.image.")
 }
 
 /// The media types a client accepts, normalised (sorted, parameters dropped) so the same
@@ -265,8 +292,8 @@ pub const PENDING_TAG_TTL: std::time::Duration = std::time::Duration::from_secs(
 pub(super) const MAX_PENDING_TAGS: usize = 16;
 
 pub(super) async fn manifest_by_tag(
-    api: &RegistryApi,
-    target: &Target,
+    api: &Arc<RegistryApi>,
+    target: &Arc<Target>,
     req: Request<Body>,
     repo: &RepoName,
     tag: &Tag,
@@ -397,6 +424,7 @@ pub(super) async fn manifest_by_tag(
     }
     match fetch_manifest(api, target, &pq, req.headers(), None).await {
         Ok(Fetch::Stored(resp, digest)) => {
+            api.upstream_served(target, &key.repo, None, credential_id(req.headers()), pq);
             let media_type = resp
                 .headers()
                 .get(CONTENT_TYPE)

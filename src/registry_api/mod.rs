@@ -125,6 +125,31 @@ impl RegistryApi {
         }
     }
 
+    /// Upstream just served verified content (or confirmed a tag) to this client for `repo`:
+    /// remember that the credential may read it (and, for an object by digest, that the
+    /// object belongs there), and learn in the background whether the repository is public.
+    /// Called only once the bytes are verified: a redirect to a login page that answers 200
+    /// grants nothing.
+    pub(super) fn upstream_served(
+        self: &Arc<Self>,
+        target: &Arc<Target>,
+        repo: &RepoKey,
+        digest: Option<&Digest>,
+        credential: [u8; 32],
+        path: String,
+    ) {
+        match digest {
+            Some(d) => {
+                self.access
+                    .granted_by_upstream(repo, d, credential, StatusCode::OK);
+            }
+            None => self.access.grant(repo, credential),
+        }
+        if self.access.should_probe(repo) {
+            spawn_public_probe(self.clone(), target.clone(), repo.clone(), path);
+        }
+    }
+
     /// Serves one registry request for `target`.
     pub async fn serve(
         self: &Arc<Self>,
@@ -139,8 +164,6 @@ impl RegistryApi {
             Route::classify(req.uri().path())
         };
         let method = req.method().clone();
-        let credential = credential_id(req.headers());
-        let path = req.uri().path().to_owned();
         let (outcome, resp) = match (&route, &method) {
             (Route::Blob { name, digest }, &Method::GET | &Method::HEAD) => {
                 blobs::blob(api, &target, req, name, digest).await
@@ -189,29 +212,6 @@ impl RegistryApi {
                 e.into_response()
             }
         };
-        // Upstream just let this credential read this repository (and, for an object by
-        // digest, showed that it belongs there): remember it, and learn in the background
-        // whether the repository is public. Only a 2xx counts.
-        if let Some(repo) = route.repo() {
-            let asked_upstream = matches!(outcome, CacheStatus::Miss | CacheStatus::Pass);
-            if asked_upstream && resp.status().is_success() {
-                let key = target.repo(repo);
-                match &route {
-                    Route::Blob { digest, .. }
-                    | Route::Manifest {
-                        reference: Reference::Digest(digest),
-                        ..
-                    } => {
-                        api.access
-                            .granted_by_upstream(&key, digest, credential, resp.status());
-                    }
-                    _ => api.access.grant(&key, credential),
-                }
-                if api.access.should_probe(&key) {
-                    spawn_public_probe(api.clone(), target.clone(), key, path);
-                }
-            }
-        }
         let mut resp = head_without_body(&method, resp);
         resp.headers_mut()
             .insert(X_CACHE, HeaderValue::from_static(outcome.as_str()));
