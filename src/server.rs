@@ -228,6 +228,7 @@ impl Server {
             listeners.push((Listener::Direct, l));
             own.listeners.push(local);
         }
+        api.upstream.set_own_listeners(own.clone());
         let mirror_tls = match (
             &config.mirror.tls,
             &config.mirror.cert_file,

@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use super::tls::{self, Choice};
-use super::{connection, own_endpoints, tunnel, HostKind, Ingress, Listener};
+use super::{connection, loop_guard, own_endpoints, tunnel, HostKind, Ingress, Listener};
 use crate::http_util::{boxed, empty, text, Body};
 use crate::oci::{Registry, Scheme};
 use crate::registry_api::Target;
@@ -240,7 +240,7 @@ async fn absolute_form(ingress: Arc<Ingress>, req: Request<Incoming>) -> Respons
     }
     // Forwarding to ourselves would loop, and would reach /admin as a loopback client.
     let resolver = ingress.api.upstream.resolver();
-    if let Some(refused) = ingress.own.check(resolver, &registry).await {
+    if let Some(refused) = loop_guard::check(&ingress.own, resolver, &registry).await {
         return refused;
     }
     let target = Arc::new(Target {
