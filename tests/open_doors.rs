@@ -3,6 +3,8 @@
 //! - Redirects never lead Stowage to loopback, link-local or unspecified addresses or to
 //!   its own listeners (a `[upstream.resolve]` pin excepted), nor from `https://` down to
 //!   plain `http://`.
+//! - Absolute-form `http://` requests to hosts that are not registries obey the tunnel
+//!   rules (`other_hosts`, `tunnel_ports`, no loopback).
 //!
 //! Everything runs on 127.0.0.1 with the fixture's pins; the fakes record what reached
 //! them, so each test can say "this endpoint was never reached".
@@ -11,14 +13,15 @@ mod common;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use common::tls::{Body, Handler, TlsServer};
 use common::*;
-use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, LOCATION};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, LOCATION, USER_AGENT};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -133,6 +136,33 @@ async fn tls_server(
     })
     .await;
     (server, log)
+}
+
+/// One plain HTTP/1.1 request to the proxy at `proxy`; `target` is sent as the request
+/// target as it is (an absolute `http://` URL: a forward-proxy request).
+async fn absolute(proxy: SocketAddr, target: &str) -> Resp {
+    let tcp = bounded("connect", TcpStream::connect(proxy))
+        .await
+        .expect("connect to proxy");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .expect("http/1.1 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let uri: http::Uri = target.parse().expect("request target");
+    let host = uri.authority().map(|a| a.to_string()).unwrap_or_default();
+    let req = Request::builder()
+        .method(Method::GET)
+        .uri(uri)
+        .header(HOST, host)
+        .header(USER_AGENT, TEST_USER_AGENT)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = bounded(target, send.send_request(req))
+        .await
+        .unwrap_or_else(|e| panic!("{target}: {e}"));
+    client::read_response(resp).await
 }
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -313,6 +343,81 @@ async fn redirects_to_loopback_own_listeners_or_plain_http_are_refused() {
                 .as_ref()
                 .map(|e| format!(" (then the body failed: {e})"))
                 .unwrap_or_default()
+        ));
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+/// A plain "loopback-only" HTTP service: answers 200 to everything and counts connections.
+async fn loopback_service() -> (
+    u16,
+    Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (addr, _, accepted, task) =
+        plain_server(|_| respond(StatusCode::OK, "loopback service", &[])).await;
+    (addr.port(), accepted, task)
+}
+
+// Item 3: absolute-form requests to hosts that are not registries obey the tunnel rules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_forwarding_obeys_the_tunnel_rules() {
+    let ca = TestCa::new();
+    let (p, accepted, _svc) = loopback_service().await;
+    let mut bad = Vec::new();
+    let mut expect = |who: &str, r: Resp, want: StatusCode| {
+        if r.status != want {
+            bad.push(format!("{who}: {} {} (want {want})", r.status, r.text()));
+        }
+    };
+
+    // Default tunnel_ports (443): neither a loopback literal nor a name on another port.
+    let default = Stowage::start(&ca).await;
+    for url in [
+        format!("http://127.0.0.1:{p}/"),
+        format!("http://tunnel.test:{p}/"),
+        "http://tunnel.test:22/".to_owned(),
+    ] {
+        let r = absolute(default.addr, &url).await;
+        expect(&format!("default, {url}"), r, StatusCode::FORBIDDEN);
+    }
+
+    // The port allowed: loopback (by literal or by an unpinned name) is still refused; a
+    // pinned name is an operator's decision.
+    let open = Stowage::builder()
+        .trust(&ca)
+        .tunnel_ports(&[p])
+        .start()
+        .await;
+    for url in [
+        format!("http://127.0.0.1:{p}/"),
+        format!("http://[::ffff:127.0.0.1]:{p}/"),
+        format!("http://localhost:{p}/"),
+    ] {
+        let r = absolute(open.addr, &url).await;
+        expect(
+            &format!("tunnel_ports = [{p}], {url}"),
+            r,
+            StatusCode::FORBIDDEN,
+        );
+    }
+    let r = absolute(open.addr, &format!("http://tunnel.test:{p}/")).await;
+    expect("tunnel_ports, pinned tunnel.test", r, StatusCode::OK);
+
+    // other_hosts = "deny": nothing but registries.
+    let deny = Stowage::builder()
+        .trust(&ca)
+        .other_hosts("deny")
+        .tunnel_ports(&[p])
+        .start()
+        .await;
+    let r = absolute(deny.addr, &format!("http://tunnel.test:{p}/")).await;
+    expect("other_hosts = deny, tunnel.test", r, StatusCode::FORBIDDEN);
+
+    let reached = accepted.load(Ordering::SeqCst);
+    if reached != 1 {
+        bad.push(format!(
+            "the loopback service accepted {reached} connections; only the pinned request may reach it"
         ));
     }
     assert!(bad.is_empty(), "{}", bad.join("\n"));
