@@ -165,7 +165,8 @@ impl Server {
             bytes = store.index.total(),
             "cache opened"
         );
-        let metrics = Arc::new(Metrics::default());
+        let (catalog, accounts) = catalog_and_accounts(&config)?;
+        let metrics = Arc::new(Metrics::new(catalog.keys().cloned()));
         let upstream = Arc::new(
             Upstream::new(&config.upstream, Some(metrics.clone())).map_err(Error::Upstream)?,
         );
@@ -202,7 +203,6 @@ impl Server {
             config.cache.public_ttl.0,
         ));
         let tasks = TaskTracker::new();
-        let (catalog, accounts) = catalog_and_accounts(&config)?;
         let api = Arc::new(RegistryApi::new(
             cache,
             upstream,

@@ -4,7 +4,8 @@
 //!   its own listeners (a `[upstream.resolve]` pin excepted), nor from `https://` down to
 //!   plain `http://`.
 //! - Absolute-form `http://` requests to hosts that are not registries obey the tunnel
-//!   rules (`other_hosts`, `tunnel_ports`, no loopback).
+//!   rules (`other_hosts`, `tunnel_ports`, no loopback), and host names that are not
+//!   configured registries never become `registry` labels in `/metrics`.
 //!
 //! Everything runs on 127.0.0.1 with the fixture's pins; the fakes record what reached
 //! them, so each test can say "this endpoint was never reached".
@@ -421,4 +422,62 @@ async fn plain_http_forwarding_obeys_the_tunnel_rules() {
         ));
     }
     assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+/// The `registry` label of every `stowage_requests_total` sample.
+fn request_registries(metrics: &str) -> std::collections::BTreeSet<String> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("stowage_requests_total{"))
+        .filter_map(|l| l.split("registry=\"").nth(1))
+        .filter_map(|r| r.split('"').next())
+        .map(str::to_owned)
+        .collect()
+}
+
+// Item 3: host names that are not configured registries never become metric labels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_that_are_not_registries_are_labelled_other_in_metrics() {
+    let ca = TestCa::new();
+    let (p, _, _svc) = loopback_service().await;
+    let stowage = Stowage::builder()
+        .trust(&ca)
+        .tunnel_ports(&[p, 80])
+        .start()
+        .await;
+    let client = stowage.client();
+    let before = request_registries(&client.proxy_get("/metrics").await.text());
+    for url in [
+        format!("http://tunnel.test:{p}/x"),
+        format!("http://storage.test:{p}/y"),
+    ] {
+        let r = absolute(stowage.addr, &url).await;
+        assert_eq!(r.status, StatusCode::OK, "{url}: {}", r.text());
+    }
+    for name in ["a", "b", "c", "d", "e"] {
+        let _ = absolute(stowage.addr, &format!("http://{name}.invalid/v2/")).await;
+    }
+    // Request counters move when a response body ends: poll, bounded.
+    let mut metrics = String::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        metrics = client.proxy_get("/metrics").await.text();
+        if metric(&metrics, "stowage_requests_total", &[("registry", "other")]) >= 2.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let after = request_registries(&metrics);
+    let new: Vec<&String> = after
+        .difference(&before)
+        .filter(|r| r.as_str() != "other")
+        .collect();
+    assert!(
+        new.is_empty(),
+        "requests for hosts that are not registries made new registry labels: {new:?}"
+    );
+    assert!(
+        metric(&metrics, "stowage_requests_total", &[("registry", "other")]) >= 2.0,
+        "the two forwarded requests are counted under registry=\"other\": {after:?}"
+    );
 }
