@@ -141,7 +141,8 @@ impl Server {
             bytes = store.index.total(),
             "cache opened"
         );
-        let metrics = Arc::new(Metrics::default());
+        let (catalog, accounts) = catalog_and_accounts(&config)?;
+        let metrics = Arc::new(Metrics::new(catalog.keys().cloned()));
         let upstream = Arc::new(
             Upstream::new(&config.upstream, Some(metrics.clone())).map_err(Error::Upstream)?,
         );
@@ -178,7 +179,6 @@ impl Server {
             config.cache.public_ttl.0,
         ));
         let tasks = TaskTracker::new();
-        let (catalog, accounts) = catalog_and_accounts(&config)?;
         let api = Arc::new(RegistryApi::new(
             cache,
             upstream,
@@ -204,6 +204,7 @@ impl Server {
             listeners.push((Listener::Direct, l));
             own.listeners.push(local);
         }
+        api.upstream.set_own_listeners(own.clone());
         let mirror_tls = match (
             &config.mirror.tls,
             &config.mirror.cert_file,

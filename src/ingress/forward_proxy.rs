@@ -3,8 +3,9 @@
 //!
 //! `CONNECT` to a registry or auth host is answered `200`, then TLS is terminated (`tls`)
 //! with a leaf for the CONNECT host and the registry API is served inside. `CONNECT` to any
-//! other host is a blind tunnel (or `403`). Origin-form requests are the proxy's own
-//! endpoints.
+//! other host is a blind tunnel (or `403`); absolute-form `http://` requests to other hosts
+//! obey the same rules (`other_hosts`, `tunnel_ports`) and never reach internal addresses.
+//! Origin-form requests are the proxy's own endpoints.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -19,11 +20,12 @@ use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use super::tls::{self, Choice};
-use super::{connection, own_endpoints, tunnel, HostKind, Ingress, Listener};
+use super::{connection, loop_guard, own_endpoints, tunnel, HostKind, Ingress, Listener};
 use crate::http_util::{boxed, empty, text, Body};
 use crate::oci::{Registry, Scheme};
 use crate::registry_api::Target;
 use crate::settings::OtherHosts;
+use crate::upstream::destination::Refused;
 
 /// Serves one client connection to the proxy listener until it closes or shutdown ends it.
 pub async fn serve_connection(ingress: Arc<Ingress>, stream: TcpStream, peer: SocketAddr) {
@@ -71,7 +73,7 @@ async fn proxy_request(
         return connect(ingress, req, peer).await;
     }
     if req.uri().scheme().is_some() {
-        return absolute_form(ingress, req).await;
+        return absolute_form(ingress, req, peer).await;
     }
     if let Some(r) = own_endpoints::serve(&ingress, Listener::Proxy, &req, peer).await {
         return r;
@@ -90,7 +92,7 @@ fn connect_target(req: &Request<Incoming>) -> Option<Registry> {
 fn loop_refused() -> Response<Body> {
     text(
         StatusCode::LOOP_DETECTED,
-        "CONNECT to this proxy's own address is refused",
+        "requests to this proxy's own address are refused",
     )
 }
 
@@ -124,21 +126,10 @@ async fn connect(
             );
             Response::new(empty())
         }
-        None if ingress.proxy.other_hosts == OtherHosts::Deny => {
-            tracing::info!(%peer, %host, port, "CONNECT refused: not a registry");
-            text(
-                StatusCode::FORBIDDEN,
-                "this proxy only serves container registries",
-            )
-        }
-        None if !ingress.proxy.tunnel_ports.contains(&port) => {
-            tracing::info!(%peer, %host, port, "CONNECT refused: port not in proxy.tunnel_ports");
-            text(
-                StatusCode::FORBIDDEN,
-                "tunnels to this port are not allowed (proxy.tunnel_ports)",
-            )
-        }
         None => {
+            if let Some(refused) = other_host_refused(&ingress, peer, "CONNECT", &host, port) {
+                return refused;
+            }
             // A name (or pin) that leads back to a listener of ours would turn a remote
             // client into a loopback one, the kind allowed to use /admin.
             let upstream = &ingress.api.upstream;
@@ -218,9 +209,43 @@ where
     ingress.serve_registry(TokioIo::new(tls), target).await
 }
 
+/// The rules for hosts that are not registries, the same for `CONNECT` and absolute-form
+/// requests: `[proxy] other_hosts = "deny"` refuses them all, and only `tunnel_ports` may
+/// be reached.
+fn other_host_refused(
+    ingress: &Ingress,
+    peer: SocketAddr,
+    how: &str,
+    host: &str,
+    port: u16,
+) -> Option<Response<Body>> {
+    if ingress.proxy.other_hosts == OtherHosts::Deny {
+        tracing::info!(%peer, %host, port, "{how} refused: not a registry");
+        return Some(text(
+            StatusCode::FORBIDDEN,
+            "this proxy only serves container registries",
+        ));
+    }
+    if !ingress.proxy.tunnel_ports.contains(&port) {
+        tracing::info!(%peer, %host, port, "{how} refused: port not in proxy.tunnel_ports");
+        return Some(text(
+            StatusCode::FORBIDDEN,
+            "this port is not allowed for hosts that are not registries (proxy.tunnel_ports)",
+        ));
+    }
+    None
+}
+
 /// Plain-HTTP requests in absolute form (`GET http://host/...`): registries speaking plain
-/// HTTP get the registry path; anything else is forwarded or refused like a tunnel.
-async fn absolute_form(ingress: Arc<Ingress>, req: Request<Incoming>) -> Response<Body> {
+/// HTTP get the registry path; anything else is refused or forwarded under the tunnel
+/// rules, and never to a loopback, link-local or unspecified address or one of our own
+/// listeners unless the name is pinned (`upstream::destination`): Stowage makes this
+/// request itself, from this machine, which such services trust.
+async fn absolute_form(
+    ingress: Arc<Ingress>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
     let uri = req.uri();
     if uri.scheme_str() != Some("http") {
         return text(
@@ -232,15 +257,34 @@ async fn absolute_form(ingress: Arc<Ingress>, req: Request<Incoming>) -> Respons
         return text(StatusCode::BAD_REQUEST, "request URL has no valid host");
     };
     let kind = ingress.host_kind(registry.host());
-    if kind.is_none() && ingress.proxy.other_hosts == OtherHosts::Deny {
-        return text(
-            StatusCode::FORBIDDEN,
-            "this proxy only serves container registries",
-        );
+    if kind.is_none() {
+        let (host, port) = (registry.host().as_str(), registry.port());
+        if let Some(refused) = other_host_refused(&ingress, peer, "forwarding", host, port) {
+            return refused;
+        }
+        let uri = registry.uri("/").expect("a Registry is a valid origin");
+        match ingress.api.upstream.check_destination(&uri).await {
+            Ok(()) => {}
+            Err(reason @ Refused::OwnListener(_)) => {
+                tracing::info!(%peer, %host, port, %reason, "forwarding refused");
+                return loop_refused();
+            }
+            Err(reason @ Refused::Unresolved { .. }) => {
+                tracing::info!(%peer, %host, port, %reason, "forwarding refused");
+                return text(StatusCode::BAD_GATEWAY, &reason.to_string());
+            }
+            Err(reason) => {
+                tracing::info!(%peer, %host, port, %reason, "forwarding refused");
+                return text(
+                    StatusCode::FORBIDDEN,
+                    &format!("forwarding refused: {reason}"),
+                );
+            }
+        }
     }
     // Forwarding to ourselves would loop, and would reach /admin as a loopback client.
     let resolver = ingress.api.upstream.resolver();
-    if let Some(refused) = ingress.own.check(resolver, &registry).await {
+    if let Some(refused) = loop_guard::check(&ingress.own, resolver, &registry).await {
         return refused;
     }
     let target = Arc::new(Target {

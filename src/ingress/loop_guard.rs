@@ -1,8 +1,7 @@
 //! Request loops: a registry name (or pin, or CONNECT target) that leads back to one of
 //! Stowage's own listeners would recurse, and would turn a remote client into a local one.
-//! The one check for every way in.
-
-use std::net::{IpAddr, SocketAddr};
+//! The one check for every way in (the address set and its matching live in
+//! `upstream::destination`, which refuses the same listeners as redirect targets).
 
 use http::{Response, StatusCode};
 
@@ -11,66 +10,26 @@ use crate::oci::Registry;
 use crate::registry_api::registry_error;
 use crate::upstream::Resolver;
 
-/// The addresses Stowage listens on, after binding.
-#[derive(Clone, Debug, Default)]
-pub struct OwnAddresses {
-    pub listeners: Vec<SocketAddr>,
-}
+pub use crate::upstream::destination::{canonical_ip, OwnAddresses};
 
-/// An IPv4-mapped IPv6 address as the IPv4 address it is.
-pub fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    }
-}
-
-impl OwnAddresses {
-    /// Whether `addr` is one of our listeners (an unspecified listen address matches every
-    /// loopback address on its port).
-    pub fn contains(&self, addr: &SocketAddr) -> bool {
-        let ip = canonical_ip(addr.ip());
-        self.listeners.iter().any(|own| {
-            own.port() == addr.port()
-                && (canonical_ip(own.ip()) == ip || (own.ip().is_unspecified() && ip.is_loopback()))
-        })
-    }
-
-    /// A clear `508` when `registry` resolves to one of our listeners.
-    pub async fn check(&self, resolver: &Resolver, registry: &Registry) -> Option<Response<Body>> {
-        let addrs = resolver
-            .resolve(registry.host().as_str(), registry.port())
-            .await
-            .ok()?;
-        let own = addrs.iter().find(|a| self.contains(a))?;
-        tracing::error!(%registry, address = %own, "upstream resolves to this Stowage: refusing a request loop");
-        Some(registry_error(
+/// A clear `508` when `registry` resolves to one of `own`'s listeners.
+pub async fn check(
+    own: &OwnAddresses,
+    resolver: &Resolver,
+    registry: &Registry,
+) -> Option<Response<Body>> {
+    let addrs = resolver
+        .resolve(registry.host().as_str(), registry.port())
+        .await
+        .ok()?;
+    let found = addrs.iter().find(|a| own.contains(a))?;
+    tracing::error!(%registry, address = %found, "upstream resolves to this Stowage: refusing a request loop");
+    Some(registry_error(
             StatusCode::LOOP_DETECTED,
             "UNAVAILABLE",
             &format!(
-                "{} resolves to this Stowage ({own}); the proxy host must resolve registries for real, or pin them in [upstream.resolve]",
+                "{} resolves to this Stowage ({found}); the proxy host must resolve registries for real, or pin them in [upstream.resolve]",
                 registry.host()
             ),
         ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn own_addresses_match_loopback_and_mapped_forms() {
-        let own = OwnAddresses {
-            listeners: vec![
-                "0.0.0.0:3128".parse().unwrap(),
-                "127.0.0.1:5000".parse().unwrap(),
-            ],
-        };
-        assert!(own.contains(&"127.0.0.1:3128".parse().unwrap()));
-        assert!(own.contains(&"[::ffff:127.0.0.1]:5000".parse().unwrap()));
-        assert!(own.contains(&"[::ffff:127.0.0.9]:3128".parse().unwrap()));
-        assert!(!own.contains(&"127.0.0.1:3129".parse().unwrap()));
-        assert!(!own.contains(&"10.0.0.1:5000".parse().unwrap()));
-    }
 }

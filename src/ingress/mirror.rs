@@ -19,7 +19,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::tls::{self, Choice};
-use super::{client_auth, connection, own_endpoints, HostKind, Ingress, Listener, MirrorTls};
+use super::{
+    client_auth, connection, loop_guard, own_endpoints, HostKind, Ingress, Listener, MirrorTls,
+};
 use crate::http_util::{boxed, full, head_without_body, percent_decode, Body};
 #[cfg(test)]
 use crate::oci::Scheme;
@@ -164,7 +166,7 @@ async fn mirror_request(
     // The mirror's own credentials are for the mirror, never for upstream.
     req.headers_mut().remove(AUTHORIZATION);
     let resolver = ingress.api.upstream.resolver();
-    if let Some(resp) = ingress.own.check(resolver, &routed.registry).await {
+    if let Some(resp) = loop_guard::check(&ingress.own, resolver, &routed.registry).await {
         return resp;
     }
     let target = Arc::new(Target {

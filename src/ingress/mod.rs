@@ -131,13 +131,17 @@ impl Ingress {
         IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let resolver = self.api.upstream.resolver().clone();
-        let looped = self.own.check(&resolver, &target.registry).await.is_some();
+        let looped = loop_guard::check(&self.own, &resolver, &target.registry)
+            .await
+            .is_some();
         let this = self.clone();
         let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let (this, target, resolver) = (this.clone(), target.clone(), resolver.clone());
             async move {
                 if looped {
-                    if let Some(resp) = this.own.check(&resolver, &target.registry).await {
+                    if let Some(resp) =
+                        loop_guard::check(&this.own, &resolver, &target.registry).await
+                    {
                         return Ok::<_, Infallible>(resp);
                     }
                 }

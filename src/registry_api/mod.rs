@@ -202,6 +202,7 @@ impl RegistryApi {
                         UpstreamError::Timeout { .. } | UpstreamError::BodyStalled(_),
                     ) => Some("timeout"),
                     ServeError::Upstream(UpstreamError::Body(_)) => Some("body"),
+                    ServeError::Upstream(UpstreamError::Refused { .. }) => Some("refused"),
                     ServeError::Upstream(_) => Some("connect"),
                     ServeError::DigestMismatch => Some("digest"),
                     _ => None,

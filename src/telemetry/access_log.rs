@@ -142,7 +142,7 @@ impl Drop for Logged {
         l.metrics
             .requests
             .get_or_create(&RequestLabels {
-                registry: l.registry.to_string(),
+                registry: l.metrics.registry_label(&l.registry),
                 kind: l.kind.into(),
                 outcome: l.outcome.as_str().into(),
             })

@@ -3,7 +3,12 @@
 //! Counters are bumped where things happen (the access-log body, fills, the CA, the
 //! evictor); gauges that mirror live state (cache size, fills in flight) are read when a
 //! scrape renders, so they can never drift.
+//!
+//! A `registry` label names only configured registries and their auth hosts; any other host
+//! a request names (absolute-form URLs, `ns=` with `any_registry`, storage hosts) is
+//! `other`, so clients cannot create series by asking for new names.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -71,10 +76,24 @@ pub struct Metrics {
     pub certificates_minted: Counter,
     pub cache_write_errors: Family<ReasonLabels, Counter>,
     pub digest_mismatches: Counter,
+    /// Hosts that appear as themselves in `registry` labels.
+    known: HashSet<crate::oci::Host>,
 }
 
+/// The `registry` label of every host that is not a configured registry or auth host.
+pub const OTHER_REGISTRY: &str = "other";
+
 impl Default for Metrics {
+    /// Metrics that know no registry: every `registry` label is `other`.
     fn default() -> Self {
+        Metrics::new(std::iter::empty())
+    }
+}
+
+impl Metrics {
+    /// Metrics whose `registry` labels name the `known` hosts (the configured registries
+    /// and their auth hosts, any port) and call every other host `other`.
+    pub fn new(known: impl IntoIterator<Item = crate::oci::Host>) -> Metrics {
         let mut registry = Registry::with_prefix("stowage");
         let m = Metrics {
             requests: Family::default(),
@@ -92,6 +111,7 @@ impl Default for Metrics {
             digest_mismatches: Counter::default(),
             registry: Registry::default(),
             totals: Totals::default(),
+            known: known.into_iter().collect(),
         };
         registry.register(
             "requests",
@@ -163,9 +183,16 @@ impl Default for Metrics {
         );
         Metrics { registry, ..m }
     }
-}
 
-impl Metrics {
+    /// `registry` as a label value: its one text form when its host is known, else `other`.
+    pub fn registry_label(&self, registry: &crate::oci::Registry) -> String {
+        if self.known.contains(registry.host()) {
+            registry.to_string()
+        } else {
+            OTHER_REGISTRY.to_owned()
+        }
+    }
+
     /// The Prometheus/OpenMetrics text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -177,7 +204,7 @@ impl Metrics {
     pub fn upstream_error(&self, registry: &crate::oci::Registry, status: &str) {
         self.upstream_errors
             .get_or_create(&ErrorLabels {
-                registry: registry.to_string(),
+                registry: self.registry_label(registry),
                 status: status.to_owned(),
             })
             .inc();
@@ -194,7 +221,7 @@ impl Metrics {
         if let Ok(n) = v.split(';').next().unwrap_or("").trim().parse::<i64>() {
             self.ratelimit_remaining
                 .get_or_create(&RegistryLabels {
-                    registry: registry.to_string(),
+                    registry: self.registry_label(registry),
                 })
                 .set(n);
         }
@@ -250,7 +277,7 @@ mod tests {
 
     #[test]
     fn renders_with_conventional_names() {
-        let m = Metrics::default();
+        let m = Metrics::new(["registry-1.docker.io".parse().unwrap()]);
         m.requests
             .get_or_create(&RequestLabels {
                 registry: "quay.io".into(),
@@ -284,5 +311,20 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("stowage_cache_size_bytes"), "{text}");
+    }
+
+    #[test]
+    fn only_known_hosts_are_registry_labels() {
+        let m = Metrics::new(["quay.io".parse().unwrap()]);
+        let label = |r: &str| m.registry_label(&r.parse().unwrap());
+        assert_eq!(label("quay.io"), "quay.io");
+        assert_eq!(label("quay.io:5000"), "quay.io:5000");
+        assert_eq!(label("http://quay.io"), "http://quay.io");
+        assert_eq!(label("a.invalid"), "other");
+        assert_eq!(label("http://b.invalid:8080"), "other");
+        m.upstream_error(&"c.invalid".parse().unwrap(), "502");
+        assert!(m
+            .render()
+            .contains(r#"stowage_upstream_errors_total{registry="other",status="502"} 1"#));
     }
 }

@@ -9,7 +9,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,6 +22,7 @@ use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::TokioExecutor;
 use rustls_pki_types::pem::PemObject;
 
+use super::destination::{OwnAddresses, Refused};
 use super::proxy_chain::{proxy_matcher, Connector};
 use super::resolver::Resolver;
 use super::token_auth::Tokens;
@@ -71,6 +72,13 @@ pub enum UpstreamError {
     TooManyRedirects(u32),
     #[error("redirect with an unusable Location: {0}")]
     BadRedirect(String),
+    /// A redirect (or token realm) to a place Stowage does not go on an upstream's say-so.
+    #[error("{what} {to} refused: {reason}")]
+    Refused {
+        what: &'static str,
+        to: String,
+        reason: Refused,
+    },
     #[error("bad upstream address {0}")]
     BadUri(String),
     #[error("reading the upstream body: {0}")]
@@ -104,6 +112,8 @@ pub struct Upstream {
     idle_timeout: Duration,
     max_redirects: u32,
     metrics: Option<Arc<Metrics>>,
+    /// Stowage's own listeners, once bound: never a destination (see `destination`).
+    pub(super) own: OnceLock<OwnAddresses>,
     /// Bearer tokens Stowage obtained itself (see `token_auth`).
     pub tokens: Tokens,
 }
@@ -135,6 +145,7 @@ impl Upstream {
             idle_timeout: config.idle_timeout.0,
             max_redirects: config.max_redirects,
             metrics,
+            own: OnceLock::new(),
             tokens: Tokens::default(),
         }
     }
@@ -206,6 +217,7 @@ impl Upstream {
             idle_timeout: config.idle_timeout.0,
             max_redirects: config.max_redirects,
             metrics,
+            own: OnceLock::new(),
             tokens: Tokens::default(),
         })
     }
@@ -239,7 +251,9 @@ impl Upstream {
     }
 
     /// A bodiless `GET`/`HEAD` that follows redirects itself. `Authorization` goes only to
-    /// the origin it was meant for; a hop to another scheme, host or port drops it.
+    /// the origin it was meant for; a hop to another scheme, host or port drops it. A hop
+    /// from `https://` to `http://`, to an internal address or to one of Stowage's own
+    /// listeners is refused (see `destination`).
     pub async fn fetch(
         &self,
         method: Method,
@@ -271,6 +285,14 @@ impl Upstream {
                 });
             };
             let next = resolve_location(&uri, location)?;
+            if let Err(reason) = self.check_redirect(&uri, &next).await {
+                tracing::warn!(from = %redact(&uri), to = %redact(&next), %reason, "redirect refused");
+                return Err(UpstreamError::Refused {
+                    what: "redirect to",
+                    to: redact(&next),
+                    reason,
+                });
+            }
             if origin(&next) != origin(&uri) {
                 headers.remove(AUTHORIZATION);
             }

@@ -31,6 +31,11 @@ impl Resolver {
         }
     }
 
+    /// Whether `host` is pinned in `[upstream.resolve]` (an operator's explicit decision).
+    pub fn is_pinned(&self, host: &str) -> bool {
+        self.pins.contains_key(host)
+    }
+
     pub async fn resolve(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
         if let Some(ips) = self.pins.get(host) {
             return Ok(ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect());

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 
-use super::client::{empty, Fetched, Upstream, UpstreamError};
+use super::client::{empty, redact, Fetched, Upstream, UpstreamError};
 use crate::settings::Credentials;
 
 /// A parsed `WWW-Authenticate: Bearer realm="...",service="...",scope="..."`.
@@ -233,6 +233,14 @@ async fn fetch_token(
         .map_err(|_| UpstreamError::BadUri("token realm".into()))?;
     if !matches!(uri.scheme_str(), Some("https") | Some("http")) || uri.host().is_none() {
         return Err(UpstreamError::BadUri("token realm".into()));
+    }
+    // The realm is named by the upstream: the same places are off limits as for redirects.
+    if let Err(reason) = upstream.check_destination(&uri).await {
+        return Err(UpstreamError::Refused {
+            what: "token realm",
+            to: redact(&uri),
+            reason,
+        });
     }
     let mut headers = HeaderMap::new();
     if let Some(c) = creds {
