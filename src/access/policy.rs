@@ -27,8 +27,8 @@ use std::time::Duration;
 use http::{HeaderMap, StatusCode};
 
 use crate::cache::BlobStore;
-use crate::oci::{Digest, RepoKey};
 use crate::clock::now_ms;
+use crate::oci::{Digest, RepoKey};
 use crate::settings::AuthCheck;
 
 /// Proof that one object may go to the client that asked. The serving functions take it;

@@ -26,13 +26,17 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 }
 
 impl OwnAddresses {
-    /// Whether `addr` is one of our listeners (an unspecified listen address matches every
-    /// loopback address on its port).
+    /// Whether connecting to `addr` can reach one of our listeners: the same address (in
+    /// either IPv4 form), a loopback address on the port of an unspecified listen address,
+    /// or an unspecified destination (`0.0.0.0`, `::`), which the kernel connects to this
+    /// host, on the port of any listener.
     pub fn contains(&self, addr: &SocketAddr) -> bool {
         let ip = canonical_ip(addr.ip());
         self.listeners.iter().any(|own| {
             own.port() == addr.port()
-                && (canonical_ip(own.ip()) == ip || (own.ip().is_unspecified() && ip.is_loopback()))
+                && (canonical_ip(own.ip()) == ip
+                    || ip.is_unspecified()
+                    || (own.ip().is_unspecified() && ip.is_loopback()))
         })
     }
 
@@ -72,5 +76,28 @@ mod tests {
         assert!(own.contains(&"[::ffff:127.0.0.9]:3128".parse().unwrap()));
         assert!(!own.contains(&"127.0.0.1:3129".parse().unwrap()));
         assert!(!own.contains(&"10.0.0.1:5000".parse().unwrap()));
+    }
+
+    #[test]
+    fn unspecified_destinations_reach_this_host() {
+        let own = OwnAddresses {
+            listeners: vec![
+                "127.0.0.1:3128".parse().unwrap(),
+                "[::]:5000".parse().unwrap(),
+            ],
+        };
+        for a in [
+            "0.0.0.0:3128",
+            "[::]:3128",
+            "[::ffff:0.0.0.0]:3128",
+            "0.0.0.0:5000",
+            "[::1]:5000",
+            "[::ffff:127.0.0.1]:5000",
+            "127.0.0.1:5000",
+        ] {
+            assert!(own.contains(&a.parse().unwrap()), "{a}");
+        }
+        assert!(!own.contains(&"0.0.0.0:3129".parse().unwrap()));
+        assert!(!own.contains(&"[::1]:3128".parse().unwrap()));
     }
 }
