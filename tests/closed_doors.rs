@@ -6,6 +6,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use common::*;
 use http::StatusCode;
@@ -184,4 +185,83 @@ async fn admin_is_never_reached_through_the_forwarding_path_on_a_dual_stack_list
         return;
     }
     prune_through_the_proxy_deletes_nothing("[::]").await;
+}
+
+/// Waits for the server to close `tcp` (EOF or reset); `None` when it is still open
+/// after `within`.
+async fn closed_within(tcp: &mut TcpStream, within: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut b = [0u8; 1];
+    match tokio::time::timeout(within, tcp.read(&mut b)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => Some(started.elapsed()),
+        Ok(Ok(_)) => panic!("a silent client was sent bytes"),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_at_the_header_timeout() {
+    let ca = TestCa::new();
+    let stowage = Stowage::builder()
+        .trust(&ca)
+        .proxy("header_timeout = \"1s\"")
+        .proxy("idle_timeout = \"10s\"")
+        .proxy("max_connections = 20")
+        .toml("[mirror]\nlisten = \"127.0.0.1:0\"\n")
+        .start()
+        .await;
+    let mirror = stowage.mirror_addr.expect("mirror listener");
+    // A zero-byte connection on the mirror listener (plain HTTP) is closed too.
+    let mut quiet = TcpStream::connect(mirror).await.unwrap();
+    let held = closed_within(&mut quiet, Duration::from_secs(6)).await;
+    assert!(
+        held.is_some(),
+        "a zero-byte connection to the mirror was still open after 6s (header_timeout 1s)"
+    );
+
+    // Twenty of them fill max_connections = 20 ...
+    let opened = Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        silent.push(TcpStream::connect(stowage.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ... but only until the header timeout: then a real client gets in.
+    let healthz = origin_get("/healthz");
+    let got_in = bounded("a real client", async {
+        loop {
+            let (status, _) = raw(stowage.addr, &healthz).await;
+            if status == 200 {
+                return opened.elapsed();
+            }
+            assert_eq!(status, 503, "while the limit is full");
+            if opened.elapsed() > Duration::from_secs(6) {
+                panic!("20 silent connections locked clients out for over 6s (header_timeout 1s)");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(got_in < Duration::from_secs(4), "locked out for {got_in:?}");
+    for (i, tcp) in silent.iter_mut().enumerate() {
+        let held = closed_within(tcp, Duration::from_secs(3)).await;
+        assert!(
+            held.is_some(),
+            "silent connection {i} still open {:?} after it was opened (header_timeout 1s)",
+            opened.elapsed()
+        );
+    }
+    // A client that sends its request a little late, inside the deadline, is served.
+    let mut late = TcpStream::connect(stowage.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    late.write_all(healthz.as_bytes()).await.unwrap();
+    let mut resp = Vec::new();
+    bounded("late client", late.read_to_end(&mut resp))
+        .await
+        .unwrap();
+    assert!(
+        resp.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&resp)
+    );
 }
