@@ -708,6 +708,41 @@ async fn the_mirror_speaks_tls_with_a_leaf_from_the_ca() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mirror_mints_leaves_only_for_its_own_names() {
+    let ca = TestCa::new();
+    let stowage = Stowage::builder()
+        .trust(&ca)
+        .toml(&mirror_config(
+            "tls = \"ca\"\nhostname = \"mirror.example.test\"\n",
+        ))
+        .start()
+        .await;
+    let mirror = stowage.mirror_addr.unwrap();
+    // Any other name is refused with unrecognized_name: a leaf for it would let whoever
+    // reaches the mirror impersonate that site to every client that trusts the CA.
+    for sni in [
+        "accounts.google.com",
+        "evil.example",
+        "mirror.example.test.evil",
+    ] {
+        match handshake(mirror, Some(sni), &stowage.ca_pem).await {
+            Ok(chain) => panic!(
+                "the mirror minted a valid leaf for SNI {sni}: {:?}",
+                cert_names(&chain[0]).0
+            ),
+            Err(e) => assert!(e.contains("UnrecognisedName"), "SNI {sni}: {e}"),
+        }
+    }
+    // Its own name and a configured registry.
+    for sni in ["mirror.example.test", "registry.example.test"] {
+        let chain = handshake(mirror, Some(sni), &stowage.ca_pem)
+            .await
+            .unwrap_or_else(|e| panic!("SNI {sni}: {e}"));
+        assert_eq!(cert_names(&chain[0]).0, [sni]);
+    }
+}
+
 /// A server config check: a TLS handshake to `addr` presenting `sni` (`None`: no SNI, as
 /// when connecting by IP), trusting only `ca_pem`.
 async fn handshake(

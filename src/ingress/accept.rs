@@ -1,6 +1,11 @@
 //! The accept loops: one per listener, each connection in its own task. Allow lists and
 //! the connection limit are checked here, before any byte is read; refused HTTP clients get
 //! a short answer, refused TLS clients a close.
+//!
+//! Every accepted connection has a first-byte deadline (`[proxy] header_timeout`): one
+//! that sends nothing by then is closed, so silent connections hold a place under
+//! `max_connections` for no longer than that. hyper's own header timeout starts only once
+//! a request has begun, and its HTTP/1.1-or-h2 detection waits for bytes without a bound.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +57,10 @@ pub async fn run(ingress: Arc<Ingress>, kind: Listener, listener: TcpListener) {
                 };
                 let this = ingress.clone();
                 let conn = async move {
+                    if !first_byte(&stream, this.limits.header_timeout, &this.shutdown).await {
+                        tracing::debug!(%peer, listener = kind.as_str(), "no first byte in time: closed");
+                        return;
+                    }
                     match kind {
                         Listener::Proxy => {
                             forward_proxy::serve_connection(this, stream, peer)
@@ -79,6 +88,21 @@ pub async fn run(ingress: Arc<Ingress>, kind: Listener, listener: TcpListener) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+/// Waits until `stream` has a byte to read (peeked, so nothing is lost for hyper or the
+/// TLS acceptor); false when none comes within `deadline`, the peer closes first, or
+/// shutdown begins.
+async fn first_byte(
+    stream: &TcpStream,
+    deadline: Duration,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> bool {
+    let mut b = [0u8; 1];
+    tokio::select! {
+        r = tokio::time::timeout(deadline, stream.peek(&mut b)) => matches!(r, Ok(Ok(n)) if n > 0),
+        () = shutdown.cancelled() => false,
     }
 }
 

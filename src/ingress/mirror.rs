@@ -8,7 +8,7 @@
 //! `Authorization` (for the mirror's own users) never goes upstream.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
@@ -18,6 +18,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use super::loop_guard::canonical_ip;
 use super::tls::{self, Choice};
 use super::{
     client_auth, connection, loop_guard, own_endpoints, HostKind, Ingress, Listener, MirrorTls,
@@ -177,6 +178,22 @@ async fn mirror_request(
     ingress.api.serve(target, req.map(boxed)).await
 }
 
+/// Whether the mirror's `tls = "ca"` mints a leaf for `name` (the SNI): the mirror's
+/// `hostname`, a configured registry host, or the address the client connected to. Any
+/// other name would be a leaf the whole CA vouches for, handed to whoever asks.
+fn mints_for(ingress: &Ingress, hostname: &str, local_ip: Option<IpAddr>, name: &str) -> bool {
+    if name == hostname {
+        return true;
+    }
+    let Ok(host) = Host::parse(name) else {
+        return false;
+    };
+    match host.ip() {
+        Some(ip) => local_ip == Some(canonical_ip(ip)),
+        None => ingress.host_kind(&host) == Some(HostKind::Registry),
+    }
+}
+
 /// Serves one connection on the mirror listener (plain HTTP or TLS).
 pub async fn serve_connection(ingress: Arc<Ingress>, stream: TcpStream, peer: SocketAddr) {
     let this = ingress.clone();
@@ -191,11 +208,16 @@ pub async fn serve_connection(ingress: Arc<Ingress>, stream: TcpStream, peer: So
         }
     });
     let (limits, shutdown) = (ingress.limits, &ingress.shutdown);
+    let local_ip = stream.local_addr().ok().map(|a| canonical_ip(a.ip()));
     let choose = |sni: Option<String>| async {
         match &ingress.mirror.tls {
             MirrorTls::Files(c) => Choice::Serve(c.clone()),
             MirrorTls::Ca { hostname } => {
                 let name = sni.unwrap_or_else(|| hostname.clone());
+                if !mints_for(&ingress, hostname, local_ip, &name) {
+                    tracing::warn!(%peer, sni = name, "mirror TLS for a name that is not the mirror's: refused");
+                    return Choice::Refuse;
+                }
                 match ingress.ca.server_config(&name).await {
                     Ok(c) => Choice::Serve(c),
                     Err(e) => {

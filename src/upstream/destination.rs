@@ -37,7 +37,10 @@ impl OwnAddresses {
         let ip = canonical_ip(addr.ip());
         self.listeners.iter().any(|own| {
             own.port() == addr.port()
-                && (canonical_ip(own.ip()) == ip || (own.ip().is_unspecified() && ip.is_loopback()))
+                && (canonical_ip(own.ip()) == ip
+                    // an unspecified destination (0.0.0.0, ::) connects to this host
+                    || ip.is_unspecified()
+                    || (own.ip().is_unspecified() && ip.is_loopback()))
         })
     }
 }
@@ -184,4 +187,28 @@ mod tests {
         assert_eq!(class("2001:db8::1"), None);
         assert_eq!(class("8.8.8.8"), None);
     }
+
+    #[test]
+    fn unspecified_destinations_reach_this_host() {
+        let own = OwnAddresses {
+            listeners: vec![
+                "127.0.0.1:3128".parse().unwrap(),
+                "[::]:5000".parse().unwrap(),
+            ],
+        };
+        for a in [
+            "0.0.0.0:3128",
+            "[::]:3128",
+            "[::ffff:0.0.0.0]:3128",
+            "0.0.0.0:5000",
+            "[::1]:5000",
+            "[::ffff:127.0.0.1]:5000",
+            "127.0.0.1:5000",
+        ] {
+            assert!(own.contains(&a.parse().unwrap()), "{a}");
+        }
+        assert!(!own.contains(&"0.0.0.0:3129".parse().unwrap()));
+        assert!(!own.contains(&"[::1]:3128".parse().unwrap()));
+    }
+}
 }

@@ -28,6 +28,7 @@ pub struct StowageBuilder {
     upstream_toml: String,
     listen: Option<String>,
     cache_dir: Option<PathBuf>,
+    pins: Vec<(String, String)>,
 }
 
 impl StowageBuilder {
@@ -70,6 +71,13 @@ impl StowageBuilder {
     pub fn upstream(mut self, line: &str) -> Self {
         self.upstream_toml.push_str(line);
         self.upstream_toml.push('\n');
+        self
+    }
+
+    /// An `[upstream.resolve]` pin besides the fakes' (`host` to `ip`, which may be any
+    /// address: `::ffff:127.0.0.1`, `0.0.0.0`).
+    pub fn pin(mut self, host: &str, ip: &str) -> Self {
+        self.pins.push((host.to_owned(), ip.to_owned()));
         self
     }
 
@@ -117,6 +125,9 @@ impl StowageBuilder {
         );
         for h in FAKE_HOSTS {
             toml.push_str(&format!("{} = \"127.0.0.1\"\n", toml_str(h)));
+        }
+        for (host, ip) in &self.pins {
+            toml.push_str(&format!("{} = {}\n", toml_str(host), toml_str(ip)));
         }
         toml.push_str("\n[[registry]]\nhost = \"registry.example.test\"\nauth_hosts = [\"auth.example.test\"]\n");
         toml.push_str(&self.extra_toml);
@@ -174,6 +185,7 @@ impl Stowage {
             upstream_toml: String::new(),
             listen: None,
             cache_dir: None,
+            pins: Vec::new(),
         }
     }
 
