@@ -211,4 +211,3 @@ mod tests {
         assert!(!own.contains(&"[::1]:3128".parse().unwrap()));
     }
 }
-}
