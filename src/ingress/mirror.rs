@@ -179,11 +179,15 @@ async fn mirror_request(
 }
 
 /// Whether the mirror's `tls = "ca"` mints a leaf for `name` (the SNI): the mirror's
-/// `hostname`, a configured registry host, or the address the client connected to. Any
-/// other name would be a leaf the whole CA vouches for, handed to whoever asks.
+/// `hostname`, `localhost` when the client connected over loopback (the recipes' node-local
+/// mirror), a configured registry host, or the address the client connected to. Any other
+/// name would be a leaf the whole CA vouches for, handed to whoever asks.
 fn mints_for(ingress: &Ingress, hostname: &str, local_ip: Option<IpAddr>, name: &str) -> bool {
     if name == hostname {
         return true;
+    }
+    if name == "localhost" {
+        return local_ip.is_some_and(|ip| ip.is_loopback());
     }
     let Ok(host) = Host::parse(name) else {
         return false;
