@@ -31,6 +31,7 @@ use crate::oci::Registry;
 use crate::registry_api::{Accounts, RegistryApi};
 use crate::settings::{self, AuthCheck, BackendKind, Config, ConfigError};
 use crate::telemetry::Metrics;
+use crate::upstream::token_auth::Account;
 use crate::upstream::Upstream;
 
 #[derive(Debug, thiserror::Error)]
@@ -106,12 +107,13 @@ fn catalog_and_accounts(
             .unwrap_or(i);
         if let Some(c) = r.credentials(index)? {
             tracing::info!(registry = %r.registry(), username = %c.username, "using configured upstream credentials");
+            let account = Account::new(c, r.registry(), r.auth_origins());
             if r.inject() {
                 for a in r.auth_origins() {
-                    accounts.inject.insert(a, c.clone());
+                    accounts.inject.insert(a, account.clone());
                 }
             }
-            accounts.credentials.insert(r.registry(), c);
+            accounts.credentials.insert(r.registry(), account);
         }
     }
     for r in &registries {

@@ -1345,3 +1345,125 @@ async fn manifests_are_stored_byte_for_byte_with_upstreams_headers() {
         .count();
     assert_eq!(gets, 2, "one upstream GET per manifest");
 }
+
+/// Issue 14, item 1: a configured account goes only to its own registry (scheme, host and
+/// port) and to realms on that registry's configured auth hosts, and only over TLS. An
+/// upstream naming a realm elsewhere (the same host on another port, another registry's
+/// host, a plain `http://` realm) gets an anonymous token request, never the account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_credentials_go_only_to_the_registrys_own_realms() {
+    const USER: &str = "alice";
+    const PASSWORD: &str = "pw-realm-thief-bait";
+    std::env::set_var("STOWAGE_TEST_AUTH_REALM_PASSWORD", PASSWORD);
+    let basic = basic(USER, PASSWORD);
+    let ca = TestCa::new();
+    // Who receives what at each would-be realm.
+    let thief = FakeRegistry::builder(&ca).host("quay.io").build().await;
+    let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let plain_port = plain.local_addr().unwrap().port();
+    let cleartext = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let seen = cleartext.clone();
+    let plain_task = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = plain.accept().await {
+            let mut buf = vec![0u8; 8192];
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            let _ = s
+                .write_all(b"HTTP/1.1 500 No\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .await;
+        }
+    });
+    // 1. quay.io: realm on the same host, another port.
+    let quay = FakeRegistry::builder(&ca)
+        .host("quay.io")
+        .realm_url(&format!("https://quay.io:{}/token", thief.port()))
+        .build()
+        .await;
+    // 2. registry-1.docker.io: realm on another registry's host (not an auth host of this one).
+    let hub = FakeRegistry::builder(&ca)
+        .host("registry-1.docker.io")
+        .realm_host("ghcr.io")
+        .build()
+        .await;
+    // 3. gcr.io: a plain-HTTP realm.
+    let gcr = FakeRegistry::builder(&ca)
+        .host("gcr.io")
+        .realm_url(&format!("http://gcr.io:{plain_port}/token"))
+        .build()
+        .await;
+    // 4. Control: ghcr.io with its realm on its configured auth host gets the account.
+    let ghcr = FakeRegistry::builder(&ca)
+        .host("ghcr.io")
+        .realm_host("auth.docker.io")
+        .build()
+        .await;
+    let mut images = Vec::new();
+    for (i, reg) in [&quay, &hub, &gcr, &ghcr].into_iter().enumerate() {
+        let img = reg.push_image(
+            "acme/private",
+            "v1",
+            &[pseudo_random(5_000, 300 + i as u64)],
+        );
+        reg.make_private("acme/private");
+        reg.add_user(USER, PASSWORD, &["acme/private"]);
+        images.push(img);
+    }
+    let account = |host: &str, port: u16, extra: &str| {
+        format!("[[registry]]\nhost = \"{host}:{port}\"\n{extra}username = \"{USER}\"\npassword_env = \"STOWAGE_TEST_AUTH_REALM_PASSWORD\"\n")
+    };
+    let toml = [
+        account("quay.io", quay.port(), ""),
+        account("registry-1.docker.io", hub.port(), ""),
+        account("gcr.io", gcr.port(), ""),
+        account(
+            "ghcr.io",
+            ghcr.port(),
+            &format!("auth_hosts = [\"auth.docker.io:{}\"]\n", ghcr.port()),
+        ),
+    ]
+    .join("\n");
+    let stowage = Stowage::builder().trust(&ca).toml(&toml).start().await;
+    let client = stowage.client();
+    let mut violations = Vec::new();
+    for (name, reg, img) in [
+        ("quay.io", &quay, &images[0]),
+        ("registry-1.docker.io", &hub, &images[1]),
+        ("gcr.io", &gcr, &images[2]),
+        ("ghcr.io", &ghcr, &images[3]),
+    ] {
+        let t = client.tunnel(name, reg.port(), Alpn::Http11).await.unwrap();
+        let m = t
+            .get("/v2/acme/private/manifests/v1", &[("accept", ACCEPT)])
+            .await;
+        let control = name == "ghcr.io";
+        if control && (m.status != StatusCode::OK || m.body != img.manifest_bytes) {
+            violations.push(format!(
+                "{name}: the account's own auth host did not get it through: {} {}",
+                m.status,
+                m.text()
+            ));
+        }
+        if !control && m.status == StatusCode::OK {
+            violations.push(format!(
+                "{name}: the private manifest was served, so the account reached the foreign realm"
+            ));
+        }
+    }
+    let stolen = |reg: &FakeRegistry| reg.token_authorizations().iter().any(|a| *a == basic);
+    if stolen(&thief) {
+        violations.push("quay.io: a realm on another port got the account".into());
+    }
+    if stolen(&hub) {
+        violations.push("registry-1.docker.io: a realm on ghcr.io got the account".into());
+    }
+    let text = String::from_utf8_lossy(&cleartext.lock().unwrap()).to_string();
+    if text.contains(&basic["Basic ".len()..]) {
+        violations.push("gcr.io: the account went in cleartext to a plain-HTTP realm".into());
+    }
+    if !stolen(&ghcr) {
+        violations.push("ghcr.io: its configured auth host never saw the account".into());
+    }
+    plain_task.abort();
+    assert!(violations.is_empty(), "{violations:#?}");
+}

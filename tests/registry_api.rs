@@ -35,6 +35,7 @@ use stowage::oci::{Algorithm, Digest, Registry, RepoKey, TagKey};
 use stowage::registry_api::{Accounts, RegistryApi, TagTtl, Target};
 use stowage::settings::{AuthCheck, Credentials, UpstreamConfig};
 use stowage::telemetry::Metrics;
+use stowage::upstream::token_auth::Account;
 use stowage::upstream::{Transport, Upstream};
 
 /// `Basic alice:secret`: the one credential private repositories accept.
@@ -655,7 +656,9 @@ fn build(fake: &Fake, dir: &std::path::Path, opts: &Opts) -> Arc<RegistryApi> {
     ));
     let mut accounts = Accounts::default();
     for (r, c) in &opts.accounts {
-        accounts.credentials.insert(reg(r), c.clone());
+        accounts
+            .credentials
+            .insert(reg(r), Account::new(c.clone(), reg(r), Vec::new()));
     }
     let tag_ttl = TagTtl {
         rules: Vec::new(),

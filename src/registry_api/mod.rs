@@ -31,10 +31,9 @@ use crate::http_util::{
     empty, head_without_body, set_len, strip_hop_by_hop, Body, DOCKER_CONTENT_DIGEST, X_CACHE,
 };
 use crate::oci::{Digest, Reference, Registry, RepoKey, RepoName, Route, TagKey};
-use crate::settings::Credentials;
 pub use crate::settings::TagTtl;
 use crate::telemetry::{CacheStatus, LogLine, Logged, Metrics};
-use crate::upstream::token_auth::{self, credential_id, Answer};
+use crate::upstream::token_auth::{self, credential_id, Account, Answer};
 use crate::upstream::{Upstream, UpstreamError};
 pub use errors::{registry_error, ServeError};
 
@@ -83,9 +82,9 @@ pub struct RegistryApi {
 #[derive(Default)]
 pub struct Accounts {
     /// Registry → account used for clients without credentials of their own.
-    pub credentials: HashMap<Registry, Credentials>,
+    pub credentials: HashMap<Registry, Account>,
     /// Auth host origin → account added to clients' anonymous token requests.
-    pub inject: HashMap<Registry, Credentials>,
+    pub inject: HashMap<Registry, Account>,
 }
 
 impl RegistryApi {

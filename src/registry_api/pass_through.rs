@@ -32,8 +32,9 @@ pub(super) async fn pass(api: &RegistryApi, target: &Target, req: Request<Body>)
         .expect("valid parts");
     *up.headers_mut() = upstream_headers(&parts.headers);
     if target.auth_host && !up.headers().contains_key(AUTHORIZATION) {
-        if let Some(c) = api.accounts.inject.get(&target.registry) {
-            up.headers_mut().insert(AUTHORIZATION, c.basic());
+        let account = api.accounts.inject.get(&target.registry);
+        if let Some(value) = account.and_then(|a| a.authorization_for(up.uri())) {
+            up.headers_mut().insert(AUTHORIZATION, value);
         }
     }
     match api.upstream.send(up).await {

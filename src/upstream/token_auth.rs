@@ -4,6 +4,10 @@
 //! A client's own `Authorization` always wins and is never replaced. Tokens are cached per
 //! (realm, service, scope, account) until shortly before they expire. Credentials and
 //! tokens are sensitive header values and never logged.
+//!
+//! A configured account ([`Account`]) goes only to the registry it is configured for and to
+//! realms on that registry's configured auth hosts, all over HTTPS: an upstream's challenge
+//! can name any realm, and one naming somewhere else gets an anonymous token request.
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +15,40 @@ use http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 
 use super::client::{empty, redact, Fetched, Upstream, UpstreamError};
+use crate::oci::Registry;
 use crate::settings::Credentials;
+
+/// A configured upstream account and the only origins it may be sent to: the registry it is
+/// for and that registry's configured auth hosts, HTTPS only (scheme, host and port compared
+/// exactly).
+#[derive(Clone, Debug)]
+pub struct Account {
+    credentials: Credentials,
+    origins: Vec<Registry>,
+}
+
+impl Account {
+    pub fn new(credentials: Credentials, registry: Registry, auth_hosts: Vec<Registry>) -> Account {
+        let origins = std::iter::once(registry)
+            .chain(auth_hosts)
+            .filter(Registry::is_https)
+            .collect();
+        Account {
+            credentials,
+            origins,
+        }
+    }
+
+    pub fn username(&self) -> &str {
+        &self.credentials.username
+    }
+
+    /// The account as `Authorization` for a request to `uri`, if it may go there.
+    pub fn authorization_for(&self, uri: &Uri) -> Option<HeaderValue> {
+        let to = Registry::of_uri(uri)?;
+        (to.is_https() && self.origins.contains(&to)).then(|| self.credentials.basic())
+    }
+}
 
 /// A parsed `WWW-Authenticate: Bearer realm="...",service="...",scope="..."`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -126,11 +163,11 @@ struct HintKey {
 }
 
 impl HintKey {
-    fn new(uri: &Uri, creds: Option<&Credentials>) -> Option<HintKey> {
+    fn new(uri: &Uri, creds: Option<&Account>) -> Option<HintKey> {
         Some(HintKey {
             authority: uri.authority()?.to_string(),
             repo: repo_of(uri.path())?.to_owned(),
-            account: creds.map(|c| c.username.clone()),
+            account: creds.map(|c| c.username().to_owned()),
         })
     }
 }
@@ -162,7 +199,7 @@ impl Tokens {
         &self,
         upstream: &Upstream,
         challenge: &Challenge,
-        creds: Option<&Credentials>,
+        creds: Option<&Account>,
     ) -> Result<HeaderValue, UpstreamError> {
         self.get_tracked(upstream, challenge, creds)
             .await
@@ -174,7 +211,7 @@ impl Tokens {
         &self,
         upstream: &Upstream,
         challenge: &Challenge,
-        creds: Option<&Credentials>,
+        creds: Option<&Account>,
     ) -> Result<(HeaderValue, bool), UpstreamError> {
         let key = Self::key(challenge, creds);
         if let Some(t) = self.cache.get(&key).await {
@@ -195,7 +232,7 @@ impl Tokens {
     async fn invalidate(
         &self,
         challenge: &Challenge,
-        creds: Option<&Credentials>,
+        creds: Option<&Account>,
         value: &HeaderValue,
     ) {
         let key = Self::key(challenge, creds);
@@ -204,10 +241,10 @@ impl Tokens {
         }
     }
 
-    fn key(challenge: &Challenge, creds: Option<&Credentials>) -> TokenKey {
+    fn key(challenge: &Challenge, creds: Option<&Account>) -> TokenKey {
         TokenKey {
             challenge: challenge.clone(),
-            account: creds.map(|c| c.username.clone()),
+            account: creds.map(|c| c.username().to_owned()),
         }
     }
 }
@@ -215,7 +252,7 @@ impl Tokens {
 async fn fetch_token(
     upstream: &Upstream,
     ch: &Challenge,
-    creds: Option<&Credentials>,
+    creds: Option<&Account>,
 ) -> Result<Token, UpstreamError> {
     let mut url = ch.realm.clone();
     let mut sep = if url.contains('?') { '&' } else { '?' };
@@ -243,8 +280,17 @@ async fn fetch_token(
         });
     }
     let mut headers = HeaderMap::new();
-    if let Some(c) = creds {
-        headers.insert(AUTHORIZATION, c.basic());
+    if let Some(account) = creds {
+        match account.authorization_for(&uri) {
+            Some(value) => {
+                headers.insert(AUTHORIZATION, value);
+            }
+            None => tracing::warn!(
+                realm = %redact(&uri),
+                account = account.username(),
+                "the token realm is not this registry or one of its configured auth hosts (HTTPS): asking it for an anonymous token, without the account"
+            ),
+        }
     }
     let Fetched { response, .. } = upstream.fetch(Method::GET, uri, headers).await?;
     let status = response.status();
@@ -293,7 +339,7 @@ pub enum Answer<'a> {
     /// Pass the challenge to the client.
     No,
     /// Answer with these credentials, or anonymously when `None`.
-    With(Option<&'a Credentials>),
+    With(Option<&'a Account>),
 }
 
 /// A bodiless request upstream (redirects followed when `follow`), answering a `401`
@@ -338,7 +384,9 @@ pub async fn fetch(
                 .await
                 .ok()
                 .map(|v| (Hint::Bearer(ch), v)),
-            Some(Hint::Basic) => creds.map(|c| (Hint::Basic, c.basic())),
+            Some(Hint::Basic) => creds
+                .and_then(|c| c.authorization_for(&uri))
+                .map(|v| (Hint::Basic, v)),
             None => None,
         };
         if let Some((hint, value)) = value {
@@ -373,9 +421,11 @@ pub async fn fetch(
         .find_map(parse_bearer);
     let Some(ch) = challenge else {
         // A Basic challenge: the configured account answers it directly.
-        let Some(c) = creds else { return Ok(first) };
+        let Some(value) = creds.and_then(|c| c.authorization_for(&uri)) else {
+            return Ok(first);
+        };
         drop(first);
-        headers.insert(AUTHORIZATION, c.basic());
+        headers.insert(AUTHORIZATION, value);
         let second = send(method, uri, headers).await?;
         remember(tokens, hint_key, second.response.status(), Hint::Basic).await;
         return Ok(second);
@@ -454,6 +504,42 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn an_account_goes_only_to_its_registry_and_auth_hosts_over_https() {
+        let reg = |s: &str| s.parse::<Registry>().unwrap();
+        let account = Account::new(
+            Credentials::new("alice", "pw"),
+            reg("quay.io"),
+            vec![reg("auth.quay.io:8443"), reg("http://plain.example")],
+        );
+        for ok in [
+            "https://quay.io/v2/auth",
+            "https://QUAY.io:443/x",
+            "https://auth.quay.io:8443/token?scope=x",
+        ] {
+            assert!(
+                account.authorization_for(&ok.parse().unwrap()).is_some(),
+                "{ok}"
+            );
+        }
+        for refused in [
+            "http://quay.io/v2/auth",
+            "https://quay.io:5000/token",
+            "https://auth.quay.io/token",
+            "https://evil.quay.io/token",
+            "https://ghcr.io/token",
+            "http://plain.example/token",
+            "/relative",
+        ] {
+            assert!(
+                account
+                    .authorization_for(&refused.parse().unwrap())
+                    .is_none(),
+                "{refused}"
+            );
+        }
+    }
 
     #[test]
     fn bearer_challenges_parse() {

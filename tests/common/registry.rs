@@ -222,6 +222,7 @@ impl Image {
 pub struct FakeRegistryBuilder<'a> {
     ca: &'a TestCa,
     realm_host: Option<String>,
+    realm_url: Option<String>,
     host: String,
     storage: Option<&'a FakeStorage>,
     mode: BlobMode,
@@ -241,6 +242,13 @@ impl<'a> FakeRegistryBuilder<'a> {
         self
     }
 
+    /// The whole realm URL the challenges name (another server's, a hostile one), instead
+    /// of this server's own `/token`.
+    pub fn realm_url(mut self, url: &str) -> Self {
+        self.realm_url = Some(url.to_owned());
+        self
+    }
+
     /// Blobs pushed from now on are also put into `storage`, for redirects.
     pub fn storage(mut self, storage: &'a FakeStorage) -> Self {
         self.storage = Some(storage);
@@ -254,6 +262,7 @@ impl<'a> FakeRegistryBuilder<'a> {
 
     pub async fn build(self) -> FakeRegistry {
         let realm_host = self.realm_host.unwrap_or_else(|| self.host.clone());
+        let realm_url = self.realm_url;
         let storage = self.storage.map(|s| (s.shared.clone(), s.port()));
         let mode = self.mode;
         let mut shared_slot = None;
@@ -273,7 +282,9 @@ impl<'a> FakeRegistryBuilder<'a> {
                 }),
                 log: Mutex::new(Vec::new()),
                 next_token: AtomicU64::new(1),
-                realm: format!("https://{realm_host}:{}/token", addr.port()),
+                realm: realm_url
+                    .clone()
+                    .unwrap_or_else(|| format!("https://{realm_host}:{}/token", addr.port())),
                 storage,
             });
             shared_slot = Some(shared.clone());
@@ -303,6 +314,7 @@ impl FakeRegistry {
         FakeRegistryBuilder {
             ca,
             realm_host: None,
+            realm_url: None,
             host: "quay.io".into(),
             storage: None,
             mode: BlobMode::Serve,
