@@ -116,7 +116,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run => run(config),
         Command::Cache(c) => cache_command(&config, c),
         Command::Ca(CaCommand::Export { out }) => {
-            let ca = stowage::ingress::ca::CertificateAuthority::load_or_create(&config.ca.dir)?;
+            let ca = stowage::server::open_ca(&config)?;
             match out {
                 Some(path) => std::fs::write(&path, ca.cert_pem())
                     .with_context(|| format!("writing {}", path.display()))?,
@@ -125,7 +125,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Setup { runtime, address } => {
-            let ca = stowage::ingress::ca::CertificateAuthority::load_or_create(&config.ca.dir)?;
+            let ca = stowage::server::open_ca(&config)?;
             let address = address.unwrap_or_else(|| {
                 client_address(&config)
                     .map(|a| a.to_string())

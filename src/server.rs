@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::access::Access;
 use crate::cache::shared_tier::{Backend, FsBackend, S3Backend};
 use crate::cache::{BlobStore, Cache, Limits, StoreError};
-use crate::ingress::ca::{CaError, CertificateAuthority};
+use crate::ingress::ca::{CaError, CertificateAuthority, NameScope};
 use crate::ingress::client_auth::ProxyUsers;
 use crate::ingress::loop_guard::OwnAddresses;
 use crate::ingress::{
@@ -89,6 +89,29 @@ fn load_tls_files(
     Ok(Arc::new(config))
 }
 
+/// The local CA of `[ca] dir`, made with name constraints when `[ca] name_constraints` is
+/// on: the configured registries, their auth hosts, the mirror's hostname and `localhost`.
+pub fn open_ca(config: &Config) -> Result<CertificateAuthority, CaError> {
+    if !config.ca.name_constraints {
+        return CertificateAuthority::open(&config.ca.dir, None);
+    }
+    let mut names = Vec::new();
+    for r in config.registries() {
+        names.push(r.registry().host().as_str().to_owned());
+        names.extend(
+            r.auth_origins()
+                .iter()
+                .map(|a| a.host().as_str().to_owned()),
+        );
+    }
+    if !config.mirror.hostname.is_empty() {
+        names.push(config.mirror.hostname.clone());
+    }
+    names.push("localhost".to_owned());
+    let scope = NameScope::of(names.iter().map(String::as_str));
+    CertificateAuthority::open(&config.ca.dir, Some(&scope))
+}
+
 /// Which hosts get their TLS terminated, and the configured accounts by exact registry.
 fn catalog_and_accounts(
     config: &Config,
@@ -131,7 +154,7 @@ impl Server {
         let _ = aws_lc_rs::rand::fill(&mut seed);
         config.validate()?;
         let proxy_listen = config.proxy_listen()?;
-        let ca = CertificateAuthority::load_or_create(&config.ca.dir)?;
+        let ca = open_ca(&config)?;
         let store = {
             let dir = config.cache.dir.clone();
             tokio::task::spawn_blocking(move || BlobStore::open(&dir))

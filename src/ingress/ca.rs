@@ -5,6 +5,13 @@
 //! a certificate whose SAN is that host (DNS name or IP), and a rustls `ServerConfig`
 //! offering h2 and http/1.1. Configs are kept in a moka cache whose `try_get_with` runs one
 //! mint per host, so a burst of first connections mints once.
+//!
+//! With `[ca] name_constraints = true` a new CA carries X.509 name constraints
+//! ([`NameScope`]): permitted DNS subtrees for the configured registries, their auth hosts
+//! and the mirror's names, and no IP addresses but the literal ones configured. A stolen
+//! `ca.key` then vouches for nothing else (Go, OpenSSL and webpki clients enforce this).
+//! The trade-off: a registry added later needs a new CA, which startup says in so many
+//! words. The CA directory is created 0700.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -16,13 +23,117 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, CidrSubnet, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    NameConstraints, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
+
+/// The names a CA may sign for: DNS subtrees (a name and everything under it, RFC 5280)
+/// and IP networks. No IP network means no IP address at all.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NameScope {
+    pub dns: Vec<String>,
+    pub ips: Vec<ipnet::IpNet>,
+}
+
+impl NameScope {
+    /// The scope covering these hosts (DNS names or IP literals), deduplicated.
+    pub fn of<'a>(hosts: impl IntoIterator<Item = &'a str>) -> NameScope {
+        let mut scope = NameScope::default();
+        for h in hosts {
+            let h = h.trim_end_matches('.').to_ascii_lowercase();
+            match h.trim_matches(['[', ']']).parse::<IpAddr>() {
+                Ok(ip) => {
+                    let net = ipnet::IpNet::from(ip);
+                    if !scope.ips.contains(&net) {
+                        scope.ips.push(net);
+                    }
+                }
+                Err(_) if !h.is_empty() && !scope.dns.contains(&h) => scope.dns.push(h),
+                Err(_) => {}
+            }
+        }
+        scope
+    }
+
+    /// Whether a leaf for `host` is inside the scope.
+    pub fn permits(&self, host: &str) -> bool {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        match host.trim_matches(['[', ']']).parse::<IpAddr>() {
+            Ok(ip) => self.ips.iter().any(|n| n.contains(&ip)),
+            Err(_) => self.dns.iter().any(|d| {
+                host == *d
+                    || (host.ends_with(d.as_str()) && host[..host.len() - d.len()].ends_with('.'))
+            }),
+        }
+    }
+
+    fn to_rcgen(&self) -> NameConstraints {
+        let mut permitted: Vec<GeneralSubtree> = self
+            .dns
+            .iter()
+            .map(|d| GeneralSubtree::DnsName(d.clone()))
+            .collect();
+        permitted.extend(self.ips.iter().map(|n| {
+            GeneralSubtree::IpAddress(CidrSubnet::from_addr_prefix(n.addr(), n.prefix_len()))
+        }));
+        // With no IP network permitted, exclude them all: a constraint list without IP
+        // entries leaves IP addresses unconstrained.
+        let excluded = if self.ips.is_empty() {
+            vec![
+                GeneralSubtree::IpAddress(CidrSubnet::from_v4_prefix([0; 4], 0)),
+                GeneralSubtree::IpAddress(CidrSubnet::from_v6_prefix([0; 16], 0)),
+            ]
+        } else {
+            Vec::new()
+        };
+        NameConstraints {
+            permitted_subtrees: permitted,
+            excluded_subtrees: excluded,
+        }
+    }
+
+    /// The scope a CA certificate's name constraints allow; `None` for an unconstrained CA.
+    fn of_certificate(der: &[u8]) -> Result<Option<NameScope>, String> {
+        use x509_parser::extensions::GeneralName;
+        let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+        let Some(nc) = cert.name_constraints().map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let mut scope = NameScope::default();
+        for subtree in nc.value.permitted_subtrees.iter().flatten() {
+            match &subtree.base {
+                GeneralName::DNSName(d) => scope
+                    .dns
+                    .push(d.trim_start_matches('.').to_ascii_lowercase()),
+                GeneralName::IPAddress(b) => {
+                    let net = match b.len() {
+                        8 => {
+                            let addr: [u8; 4] = b[..4].try_into().expect("4 bytes");
+                            let mask: [u8; 4] = b[4..].try_into().expect("4 bytes");
+                            let prefix = u32::from_be_bytes(mask).leading_ones() as u8;
+                            ipnet::IpNet::new(IpAddr::from(addr), prefix)
+                        }
+                        32 => {
+                            let addr: [u8; 16] = b[..16].try_into().expect("16 bytes");
+                            let mask: [u8; 16] = b[16..].try_into().expect("16 bytes");
+                            let prefix = u128::from_be_bytes(mask).leading_ones() as u8;
+                            ipnet::IpNet::new(IpAddr::from(addr), prefix)
+                        }
+                        _ => return Err("a name constraint holds a malformed IP network".into()),
+                    };
+                    scope.ips.push(net.map_err(|e| e.to_string())?);
+                }
+                _ => {}
+            }
+        }
+        Ok(Some(scope))
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -50,11 +161,25 @@ pub struct CertificateAuthority {
     cert_der: CertificateDer<'static>,
     leaves: moka::future::Cache<String, Arc<ServerConfig>>,
     minted: AtomicU64,
+    /// The CA's own name constraints; `None` when it has none.
+    scope: Option<NameScope>,
 }
 
 impl CertificateAuthority {
-    /// Loads `ca.crt` + `ca.key` from `dir`, or creates both when neither exists.
+    /// Loads `ca.crt` + `ca.key` from `dir`, or creates both when neither exists, without
+    /// name constraints.
     pub fn load_or_create(dir: &Path) -> Result<CertificateAuthority, CaError> {
+        Self::open(dir, None)
+    }
+
+    /// Like [`load_or_create`](Self::load_or_create); with `constrain`, a new CA is limited
+    /// to that scope, and an existing one must be limited to a scope that covers it (else an
+    /// error that says how to make a new CA). An existing constrained CA must cover
+    /// `constrain` (or, without it, is used as it is).
+    pub fn open(
+        dir: &Path,
+        constrain: Option<&NameScope>,
+    ) -> Result<CertificateAuthority, CaError> {
         let crt = dir.join("ca.crt");
         let key = dir.join("ca.key");
         let io = |path: &Path| {
@@ -77,10 +202,40 @@ impl CertificateAuthority {
                     KeyPair::from_pem(&key_pem).map_err(|e| invalid(format!("ca.key: {e}")))?;
                 let issuer = Issuer::from_ca_cert_pem(&cert_pem, key_pair)
                     .map_err(|e| invalid(format!("ca.crt: {e}")))?;
-                Self::from_parts(issuer, cert_pem).map_err(invalid)
+                let ca = Self::from_parts(issuer, cert_pem).map_err(invalid)?;
+                match (&ca.scope, constrain) {
+                    (None, Some(_)) => {
+                        return Err(invalid(
+                            "[ca] name_constraints is on, but this CA was made without name constraints; move ca.crt and ca.key away to have a constrained CA made, and distribute the new ca.crt to clients".into(),
+                        ))
+                    }
+                    (Some(have), Some(want)) => {
+                        let outside: Vec<&str> = want
+                            .dns
+                            .iter()
+                            .map(String::as_str)
+                            .filter(|d| !have.permits(d))
+                            .chain(want.ips.iter().filter(|n| !have.ips.iter().any(|h| h.contains(*n))).map(|_| "an IP address"))
+                            .collect();
+                        if !outside.is_empty() {
+                            return Err(invalid(format!(
+                                "the CA's name constraints do not cover {}: a constrained CA cannot sign for names added after it was made; move ca.crt and ca.key away to have a new one made, and distribute the new ca.crt to clients",
+                                outside.join(", ")
+                            )));
+                        }
+                    }
+                    (Some(have), None) => tracing::info!(dns = ?have.dns, "the CA is name-constrained; leaves outside its names are not minted"),
+                    (None, None) => {}
+                }
+                Ok(ca)
             }
             (false, false) => {
+                let created = !dir.exists();
                 fs::create_dir_all(dir).map_err(io(dir))?;
+                if created {
+                    // ca.key is 0600 anyway; nobody else needs to list the directory.
+                    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+                }
                 let key_pair = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
                     .map_err(|e| invalid(e.to_string()))?;
                 let mut params = CertificateParams::default();
@@ -97,6 +252,7 @@ impl CertificateAuthority {
                 let now = OffsetDateTime::now_utc();
                 params.not_before = now - BACKDATE;
                 params.not_after = now + Duration::from_secs(10 * 365 * 24 * 3600);
+                params.name_constraints = constrain.map(NameScope::to_rcgen);
                 let cert = params
                     .self_signed(&key_pair)
                     .map_err(|e| invalid(e.to_string()))?;
@@ -104,7 +260,7 @@ impl CertificateAuthority {
                 // being noticed as "both missing" and regenerated over a trusted cert.
                 write_new(&key, key_pair.serialize_pem().as_bytes(), 0o600).map_err(io(&key))?;
                 write_new(&crt, cert.pem().as_bytes(), 0o644).map_err(io(&crt))?;
-                tracing::info!(dir = %dir.display(), "created a new CA; trust ca.crt on your clients");
+                tracing::info!(dir = %dir.display(), constrained = constrain.is_some(), "created a new CA; trust ca.crt on your clients");
                 let issuer = Issuer::new(params, key_pair);
                 Self::from_parts(issuer, cert.pem()).map_err(invalid)
             }
@@ -126,7 +282,9 @@ impl CertificateAuthority {
             .next()
             .ok_or("ca.crt holds no certificate")?
             .map_err(|e| format!("ca.crt: {e}"))?;
+        let scope = NameScope::of_certificate(&cert_der).map_err(|e| format!("ca.crt: {e}"))?;
         Ok(CertificateAuthority {
+            scope,
             issuer,
             cert_pem,
             cert_der,
@@ -160,6 +318,10 @@ impl CertificateAuthority {
             host: host.to_owned(),
             message,
         };
+        if self.scope.as_ref().is_some_and(|s| !s.permits(host)) {
+            // Clients would refuse it; say why here rather than as a TLS error there.
+            return Err(err("outside the CA's name constraints".into()));
+        }
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| err(e.to_string()))?;
         let mut params =
             CertificateParams::new(vec![host.to_owned()]).map_err(|e| err(e.to_string()))?;
@@ -251,6 +413,131 @@ mod tests {
         let b = CertificateAuthority::load_or_create(dir.path()).unwrap();
         assert_eq!(a.cert_pem(), b.cert_pem());
         b.server_config("quay.io").await.unwrap();
+    }
+
+    #[test]
+    fn a_new_ca_directory_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        CertificateAuthority::load_or_create(&certs).unwrap();
+        let mode = fs::metadata(&certs).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn name_scopes_cover_names_and_their_subdomains_only() {
+        let s = NameScope::of(["Quay.io", "10.0.0.5", "quay.io", "auth.docker.io."]);
+        assert_eq!(s.dns, ["quay.io", "auth.docker.io"]);
+        assert_eq!(s.ips.len(), 1);
+        for ok in [
+            "quay.io",
+            "cdn.quay.io",
+            "QUAY.IO.",
+            "auth.docker.io",
+            "10.0.0.5",
+        ] {
+            assert!(s.permits(ok), "{ok}");
+        }
+        for no in [
+            "evilquay.io",
+            "io",
+            "docker.io",
+            "10.0.0.6",
+            "127.0.0.1",
+            "::1",
+            "",
+        ] {
+            assert!(!s.permits(no), "{no}");
+        }
+    }
+
+    /// A leaf signed with the CA's key for any name, as a thief holding `ca.key` would make.
+    fn forge(ca: &CertificateAuthority, host: &str) -> CertificateDer<'static> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(vec![host.to_owned()]).unwrap();
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.signed_by(&key, &ca.issuer).unwrap().der().clone()
+    }
+
+    /// What webpki (rustls' verifier) says of a leaf for `host` from a client trusting `ca`.
+    fn webpki_verdict(
+        ca: &CertificateAuthority,
+        leaf: &CertificateDer<'_>,
+        host: &str,
+    ) -> Result<(), String> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert_der.clone()).unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+        )
+        .build()
+        .unwrap();
+        let name = rustls_pki_types::ServerName::try_from(host.to_owned()).unwrap();
+        use rustls::client::danger::ServerCertVerifier;
+        verifier
+            .verify_server_cert(leaf, &[], &name, &[], rustls_pki_types::UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_constrained_ca_vouches_only_for_its_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let scope = NameScope::of(["quay.io", "registry-1.docker.io", "auth.docker.io"]);
+        let ca = CertificateAuthority::open(dir.path(), Some(&scope)).unwrap();
+        assert_eq!(ca.scope.as_ref(), Some(&scope));
+        for host in ["quay.io", "registry-1.docker.io", "cdn.quay.io"] {
+            webpki_verdict(&ca, &forge(&ca, host), host).unwrap_or_else(|e| panic!("{host}: {e}"));
+        }
+        for host in [
+            "accounts.google.com",
+            "quay.io.evil.test",
+            "127.0.0.1",
+            "10.1.2.3",
+        ] {
+            let verdict = webpki_verdict(&ca, &forge(&ca, host), host);
+            assert!(verdict.is_err(), "a leaf for {host} verified");
+        }
+        // The same forged leaf verifies under an unconstrained CA: the constraint is the cause.
+        let open = CertificateAuthority::load_or_create(&dir.path().join("open")).unwrap();
+        webpki_verdict(
+            &open,
+            &forge(&open, "accounts.google.com"),
+            "accounts.google.com",
+        )
+        .unwrap();
+        // Reloaded, the CA knows its scope, mints inside it and refuses outside.
+        let again = CertificateAuthority::open(dir.path(), Some(&scope)).unwrap();
+        assert_eq!(again.scope.as_ref(), Some(&scope));
+        assert!(again.mint("quay.io").is_ok());
+        let e = again.mint("accounts.google.com").err().unwrap();
+        assert!(e.to_string().contains("name constraints"), "{e}");
+    }
+
+    #[test]
+    fn a_ca_that_cannot_cover_the_config_is_an_error_that_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        CertificateAuthority::load_or_create(dir.path()).unwrap();
+        let scope = NameScope::of(["quay.io"]);
+        let e = CertificateAuthority::open(dir.path(), Some(&scope))
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().contains("made without name constraints"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        CertificateAuthority::open(dir.path(), Some(&scope)).unwrap();
+        let wider = NameScope::of(["quay.io", "ghcr.io"]);
+        let e = CertificateAuthority::open(dir.path(), Some(&wider))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("do not cover ghcr.io"), "{e}");
+        // Turning the option off keeps using the constrained CA as it is.
+        let ca = CertificateAuthority::open(dir.path(), None).unwrap();
+        assert!(ca.scope.is_some());
     }
 
     #[tokio::test]

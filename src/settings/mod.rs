@@ -249,12 +249,18 @@ pub enum OtherHosts {
 pub struct CaConfig {
     /// Directory holding `ca.crt` and `ca.key`; both are created on first start. Default `certs`.
     pub dir: PathBuf,
+    /// Make the CA with X.509 name constraints: it can then sign only for the configured
+    /// registries, their auth hosts and the mirror's names (and IP literals among them), so
+    /// a stolen `ca.key` impersonates nothing else. A registry added later needs a new CA.
+    /// Default false.
+    pub name_constraints: bool,
 }
 
 impl Default for CaConfig {
     fn default() -> Self {
         CaConfig {
             dir: "certs".into(),
+            name_constraints: false,
         }
     }
 }
