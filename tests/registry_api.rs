@@ -180,11 +180,33 @@ struct State {
     seen: Vec<Seen>,
     /// When set, blob bodies send their first chunk, then wait for this to turn true.
     hold: Option<watch::Receiver<bool>>,
+    /// The same for manifest bodies.
+    hold_manifests: Option<watch::Receiver<bool>>,
 }
 
 /// An in-process upstream: any number of registries, each a map of repositories.
 #[derive(Clone, Default)]
 struct Fake(Arc<Mutex<State>>);
+
+/// `bytes` in three chunks (so that streaming and held-back last frames are exercised);
+/// with `hold`, the chunks after the first wait for it to turn true.
+fn held_body(bytes: Bytes, hold: Option<watch::Receiver<bool>>) -> Body {
+    let third = bytes.len().div_ceil(3).max(1);
+    let chunks: Vec<Bytes> = bytes.chunks(third).map(Bytes::copy_from_slice).collect();
+    let stream = futures_util::stream::unfold(
+        (chunks.into_iter(), hold, true),
+        |(mut it, mut hold, first)| async move {
+            let chunk = it.next()?;
+            if !first {
+                if let Some(h) = hold.as_mut() {
+                    let _ = h.wait_for(|open| *open).await;
+                }
+            }
+            Some((Ok::<_, BoxError>(Frame::data(chunk)), (it, hold, false)))
+        },
+    );
+    StreamBody::new(stream).boxed_unsync()
+}
 
 fn registry_json(status: StatusCode, code: &str) -> Response<Body> {
     let body = format!(r#"{{"errors":[{{"code":"{code}","message":"fake"}}]}}"#);
@@ -327,6 +349,14 @@ impl Fake {
     fn hold_blobs(&self) -> watch::Sender<bool> {
         let (tx, rx) = watch::channel(false);
         self.state().hold = Some(rx);
+        tx
+    }
+
+    /// Makes manifest bodies wait after their first chunk until the returned sender says
+    /// `true`.
+    fn hold_manifests(&self) -> watch::Sender<bool> {
+        let (tx, rx) = watch::channel(false);
+        self.state().hold_manifests = Some(rx);
         tx
     }
 
@@ -488,7 +518,8 @@ impl State {
             else {
                 return Ok(registry_json(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"));
             };
-            let mut resp = content(StatusCode::OK, &media_type, bytes.clone(), full(bytes));
+            let body = held_body(bytes.clone(), self.hold_manifests.clone());
+            let mut resp = content(StatusCode::OK, &media_type, bytes, body);
             resp.headers_mut().insert(
                 "docker-content-digest",
                 HeaderValue::from_str(&digest.to_string()).unwrap(),
@@ -502,28 +533,8 @@ impl State {
         else {
             return Ok(registry_json(StatusCode::NOT_FOUND, "BLOB_UNKNOWN"));
         };
-        // Three chunks, so that streaming and held-back last frames are exercised.
-        let third = bytes.len().div_ceil(3).max(1);
-        let chunks: Vec<Bytes> = bytes.chunks(third).map(Bytes::copy_from_slice).collect();
-        let hold = self.hold.clone();
-        let stream = futures_util::stream::unfold(
-            (chunks.into_iter(), hold, true),
-            |(mut it, mut hold, first)| async move {
-                let chunk = it.next()?;
-                if !first {
-                    if let Some(h) = hold.as_mut() {
-                        let _ = h.wait_for(|open| *open).await;
-                    }
-                }
-                Some((Ok::<_, BoxError>(Frame::data(chunk)), (it, hold, false)))
-            },
-        );
-        let mut resp = content(
-            StatusCode::OK,
-            "application/octet-stream",
-            bytes,
-            StreamBody::new(stream).boxed_unsync(),
-        );
+        let body = held_body(bytes.clone(), self.hold.clone());
+        let mut resp = content(StatusCode::OK, "application/octet-stream", bytes, body);
         resp.headers_mut().insert(
             "docker-content-digest",
             HeaderValue::from_str(&digest.to_string()).unwrap(),
@@ -561,6 +572,8 @@ struct Opts {
     /// Configured upstream accounts, by registry.
     accounts: Vec<(&'static str, Credentials)>,
     max_concurrent_fills: usize,
+    /// `[cache] max_manifest_size`.
+    max_manifest_size: u64,
 }
 
 impl Default for Opts {
@@ -572,6 +585,7 @@ impl Default for Opts {
             public_ttl: Duration::from_secs(3600),
             accounts: Vec::new(),
             max_concurrent_fills: 16,
+            max_manifest_size: 1 << 20,
         }
     }
 }
@@ -643,7 +657,7 @@ fn build(fake: &Fake, dir: &std::path::Path, opts: &Opts) -> Arc<RegistryApi> {
         Limits {
             max_size: 1 << 30,
             min_free: 0,
-            max_manifest_size: 1 << 20,
+            max_manifest_size: opts.max_manifest_size,
             max_concurrent_fills: opts.max_concurrent_fills,
         },
     ));
@@ -1993,4 +2007,85 @@ async fn an_anonymous_tag_miss_redirected_to_a_login_page_caches_nothing() {
         )
         .await;
     r.assert_ok(&img.manifest, "miss");
+}
+
+// ---------------------------------------------------------------------------------------
+// Issue 14, item 5: manifest fills buffer within a bounded total
+// ---------------------------------------------------------------------------------------
+
+/// Manifests are verified in memory before they are stored, so many slow fills at once held
+/// a whole manifest each (300 slow 4 MiB fills: 1.26 GB). In total they may now hold 16 x
+/// `max_manifest_size`; a manifest beyond that is relayed uncached (and, by digest, still
+/// verified on the way), and the budget is whole again once the fills end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifest_fills_beyond_the_memory_budget_are_relayed_uncached() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "big/app", Visibility::Public);
+    // 3,500 bytes each: 4 KiB of budget each, 16 of them fill the 64 KiB of 16 x 4 KiB.
+    let manifests: Vec<(Digest, Vec<u8>)> = (0..18)
+        .map(|i| {
+            let pad = "x".repeat(3400);
+            let bytes = format!(
+                r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","annotations":{{"n":"{i}","pad":"{pad}"}}}}"#
+            )
+            .into_bytes();
+            let d = fake.manifest("quay.io", "big/app", None, OCI_MANIFEST, &bytes);
+            (d, bytes)
+        })
+        .collect();
+    let gate = fake.hold_manifests();
+    let h = Arc::new(Harness::new(
+        &fake,
+        Opts {
+            max_manifest_size: 4096,
+            ..Opts::default()
+        },
+    ));
+    let path = |d: &Digest| manifest_path("big/app", &d.to_string());
+    let held: Vec<_> = manifests[..16]
+        .iter()
+        .map(|(d, _)| {
+            let (h, p) = (h.clone(), path(d));
+            tokio::spawn(async move { h.send(Method::GET, "quay.io", &p, &[], false).await })
+        })
+        .collect();
+    // All sixteen are buffering (upstream sent their first chunk and holds the rest).
+    for _ in 0..400 {
+        if fake
+            .since(0)
+            .iter()
+            .filter(|s| s.starts_with("GET manifest"))
+            .count()
+            == 16
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (over_d, over) = &manifests[16];
+    let over_path = path(over_d);
+    let (beyond, ()) = tokio::join!(
+        h.send(Method::GET, "quay.io", &over_path, &[], false),
+        async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            gate.send_replace(true);
+        }
+    );
+    beyond.assert_ok(over, "miss");
+    for (task, (d, bytes)) in held.into_iter().zip(&manifests) {
+        task.await.unwrap().assert_ok(bytes, "miss");
+        assert!(h.stored(d), "a fill within the budget was stored");
+    }
+    h.settle().await;
+    assert!(
+        !h.stored(over_d),
+        "the manifest beyond the budget was buffered and stored"
+    );
+    // The budget is back: the next fill is stored again.
+    let (last_d, last) = &manifests[17];
+    h.get("quay.io", &path(last_d), &[])
+        .await
+        .assert_ok(last, "miss");
+    assert!(h.stored(last_d));
 }

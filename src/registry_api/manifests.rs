@@ -2,23 +2,29 @@
 //! kept) and by tag (a row per `Accept` variant with a TTL; revalidated with `HEAD`, which
 //! Docker Hub does not count against pull limits; served stale when upstream fails).
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, WARNING};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
+use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::errors::revalidation_answer;
 use super::errors::ServeError;
 use super::{
-    authorize, fetch_uncached, path_and_query, relay, serve_stored, upstream_fetch, Object,
-    RegistryApi, Served, Target,
+    authorize, blobs::verified_relay, fetch_uncached, path_and_query, relay, serve_stored,
+    upstream_fetch, Object, RegistryApi, Served, Target,
 };
 use crate::access::UpstreamNow;
 use crate::cache::{StoreError, TagVariant};
 use crate::clock::now_ms;
 use crate::http_util::{
-    collect_limited, full, set_len, strip_hop_by_hop, Body, CollectError, DOCKER_CONTENT_DIGEST,
+    collect_limited, full, set_len, strip_hop_by_hop, Body, BoxError, CollectError,
+    DOCKER_CONTENT_DIGEST,
 };
 use crate::oci::{Algorithm, Digest, RepoName, Tag, TagKey};
 use crate::telemetry::CacheStatus;
@@ -83,6 +89,51 @@ pub(super) async fn manifest_by_digest(
     }
 }
 
+/// Manifest fills verify in memory before they store, and the response is sent from that
+/// memory: together they may hold this many times `[cache] max_manifest_size`. A manifest
+/// that does not fit is relayed as it comes, uncached (by digest, still verified on the way),
+/// so a crowd of slow fills cannot grow the process without bound.
+const MANIFEST_BUDGET_FILLS: u64 = 16;
+
+/// Budget units are KiB (a semaphore takes at most `u32::MAX` permits at once).
+fn kib(bytes: u64) -> u32 {
+    bytes.div_ceil(1024).clamp(1, u32::MAX as u64) as u32
+}
+
+/// The semaphore that bounds buffered manifest bytes (see [`MANIFEST_BUDGET_FILLS`]).
+pub(super) fn manifest_budget(max_manifest_size: u64) -> Arc<Semaphore> {
+    let permits = u64::from(kib(max_manifest_size)) * MANIFEST_BUDGET_FILLS;
+    Arc::new(Semaphore::new(
+        permits.min(Semaphore::MAX_PERMITS as u64) as usize
+    ))
+}
+
+/// A body that keeps its share of the manifest budget until it is sent or dropped.
+struct Budgeted {
+    body: Body,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl http_body::Body for Budgeted {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 pub(super) enum Fetch {
     /// A verified manifest, stored, with the response to send and its digest.
     Stored(Response<Body>, Digest),
@@ -119,10 +170,24 @@ pub(super) async fn fetch_manifest(
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    // Relayed as it comes, uncached; by digest, verified on the way (a mismatch cuts the
+    // body short). A tag's digest is not known before the bytes are.
+    let pass = |resp| match expected {
+        Some(d) => verified_relay(api, resp, d),
+        None => relay(resp),
+    };
     if announced.is_some_and(|n| n > limit) {
-        // Too big to buffer: relay it unverified and uncached.
-        return Ok(Fetch::Relayed(relay(resp)));
+        // Too big to buffer.
+        return Ok(Fetch::Relayed(pass(resp)));
     }
+    let need = kib(announced.unwrap_or(limit));
+    let Ok(permit) = api.manifest_budget.clone().try_acquire_many_owned(need) else {
+        tracing::debug!(
+            kib = need,
+            "manifest buffering budget in use by other fills: relaying this one uncached"
+        );
+        return Ok(Fetch::Relayed(pass(resp)));
+    };
     let (mut parts, body) = resp.into_parts();
     let idle = api.upstream.idle_timeout();
     let bytes: Bytes = match tokio::time::timeout(idle, collect_limited(body, limit as usize)).await
@@ -180,8 +245,12 @@ pub(super) async fn fetch_manifest(
         HeaderValue::from_str(&digest.to_string()).expect("ascii"),
     );
     set_len(&mut parts.headers, bytes.len() as u64);
+    let body = Budgeted {
+        body: full(bytes),
+        _permit: permit,
+    };
     Ok(Fetch::Stored(
-        Response::from_parts(parts, full(bytes)),
+        Response::from_parts(parts, body.boxed_unsync()),
         digest,
     ))
 }

@@ -76,6 +76,8 @@ pub struct RegistryApi {
     /// (repository, manifest digest) → tag rows waiting for that manifest to be stored
     /// (tags resolved with `HEAD`; see `manifests::remember_tag_head`).
     pending_tags: moka::sync::Cache<(RepoKey, Digest), Vec<(TagKey, TagVariant)>>,
+    /// Bounds the manifest bytes fills hold in memory (`manifests::manifest_budget`).
+    manifest_budget: Arc<tokio::sync::Semaphore>,
 }
 
 /// Configured upstream accounts, by the exact registry (scheme, host, port) they are for.
@@ -98,6 +100,7 @@ impl RegistryApi {
         tasks: TaskTracker,
     ) -> RegistryApi {
         RegistryApi {
+            manifest_budget: manifests::manifest_budget(cache.limits.max_manifest_size),
             cache,
             upstream,
             access,
