@@ -424,6 +424,49 @@ async fn plain_http_forwarding_obeys_the_tunnel_rules() {
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
 
+// Item 3, for CONNECT: a blind tunnel to a port in tunnel_ports still never reaches a
+// loopback service (by literal, mapped literal or an unpinned name); a pinned name does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blind_tunnels_never_reach_internal_addresses_unless_pinned() {
+    let ca = TestCa::new();
+    let (p, accepted, _svc) = loopback_service().await;
+    let open = Stowage::builder()
+        .trust(&ca)
+        .tunnel_ports(&[p])
+        .start()
+        .await;
+    let client = open.client();
+    let mut bad = Vec::new();
+    for authority in [
+        format!("127.0.0.1:{p}"),
+        format!("127.0.0.2:{p}"),
+        format!("[::ffff:127.0.0.1]:{p}"),
+        format!("localhost:{p}"),
+    ] {
+        match client.connect_raw(&authority).await {
+            Ok((_, StatusCode::FORBIDDEN)) => {}
+            Ok((_, status)) => bad.push(format!("CONNECT {authority}: {status}, want 403")),
+            Err(e) => bad.push(format!("CONNECT {authority}: {e}")),
+        }
+    }
+    match client.connect_raw(&format!("tunnel.test:{p}")).await {
+        Ok((_, StatusCode::OK)) => {}
+        other => bad.push(format!("CONNECT to the pinned tunnel.test: {other:?}")),
+    }
+    eventually("the pinned tunnel connects", || {
+        accepted.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let reached = accepted.load(Ordering::SeqCst);
+    if reached != 1 {
+        bad.push(format!(
+            "the loopback service accepted {reached} connections; only the pinned tunnel may reach it"
+        ));
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
 /// The `registry` label of every `stowage_requests_total` sample.
 fn request_registries(metrics: &str) -> std::collections::BTreeSet<String> {
     metrics

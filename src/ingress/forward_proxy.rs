@@ -131,14 +131,12 @@ async fn connect(
                 return refused;
             }
             // A name (or pin) that leads back to a listener of ours would turn a remote
-            // client into a loopback one, the kind allowed to use /admin.
-            let upstream = &ingress.api.upstream;
-            if let Ok(addrs) = upstream.resolver().resolve(&host, port).await {
-                if addrs.iter().any(|a| ingress.own.contains(a)) {
-                    tracing::info!(%peer, %host, port, "CONNECT refused: resolves to this proxy");
-                    return loop_refused();
-                }
+            // client into a loopback one, the kind allowed to use /admin; loopback and
+            // link-local services are not the proxy's to offer either (unless pinned).
+            if let Some(refused) = destination_refused(&ingress, peer, "CONNECT", &target).await {
+                return refused;
             }
+            let upstream = &ingress.api.upstream;
             let stream = match upstream.connect_tcp(&host, port).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -241,6 +239,27 @@ fn other_host_refused(
 /// rules, and never to a loopback, link-local or unspecified address or one of our own
 /// listeners unless the name is pinned (`upstream::destination`): Stowage makes this
 /// request itself, from this machine, which such services trust.
+/// Whether a tunnel or a forwarded request to `to`, a host that is not a registry, is
+/// refused by the destination rules (`Upstream::check_destination`): Stowage's own
+/// listeners (508), internal addresses that no pin allows (403), names that do not resolve
+/// (502).
+async fn destination_refused(
+    ingress: &Ingress,
+    peer: SocketAddr,
+    how: &str,
+    to: &Registry,
+) -> Option<Response<Body>> {
+    let (host, port) = (to.host().as_str(), to.port());
+    let uri = to.uri("/").expect("a Registry is a valid origin");
+    let reason = ingress.api.upstream.check_destination(&uri).await.err()?;
+    tracing::info!(%peer, %host, port, %reason, "{how} refused");
+    Some(match reason {
+        Refused::OwnListener(_) => loop_refused(),
+        Refused::Unresolved { .. } => text(StatusCode::BAD_GATEWAY, &reason.to_string()),
+        _ => text(StatusCode::FORBIDDEN, &format!("{how} refused: {reason}")),
+    })
+}
+
 async fn absolute_form(
     ingress: Arc<Ingress>,
     req: Request<Incoming>,
@@ -262,24 +281,8 @@ async fn absolute_form(
         if let Some(refused) = other_host_refused(&ingress, peer, "forwarding", host, port) {
             return refused;
         }
-        let uri = registry.uri("/").expect("a Registry is a valid origin");
-        match ingress.api.upstream.check_destination(&uri).await {
-            Ok(()) => {}
-            Err(reason @ Refused::OwnListener(_)) => {
-                tracing::info!(%peer, %host, port, %reason, "forwarding refused");
-                return loop_refused();
-            }
-            Err(reason @ Refused::Unresolved { .. }) => {
-                tracing::info!(%peer, %host, port, %reason, "forwarding refused");
-                return text(StatusCode::BAD_GATEWAY, &reason.to_string());
-            }
-            Err(reason) => {
-                tracing::info!(%peer, %host, port, %reason, "forwarding refused");
-                return text(
-                    StatusCode::FORBIDDEN,
-                    &format!("forwarding refused: {reason}"),
-                );
-            }
+        if let Some(refused) = destination_refused(&ingress, peer, "forwarding", &registry).await {
+            return refused;
         }
     }
     // Forwarding to ourselves would loop, and would reach /admin as a loopback client.
