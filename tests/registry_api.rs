@@ -2089,3 +2089,110 @@ async fn manifest_fills_beyond_the_memory_budget_are_relayed_uncached() {
         .assert_ok(last, "miss");
     assert!(h.stored(last_d));
 }
+
+// ---------------------------------------------------------------------------------------
+// Issue 15: tags are content-negotiated
+// ---------------------------------------------------------------------------------------
+
+/// The lists real clients send.
+const DOCKER_ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json";
+const CONTAINERD_ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, */*";
+const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// A manifest stored for one client's `Accept` answers clients with other lists (`*/*`, none,
+/// containerd's) from the cache with its own `Content-Type`, online and with upstream down.
+#[tokio::test]
+async fn a_tag_stored_for_one_accept_list_answers_every_list_that_admits_it() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "library/app", Visibility::Public);
+    let img = fake.image("quay.io", "library/app", "1", "negotiated");
+    let h = Harness::new(&fake, Opts::default());
+    let tag = manifest_path("library/app", "1");
+    h.get("quay.io", &tag, &[("accept", DOCKER_ACCEPT)])
+        .await
+        .assert_ok(&img.manifest, "miss");
+    let m = fake.mark();
+    let others: [&[(&str, &str)]; 4] = [
+        &[("accept", "*/*")],
+        &[],
+        &[("accept", CONTAINERD_ACCEPT)],
+        &[("accept", OCI_MANIFEST)],
+    ];
+    for headers in others {
+        let r = h.get("quay.io", &tag, headers).await;
+        r.assert_ok(&img.manifest, "hit");
+        assert_eq!(r.header("content-type"), Some(OCI_MANIFEST), "{headers:?}");
+    }
+    assert_eq!(fake.since(m), Vec::<String>::new(), "asked upstream");
+    // Upstream down, the tag stale: still answered, marked stale, for any admitting list.
+    let h = h.reopen(Opts::stale_tags()).await;
+    fake.fail("quay.io", Some(Failure::Unreachable));
+    for headers in others {
+        let r = h.get("quay.io", &tag, headers).await;
+        r.assert_ok(&img.manifest, "stale");
+    }
+    // A client that does not take its type is not given it.
+    let r = h.get("quay.io", &tag, &[("accept", DOCKER_MANIFEST)]).await;
+    assert_ne!(
+        r.status,
+        StatusCode::OK,
+        "served a type the client refused: {r:?}"
+    );
+}
+
+/// An index is never served to a client that does not take indexes, and a single-platform
+/// manifest that upstream chose for such a client is not served to one that takes indexes
+/// (the tag is an index: that would be one platform's image for everyone).
+#[tokio::test]
+async fn an_index_goes_only_to_clients_that_take_indexes() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "library/multi", Visibility::Public);
+    let platform = fake.image("quay.io", "library/multi", "unused", "amd64");
+    let index = Bytes::from(format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{}","size":{},"platform":{{"architecture":"amd64","os":"linux"}}}}]}}"#,
+        platform.digest,
+        platform.manifest.len()
+    ));
+    // The tag: the index for clients that take it, else the platform manifest (as
+    // registries resolve an index for old clients).
+    fake.manifest("quay.io", "library/multi", Some("1"), OCI_INDEX, &index);
+    fake.manifest(
+        "quay.io",
+        "library/multi",
+        Some("1"),
+        OCI_MANIFEST,
+        &platform.manifest,
+    );
+    let h = Harness::new(&fake, Opts::default());
+    let tag = manifest_path("library/multi", "1");
+    // An old client first: it gets (and Stowage stores) the platform manifest.
+    h.get("quay.io", &tag, &[("accept", OCI_MANIFEST)])
+        .await
+        .assert_ok(&platform.manifest, "miss");
+    // A client that takes indexes must not be given that manifest from the cache.
+    let r = h.get("quay.io", &tag, &[("accept", "*/*")]).await;
+    r.assert_ok(&index, "miss");
+    assert_eq!(r.header("content-type"), Some(OCI_INDEX));
+    // Now both are known: each client gets its own from the cache.
+    let m = fake.mark();
+    let r = h
+        .get("quay.io", &tag, &[("accept", CONTAINERD_ACCEPT)])
+        .await;
+    r.assert_ok(&index, "hit");
+    let r = h
+        .get(
+            "quay.io",
+            &tag,
+            &[("accept", &format!("{OCI_MANIFEST}, {DOCKER_MANIFEST}"))],
+        )
+        .await;
+    r.assert_ok(&platform.manifest, "hit");
+    assert_eq!(r.header("content-type"), Some(OCI_MANIFEST));
+    let r = h.get("quay.io", &tag, &[("accept", DOCKER_LIST)]).await;
+    assert_ne!(
+        r.header("content-type"),
+        Some(OCI_MANIFEST),
+        "a platform manifest to a client that asked for a list only"
+    );
+    assert_eq!(fake.since(m).len(), 1, "{:?}", fake.since(m));
+}

@@ -20,7 +20,7 @@ use super::{
     upstream_fetch, Object, RegistryApi, Served, Target,
 };
 use crate::access::UpstreamNow;
-use crate::cache::{StoreError, TagVariant};
+use crate::cache::{StoreError, TagRow, TagVariant};
 use crate::clock::now_ms;
 use crate::http_util::{
     collect_limited, full, set_len, strip_hop_by_hop, Body, BoxError, CollectError,
@@ -290,6 +290,47 @@ pub(super) fn accept_key(headers: &HeaderMap) -> String {
     types.join(",")
 }
 
+const INDEX_TYPES: [&str; 2] = [
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+
+fn is_index(media_type: &str) -> bool {
+    INDEX_TYPES.contains(&media_type)
+}
+
+/// Whether a normalised `Accept` list ([`accept_key`]) admits `media_type`: it names it,
+/// `*/*` or `application/*`, or names nothing (a client that says nothing takes what it
+/// is given).
+fn admits(accept: &str, media_type: &str) -> bool {
+    accept.is_empty()
+        || accept
+            .split(',')
+            .any(|t| t == media_type || t == "*/*" || t == "application/*")
+}
+
+fn admits_index(accept: &str) -> bool {
+    INDEX_TYPES.iter().any(|t| admits(accept, t))
+}
+
+/// The stored variant of a tag that answers a request accepting `accept`, as upstream
+/// would: one whose media type the client accepts, the index when the client takes
+/// indexes. A single-platform manifest stands for the tag to a client that takes indexes
+/// only if upstream chose it for a client that took indexes too; otherwise the tag may be
+/// an index that upstream resolved to one platform for that client, and answering with it
+/// would give this client another platform's image.
+pub(super) fn negotiate<'a>(row: &'a TagRow, accept: &str) -> Option<&'a TagVariant> {
+    if let Some(v) = row.variant(accept) {
+        return Some(v);
+    }
+    let wants_index = admits_index(accept);
+    row.variants
+        .iter()
+        .filter(|v| admits(accept, &v.media_type))
+        .filter(|v| is_index(&v.media_type) || !wants_index || admits_index(&v.accept))
+        .max_by_key(|v| (is_index(&v.media_type), v.checked_at_ms))
+}
+
 /// A tag resolved with `HEAD` (containerd does this, then fetches by digest): `HEAD` stays
 /// `HEAD` upstream, so the manifest is not here yet and the tag cannot be recorded (a tag
 /// row is only written once its content is stored). It is recorded now if the content is
@@ -377,7 +418,7 @@ pub(super) async fn manifest_by_tag(
     });
     let cached = row
         .as_ref()
-        .and_then(|r| r.variant(&accept))
+        .and_then(|r| negotiate(r, &accept))
         .and_then(|v| stored_manifest(api, &v.digest).map(|(f, len, _)| (v.clone(), f, len)));
     if let Some((variant, file, len)) = cached {
         let digest = variant.digest.clone();
