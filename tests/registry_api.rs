@@ -2196,3 +2196,48 @@ async fn an_index_goes_only_to_clients_that_take_indexes() {
     );
     assert_eq!(fake.since(m).len(), 1, "{:?}", fake.since(m));
 }
+
+/// Issue 15: the version check is answered (200, stale) when upstream cannot answer it, so
+/// Go clients go on to ask for what is cached; online it is upstream's answer.
+#[tokio::test]
+async fn the_version_check_is_answered_when_upstream_cannot() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "library/app", Visibility::Public);
+    let h = Harness::new(&fake, Opts::default());
+    let online = h.get("quay.io", "/v2/", &[]).await;
+    assert_eq!(online.x_cache(), "pass", "{online:?}");
+    for failure in [
+        Failure::Unreachable,
+        Failure::Status(503),
+        Failure::Status(429),
+    ] {
+        fake.fail("quay.io", Some(failure));
+        let r = h.get("quay.io", "/v2/", &[]).await;
+        assert_eq!(
+            (r.status, r.x_cache()),
+            (StatusCode::OK, "stale"),
+            "{failure:?}: {r:?}"
+        );
+        assert_eq!(
+            r.header("docker-distribution-api-version"),
+            Some("registry/2.0")
+        );
+    }
+    // Not every failure is upstream's: a 401 or 404 is its answer, passed on.
+    fake.fail("quay.io", Some(Failure::Status(401)));
+    let r = h.get("quay.io", "/v2/", &[]).await;
+    assert_eq!((r.status.as_u16(), r.x_cache()), (401, "pass"));
+    // Offline mode answers the same: misses (and the check) still go upstream there.
+    let h = h
+        .reopen(Opts {
+            offline: true,
+            ..Opts::default()
+        })
+        .await;
+    fake.fail("quay.io", Some(Failure::Unreachable));
+    let r = h.get("quay.io", "/v2/", &[]).await;
+    assert_eq!((r.status, r.x_cache()), (StatusCode::OK, "stale"));
+    fake.fail("quay.io", None);
+    let r = h.get("quay.io", "/v2/", &[]).await;
+    assert_eq!(r.x_cache(), "pass");
+}

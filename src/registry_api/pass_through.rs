@@ -2,14 +2,53 @@
 //! referrers, uploads, token endpoints on auth hosts): forwarded unchanged, with the
 //! configured account answering challenges for clients that bring none.
 
-use http::header::{AUTHORIZATION, CONTENT_LENGTH};
-use http::{Method, Request};
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, WARNING};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 
 use super::{path_and_query, relay, upstream_fetch, upstream_headers, RegistryApi, Served, Target};
-use crate::http_util::Body;
+use crate::http_util::{full, Body};
 use crate::telemetry::CacheStatus;
 
 pub(super) async fn pass(api: &RegistryApi, target: &Target, req: Request<Body>) -> Served {
+    let ping = !target.auth_host
+        && matches!(req.uri().path(), "/v2/" | "/v2")
+        && matches!(*req.method(), Method::GET | Method::HEAD);
+    if !ping {
+        return forward(api, target, req).await;
+    }
+    let (status, answer) = forward(api, target, req).await;
+    let failing = match &answer {
+        Ok(r) => r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS,
+        Err(_) => true,
+    };
+    if !failing {
+        return (status, answer);
+    }
+    let why = match &answer {
+        Ok(r) => format!("upstream answered {}", r.status()),
+        Err(e) => e.to_string(),
+    };
+    tracing::warn!(registry = %target.registry, %why, "answering the version check (/v2/) from the cache");
+    (CacheStatus::Stale, Ok(ping_answer()))
+}
+
+/// The version check as Stowage answers it when upstream cannot.
+fn ping_answer() -> Response<Body> {
+    let mut r = Response::new(full("{}"));
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    h.insert(
+        WARNING,
+        HeaderValue::from_static("110 stowage \"Response is Stale\""),
+    );
+    r
+}
+
+async fn forward(api: &RegistryApi, target: &Target, req: Request<Body>) -> Served {
     let pq = path_and_query(&req).to_owned();
     let bodiless = matches!(*req.method(), Method::GET | Method::HEAD)
         && !req.headers().contains_key(CONTENT_LENGTH);
