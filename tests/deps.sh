@@ -8,6 +8,8 @@ set -euo pipefail
 declare -A PROBES=(
   [docker-registry]=/usr/bin/docker-registry
   [skopeo]=/usr/bin/skopeo
+  [podman]=/usr/bin/podman
+  [buildah]=/usr/bin/buildah
   [containerd]=/usr/bin/containerd
   [squid-openssl]=/usr/sbin/squid
   [openssl]=/usr/bin/openssl
