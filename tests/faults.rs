@@ -831,3 +831,259 @@ async fn absurd_ranges_are_answered_cleanly() {
     }
     assert_eq!(quay.blob_gets(), 1);
 }
+
+// --- A disk that fills ----------------------------------------------------------------------
+
+/// The cache directory on a small tmpfs, or `None` (the reason printed) where this cannot
+/// mount one.
+fn cache_on_tmpfs(dir: &std::path::Path, size: &str, test: &str) -> Option<Tmpfs> {
+    match Tmpfs::mount(&dir.join("cache"), size) {
+        Ok(fs) => Some(fs),
+        Err(why) => {
+            eprintln!("SKIPPED {test}: {why}");
+            None
+        }
+    }
+}
+
+/// After a fill the disk could not hold: nothing of it in the cache, neither content, temp
+/// file, index entry nor media type (checked with the store itself, once the server has
+/// stopped), and nothing corrupt.
+fn assert_nothing_of(cache: &std::path::Path, digest: &str) {
+    let store = ::stowage::cache::BlobStore::open(cache).expect("open the cache");
+    let d: ::stowage::oci::Digest = digest.parse().unwrap();
+    assert!(
+        !store.contains(&d),
+        "a blob the disk could not hold is cached"
+    );
+    assert!(store.index.get(&d).is_none(), "indexed without content");
+    // (Membership rows may exist: they record what upstream said about the repository,
+    // for access decisions, and claim no content.)
+    assert_eq!(store.media_type(&d).unwrap(), None);
+    assert_eq!(store.verify(|_, _, _| {}).unwrap().corrupt, 0);
+    assert!(files_under(&cache.join("tmp")).is_empty());
+}
+
+/// A blob `GET` in `s`, answered up to its response head (the body left to read).
+async fn blob_head_only(s: &Session, digest: &str) -> http::Response<hyper::body::Incoming> {
+    let auth = format!("Bearer {}", s.token);
+    s.tunnel
+        .send(
+            Method::GET,
+            &s.blob_path(digest),
+            &[("authorization", &auth)],
+        )
+        .await
+        .unwrap()
+}
+
+/// The whole cache directory (blobs, temp files and metadata: one disk) on an 8 MiB
+/// tmpfs, and a 20 MiB blob sent without `Content-Length`, so Stowage cannot see up front
+/// that it will not fit: the disk fills part-way through the fill. Both the client whose
+/// request started the fill and one coalesced onto it get every byte, verified; nothing
+/// of it stays in the cache; once the space is back, the next blob fills normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_fills_mid_fill_still_delivers_the_whole_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = cache_on_tmpfs(dir.path(), "8m", "a_disk_that_fills_mid_fill") else {
+        return;
+    };
+    let ca = TestCa::new();
+    let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
+    let data = pseudo_random(20 << 20, 90);
+    let digest = quay.push_blob("team/app", data.clone());
+    quay.send_unsized(true);
+    let stowage = Stowage::builder()
+        .trust(&ca)
+        .cache_dir(fs.path())
+        .cache("min_free = \"256KiB\"")
+        .upstream("idle_timeout = \"1s\"")
+        .start()
+        .await;
+    let client = stowage.client();
+    let s1 = Session::login(&client, "quay.io", quay.port(), "team/app", Alpn::Http11).await;
+    let s2 = Session::login(&client, "quay.io", quay.port(), "team/app", Alpn::H2).await;
+    let s3 = Session::login(&client, "quay.io", quay.port(), "team/app", Alpn::H2).await;
+    let gate = quay.hold_blob_bodies();
+    let leader = bounded("leader head", blob_head_only(&s1, &digest)).await;
+    assert_eq!(leader.headers().get("x-cache").unwrap(), "miss");
+    let follower = bounded("follower head", blob_head_only(&s2, &digest)).await;
+    assert_eq!(follower.headers().get("x-cache").unwrap(), "coalesced");
+    // A third reader takes the head and then reads nothing: it must not hold the others
+    // up for longer than the idle timeout, nor ever see its body complete.
+    let sleeper = bounded("sleeper head", blob_head_only(&s3, &digest)).await;
+    assert_eq!(sleeper.headers().get("x-cache").unwrap(), "coalesced");
+    gate.open();
+    let started = Instant::now();
+    let (a, b) = bounded(
+        "both bodies",
+        futures_util::future::join(
+            client::read_response(leader),
+            client::read_response(follower),
+        ),
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "a reader that stopped held the others up: {:?}",
+        started.elapsed()
+    );
+    let slept = bounded("the sleeper wakes", client::read_response(sleeper)).await;
+    assert!(
+        slept.body_error.is_some() && slept.body.len() < data.len(),
+        "a reader cut off for not reading saw {} bytes end cleanly",
+        slept.body.len()
+    );
+    assert!(slept.body[..] == data[..slept.body.len()], "wrong bytes");
+    for (who, r) in [("leader", &a), ("follower", &b)] {
+        assert_eq!(r.status, StatusCode::OK, "{who}");
+        assert!(
+            r.body_error.is_none(),
+            "{who}: cut short after {} of {} bytes: {:?}",
+            r.body.len(),
+            data.len(),
+            r.body_error
+        );
+        assert_eq!(r.body.len(), data.len(), "{who}");
+        assert_eq!(sha256_digest(&r.body), digest, "{who}: wrong bytes");
+    }
+    assert_eq!(quay.blob_gets(), 1, "one upstream download for both");
+    eventually("the abandoned temp file removed", || {
+        stowage.temp_files().is_empty()
+    })
+    .await;
+    assert!(!stowage.is_cached(&digest));
+    let m = metrics(&stowage).await;
+    assert_eq!(
+        metric(
+            &m,
+            "stowage_cache_write_errors_total",
+            &[("reason", "disk_full")]
+        ),
+        1.0,
+        "one disk-full per fill: {m}"
+    );
+    assert_eq!(metric(&m, "stowage_fills_in_flight", &[]), 0.0, "{m}");
+    assert_eq!(metric(&m, "stowage_digest_mismatches_total", &[]), 0.0);
+
+    // The space comes back once the abandoned temp file is closed: then the next blob
+    // fills normally.
+    eventually("the space is back", || fs.free() > 6 << 20).await;
+    quay.send_unsized(false);
+    let small = pseudo_random(1 << 20, 91);
+    let ds = quay.push_blob("team/app", small.clone());
+    let s = Session::login(&client, "quay.io", quay.port(), "team/app", Alpn::Http11).await;
+    let r = bounded("after the space came back", s.blob(&ds)).await;
+    assert_eq!(r.x_cache(), "miss");
+    assert_eq!(sha256_digest(&r.body), ds);
+    eventually("cached again", || stowage.is_cached(&ds)).await;
+    assert_eq!(bounded("hit", s.blob(&ds)).await.x_cache(), "hit");
+    bounded("stop", stowage.stop()).await.unwrap();
+    assert_nothing_of(fs.path(), &digest);
+}
+
+/// The disk fills during a fill of a blob whose size was announced and fitted (another
+/// writer took the space): the client still gets it whole, and it is not cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_filled_by_another_writer_mid_fill_still_delivers() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = cache_on_tmpfs(dir.path(), "8m", "a_disk_filled_by_another_writer") else {
+        return;
+    };
+    let ca = TestCa::new();
+    let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
+    let data = pseudo_random(3 << 20, 92);
+    let digest = quay.push_blob("team/app", data.clone());
+    let stowage = Stowage::builder()
+        .trust(&ca)
+        .cache_dir(fs.path())
+        .cache("min_free = \"256KiB\"")
+        .start()
+        .await;
+    let client = stowage.client();
+    let s = Session::login(&client, "quay.io", quay.port(), "team/app", Alpn::H2).await;
+    let gate = quay.hold_blob_bodies();
+    let head = bounded(
+        "head",
+        s.tunnel.send(
+            Method::GET,
+            &s.blob_path(&digest),
+            &[("authorization", &format!("Bearer {}", s.token))],
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(head.headers().get("x-cache").unwrap(), "miss");
+    eventually("the fill started", || stowage.temp_files().len() == 1).await;
+    let filler = fs.fill_up("filler");
+    gate.open();
+    let r = bounded("body", client::read_response(head)).await;
+    r.assert_complete();
+    assert_eq!(sha256_digest(&r.body), digest, "wrong bytes");
+    eventually("the temp file removed", || stowage.temp_files().is_empty()).await;
+    assert!(!stowage.is_cached(&digest));
+    let m = metrics(&stowage).await;
+    assert_eq!(
+        metric(
+            &m,
+            "stowage_cache_write_errors_total",
+            &[("reason", "disk_full")]
+        ),
+        1.0,
+        "{m}"
+    );
+    // Space again: the same blob fills now.
+    std::fs::remove_file(&filler).unwrap();
+    eventually("the space is back", || fs.free() > 6 << 20).await;
+    let r = bounded("retry", s.blob(&digest)).await;
+    assert_eq!(sha256_digest(&r.body), digest);
+    eventually("cached after the space came back", || {
+        stowage.is_cached(&digest)
+    })
+    .await;
+    bounded("stop", stowage.stop()).await.unwrap();
+}
+
+/// The disk is already full when the request comes: streamed through whole, not a 5xx,
+/// and nothing written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_already_full_streams_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = cache_on_tmpfs(dir.path(), "4m", "a_disk_already_full") else {
+        return;
+    };
+    let ca = TestCa::new();
+    let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
+    let data = pseudo_random(2 << 20, 93);
+    let digest = quay.push_blob("team/app", data.clone());
+    let stowage = Stowage::builder()
+        .trust(&ca)
+        .cache_dir(fs.path())
+        .cache("min_free = \"256KiB\"")
+        .start()
+        .await;
+    let client = stowage.client();
+    let _filler = fs.fill_up("filler");
+    for (sized, alpn) in [(true, Alpn::Http11), (false, Alpn::H2)] {
+        quay.send_unsized(!sized);
+        let s = Session::login(&client, "quay.io", quay.port(), "team/app", alpn).await;
+        let r = bounded("full disk", s.blob(&digest)).await;
+        assert_eq!(r.status, StatusCode::OK, "sized {sized}: {}", r.text());
+        r.assert_complete();
+        assert_eq!(sha256_digest(&r.body), digest, "sized {sized}");
+        assert_eq!(r.x_cache(), "miss");
+        assert!(stowage.temp_files().is_empty());
+        assert!(!stowage.is_cached(&digest));
+    }
+    let m = metrics(&stowage).await;
+    assert!(
+        metric(
+            &m,
+            "stowage_cache_write_errors_total",
+            &[("reason", "disk_full")]
+        ) >= 2.0,
+        "{m}"
+    );
+    bounded("stop", stowage.stop()).await.unwrap();
+    assert_nothing_of(fs.path(), &digest);
+}

@@ -468,6 +468,12 @@ impl FakeRegistry {
         self.shared.state.lock().unwrap().pace.tail = tail;
     }
 
+    /// Blob `GET`s announce no `Content-Length` (HTTP/1.1 sends them chunked), as some
+    /// storage hosts and registries do: a proxy learns the size only at the end.
+    pub fn send_unsized(&self, unsized_bodies: bool) {
+        self.shared.state.lock().unwrap().pace.sized = !unsized_bodies;
+    }
+
     /// From now on, blob bodies send their first chunk and then wait for the gate.
     pub fn hold_blob_bodies(&self) -> Gate {
         let (tx, rx) = watch::channel(false);
@@ -1024,6 +1030,8 @@ struct Pace {
     pause: Duration,
     tail: Duration,
     gate: Option<watch::Receiver<bool>>,
+    /// Whether `Content-Length` is sent.
+    sized: bool,
 }
 
 impl Pace {
@@ -1033,12 +1041,14 @@ impl Pace {
             pause: Duration::ZERO,
             tail: Duration::ZERO,
             gate: None,
+            sized: true,
         }
     }
 }
 
 fn blob_get(data: Bytes, digest: &str, pace: Pace) -> Response<Body> {
     let len = data.len();
+    let sized = pace.sized;
     let stream = futures_util::stream::unfold(
         (data, 0usize, pace),
         move |(data, pos, mut pace)| async move {
@@ -1067,7 +1077,9 @@ fn blob_get(data: Bytes, digest: &str, pace: Pace) -> Response<Body> {
         CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    h.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    if sized {
+        h.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    }
     h.insert(
         "docker-content-digest",
         HeaderValue::from_str(digest).unwrap(),
