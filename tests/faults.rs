@@ -1087,3 +1087,172 @@ async fn a_disk_already_full_streams_through() {
     bounded("stop", stowage.stop()).await.unwrap();
     assert_nothing_of(fs.path(), &digest);
 }
+
+// --- Redirects, storage hosts and token services that misbehave ----------------------------
+
+/// A registry that redirects every blob `GET` to `storage`, with one blob pushed.
+async fn redirecting_registry(
+    ca: &TestCa,
+    storage: &FakeStorage,
+    data: &[u8],
+) -> (FakeRegistry, String) {
+    let quay = FakeRegistry::builder(ca)
+        .host("quay.io")
+        .storage(storage)
+        .blob_mode(BlobMode::Redirect(Location::Absolute))
+        .build()
+        .await;
+    let digest = quay.push_blob("team/app", data.to_vec());
+    (quay, digest)
+}
+
+/// Both ways a blob leaves Stowage: through a fill, and passed through uncached (the
+/// disk "full"), verified on the way.
+const FILL_AND_PASS_THROUGH: [(&str, &str); 2] = [
+    ("fill", "min_free = \"0B\""),
+    ("pass-through", "min_free = \"1000TiB\""),
+];
+
+/// The storage host a blob is redirected to resets the connection half-way: no client
+/// gets a body presented as complete, the registry's `Authorization` never reaches it,
+/// nothing is cached, and once storage is healthy the same blob is served and cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_resets_mid_body_after_a_redirect() {
+    let ca = TestCa::new();
+    let data = pseudo_random(600_000, 40);
+    for (how, cache_line) in FILL_AND_PASS_THROUGH {
+        let storage = FakeStorage::start(&ca).await;
+        let (quay, digest) = redirecting_registry(&ca, &storage, &data).await;
+        storage.set_fault(&digest, Fault::ResetAfter(300_000));
+        let stowage = Stowage::builder()
+            .trust(&ca)
+            .cache(cache_line)
+            .start()
+            .await;
+        let client = stowage.client();
+        for (i, alpn) in [Alpn::Http11, Alpn::H2].into_iter().enumerate() {
+            let what = format!("{how}: reset after a redirect over {alpn:?}");
+            let s = Session::login(&client, "quay.io", quay.port(), "team/app", alpn).await;
+            let r = bounded(
+                &what,
+                s.request_raw(Method::GET, &s.blob_path(&digest), &[]),
+            )
+            .await;
+            assert_not_delivered_complete(&r, data.len(), &what);
+            assert_prefix(&r, &data, &what);
+            assert_eq!(quay.count_status(Kind::Blob, 307), i + 1, "{what}");
+            assert_eq!(storage.gets(), i + 1, "{what}: {:#?}", storage.requests());
+            assert!(
+                !storage.saw_authorization(),
+                "{what}: registry credentials sent to storage"
+            );
+            assert_clean(&stowage, &digest).await;
+        }
+        storage.clear_fault(&digest);
+        let s = Session::login(&client, "quay.io", quay.port(), "team/app", Alpn::Http11).await;
+        if how == "fill" {
+            assert_recovers(&stowage, &s, &digest).await;
+        } else {
+            let r = bounded("healed pass-through", s.blob(&digest)).await;
+            assert_eq!(sha256_digest(&r.body), digest);
+            assert!(stowage.cached_files().is_empty());
+        }
+    }
+}
+
+/// A storage host that sends the announced length with the last KiB inverted: no client
+/// gets it as a complete body, nothing is cached, and each mismatch is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_with_wrong_bytes_at_the_end_is_never_delivered_complete() {
+    let ca = TestCa::new();
+    let data = pseudo_random(500_000, 41);
+    for (how, cache_line) in FILL_AND_PASS_THROUGH {
+        let storage = FakeStorage::start(&ca).await;
+        let (quay, digest) = redirecting_registry(&ca, &storage, &data).await;
+        storage.set_fault(&digest, Fault::FlipTail(1024));
+        let stowage = Stowage::builder()
+            .trust(&ca)
+            .cache(cache_line)
+            .start()
+            .await;
+        let client = stowage.client();
+        for (i, alpn) in [Alpn::Http11, Alpn::H2].into_iter().enumerate() {
+            let what = format!("{how}: flipped tail over {alpn:?}");
+            let s = Session::login(&client, "quay.io", quay.port(), "team/app", alpn).await;
+            let r = bounded(
+                &what,
+                s.request_raw(Method::GET, &s.blob_path(&digest), &[]),
+            )
+            .await;
+            assert_not_delivered_complete(&r, data.len(), &what);
+            if let Ok(r) = &r {
+                assert!(
+                    !r.status.is_success() || r.body_error.is_some(),
+                    "{what}: a short body ended without an error"
+                );
+            }
+            assert_eq!(storage.gets(), i + 1, "{what}");
+            assert_clean(&stowage, &digest).await;
+            let m = metrics(&stowage).await;
+            assert_eq!(
+                metric(&m, "stowage_digest_mismatches_total", &[]),
+                (i + 1) as f64,
+                "{what}: {m}"
+            );
+        }
+        assert!(stowage.cached_files().is_empty(), "{how}");
+    }
+}
+
+/// Redirect loops that `redirect_loops_are_bounded` (one host, one path) does not cover:
+/// registry → storage A → storage B → storage A → …, and a storage host redirecting to
+/// itself. Both end in a 502 after `max_redirects` hops, and nothing is cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirect_loops_across_hosts_are_bounded() {
+    let ca = TestCa::new();
+    let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
+    let (a, b) = (FakeStorage::start(&ca).await, FakeStorage::start(&ca).await);
+    let cross = quay.push_blob("team/app", pseudo_random(10_000, 42));
+    let own = quay.push_blob("team/app", pseudo_random(10_000, 43));
+    let url = |port: u16, d: &str| format!("https://storage.test:{port}/blobs/{d}?sig=loop");
+    for d in [&cross, &own] {
+        a.put(pseudo_random(10_000, if d == &cross { 42 } else { 43 }));
+        quay.set_fault(d, Fault::RedirectTo(url(a.port(), d)));
+    }
+    a.set_fault(&cross, Fault::RedirectTo(url(b.port(), &cross)));
+    b.put(pseudo_random(10_000, 42));
+    b.set_fault(&cross, Fault::RedirectTo(url(a.port(), &cross)));
+    a.set_fault(&own, Fault::RedirectTo(url(a.port(), &own)));
+    let stowage = Stowage::builder()
+        .trust(&ca)
+        .upstream("max_redirects = 3")
+        .start()
+        .await;
+    let s = Session::login(
+        &stowage.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        Alpn::H2,
+    )
+    .await;
+    for d in [&cross, &own] {
+        let before = a.count_status(307) + b.count_status(307);
+        let r = bounded("redirect loop", s.blob(d)).await;
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+        assert!(r.text().contains("redirect"), "{}", r.text());
+        // The registry's 307, then three hops between the storage hosts: then it stops.
+        assert_eq!(
+            a.count_status(307) + b.count_status(307) - before,
+            3,
+            "{:#?} {:#?}",
+            a.requests(),
+            b.requests()
+        );
+        assert_clean(&stowage, d).await;
+    }
+    assert_eq!(quay.count_status(Kind::Blob, 307), 2);
+    assert!(!a.saw_authorization() && !b.saw_authorization());
+    a.clear_fault(&cross);
+    assert_recovers(&stowage, &s, &cross).await;
+}

@@ -153,6 +153,8 @@ pub enum Fault {
     RedirectLoop,
     /// `307` to this URL.
     RedirectTo(String),
+    /// The right `Content-Length`, but the last `n` bytes inverted.
+    FlipTail(usize),
 }
 
 /// Holds blob bodies after their first chunk until opened; see [`FakeRegistry::hold_blob_bodies`].
@@ -221,6 +223,7 @@ impl Image {
 
 pub struct FakeRegistryBuilder<'a> {
     ca: &'a TestCa,
+    realm: Option<String>,
     realm_host: Option<String>,
     host: String,
     storage: Option<&'a FakeStorage>,
@@ -241,6 +244,13 @@ impl<'a> FakeRegistryBuilder<'a> {
         self
     }
 
+    /// The whole token realm URL of the challenge (another server: a token service that
+    /// misbehaves), instead of `/token` on this server.
+    pub fn realm(mut self, url: &str) -> Self {
+        self.realm = Some(url.to_owned());
+        self
+    }
+
     /// Blobs pushed from now on are also put into `storage`, for redirects.
     pub fn storage(mut self, storage: &'a FakeStorage) -> Self {
         self.storage = Some(storage);
@@ -254,6 +264,7 @@ impl<'a> FakeRegistryBuilder<'a> {
 
     pub async fn build(self) -> FakeRegistry {
         let realm_host = self.realm_host.unwrap_or_else(|| self.host.clone());
+        let realm_url = self.realm;
         let storage = self.storage.map(|s| (s.shared.clone(), s.port()));
         let mode = self.mode;
         let mut shared_slot = None;
@@ -273,7 +284,8 @@ impl<'a> FakeRegistryBuilder<'a> {
                 }),
                 log: Mutex::new(Vec::new()),
                 next_token: AtomicU64::new(1),
-                realm: format!("https://{realm_host}:{}/token", addr.port()),
+                realm: realm_url
+                    .unwrap_or_else(|| format!("https://{realm_host}:{}/token", addr.port())),
                 storage,
             });
             shared_slot = Some(shared.clone());
@@ -302,6 +314,7 @@ impl FakeRegistry {
     pub fn builder(ca: &TestCa) -> FakeRegistryBuilder<'_> {
         FakeRegistryBuilder {
             ca,
+            realm: None,
             realm_host: None,
             host: "quay.io".into(),
             storage: None,
@@ -975,6 +988,12 @@ fn faulty_blob(
             return redirect(format!("{path}?hop={}", hop + 1));
         }
         Fault::RedirectTo(url) => return redirect(url.clone()),
+        Fault::FlipTail(n) => {
+            let mut v = data.to_vec();
+            let from = v.len().saturating_sub(*n);
+            v[from..].iter_mut().for_each(|b| *b = !*b);
+            return blob_get(Bytes::from(v), digest, Pace::plain());
+        }
     };
     let len = data.len();
     let head = data.slice(..n.min(len));
@@ -1090,6 +1109,7 @@ fn blob_get(data: Bytes, digest: &str, pace: Pace) -> Response<Body> {
 pub struct StorageShared {
     blobs: Mutex<HashMap<String, Bytes>>,
     log: Mutex<Vec<Recorded>>,
+    faults: Mutex<HashMap<String, Fault>>,
 }
 
 /// A blob storage host (`storage.test`, like S3 behind a presigned URL): serves
@@ -1104,6 +1124,7 @@ impl FakeStorage {
         let shared = Arc::new(StorageShared {
             blobs: Mutex::new(HashMap::new()),
             log: Mutex::new(Vec::new()),
+            faults: Mutex::new(HashMap::new()),
         });
         let s = shared.clone();
         let server = TlsServer::start(ca.fake_hosts_config(), move |_| {
@@ -1134,6 +1155,29 @@ impl FakeStorage {
 
     pub fn requests(&self) -> Vec<Recorded> {
         self.shared.log.lock().unwrap().clone()
+    }
+
+    /// Signed `GET`s of `digest` misbehave as `fault` says (`StallHead` and `Status` are
+    /// not offered here) until [`clear_fault`](Self::clear_fault).
+    pub fn set_fault(&self, digest: &str, fault: Fault) {
+        assert!(!matches!(fault, Fault::StallHead | Fault::Status(_)));
+        self.shared
+            .faults
+            .lock()
+            .unwrap()
+            .insert(digest.to_owned(), fault);
+    }
+
+    pub fn clear_fault(&self, digest: &str) {
+        self.shared.faults.lock().unwrap().remove(digest);
+    }
+
+    /// Requests answered with `status`.
+    pub fn count_status(&self, status: u16) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| r.status == status)
+            .count()
     }
 
     pub fn gets(&self) -> usize {
@@ -1170,9 +1214,13 @@ impl StorageShared {
                     error_body("NoSuchKey", "no such object"),
                 );
             };
-            match *req.method() {
-                Method::HEAD => blob_head(&data, digest),
-                Method::GET => blob_get(data, digest, Pace::plain()),
+            let fault = self.faults.lock().unwrap().get(digest).cloned();
+            match (req.method(), fault) {
+                (&Method::HEAD, _) => blob_head(&data, digest),
+                (&Method::GET, Some(f)) => {
+                    faulty_blob(data, digest, &f, req.uri().path(), req.uri().query())
+                }
+                (&Method::GET, None) => blob_get(data, digest, Pace::plain()),
                 _ => json_response(
                     StatusCode::METHOD_NOT_ALLOWED,
                     error_body("MethodNotAllowed", "read only"),
