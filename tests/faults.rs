@@ -6,6 +6,8 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -1255,4 +1257,215 @@ async fn redirect_loops_across_hosts_are_bounded() {
     assert!(!a.saw_authorization() && !b.saw_authorization());
     a.clear_fault(&cross);
     assert_recovers(&stowage, &s, &cross).await;
+}
+
+/// How [`HangingTokens`] misbehaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hang {
+    /// Reads the request and never answers.
+    Head,
+    /// Answers a `200` head and the first bytes of a JSON body, then nothing more.
+    Body,
+}
+
+/// A token service that hangs (see [`Hang`]), HTTP/1.1 over TLS for every fake host name.
+/// It counts the connections still open: one closes when its peer gives up.
+struct HangingTokens {
+    port: u16,
+    accepted: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HangingTokens {
+    async fn start(ca: &TestCa, hang: Hang) -> HangingTokens {
+        let mut config = (*ca.fake_hosts_config()).clone();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (accepted, open) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (acc, op) = (accepted.clone(), open.clone());
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                acc.fetch_add(1, Ordering::SeqCst);
+                op.fetch_add(1, Ordering::SeqCst);
+                let (acceptor, op) = (acceptor.clone(), op.clone());
+                conns.spawn(async move {
+                    if let Ok(mut tls) = acceptor.accept(tcp).await {
+                        let mut buf = vec![0u8; 4096];
+                        let mut head = Vec::new();
+                        let mut closed = false;
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match tls.read(&mut buf).await {
+                                Ok(0) | Err(_) => {
+                                    closed = true;
+                                    break;
+                                }
+                                Ok(n) => head.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        if !closed && hang == Hang::Body {
+                            let _ = tls
+                                .write_all(
+                                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                                      content-length: 1000\r\n\r\n{\"token\": \"",
+                                )
+                                .await;
+                            let _ = tls.flush().await;
+                        }
+                        // Held until the peer gives up.
+                        while !closed {
+                            closed = !matches!(tls.read(&mut buf).await, Ok(n) if n > 0);
+                        }
+                    }
+                    op.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        HangingTokens {
+            port,
+            accepted,
+            open,
+            task,
+        }
+    }
+
+    fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for HangingTokens {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One plain HTTP/1.1 `GET` to a mirror listener, as dockerd sends it; the whole response
+/// with a body error recorded, or why there was none.
+async fn mirror_get(addr: std::net::SocketAddr, path: &str) -> Result<Resp, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::get(path)
+        .header("host", addr.to_string())
+        .header("user-agent", TEST_USER_AGENT)
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    Ok(client::read_response(resp).await)
+}
+
+/// A token service that hangs, either way, for the client's own token request (through
+/// the proxy, which terminates TLS for a registry's auth host) and for Stowage's own (the
+/// mirror answers the challenge itself): each fails within the configured upstream
+/// timeouts with a clear error, other requests are served meanwhile, and every
+/// connection to the hanging service is closed afterwards (nothing left waiting on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_service_that_hangs_fails_in_bounded_time() {
+    let ca = TestCa::new();
+    let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
+    let healthy = quay.push_blob("team/app", pseudo_random(200_000, 44));
+    let bound = Duration::from_secs(5);
+    for hang in [Hang::Head, Hang::Body] {
+        let tokens = HangingTokens::start(&ca, hang).await;
+        let reg = FakeRegistry::builder(&ca)
+            .host("registry.example.test")
+            .realm(&format!("https://auth.example.test:{}/token", tokens.port))
+            .build()
+            .await;
+        let d = reg.push_blob("team/app", pseudo_random(10_000, 45));
+        let stowage = Stowage::builder()
+            .trust(&ca)
+            .upstream("response_timeout = \"1s\"")
+            .upstream("idle_timeout = \"1s\"")
+            .toml("[mirror]\nlisten = \"127.0.0.1:0\"\n")
+            .start()
+            .await;
+        let client = stowage.client();
+        let t = client
+            .tunnel("auth.example.test", tokens.port, Alpn::Http11)
+            .await
+            .unwrap();
+        let own = tokio::spawn(async move {
+            let started = Instant::now();
+            let r = t
+                .request_raw(
+                    Method::GET,
+                    "/token?service=fake&scope=repository%3Ateam%2Fapp%3Apull",
+                    &[],
+                )
+                .await;
+            (r, started.elapsed())
+        });
+        let mirror = stowage.mirror_addr.unwrap();
+        let path = format!(
+            "/v2/team/app/blobs/{d}?ns=registry.example.test:{}",
+            reg.port()
+        );
+        let mirrored = tokio::spawn(async move {
+            let started = Instant::now();
+            (mirror_get(mirror, &path).await, started.elapsed())
+        });
+        // Meanwhile: served as usual.
+        let s = Session::login(&client, "quay.io", quay.port(), "team/app", Alpn::H2).await;
+        let r = bounded("a healthy pull meanwhile", s.blob(&healthy)).await;
+        assert_eq!(sha256_digest(&r.body), healthy);
+        assert_eq!(client.proxy_get("/healthz").await.status, StatusCode::OK);
+
+        let (r, took) = bounded("the client's token request", own).await.unwrap();
+        assert!(
+            took < bound,
+            "{hang:?}: the client's token request took {took:?}"
+        );
+        match (&r, hang) {
+            (Ok(r), Hang::Head) => {
+                assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{}", r.text());
+                assert!(r.json()["errors"][0]["message"].is_string());
+            }
+            (Ok(r), Hang::Body) => assert!(
+                r.body_error.is_some(),
+                "a stalled token body ended cleanly: {} {:?}",
+                r.status,
+                r.body
+            ),
+            (Err(e), _) => panic!("{hang:?}: no response head at all: {e}"),
+        }
+        let (r, took) = bounded("the mirror's token request", mirrored)
+            .await
+            .unwrap();
+        assert!(
+            took < bound,
+            "{hang:?}: the mirror's token request took {took:?}"
+        );
+        let r = r.unwrap_or_else(|e| panic!("{hang:?}: mirror request failed: {e}"));
+        assert!(
+            r.status.is_server_error(),
+            "{hang:?}: mirror answered {}: {}",
+            r.status,
+            r.text()
+        );
+        assert!(r.json()["errors"][0]["message"].is_string(), "{}", r.text());
+        assert!(
+            tokens.accepted() >= 2,
+            "{hang:?}: {} connections",
+            tokens.accepted()
+        );
+        eventually(
+            "every connection to the hanging token service closed",
+            || tokens.open() == 0,
+        )
+        .await;
+        assert_eq!(reg.blob_gets(), 1, "{:#?}", reg.requests());
+    }
 }
