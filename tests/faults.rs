@@ -1469,3 +1469,312 @@ async fn a_token_service_that_hangs_fails_in_bounded_time() {
         assert_eq!(reg.blob_gets(), 1, "{:#?}", reg.requests());
     }
 }
+
+// --- kill -9 of the real binary -------------------------------------------------------------
+
+/// The `stowage` binary (`CARGO_BIN_EXE_stowage`) with its own config file and a cache
+/// that outlives the processes run on it, as in tests/lifecycle.rs.
+struct Binary {
+    dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+}
+
+/// One running `stowage` process; killed when dropped.
+struct Running {
+    child: std::process::Child,
+    client: ProxyClient,
+}
+
+impl Binary {
+    fn new(ca: &TestCa) -> Binary {
+        let dir = tempfile::tempdir().unwrap();
+        let q = |p: &std::path::Path| format!("{:?}", p.to_str().unwrap());
+        let mut toml = format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\n\n[ca]\ndir = {}\n\n[cache]\ndir = {}\n\n[upstream]\nextra_ca = [{}]\nconnect_timeout = \"2s\"\n\n[upstream.resolve]\n",
+            q(&dir.path().join("certs")),
+            q(&dir.path().join("cache")),
+            q(ca.pem_path()),
+        );
+        for h in FAKE_HOSTS {
+            toml.push_str(&format!("{h:?} = \"127.0.0.1\"\n"));
+        }
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, toml).unwrap();
+        Binary { dir, config }
+    }
+
+    fn cache(&self) -> std::path::PathBuf {
+        self.dir.path().join("cache")
+    }
+
+    /// Starts `stowage --config ...` and waits for its proxy listener.
+    fn start(&self) -> Running {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
+            .arg("--config")
+            .arg(&self.config)
+            .current_dir(self.dir.path())
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn stowage");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("listening") && line.contains("listener=\"proxy\"") {
+                    if let Some(i) = line.find("127.0.0.1:") {
+                        let port: String = line[i + 10..]
+                            .chars()
+                            .take_while(|c| c.is_ascii_digit())
+                            .collect();
+                        let _ = tx.send(format!("127.0.0.1:{port}"));
+                    }
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(BOUND) {
+            Ok(a) => a.parse().unwrap(),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("stowage did not report its proxy listener");
+            }
+        };
+        let ca_pem = std::fs::read_to_string(self.dir.path().join("certs/ca.crt")).unwrap();
+        Running {
+            child,
+            client: ProxyClient::via_proxy(addr, &ca_pem),
+        }
+    }
+
+    /// `stowage --config ... <args>` on a stopped cache.
+    fn cli(&self, args: &[&str]) -> (bool, String) {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        eprintln!(
+            "$ stowage {}\n{text}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+}
+
+impl Running {
+    fn kill9(mut self) {
+        use std::os::unix::process::ExitStatusExt;
+        self.child.kill().unwrap();
+        let status = self.child.wait().unwrap();
+        assert_eq!(status.signal(), Some(9), "{status:?}");
+    }
+
+    /// SIGTERM, and a clean exit within the bound.
+    fn stop(mut self) {
+        let pid = rustix::process::Pid::from_child(&self.child);
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        let deadline = Instant::now() + BOUND;
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "stowage did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Every file under `blobs/` is `sha256/<2 hex>/<hex>` and hashes to its name; returns
+/// the digests.
+fn assert_only_true_content(cache: &std::path::Path) -> Vec<String> {
+    let blobs = cache.join("blobs");
+    let mut digests = Vec::new();
+    for p in files_under(&blobs) {
+        let rel = p.strip_prefix(&blobs).unwrap().to_str().unwrap().to_owned();
+        let parts: Vec<&str> = rel.split('/').collect();
+        assert!(
+            parts.len() == 3 && parts[0] == "sha256" && parts[2].starts_with(parts[1]),
+            "not content: {rel}"
+        );
+        let d = format!("sha256:{}", parts[2]);
+        assert_eq!(
+            sha256_digest(&std::fs::read(&p).unwrap()),
+            d,
+            "a cached object does not hash to its name: {rel}"
+        );
+        digests.push(d);
+    }
+    digests
+}
+
+/// A GET in `s` of `path`: `Some` when complete with the bytes of `digest`, `None`
+/// when the response failed (the process went away), and a panic on wrong bytes.
+async fn pull_checked(
+    s: &Session,
+    path: &str,
+    digest: &str,
+    accept: &[(&str, &str)],
+) -> Option<()> {
+    let r = s.request_raw(Method::GET, path, accept).await.ok()?;
+    if r.status != StatusCode::OK || r.body_error.is_some() {
+        return None;
+    }
+    assert_eq!(
+        sha256_digest(&r.body),
+        digest,
+        "wrong bytes served for {path}"
+    );
+    Some(())
+}
+
+/// `kill -9` of the real binary while 100 clients pull (fills in flight, coalesced readers
+/// on them, hits), then a restart on the same cache: no temp file survives, every object
+/// on disk hashes to its name, every object pulled again hashes to its digest, and
+/// `stowage cache verify` and `cache ls` find nothing corrupt or missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_100_concurrent_pulls_then_restart_serves_only_true_bytes() {
+    const CLIENTS: usize = 100;
+    let ca = TestCa::new();
+    let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
+    let images: Arc<Vec<Image>> = Arc::new(
+        (0..5u64)
+            .map(|i| {
+                let layers: Vec<Vec<u8>> = (0..3u64)
+                    .map(|j| pseudo_random(150_000 + 100_000 * j as usize, 600 + i * 10 + j))
+                    .collect();
+                quay.push_image("team/app", &format!("v{i}"), &layers)
+            })
+            .collect(),
+    );
+    // Slow enough that fills are in flight at the kill.
+    quay.set_chunking(16 * 1024, Duration::from_millis(4));
+    let bin = Binary::new(&ca);
+    let p = bin.start();
+    let port = quay.port();
+    let sessions = bounded(
+        "100 logins",
+        futures_util::future::join_all((0..CLIENTS).map(|i| {
+            let alpn = if i % 2 == 0 { Alpn::Http11 } else { Alpn::H2 };
+            Session::login(&p.client, "quay.io", port, "team/app", alpn)
+        })),
+    )
+    .await;
+    let accept = format!("{}, {}", registry::OCI_MANIFEST, registry::DOCKER_MANIFEST);
+    let served = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = sessions
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let (images, served, accept) = (images.clone(), served.clone(), accept.clone());
+            tokio::spawn(async move {
+                let img = &images[i % images.len()];
+                let tag = format!("v{}", i % images.len());
+                let h = [("accept", accept.as_str())];
+                loop {
+                    pull_checked(&s, &s.manifest_path(&tag), &img.manifest, &h).await?;
+                    served.fetch_add(1, Ordering::SeqCst);
+                    for d in img.blobs() {
+                        pull_checked(&s, &s.blob_path(&d), &d, &[]).await?;
+                        served.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                #[allow(unreachable_code)]
+                Some(())
+            })
+        })
+        .collect();
+    eventually("fills under way", || quay.blob_gets() >= 8).await;
+    let in_flight = files_under(&bin.cache().join("tmp")).len();
+    p.kill9();
+    for w in workers {
+        // A worker ends when the process is gone; a panic here is wrong bytes served.
+        let _ = bounded("a worker to notice", w)
+            .await
+            .expect("a worker saw wrong bytes");
+    }
+    eprintln!(
+        "killed with {in_flight} temp files, after {} objects served",
+        served.load(Ordering::SeqCst)
+    );
+
+    let p = bin.start();
+    assert!(
+        files_under(&bin.cache().join("tmp")).is_empty(),
+        "temp files survived the restart"
+    );
+    let survivors = assert_only_true_content(&bin.cache());
+    let s = Session::login(&p.client, "quay.io", port, "team/app", Alpn::H2).await;
+    let h = [("accept", accept.as_str())];
+    for (i, img) in images.iter().enumerate() {
+        let by_tag = bounded(
+            "manifest by tag",
+            s.get(&s.manifest_path(&format!("v{i}")), &h),
+        )
+        .await;
+        assert_eq!(sha256_digest(&by_tag.body), img.manifest);
+        for d in std::iter::once(img.manifest.clone()).chain(img.blobs()) {
+            let path = if d == img.manifest {
+                s.manifest_path(&d)
+            } else {
+                s.blob_path(&d)
+            };
+            let r = bounded("pull after the restart", s.get(&path, &h)).await;
+            assert_eq!(r.status, StatusCode::OK, "{d}: {}", r.text());
+            assert_eq!(sha256_digest(&r.body), d, "wrong bytes after the restart");
+            if survivors.contains(&d) {
+                assert_eq!(
+                    r.x_cache(),
+                    "hit",
+                    "{d} survived but was not served from disk"
+                );
+            }
+        }
+    }
+    let all: Vec<String> = images
+        .iter()
+        .flat_map(|i| std::iter::once(i.manifest.clone()).chain(i.blobs()))
+        .collect();
+    eventually("everything stored", || {
+        all.iter().all(|d| {
+            let hex = &d[7..];
+            bin.cache()
+                .join("blobs/sha256")
+                .join(&hex[..2])
+                .join(hex)
+                .is_file()
+        })
+    })
+    .await;
+    p.stop();
+    assert_eq!(assert_only_true_content(&bin.cache()).len(), all.len());
+    let (ok, text) = bin.cli(&["cache", "verify"]);
+    assert!(
+        ok && text.contains(&format!("verified {} objects", all.len()))
+            && text.contains(" 0 corrupt"),
+        "{text}"
+    );
+    let (ok, text) = bin.cli(&["cache", "ls", "--json"]);
+    assert!(ok, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let rows = v.as_array().expect("a list");
+    assert!(!rows.is_empty(), "{v}");
+    assert!(rows.iter().all(|r| r["missing"] == 0), "{v}");
+}
