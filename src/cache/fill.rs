@@ -1035,4 +1035,166 @@ mod tests {
         ));
         assert_eq!(fills.in_flight(), 0);
     }
+
+    /// A leader whose disk is full from the first byte (its writes go to `/dev/full`; the
+    /// readers' file stays the empty temp file), or `None` where there is no `/dev/full`.
+    fn leader_on_a_full_disk(
+        fills: &Arc<Fills>,
+        store: &Arc<BlobStore>,
+        d: &Digest,
+    ) -> Option<Leader> {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .ok()?;
+        let Join::Leader(mut leader) = fills.join(store, d).unwrap() else {
+            panic!()
+        };
+        leader.writer.as_mut().unwrap().file = Arc::new(full);
+        Some(leader)
+    }
+
+    /// Reads a fill stream to its end: the bytes, and whether it ended in an error.
+    async fn drain(s: impl Stream<Item = FrameResult>) -> (Vec<u8>, bool) {
+        let mut out = Vec::new();
+        let mut s = std::pin::pin!(s);
+        while let Some(f) = s.next().await {
+            match f {
+                Ok(f) => out.extend_from_slice(&f.into_data().unwrap()),
+                Err(_) => return (out, true),
+            }
+        }
+        (out, false)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_disk_relays_the_rest_to_every_reader_and_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let fills = Arc::new(Fills::default());
+        let data: Vec<u8> = (0..6_000_000u32).map(|i| (i * 31 % 253) as u8).collect();
+        let d = sha256(&data);
+        let Some(leader) = leader_on_a_full_disk(&fills, &store, &d) else {
+            eprintln!("SKIPPED: no /dev/full");
+            return;
+        };
+        let (a, b) = (leader.fill(), leader.fill());
+        let readers = [
+            tokio::spawn(drain(fill_stream(a, 0))),
+            tokio::spawn(drain(fill_stream(b, 0))),
+        ];
+        let (tx, body) = chunked(&data);
+        let heard = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let h = heard.clone();
+        let run = tokio::spawn(leader.run(body, None, Duration::from_secs(5), move |e| {
+            assert!(e.is_disk_full(), "{e}");
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+        for c in data.chunks(100_000) {
+            tx.send(Ok(Frame::data(Bytes::copy_from_slice(c))))
+                .await
+                .unwrap();
+        }
+        drop(tx);
+        match run.await.unwrap() {
+            Err(FillError::Relayed { len, cause }) => {
+                assert_eq!(len, data.len() as u64);
+                assert!(cause.is_disk_full());
+            }
+            other => panic!("{other:?}"),
+        }
+        for r in readers {
+            let (got, errored) = r.await.unwrap();
+            assert!(!errored);
+            assert!(
+                got == data,
+                "a reader got {} of {} bytes",
+                got.len(),
+                data.len()
+            );
+        }
+        assert_eq!(heard.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(!store.contains(&d));
+        assert_eq!(fills.in_flight(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_relayed_fill_with_wrong_bytes_never_delivers_its_last_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let fills = Arc::new(Fills::default());
+        let good = vec![7u8; 300_000];
+        let mut bad = good.clone();
+        bad[299_000] = 8;
+        let d = sha256(&good);
+        let Some(leader) = leader_on_a_full_disk(&fills, &store, &d) else {
+            return;
+        };
+        let reader = tokio::spawn(drain(fill_stream(leader.fill(), 0)));
+        let (tx, body) = chunked(&bad);
+        let run = tokio::spawn(leader.run(body, Some(300_000), Duration::from_secs(5), |_| {}));
+        for c in bad.chunks(50_000) {
+            tx.send(Ok(Frame::data(Bytes::copy_from_slice(c))))
+                .await
+                .unwrap();
+        }
+        drop(tx);
+        assert!(run.await.unwrap().unwrap_err().is_mismatch());
+        let (got, errored) = reader.await.unwrap();
+        assert!(errored && got.len() < 300_000, "delivered {}", got.len());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_that_stops_is_cut_off_and_does_not_hold_up_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let fills = Arc::new(Fills::default());
+        // More than the relay window, so a reader that takes nothing fills it.
+        let data: Vec<u8> = (0..(RELAY_WINDOW * 3) as u32)
+            .map(|i| (i % 241) as u8)
+            .collect();
+        let d = sha256(&data);
+        let Some(leader) = leader_on_a_full_disk(&fills, &store, &d) else {
+            return;
+        };
+        let reading = tokio::spawn(drain(fill_stream(leader.fill(), 0)));
+        let sleeping = fill_stream(leader.fill(), 0);
+        let (tx, body) = chunked(&data);
+        let idle = Duration::from_millis(300);
+        let run = tokio::spawn(leader.run(body, None, idle, |_| {}));
+        let feed = data.clone();
+        tokio::spawn(async move {
+            for c in feed.chunks(256 * 1024) {
+                if tx
+                    .send(Ok(Frame::data(Bytes::copy_from_slice(c))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        let started = std::time::Instant::now();
+        let (got, errored) = tokio::time::timeout(Duration::from_secs(10), reading)
+            .await
+            .expect("the reading reader was held up")
+            .unwrap();
+        assert!(!errored && got == data, "got {} bytes", got.len());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(matches!(run.await.unwrap(), Err(FillError::Relayed { .. })));
+        let (got, errored) = drain(sleeping).await;
+        assert!(
+            errored && got.len() < data.len(),
+            "the sleeper got {} bytes",
+            got.len()
+        );
+    }
 }
