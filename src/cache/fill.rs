@@ -301,9 +301,10 @@ impl Leader {
     }
 
     fn fail(&mut self, streaming: bool, reason: &str) {
-        self.writer = None; // removes the temp file
-                            // Out of the map before the readers hear of it: whoever saw the failure and asks
-                            // again starts afresh, and the in-flight count is already right.
+        // Drop the writer (removing the temp file), and leave the map before the readers
+        // hear of it: whoever saw the failure and asks again starts afresh, and the
+        // in-flight count is already right.
+        self.writer = None;
         self.remove();
         self.fill.state.send_replace(FillState::Failed {
             streaming,
