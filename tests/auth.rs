@@ -1377,7 +1377,7 @@ async fn configured_credentials_go_only_to_the_registrys_own_realms() {
     // 1. quay.io: realm on the same host, another port.
     let quay = FakeRegistry::builder(&ca)
         .host("quay.io")
-        .realm_url(&format!("https://quay.io:{}/token", thief.port()))
+        .realm(&format!("https://quay.io:{}/token", thief.port()))
         .build()
         .await;
     // 2. registry-1.docker.io: realm on another registry's host (not an auth host of this one).
@@ -1389,7 +1389,7 @@ async fn configured_credentials_go_only_to_the_registrys_own_realms() {
     // 3. gcr.io: a plain-HTTP realm.
     let gcr = FakeRegistry::builder(&ca)
         .host("gcr.io")
-        .realm_url(&format!("http://gcr.io:{plain_port}/token"))
+        .realm(&format!("http://gcr.io:{plain_port}/token"))
         .build()
         .await;
     // 4. Control: ghcr.io with its realm on its configured auth host gets the account.

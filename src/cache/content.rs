@@ -40,6 +40,20 @@ pub enum StoreError {
     Meta(String),
 }
 
+impl StoreError {
+    /// The file system is out of space (or quota): nothing more can be written until some
+    /// is freed.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(libc::ENOSPC) | Some(libc::EDQUOT)
+            ),
+            _ => false,
+        }
+    }
+}
+
 pub(super) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.to_owned(),

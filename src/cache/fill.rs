@@ -6,8 +6,15 @@
 //! so each gets bytes as soon as they are on disk. No reader ever delivers the last byte of
 //! a blob before the digest is verified, so a corrupt fill can never look complete to a
 //! client. A leader dropped before it finishes marks the fill failed and removes it.
+//!
+//! When the disk gives out part-way (full, or failing), the fill does not fail its readers:
+//! the temp file is dropped from the cache (readers keep it open for the bytes already in
+//! it), and the rest of the same upstream body reaches them through the fill's relay, a
+//! bounded window in memory that the leader fills no faster than the slowest reader
+//! empties it (a reader that stops reading for the idle timeout is cut off). The last
+//! frame is still held back until the digest verifies; nothing of such a fill is stored.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,7 +23,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, Stream};
 use http_body::Frame;
 use http_body_util::BodyExt;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use crate::cache::{BlobStore, BlobWriter, StoreError};
 use crate::http_util::BoxError;
@@ -28,6 +35,9 @@ const CHUNK: usize = 256 * 1024;
 /// frames, and one blocking section and one reader wake-up per frame cost more than the
 /// write itself.
 const WRITE_BATCH: usize = 1 << 20;
+/// Most relayed bytes held in memory for readers of a fill the disk could not take (one
+/// upstream batch may come on top).
+const RELAY_WINDOW: usize = 4 << 20;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FillState {
@@ -45,6 +55,19 @@ pub enum FillState {
     Complete {
         len: u64,
     },
+    /// The cache could not take more after `on_disk` bytes: those stay readable in the
+    /// (unlinked) file, the rest comes through the relay. `relayed` counts bytes relayed
+    /// so far; each change wakes the readers.
+    Relaying {
+        on_disk: u64,
+        relayed: u64,
+        total: Option<u64>,
+    },
+    /// A relayed fill verified and sent whole: `len` bytes, none of them stored.
+    Relayed {
+        on_disk: u64,
+        len: u64,
+    },
     /// `streaming` tells whether any bytes were published before the failure.
     Failed {
         streaming: bool,
@@ -55,6 +78,112 @@ pub enum FillState {
 pub struct Fill {
     file: Arc<File>,
     state: watch::Sender<FillState>,
+    relay: Mutex<Relay>,
+    /// Woken when a reader moves on (or leaves), for a leader waiting on a full window.
+    drained: Notify,
+}
+
+/// Bytes past `on_disk` of a fill the disk could not take, and where each reader is.
+#[derive(Default)]
+struct Relay {
+    /// Relayed frames (offset, bytes) some reader has yet to take, in order.
+    frames: VecDeque<(u64, Bytes)>,
+    buffered: usize,
+    /// Reader id → the offset of its next byte. A reader missing here was cut off.
+    readers: HashMap<u64, u64>,
+    next_id: u64,
+}
+
+impl Relay {
+    /// Drops frames every reader is past.
+    fn trim(&mut self) {
+        let min = self.readers.values().copied().min().unwrap_or(u64::MAX);
+        while let Some((off, b)) = self.frames.front() {
+            if off + b.len() as u64 > min {
+                break;
+            }
+            self.buffered -= b.len();
+            self.frames.pop_front();
+        }
+    }
+}
+
+/// A reader's place in a fill's relay; leaving it (drop) lets the relay forget the reader.
+struct Seat {
+    fill: Arc<Fill>,
+    id: u64,
+}
+
+/// What a reader found in the relay at its offset.
+enum Take {
+    Frame(Bytes),
+    NotYet,
+    /// Cut off for not reading, or its bytes are gone.
+    Lost,
+}
+
+impl Seat {
+    fn new(fill: Arc<Fill>, start: u64) -> Seat {
+        let id = {
+            let mut r = fill.relay.lock().expect("relay lock");
+            let id = r.next_id;
+            r.next_id += 1;
+            r.readers.insert(id, start);
+            id
+        };
+        Seat { fill, id }
+    }
+
+    /// Records progress (only while relaying: before that nobody is waiting on it).
+    fn moved_to(&self, pos: u64) {
+        if let Some(p) = self
+            .fill
+            .relay
+            .lock()
+            .expect("relay lock")
+            .readers
+            .get_mut(&self.id)
+        {
+            *p = pos;
+        }
+        self.fill.drained.notify_one();
+    }
+
+    fn take(&self, pos: u64) -> Take {
+        let mut r = self.fill.relay.lock().expect("relay lock");
+        if !r.readers.contains_key(&self.id) {
+            return Take::Lost;
+        }
+        let first = r.frames.front().map(|(off, _)| *off);
+        if first.is_some_and(|off| off > pos) {
+            return Take::Lost;
+        }
+        let found = r
+            .frames
+            .iter()
+            .find(|(off, b)| *off <= pos && pos < off + b.len() as u64)
+            .map(|(off, b)| b.slice((pos - off) as usize..));
+        match found {
+            Some(b) => {
+                r.readers.insert(self.id, pos + b.len() as u64);
+                r.trim();
+                drop(r);
+                self.fill.drained.notify_one();
+                Take::Frame(b)
+            }
+            None => Take::NotYet,
+        }
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        let mut r = self.fill.relay.lock().expect("relay lock");
+        r.readers.remove(&self.id);
+        r.trim();
+        drop(r);
+        self.fill.drained.notify_one();
+    }
 }
 
 impl Fill {
@@ -101,6 +230,8 @@ impl Fills {
         let fill = Arc::new(Fill {
             file: writer.file(),
             state: tx,
+            relay: Mutex::new(Relay::default()),
+            drained: Notify::new(),
         });
         map.insert(digest.clone(), fill.clone());
         Ok(Join::Leader(Leader {
@@ -141,6 +272,12 @@ pub enum FillError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Upstream(String),
+    /// The cache could not take the content (`cause`); its readers got all `len` bytes,
+    /// verified, from upstream instead. Nothing was stored.
+    #[error("not stored ({cause}); {len} bytes relayed from upstream")]
+    Relayed { len: u64, cause: StoreError },
+    #[error("the cache could not take the content ({0}) and no reader is left")]
+    NoReaders(String),
 }
 
 impl FillError {
@@ -164,12 +301,15 @@ impl Leader {
     }
 
     fn fail(&mut self, streaming: bool, reason: &str) {
-        self.writer = None; // removes the temp file
+        // Drop the writer (removing the temp file), and leave the map before the readers
+        // hear of it: whoever saw the failure and asks again starts afresh, and the
+        // in-flight count is already right.
+        self.writer = None;
+        self.remove();
         self.fill.state.send_replace(FillState::Failed {
             streaming,
             reason: reason.to_owned(),
         });
-        self.remove();
     }
 
     fn remove(&self) {
@@ -184,11 +324,15 @@ impl Leader {
 
     /// Streams `body` into the store, publishing progress, then verifies and publishes the
     /// outcome. Runs to completion even when every client has gone, so the cache still fills.
+    ///
+    /// When the cache cannot take more (`on_store_error` hears why, once), the readers get
+    /// the rest through the relay and the result is `FillError::Relayed`.
     pub async fn run<B>(
         mut self,
         mut body: B,
         total: Option<u64>,
         idle: Duration,
+        on_store_error: impl FnOnce(&StoreError),
     ) -> Result<u64, FillError>
     where
         B: http_body::Body<Data = Bytes> + Unpin,
@@ -246,7 +390,21 @@ impl Leader {
                         return Err(FillError::TooLong { announced: t });
                     }
                 }
-                blocking(|| batch.iter().try_for_each(|data| writer.write(data)))?;
+                let failed = blocking(|| {
+                    for (i, data) in batch.iter().enumerate() {
+                        if let Err(e) = writer.write(data) {
+                            return Some((i, e));
+                        }
+                    }
+                    None
+                });
+                if let Some((i, cause)) = failed {
+                    return Ok(Step::DiskGaveOut {
+                        cause,
+                        rest: batch.split_off(i),
+                        ended,
+                    });
+                }
                 let written = writer.written();
                 self.fill
                     .state
@@ -272,11 +430,15 @@ impl Leader {
                 .state
                 .send_replace(FillState::Verified { len: written });
             let dir = blocking(|| writer.publish())?;
-            Ok((written, dir))
+            Ok(Step::Stored(written, dir))
         }
         .await;
         match (result, verified) {
-            (Ok((len, dir)), _) => {
+            (Ok(Step::DiskGaveOut { cause, rest, ended }), _) => {
+                on_store_error(&cause);
+                self.relay(&mut body, cause, rest, ended, total, idle).await
+            }
+            (Ok(Step::Stored(len, dir)), _) => {
                 self.fill.state.send_replace(FillState::Complete { len });
                 self.remove();
                 // Only after the fill is out of the map, so "stored" is seen as soon as the
@@ -302,11 +464,183 @@ impl Leader {
     }
 }
 
+/// How the streaming part of a fill ended.
+enum Step {
+    /// Verified and in place (the directory still to be fsynced).
+    Stored(u64, std::path::PathBuf),
+    /// A write failed with `cause`; `rest` was received but is not on disk.
+    DiskGaveOut {
+        cause: StoreError,
+        rest: Vec<Bytes>,
+        ended: bool,
+    },
+}
+
+impl Leader {
+    /// The rest of `body` to the readers through the relay, after the disk failed with
+    /// `cause`: hashed as it passes, the last frame sent only once the digest matches.
+    async fn relay<B>(
+        &mut self,
+        body: &mut B,
+        cause: StoreError,
+        pending: Vec<Bytes>,
+        mut ended: bool,
+        total: Option<u64>,
+        idle: Duration,
+    ) -> Result<u64, FillError>
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        let writer = self.writer.take().expect("writer present until finish");
+        let on_disk = writer.written();
+        // The temp file leaves the cache now; readers keep it open for its first bytes.
+        let mut hasher = writer.abandon();
+        // Whoever asks from now on could not have the bytes relayed so far: they go
+        // upstream themselves (caching is paused).
+        self.remove();
+        self.fill.state.send_replace(FillState::Relaying {
+            on_disk,
+            relayed: 0,
+            total,
+        });
+        let mut pending: VecDeque<Bytes> = pending.into();
+        let result = async {
+            let mut pos = on_disk;
+            let mut held: Option<(u64, Bytes)> = None;
+            loop {
+                while let Some(data) = pending.pop_front() {
+                    if data.is_empty() {
+                        continue;
+                    }
+                    if let Some(t) = total {
+                        if pos + data.len() as u64 > t {
+                            return Err(FillError::TooLong { announced: t });
+                        }
+                    }
+                    hasher.update(&data);
+                    let off = pos;
+                    pos += data.len() as u64;
+                    if let Some(frame) = held.replace((off, data)) {
+                        self.push_relayed(frame, idle).await?;
+                    }
+                }
+                if ended {
+                    break;
+                }
+                match tokio::time::timeout(idle, body.frame()).await {
+                    Err(_) => {
+                        return Err(FillError::Upstream(format!(
+                            "upstream body stalled for {idle:?}"
+                        )))
+                    }
+                    Ok(None) => ended = true,
+                    Ok(Some(Err(e))) => {
+                        return Err(FillError::Upstream(format!("upstream body: {e}")))
+                    }
+                    Ok(Some(Ok(frame))) => {
+                        if let Ok(data) = frame.into_data() {
+                            pending.push_back(data);
+                        }
+                    }
+                }
+            }
+            if let Some(t) = total {
+                if pos != t {
+                    return Err(FillError::Truncated {
+                        got: pos,
+                        announced: t,
+                    });
+                }
+            }
+            let actual = Digest::from_bytes(self.digest.algorithm(), hasher.finish().as_ref());
+            if actual != self.digest {
+                return Err(FillError::Store(StoreError::Mismatch {
+                    expected: self.digest.clone(),
+                    actual,
+                }));
+            }
+            if let Some(frame) = held.take() {
+                self.push_relayed(frame, idle).await?;
+            }
+            Ok(pos)
+        }
+        .await;
+        match result {
+            Ok(len) => {
+                self.fill
+                    .state
+                    .send_replace(FillState::Relayed { on_disk, len });
+                Err(FillError::Relayed { len, cause })
+            }
+            Err(FillError::NoReaders(_)) => {
+                let e = FillError::NoReaders(cause.to_string());
+                self.fail(true, &e.to_string());
+                Err(e)
+            }
+            Err(e) => {
+                self.fail(true, &e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    /// Hands one frame to the relay once the window has room: the leader goes no faster
+    /// than its slowest reader, and a reader that takes nothing for `idle` is cut off.
+    async fn push_relayed(
+        &self,
+        (off, data): (u64, Bytes),
+        idle: Duration,
+    ) -> Result<(), FillError> {
+        loop {
+            let drained = self.fill.drained.notified();
+            let before = {
+                let mut r = self.fill.relay.lock().expect("relay lock");
+                r.trim();
+                if r.readers.is_empty() {
+                    return Err(FillError::NoReaders(String::new()));
+                }
+                if r.buffered < RELAY_WINDOW {
+                    break;
+                }
+                r.readers.clone()
+            };
+            if tokio::time::timeout(idle, drained).await.is_err() {
+                // Cut off whoever has not moved though bytes were there for it; a reader
+                // that took everything there is is waiting on us, not stalled.
+                let mut r = self.fill.relay.lock().expect("relay lock");
+                let end = r.frames.back().map(|(o, b)| o + b.len() as u64);
+                let cut = r.readers.len();
+                r.readers.retain(|id, pos| {
+                    before.get(id) != Some(pos) || end.is_none_or(|end| *pos >= end)
+                });
+                tracing::debug!(
+                    readers = cut - r.readers.len(),
+                    "cutting off readers that took nothing from the relay for {idle:?}"
+                );
+                r.trim();
+            }
+        }
+        let len = data.len() as u64;
+        {
+            let mut r = self.fill.relay.lock().expect("relay lock");
+            r.buffered += data.len();
+            r.frames.push_back((off, data));
+        }
+        self.fill.state.send_modify(|s| {
+            if let FillState::Relaying { relayed, .. } = s {
+                *relayed += len;
+            }
+        });
+        Ok(())
+    }
+}
+
 impl Drop for Leader {
     fn drop(&mut self) {
         let terminal = matches!(
             *self.fill.state.borrow(),
-            FillState::Complete { .. } | FillState::Failed { .. }
+            FillState::Complete { .. } | FillState::Relayed { .. } | FillState::Failed { .. }
         );
         if !terminal {
             let streaming = !matches!(*self.fill.state.borrow(), FillState::Waiting);
@@ -386,36 +720,63 @@ pub fn file_stream(
 /// until the fill is verified; a failed fill ends the stream with an error.
 pub fn fill_stream(fill: Arc<Fill>, start: u64) -> impl Stream<Item = FrameResult> + Send {
     let rx = fill.subscribe();
-    // The state carries the Fill itself: it owns the watch sender and the file.
-    futures_util::stream::try_unfold((rx, start, fill), move |(mut rx, pos, fill)| async move {
-        let file = fill.file();
+    // Taken now, not on first poll: a relay that starts before this reader reads must keep
+    // its bytes. The seat carries the Fill itself: it owns the watch sender and the file.
+    let seat = Seat::new(fill, start);
+    futures_util::stream::try_unfold((rx, start, seat), move |(mut rx, pos, seat)| async move {
+        let file = seat.fill.file();
         loop {
             let state = rx.borrow_and_update().clone();
-            let limit = match state {
-                FillState::Waiting => None,
-                FillState::Streaming { written, total } => Some(match total {
-                    Some(t) => written.min(t.saturating_sub(1)),
-                    None => written.saturating_sub(1),
-                }),
-                FillState::Verified { len } | FillState::Complete { len } => {
-                    if pos >= len {
-                        return Ok(None);
+            let limit =
+                match state {
+                    FillState::Waiting => None,
+                    FillState::Streaming { written, total } => Some(match total {
+                        Some(t) => written.min(t.saturating_sub(1)),
+                        None => written.saturating_sub(1),
+                    }),
+                    FillState::Verified { len } | FillState::Complete { len } => {
+                        if pos >= len {
+                            return Ok(None);
+                        }
+                        Some(len)
                     }
-                    Some(len)
-                }
-                FillState::Failed { reason, .. } => {
-                    return Err(BoxError::from(format!("fill failed: {reason}")))
-                }
-            };
+                    FillState::Failed { reason, .. } => {
+                        return Err(BoxError::from(format!("fill failed: {reason}")))
+                    }
+                    FillState::Relaying { on_disk, .. } | FillState::Relayed { on_disk, .. } => {
+                        if pos < on_disk {
+                            let chunk = read_chunk(&file, pos, on_disk - pos)?;
+                            let next = pos + chunk.len() as u64;
+                            seat.moved_to(next);
+                            return Ok(Some((Frame::data(chunk), (rx, next, seat))));
+                        }
+                        match seat.take(pos) {
+                            Take::Frame(b) => {
+                                let next = pos + b.len() as u64;
+                                return Ok(Some((Frame::data(b), (rx, next, seat))));
+                            }
+                            Take::Lost => return Err(BoxError::from(
+                                "fell behind the upstream relay of a fill the cache could not take",
+                            )),
+                            Take::NotYet => {}
+                        }
+                        if let FillState::Relayed { len, .. } = state {
+                            if pos >= len {
+                                return Ok(None);
+                            }
+                        }
+                        None
+                    }
+                };
             if let Some(limit) = limit {
                 if pos < limit {
                     let chunk = read_chunk(&file, pos, limit - pos)?;
                     let next = pos + chunk.len() as u64;
-                    return Ok(Some((Frame::data(chunk), (rx, next, fill))));
+                    return Ok(Some((Frame::data(chunk), (rx, next, seat))));
                 }
             }
             if rx.changed().await.is_err() {
-                // Unreachable while we hold `fill` (it owns the sender); stay safe anyway.
+                // Unreachable while the seat holds the fill (it owns the sender); stay safe.
                 return Err(BoxError::from("fill ended without a result"));
             }
         }
@@ -570,7 +931,12 @@ mod tests {
         };
         let (tx, body) = chunked(&data);
         let reader = tokio::spawn(collect(fill_stream(f.clone(), 0)));
-        let run = tokio::spawn(leader.run(body, Some(data.len() as u64), Duration::from_secs(5)));
+        let run = tokio::spawn(leader.run(
+            body,
+            Some(data.len() as u64),
+            Duration::from_secs(5),
+            |_| {},
+        ));
         // The follower has seen a first piece before the upstream finished sending.
         tx.send(Ok(Frame::data(Bytes::copy_from_slice(&data[..1000]))))
             .await
@@ -616,7 +982,7 @@ mod tests {
             }
             (got, false)
         });
-        let run = tokio::spawn(leader.run(body, Some(5000), Duration::from_secs(5)));
+        let run = tokio::spawn(leader.run(body, Some(5000), Duration::from_secs(5), |_| {}));
         tx.send(Ok(Frame::data(Bytes::from(bad)))).await.unwrap();
         drop(tx);
         let err = run.await.unwrap().unwrap_err();
@@ -642,7 +1008,7 @@ mod tests {
         };
         let f = leader.fill();
         let (tx, body) = chunked(b"");
-        let run = tokio::spawn(leader.run(body, Some(3), Duration::from_secs(5)));
+        let run = tokio::spawn(leader.run(body, Some(3), Duration::from_secs(5), |_| {}));
         tx.send(Ok(Frame::data(Bytes::from_static(b"ab"))))
             .await
             .unwrap();
@@ -669,5 +1035,167 @@ mod tests {
             }
         ));
         assert_eq!(fills.in_flight(), 0);
+    }
+
+    /// A leader whose disk is full from the first byte (its writes go to `/dev/full`; the
+    /// readers' file stays the empty temp file), or `None` where there is no `/dev/full`.
+    fn leader_on_a_full_disk(
+        fills: &Arc<Fills>,
+        store: &Arc<BlobStore>,
+        d: &Digest,
+    ) -> Option<Leader> {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .ok()?;
+        let Join::Leader(mut leader) = fills.join(store, d).unwrap() else {
+            panic!()
+        };
+        leader.writer.as_mut().unwrap().file = Arc::new(full);
+        Some(leader)
+    }
+
+    /// Reads a fill stream to its end: the bytes, and whether it ended in an error.
+    async fn drain(s: impl Stream<Item = FrameResult>) -> (Vec<u8>, bool) {
+        let mut out = Vec::new();
+        let mut s = std::pin::pin!(s);
+        while let Some(f) = s.next().await {
+            match f {
+                Ok(f) => out.extend_from_slice(&f.into_data().unwrap()),
+                Err(_) => return (out, true),
+            }
+        }
+        (out, false)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_disk_relays_the_rest_to_every_reader_and_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let fills = Arc::new(Fills::default());
+        let data: Vec<u8> = (0..6_000_000u32).map(|i| (i * 31 % 253) as u8).collect();
+        let d = sha256(&data);
+        let Some(leader) = leader_on_a_full_disk(&fills, &store, &d) else {
+            eprintln!("SKIPPED: no /dev/full");
+            return;
+        };
+        let (a, b) = (leader.fill(), leader.fill());
+        let readers = [
+            tokio::spawn(drain(fill_stream(a, 0))),
+            tokio::spawn(drain(fill_stream(b, 0))),
+        ];
+        let (tx, body) = chunked(&data);
+        let heard = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let h = heard.clone();
+        let run = tokio::spawn(leader.run(body, None, Duration::from_secs(5), move |e| {
+            assert!(e.is_disk_full(), "{e}");
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+        for c in data.chunks(100_000) {
+            tx.send(Ok(Frame::data(Bytes::copy_from_slice(c))))
+                .await
+                .unwrap();
+        }
+        drop(tx);
+        match run.await.unwrap() {
+            Err(FillError::Relayed { len, cause }) => {
+                assert_eq!(len, data.len() as u64);
+                assert!(cause.is_disk_full());
+            }
+            other => panic!("{other:?}"),
+        }
+        for r in readers {
+            let (got, errored) = r.await.unwrap();
+            assert!(!errored);
+            assert!(
+                got == data,
+                "a reader got {} of {} bytes",
+                got.len(),
+                data.len()
+            );
+        }
+        assert_eq!(heard.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(!store.contains(&d));
+        assert_eq!(fills.in_flight(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_relayed_fill_with_wrong_bytes_never_delivers_its_last_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let fills = Arc::new(Fills::default());
+        let good = vec![7u8; 300_000];
+        let mut bad = good.clone();
+        bad[299_000] = 8;
+        let d = sha256(&good);
+        let Some(leader) = leader_on_a_full_disk(&fills, &store, &d) else {
+            return;
+        };
+        let reader = tokio::spawn(drain(fill_stream(leader.fill(), 0)));
+        let (tx, body) = chunked(&bad);
+        let run = tokio::spawn(leader.run(body, Some(300_000), Duration::from_secs(5), |_| {}));
+        for c in bad.chunks(50_000) {
+            tx.send(Ok(Frame::data(Bytes::copy_from_slice(c))))
+                .await
+                .unwrap();
+        }
+        drop(tx);
+        assert!(run.await.unwrap().unwrap_err().is_mismatch());
+        let (got, errored) = reader.await.unwrap();
+        assert!(errored && got.len() < 300_000, "delivered {}", got.len());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_that_stops_is_cut_off_and_does_not_hold_up_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let fills = Arc::new(Fills::default());
+        // More than the relay window, so a reader that takes nothing fills it.
+        let data: Vec<u8> = (0..(RELAY_WINDOW * 3) as u32)
+            .map(|i| (i % 241) as u8)
+            .collect();
+        let d = sha256(&data);
+        let Some(leader) = leader_on_a_full_disk(&fills, &store, &d) else {
+            return;
+        };
+        let reading = tokio::spawn(drain(fill_stream(leader.fill(), 0)));
+        let sleeping = fill_stream(leader.fill(), 0);
+        let (tx, body) = chunked(&data);
+        let idle = Duration::from_millis(300);
+        let run = tokio::spawn(leader.run(body, None, idle, |_| {}));
+        let feed = data.clone();
+        tokio::spawn(async move {
+            for c in feed.chunks(256 * 1024) {
+                if tx
+                    .send(Ok(Frame::data(Bytes::copy_from_slice(c))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        let started = std::time::Instant::now();
+        let (got, errored) = tokio::time::timeout(Duration::from_secs(10), reading)
+            .await
+            .expect("the reading reader was held up")
+            .unwrap();
+        assert!(!errored && got == data, "got {} bytes", got.len());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(matches!(run.await.unwrap(), Err(FillError::Relayed { .. })));
+        let (got, errored) = drain(sleeping).await;
+        assert!(
+            errored && got.len() < data.len(),
+            "the sleeper got {} bytes",
+            got.len()
+        );
     }
 }

@@ -21,7 +21,7 @@ pub mod metadata;
 pub mod shared_tier;
 pub mod writer;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +45,10 @@ pub struct Cache {
     pub shared: Option<Arc<dyn Backend>>,
     pub limits: Limits,
     paused_until: AtomicU64,
+    /// Set when a fill ran out of disk space: no new fills until free space is back to
+    /// twice `min_free` (hysteresis, so one blob that does not fit does not make every
+    /// next fill fail the same way).
+    disk_full: AtomicBool,
 }
 
 /// Bounds from `[cache]`, validated.
@@ -65,6 +69,7 @@ impl Cache {
             shared,
             limits,
             paused_until: AtomicU64::new(0),
+            disk_full: AtomicBool::new(false),
         }
     }
 
@@ -73,10 +78,26 @@ impl Cache {
         if now_ms() < self.paused_until.load(Ordering::Relaxed) {
             return Err("paused after a write error");
         }
-        match self.store.free_space() {
+        let free = self.store.free_space();
+        if self.disk_full.load(Ordering::Relaxed) {
+            match free {
+                Some(f) if f < self.limits.min_free.saturating_mul(2) => return Err("disk_full"),
+                _ => {
+                    if self.disk_full.swap(false, Ordering::Relaxed) {
+                        tracing::info!(free = ?free, "free disk space is back: caching resumes");
+                    }
+                }
+            }
+        }
+        match free {
             Some(free) if free < self.limits.min_free => Err("disk_full"),
             _ => Ok(()),
         }
+    }
+
+    /// Pauses new fills until free space is back (see `disk_full`), after a fill ran out.
+    pub fn pause_until_space(&self) {
+        self.disk_full.store(true, Ordering::Relaxed);
     }
 
     /// Pauses new fills for a while after a write error.

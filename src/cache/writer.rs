@@ -41,6 +41,12 @@ impl BlobWriter {
         Ok(())
     }
 
+    /// Gives up on storing: the temp file leaves the cache now (open handles go on reading
+    /// it) and the hash of what was written goes on with the caller.
+    pub fn abandon(self) -> Context {
+        self.hasher.clone()
+    }
+
     /// Whether what was written so far hashes to the expected digest.
     pub fn verify(&self) -> Result<(), StoreError> {
         let actual = Digest::from_bytes(

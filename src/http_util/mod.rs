@@ -99,6 +99,8 @@ pub enum CollectError {
     TooLarge,
     /// The body failed.
     Body(String),
+    /// The body sent nothing for this long (see [`IdleTimeout`]).
+    Stalled(std::time::Duration),
 }
 
 /// Reads a whole body into memory, refusing one longer than `limit` bytes as soon as it
@@ -106,7 +108,10 @@ pub enum CollectError {
 pub async fn collect_limited(mut body: Body, limit: usize) -> Result<Bytes, CollectError> {
     let mut buf = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| CollectError::Body(e.to_string()))?;
+        let frame = frame.map_err(|e| match e.downcast_ref::<BodyStalled>() {
+            Some(BodyStalled(d)) => CollectError::Stalled(*d),
+            None => CollectError::Body(e.to_string()),
+        })?;
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > limit {
                 return Err(CollectError::TooLarge);
@@ -171,5 +176,66 @@ mod tests {
         assert!(r.body().is_end_stream());
         let r = head_without_body(&http::Method::GET, json_error());
         assert!(!r.body().is_end_stream());
+    }
+}
+
+/// A body that fails once `idle` passes without a frame, so no peer can hold a task and
+/// its connection forever by going silent after the head.
+pub struct IdleTimeout<B> {
+    inner: B,
+    idle: std::time::Duration,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<B> IdleTimeout<B> {
+    pub fn new(inner: B, idle: std::time::Duration) -> IdleTimeout<B> {
+        IdleTimeout {
+            inner,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+}
+
+/// The error an [`IdleTimeout`] body ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("body stalled: nothing for {0:?}")]
+pub struct BodyStalled(pub std::time::Duration);
+
+impl<B> HttpBody for IdleTimeout<B>
+where
+    B: HttpBody<Data = Bytes, Error = BoxError> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                if frame.is_some() {
+                    let next = tokio::time::Instant::now() + this.idle;
+                    this.timer.as_mut().reset(next);
+                }
+                Poll::Ready(frame)
+            }
+            Poll::Pending => match this.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled(this.idle))))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

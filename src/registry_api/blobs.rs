@@ -177,12 +177,10 @@ pub(super) async fn blob(
                 };
                 match backend.get(digest).await {
                     Ok(Some((body, len))) => {
-                        let fill = leader.fill();
-                        spawn_fill(api, leader, body, Some(len), None);
-                        return (
-                            CacheStatus::Hit,
-                            Ok(fill_response(authorized, fill, Some(len))),
-                        );
+                        // The response (its reader) first, so the fill never runs ahead of it.
+                        let resp = fill_response(authorized, leader.fill(), Some(len));
+                        spawn_fill(api, target, repo, leader, body, Some(len), None);
+                        return (CacheStatus::Hit, Ok(resp));
                     }
                     Ok(None) => {}
                     Err(e) => {
@@ -231,12 +229,17 @@ pub(super) async fn blob(
                 credential: credential_id(req.headers()),
                 path: pq.clone(),
             };
-            let fill = leader.fill();
-            spawn_fill(api, leader, resp.into_body(), total, Some(grant));
-            (
-                CacheStatus::Miss,
-                Ok(fill_response(authorized, fill, total)),
-            )
+            let client = fill_response(authorized, leader.fill(), total);
+            spawn_fill(
+                api,
+                target,
+                repo,
+                leader,
+                resp.into_body(),
+                total,
+                Some(grant),
+            );
+            (CacheStatus::Miss, Ok(client))
         }
     }
 }
@@ -254,8 +257,11 @@ pub(super) struct Grant {
 /// Runs a fill to completion in the background. `grant` is the client whose own upstream
 /// request the fill is (new content, uploaded to the shared tier); `None` for content
 /// from the shared tier.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn spawn_fill(
     api: &Arc<RegistryApi>,
+    target: &Target,
+    repo: &RepoName,
     leader: Leader,
     body: Body,
     total: Option<u64>,
@@ -265,10 +271,29 @@ pub(super) fn spawn_fill(
     let digest = leader.digest().clone();
     let span = tracing::info_span!("fill", %digest);
     let st = api.clone();
+    let (registry, repo) = (target.registry.clone(), repo.clone());
     api.tasks.spawn(
         async move {
             let idle = st.upstream.idle_timeout();
-            match leader.run(body, total, idle).await {
+            // Once per fill, at the moment the disk gives out: the readers go on from upstream.
+            let on_store_error = |e: &crate::cache::StoreError| {
+                if e.is_disk_full() {
+                    st.metrics.write_error("disk_full");
+                    st.cache.pause_until_space();
+                    tracing::warn!(
+                        %registry, %repo, %digest, error = %e,
+                        "cache disk full: caching paused until space is freed; this blob streams on from upstream, uncached"
+                    );
+                } else {
+                    st.metrics.write_error("write");
+                    st.cache.pause_caching();
+                    tracing::warn!(
+                        %registry, %repo, %digest, error = %e,
+                        "cache write failed: caching paused for a while; this blob streams on from upstream, uncached"
+                    );
+                }
+            };
+            match leader.run(body, total, idle, on_store_error).await {
                 Ok(len) => {
                     tracing::debug!(bytes = len, "stored");
                     if let Some(g) = grant {
@@ -288,6 +313,14 @@ pub(super) fn spawn_fill(
                 Err(e) if e.is_mismatch() => {
                     st.metrics.digest_mismatches.inc();
                     tracing::error!(error = %e, "digest mismatch: content discarded")
+                }
+                Err(e @ (FillError::Relayed { .. } | FillError::NoReaders(_))) => {
+                    tracing::debug!(error = %e, "not stored")
+                }
+                Err(FillError::Store(e)) if e.is_disk_full() => {
+                    st.metrics.write_error("disk_full");
+                    st.cache.pause_until_space();
+                    tracing::warn!(error = %e, "cache disk full while storing a verified blob; caching paused until space is freed")
                 }
                 Err(FillError::Store(e)) => {
                     st.metrics.write_error("write");

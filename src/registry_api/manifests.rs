@@ -195,6 +195,7 @@ pub(super) async fn fetch_manifest(
         Err(_) => return Err(UpstreamError::BodyStalled(idle).into()),
         Ok(Err(CollectError::TooLarge)) => return Err(ServeError::ManifestTooLarge(limit)),
         Ok(Err(CollectError::Body(e))) => return Err(UpstreamError::Body(e).into()),
+        Ok(Err(CollectError::Stalled(d))) => return Err(UpstreamError::BodyStalled(d).into()),
         Ok(Ok(b)) => b,
     };
     let announced_digest = parts

@@ -62,7 +62,7 @@ impl Transport for HyperTransport {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("cannot connect to {host}: {message}")]
     Connect { host: String, message: String },
@@ -88,6 +88,16 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// The other side could not be reached or went silent (as opposed to answering).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Connect { .. }
+                | UpstreamError::Timeout { .. }
+                | UpstreamError::BodyStalled(_)
+        )
+    }
+
     fn from_transport(host: &str, e: BoxError) -> UpstreamError {
         // Walk the source chain for the innermost message: "connection refused", a TLS alert, ...
         let mut message = e.to_string();
@@ -240,7 +250,10 @@ impl Upstream {
                 if let (Some(m), Some(origin)) = (&self.metrics, &origin) {
                     m.observe_ratelimit(origin, resp.headers());
                 }
-                Ok(resp)
+                // Every upstream body is bounded, whoever reads it (a relayed token
+                // response, a pass-through, a fill): silence past `idle_timeout` ends it.
+                let idle = self.idle_timeout;
+                Ok(resp.map(|b| crate::http_util::IdleTimeout::new(b, idle).boxed_unsync()))
             }
             Ok(Err(e)) => Err(UpstreamError::from_transport(&host, e)),
             Err(_) => Err(UpstreamError::Timeout {

@@ -224,7 +224,7 @@ impl Tokens {
             .cache
             .try_get_with(key, fetch_token(upstream, challenge, creds))
             .await
-            .map_err(|e| UpstreamError::Body(e.to_string()))?;
+            .map_err(|e| (*e).clone())?;
         Ok((token.value, false))
     }
 
@@ -294,9 +294,17 @@ async fn fetch_token(
     }
     let Fetched { response, .. } = upstream.fetch(Method::GET, uri, headers).await?;
     let status = response.status();
-    let body = crate::http_util::collect_limited(response.into_body(), 1 << 20)
-        .await
-        .map_err(|e| UpstreamError::Body(format!("token response: {e:?}")))?;
+    let idle = upstream.idle_timeout();
+    let body = tokio::time::timeout(
+        idle,
+        crate::http_util::collect_limited(response.into_body(), 1 << 20),
+    )
+    .await
+    .map_err(|_| UpstreamError::BodyStalled(idle))?
+    .map_err(|e| match e {
+        crate::http_util::CollectError::Stalled(d) => UpstreamError::BodyStalled(d),
+        e => UpstreamError::Body(format!("token response: {e:?}")),
+    })?;
     if status != StatusCode::OK {
         return Err(UpstreamError::Body(format!(
             "token service answered {status}"
@@ -432,6 +440,12 @@ pub async fn fetch(
     };
     let (value, cached) = match tokens.get_tracked(upstream, &ch, creds).await {
         Ok(v) => v,
+        // A token service that cannot be reached or stalls is an upstream outage, said as
+        // such (502/504); passing its challenge on would send the client to it as well.
+        Err(e) if e.is_unavailable() => {
+            tracing::warn!(realm = %ch.realm, error = %e, "upstream token service unavailable");
+            return Err(e);
+        }
         Err(e) => {
             tracing::warn!(realm = %ch.realm, error = %e, "could not get an upstream token; passing the challenge on");
             return Ok(first);

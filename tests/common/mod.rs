@@ -13,6 +13,7 @@ pub mod client;
 pub mod registry;
 pub mod stowage;
 pub mod tls;
+pub mod tmpfs;
 pub mod util;
 
 use std::time::{Duration, Instant};
@@ -23,6 +24,7 @@ pub use registry::{
 };
 pub use stowage::Stowage;
 pub use tls::TestCa;
+pub use tmpfs::Tmpfs;
 pub use util::{
     bounded, cert_names, client_config, counting_server, echo_server, echo_through, files_under,
     metric, BOUND,

@@ -153,6 +153,8 @@ pub enum Fault {
     RedirectLoop,
     /// `307` to this URL.
     RedirectTo(String),
+    /// The right `Content-Length`, but the last `n` bytes inverted.
+    FlipTail(usize),
 }
 
 /// Holds blob bodies after their first chunk until opened; see [`FakeRegistry::hold_blob_bodies`].
@@ -221,8 +223,8 @@ impl Image {
 
 pub struct FakeRegistryBuilder<'a> {
     ca: &'a TestCa,
+    realm: Option<String>,
     realm_host: Option<String>,
-    realm_url: Option<String>,
     host: String,
     storage: Option<&'a FakeStorage>,
     mode: BlobMode,
@@ -242,10 +244,10 @@ impl<'a> FakeRegistryBuilder<'a> {
         self
     }
 
-    /// The whole realm URL the challenges name (another server's, a hostile one), instead
-    /// of this server's own `/token`.
-    pub fn realm_url(mut self, url: &str) -> Self {
-        self.realm_url = Some(url.to_owned());
+    /// The whole token realm URL of the challenge (another server: a token service that
+    /// misbehaves), instead of `/token` on this server.
+    pub fn realm(mut self, url: &str) -> Self {
+        self.realm = Some(url.to_owned());
         self
     }
 
@@ -262,7 +264,7 @@ impl<'a> FakeRegistryBuilder<'a> {
 
     pub async fn build(self) -> FakeRegistry {
         let realm_host = self.realm_host.unwrap_or_else(|| self.host.clone());
-        let realm_url = self.realm_url;
+        let realm_url = self.realm;
         let storage = self.storage.map(|s| (s.shared.clone(), s.port()));
         let mode = self.mode;
         let mut shared_slot = None;
@@ -283,7 +285,6 @@ impl<'a> FakeRegistryBuilder<'a> {
                 log: Mutex::new(Vec::new()),
                 next_token: AtomicU64::new(1),
                 realm: realm_url
-                    .clone()
                     .unwrap_or_else(|| format!("https://{realm_host}:{}/token", addr.port())),
                 storage,
             });
@@ -313,8 +314,8 @@ impl FakeRegistry {
     pub fn builder(ca: &TestCa) -> FakeRegistryBuilder<'_> {
         FakeRegistryBuilder {
             ca,
+            realm: None,
             realm_host: None,
-            realm_url: None,
             host: "quay.io".into(),
             storage: None,
             mode: BlobMode::Serve,
@@ -478,6 +479,12 @@ impl FakeRegistry {
     /// Blob bodies end `tail` after their last byte.
     pub fn set_tail_delay(&self, tail: Duration) {
         self.shared.state.lock().unwrap().pace.tail = tail;
+    }
+
+    /// Blob `GET`s announce no `Content-Length` (HTTP/1.1 sends them chunked), as some
+    /// storage hosts and registries do: a proxy learns the size only at the end.
+    pub fn send_unsized(&self, unsized_bodies: bool) {
+        self.shared.state.lock().unwrap().pace.sized = !unsized_bodies;
     }
 
     /// From now on, blob bodies send their first chunk and then wait for the gate.
@@ -981,6 +988,12 @@ fn faulty_blob(
             return redirect(format!("{path}?hop={}", hop + 1));
         }
         Fault::RedirectTo(url) => return redirect(url.clone()),
+        Fault::FlipTail(n) => {
+            let mut v = data.to_vec();
+            let from = v.len().saturating_sub(*n);
+            v[from..].iter_mut().for_each(|b| *b = !*b);
+            return blob_get(Bytes::from(v), digest, Pace::plain());
+        }
     };
     let len = data.len();
     let head = data.slice(..n.min(len));
@@ -1036,6 +1049,8 @@ struct Pace {
     pause: Duration,
     tail: Duration,
     gate: Option<watch::Receiver<bool>>,
+    /// Whether `Content-Length` is sent.
+    sized: bool,
 }
 
 impl Pace {
@@ -1045,12 +1060,14 @@ impl Pace {
             pause: Duration::ZERO,
             tail: Duration::ZERO,
             gate: None,
+            sized: true,
         }
     }
 }
 
 fn blob_get(data: Bytes, digest: &str, pace: Pace) -> Response<Body> {
     let len = data.len();
+    let sized = pace.sized;
     let stream = futures_util::stream::unfold(
         (data, 0usize, pace),
         move |(data, pos, mut pace)| async move {
@@ -1079,7 +1096,9 @@ fn blob_get(data: Bytes, digest: &str, pace: Pace) -> Response<Body> {
         CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    h.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    if sized {
+        h.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    }
     h.insert(
         "docker-content-digest",
         HeaderValue::from_str(digest).unwrap(),
@@ -1090,6 +1109,7 @@ fn blob_get(data: Bytes, digest: &str, pace: Pace) -> Response<Body> {
 pub struct StorageShared {
     blobs: Mutex<HashMap<String, Bytes>>,
     log: Mutex<Vec<Recorded>>,
+    faults: Mutex<HashMap<String, Fault>>,
 }
 
 /// A blob storage host (`storage.test`, like S3 behind a presigned URL): serves
@@ -1104,6 +1124,7 @@ impl FakeStorage {
         let shared = Arc::new(StorageShared {
             blobs: Mutex::new(HashMap::new()),
             log: Mutex::new(Vec::new()),
+            faults: Mutex::new(HashMap::new()),
         });
         let s = shared.clone();
         let server = TlsServer::start(ca.fake_hosts_config(), move |_| {
@@ -1134,6 +1155,29 @@ impl FakeStorage {
 
     pub fn requests(&self) -> Vec<Recorded> {
         self.shared.log.lock().unwrap().clone()
+    }
+
+    /// Signed `GET`s of `digest` misbehave as `fault` says (`StallHead` and `Status` are
+    /// not offered here) until [`clear_fault`](Self::clear_fault).
+    pub fn set_fault(&self, digest: &str, fault: Fault) {
+        assert!(!matches!(fault, Fault::StallHead | Fault::Status(_)));
+        self.shared
+            .faults
+            .lock()
+            .unwrap()
+            .insert(digest.to_owned(), fault);
+    }
+
+    pub fn clear_fault(&self, digest: &str) {
+        self.shared.faults.lock().unwrap().remove(digest);
+    }
+
+    /// Requests answered with `status`.
+    pub fn count_status(&self, status: u16) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| r.status == status)
+            .count()
     }
 
     pub fn gets(&self) -> usize {
@@ -1170,9 +1214,13 @@ impl StorageShared {
                     error_body("NoSuchKey", "no such object"),
                 );
             };
-            match *req.method() {
-                Method::HEAD => blob_head(&data, digest),
-                Method::GET => blob_get(data, digest, Pace::plain()),
+            let fault = self.faults.lock().unwrap().get(digest).cloned();
+            match (req.method(), fault) {
+                (&Method::HEAD, _) => blob_head(&data, digest),
+                (&Method::GET, Some(f)) => {
+                    faulty_blob(data, digest, &f, req.uri().path(), req.uri().query())
+                }
+                (&Method::GET, None) => blob_get(data, digest, Pace::plain()),
                 _ => json_response(
                     StatusCode::METHOD_NOT_ALLOWED,
                     error_body("MethodNotAllowed", "read only"),
