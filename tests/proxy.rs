@@ -665,9 +665,11 @@ async fn an_unreachable_upstream_is_a_502_with_registry_json() {
         .await
         .expect("a registry tunnel opens even when upstream is down");
     let digest = sha256_digest(b"anything");
+    // The version check alone is answered by Stowage itself (issue 15), marked stale.
+    let ping = t.get("/v2/", &[]).await;
+    assert_eq!((ping.status, ping.x_cache()), (StatusCode::OK, "stale"));
     for path in [
         format!("/v2/team/app/blobs/{digest}"),
-        "/v2/".to_owned(),
         "/v2/team/app/manifests/latest".to_owned(),
     ] {
         let started = Instant::now();

@@ -239,6 +239,7 @@ impl Fills {
             digest: digest.clone(),
             fill,
             writer: Some(writer),
+            on_verified: None,
         }))
     }
 
@@ -259,6 +260,8 @@ pub struct Leader {
     digest: Digest,
     fill: Arc<Fill>,
     writer: Option<BlobWriter>,
+    /// Runs once the content has verified, before it becomes visible in the store.
+    on_verified: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
 /// Why a fill did not produce stored content.
@@ -287,6 +290,13 @@ impl FillError {
 }
 
 impl Leader {
+    /// `f` runs once the content has verified and before it becomes visible in the store,
+    /// so whatever it records (a grant) is in place when the first reader finds the blob
+    /// stored. It does not run for a fill that fails or is relayed uncached.
+    pub fn on_verified(&mut self, f: impl FnOnce() + Send + Sync + 'static) {
+        self.on_verified = Some(Box::new(f));
+    }
+
     pub fn fill(&self) -> Arc<Fill> {
         self.fill.clone()
     }
@@ -425,6 +435,9 @@ impl Leader {
             }
             blocking(|| writer.verify())?;
             verified = Some(written);
+            if let Some(f) = self.on_verified.take() {
+                f();
+            }
             // The readers' last byte goes out now; the fsyncs below only matter to the cache.
             self.fill
                 .state

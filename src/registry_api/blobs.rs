@@ -293,12 +293,18 @@ pub(super) fn spawn_fill(
                     );
                 }
             };
+            let mut leader = leader;
+            if let Some(g) = grant {
+                // Granted once the bytes verify and before the blob is visible: a reader
+                // that finds it stored finds the grant too.
+                let (api, d) = (st.clone(), digest.clone());
+                leader.on_verified(move || {
+                    api.upstream_served(&g.target, &g.repo, Some(&d), g.credential, g.path);
+                });
+            }
             match leader.run(body, total, idle, on_store_error).await {
                 Ok(len) => {
                     tracing::debug!(bytes = len, "stored");
-                    if let Some(g) = grant {
-                        st.upstream_served(&g.target, &g.repo, Some(&digest), g.credential, g.path);
-                    }
                     if let (true, Some(backend)) = (upload, st.cache.shared.clone()) {
                         let path = st.cache.store.path(&digest);
                         match backend.put(&digest, &path, len).await {
