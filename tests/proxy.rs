@@ -758,3 +758,42 @@ async fn manifests_by_digest_are_cached_with_their_media_type() {
         quay.requests()
     );
 }
+
+/// Issue 15: a `HEAD` of a blob Stowage does not have, which upstream redirects to
+/// storage, is answered `200` with the blob's length and digest: no `Location` for the
+/// client to follow to a storage host it cannot reach through the proxy. Nothing is cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_of_an_uncached_redirected_blob_is_answered_without_the_redirect() {
+    let ca = TestCa::new();
+    let storage = FakeStorage::start(&ca).await;
+    let quay = FakeRegistry::builder(&ca)
+        .host("quay.io")
+        .storage(&storage)
+        .blob_mode(BlobMode::Redirect(Location::Absolute))
+        .build()
+        .await;
+    quay.redirect_heads();
+    let data = pseudo_random(70_001, 15);
+    let digest = quay.push_blob("team/app", data.clone());
+    let stowage = Stowage::start(&ca).await;
+    let s = Session::login(
+        &stowage.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        Alpn::Http11,
+    )
+    .await;
+    let r = s.request(Method::HEAD, &s.blob_path(&digest), &[]).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.headers);
+    assert_eq!(r.header("location"), None);
+    assert_eq!(r.content_length(), Some(data.len() as u64));
+    assert_eq!(r.header("docker-content-digest"), Some(digest.as_str()));
+    assert!(r.body.is_empty());
+    // Unknown upstream: its own answer, unchanged.
+    let missing = sha256_digest(b"not there");
+    let r = s.request(Method::HEAD, &s.blob_path(&missing), &[]).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!stowage.is_cached(&digest), "a HEAD filled the cache");
+}

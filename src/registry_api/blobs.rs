@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use http::header::{ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, RANGE};
+use http::header::{ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use tracing::Instrument;
@@ -365,6 +365,9 @@ pub(super) async fn fetch_uncached_blob(
     digest: &Digest,
 ) -> Served {
     let get = req.method() == Method::GET;
+    if req.method() == Method::HEAD {
+        return head_uncached_blob(api, target, req, digest).await;
+    }
     let (outcome, r) = fetch_uncached(api, target, req).await;
     let r = r.map(|resp| {
         if get && resp.status() == StatusCode::OK {
@@ -374,6 +377,61 @@ pub(super) async fn fetch_uncached_blob(
         }
     });
     (outcome, r)
+}
+
+/// A `HEAD` of a blob Stowage does not have. Upstream's answer is relayed, except a
+/// redirect to storage: the client would have to reach the storage host itself (which
+/// `tunnel_ports` usually refuses, and storage URLs are often signed for `GET` only), so
+/// Stowage asks storage for one byte (`Range: bytes=0-0`, redirects followed) and answers
+/// `200` with the blob's length and digest, no `Location`.
+async fn head_uncached_blob(
+    api: &RegistryApi,
+    target: &Target,
+    req: Request<Body>,
+    digest: &Digest,
+) -> Served {
+    let pq = path_and_query(&req).to_owned();
+    let head = upstream_fetch(api, target, Method::HEAD, &pq, req.headers(), false).await;
+    let head = match head {
+        Ok(r) if r.status().is_redirection() && r.headers().contains_key(LOCATION) => r,
+        other => return (CacheStatus::Miss, other.map(relay)),
+    };
+    drop(head);
+    let mut headers = req.headers().clone();
+    headers.insert(RANGE, HeaderValue::from_static("bytes=0-0"));
+    let probe = match upstream_fetch(api, target, Method::GET, &pq, &headers, true).await {
+        Ok(r) => r,
+        Err(e) => return (CacheStatus::Miss, Err(e)),
+    };
+    let status = probe.status();
+    let header_u64 = |name: http::HeaderName| {
+        probe
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let len = match status {
+        // `bytes 0-0/<len>`
+        StatusCode::PARTIAL_CONTENT => header_u64(CONTENT_RANGE).and_then(|v| {
+            v.rsplit_once('/')
+                .and_then(|(_, n)| n.trim().parse::<u64>().ok())
+        }),
+        // Storage ignored the range: its length is the blob's; the body is not read.
+        StatusCode::OK => header_u64(CONTENT_LENGTH).and_then(|v| v.trim().parse::<u64>().ok()),
+        _ => return (CacheStatus::Miss, Ok(relay(probe))),
+    };
+    let Some(len) = len else {
+        tracing::warn!(%digest, %status, "storage gave no blob length for a HEAD");
+        return (CacheStatus::Miss, Ok(relay(probe)));
+    };
+    drop(probe);
+    let mut resp = Response::new(crate::http_util::empty());
+    blob_headers(resp.headers_mut(), digest);
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(OCTET_STREAM));
+    set_len(resp.headers_mut(), len);
+    (CacheStatus::Miss, Ok(resp))
 }
 
 /// `relay`, with the body verified against `digest` (see `fetch_uncached_blob`).

@@ -15,7 +15,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::header::{
-    AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, USER_AGENT, WWW_AUTHENTICATE,
+    AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE, USER_AGENT,
+    WWW_AUTHENTICATE,
 };
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Frame;
@@ -192,6 +193,8 @@ struct RegState {
     /// Repository → `Location` of the `302` its manifest and blob requests without any
     /// `Authorization` get (see [`FakeRegistry::redirect_anonymous`]).
     anonymous_redirects: HashMap<String, String>,
+    /// In [`BlobMode::Redirect`], redirect `HEAD`s too (as distribution with S3 does).
+    redirect_heads: bool,
 }
 
 struct Shared {
@@ -281,6 +284,7 @@ impl<'a> FakeRegistryBuilder<'a> {
                     manifest_failure: None,
                     faults: HashMap::new(),
                     anonymous_redirects: HashMap::new(),
+                    redirect_heads: false,
                 }),
                 log: Mutex::new(Vec::new()),
                 next_token: AtomicU64::new(1),
@@ -467,6 +471,12 @@ impl FakeRegistry {
 
     pub fn set_blob_mode(&self, mode: BlobMode) {
         self.shared.state.lock().unwrap().mode = mode;
+    }
+
+    /// In [`BlobMode::Redirect`], blob `HEAD`s get the redirect too (distribution's S3
+    /// driver does this), instead of a `200` from the registry.
+    pub fn redirect_heads(&self) {
+        self.shared.state.lock().unwrap().redirect_heads = true;
     }
 
     /// Blob bodies are sent in `chunk`-byte frames with `pause` between them.
@@ -860,7 +870,8 @@ impl Shared {
                 error_body("BLOB_UNKNOWN", "blob unknown to registry"),
             );
         };
-        if req.method() == Method::HEAD {
+        let redirected = st.redirect_heads && matches!(st.mode, BlobMode::Redirect(_));
+        if req.method() == Method::HEAD && !redirected {
             return blob_head(&data, digest);
         }
         if let Some(fault) = st.faults.get(digest).cloned() {
@@ -1219,6 +1230,18 @@ impl StorageShared {
                 (&Method::HEAD, _) => blob_head(&data, digest),
                 (&Method::GET, Some(f)) => {
                     faulty_blob(data, digest, &f, req.uri().path(), req.uri().query())
+                }
+                // The one range clients of storage ask for here: the first byte (as S3 does).
+                (&Method::GET, None)
+                    if req.headers().get(RANGE).is_some_and(|r| r == "bytes=0-0") =>
+                {
+                    let mut r = Response::new(body_full(data.slice(..1.min(data.len()))));
+                    *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+                    let range = format!("bytes 0-0/{}", data.len());
+                    r.headers_mut()
+                        .insert(CONTENT_RANGE, HeaderValue::from_str(&range).unwrap());
+                    r.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(1));
+                    r
                 }
                 (&Method::GET, None) => blob_get(data, digest, Pace::plain()),
                 _ => json_response(
