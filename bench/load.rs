@@ -45,17 +45,22 @@ struct Args {
     manifest_pause: Duration,
     after: Duration,
     after_more: Duration,
+    stowage_log: String,
+    think: (u64, u64),
 }
 
 const HELP: &str = "\
 load [--connections 1000] [--idle 0] [--duration 60] [--soak 300] [--ramp SECONDS]
      [--max-connections N] [--nofile 1048576] [--stowage target/release/stowage] [--max-size 256MiB]
+     [--think 150,450] [--stowage-log warn]
 load --slow-manifest-fills 300 [--manifest-size 4MiB] [--manifest-chunk 64KiB] [--manifest-pause 100]
      [--after 30] [--after-more 60]
 
   --idle S             hold the connections idle S seconds after login, then report RSS per idle connection
   --duration S         then run the mix for S seconds (RSS per active connection at its end)
   --soak S             then keep running it S seconds, RSS each minute
+  --think MIN,MAX      think time between a connection's requests, milliseconds (offered load is
+                       about connections / mean think time)
   --ramp S             spread connection set-up over S seconds (default connections/500, at least 3)
   --max-connections N  Stowage's [proxy] max_connections (default connections * 1.25 + 1000: the
                        tunnels of the mix are connections too)
@@ -96,6 +101,8 @@ fn parse_args() -> Args {
         manifest_pause: Duration::from_millis(100),
         after: Duration::from_secs(30),
         after_more: Duration::from_secs(60),
+        stowage_log: "warn".into(),
+        think: (150, 450),
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -127,6 +134,15 @@ fn parse_args() -> Args {
             }
             "--after" => a.after = secs(&v, "--after"),
             "--after-more" => a.after_more = secs(&v, "--after-more"),
+            "--stowage-log" => a.stowage_log = v,
+            "--think" => {
+                let (lo, hi) = v.split_once(',').expect("--think MIN,MAX milliseconds");
+                a.think = (
+                    lo.parse().expect("--think MIN"),
+                    hi.parse().expect("--think MAX"),
+                );
+                assert!(a.think.1 > a.think.0, "--think MIN,MAX");
+            }
             "--help" | "-h" => {
                 println!("{HELP}");
                 std::process::exit(0);
@@ -220,13 +236,21 @@ struct Stats {
     misses: AtomicU64,
     tunnels: AtomicU64,
     errors: AtomicU64,
+    /// Connections found closed by Stowage between requests, redialled (not errors: HTTP
+    /// lets a server close an idle keep-alive connection, clients redial).
+    redials: AtomicU64,
     hit_latency_us: Mutex<Vec<u64>>,
     first_errors: Mutex<Vec<String>>,
+    /// Error kind (the message up to its second colon) → count.
+    kinds: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl Stats {
     fn error(&self, e: String) {
         self.errors.fetch_add(1, Ordering::Relaxed);
+        // The message without its numbers (ports, byte counts), OS error kept.
+        let kind: String = e.chars().filter(|c| !c.is_ascii_digit()).take(90).collect();
+        *self.kinds.lock().unwrap().entry(kind).or_default() += 1;
         let mut f = self.first_errors.lock().unwrap();
         if f.len() < 10 {
             f.push(e);
@@ -250,6 +274,7 @@ impl Stats {
                 .copied()
                 .unwrap_or(0)
         };
+        let redials = self.redials.swap(0, Ordering::Relaxed);
         let (h, m, t, e) = (
             self.hits.swap(0, Ordering::Relaxed),
             self.misses.swap(0, Ordering::Relaxed),
@@ -257,16 +282,20 @@ impl Stats {
             self.errors.swap(0, Ordering::Relaxed),
         );
         println!(
-            "{phase}: {:.0}s, requests {} (hits {h}, misses {m}, tunnels {t}), errors {e}, hit latency p50 {:.2} ms p99 {:.2} ms, {:.0} req/s, stowage RSS {} -> {}, load {}",
+            "{phase}: {:.0}s, requests {} (hits {h}, misses {m}, tunnels {t}), errors {e}, idle connections closed by stowage and redialled {redials}, hit latency p50 {:.2} ms p99 {:.2} ms max {:.0} ms, {:.0} req/s, stowage RSS {} -> {}, load {}",
             elapsed.as_secs_f64(),
             h + m + t,
             pct(0.50) as f64 / 1000.0,
             pct(0.99) as f64 / 1000.0,
+            lat.last().copied().unwrap_or(0) as f64 / 1000.0,
             (h + m + t) as f64 / elapsed.as_secs_f64(),
             mib(rss_start),
             mib(rss_end),
             load(),
         );
+        for (kind, n) in std::mem::take(&mut *self.kinds.lock().unwrap()) {
+            println!("  errors of kind {kind:?}: {n}");
+        }
         for e in self.first_errors.lock().unwrap().drain(..) {
             println!("  error: {e}");
         }
@@ -327,7 +356,7 @@ impl Env {
         let child = std::process::Command::new(&args.stowage)
             .arg("--config")
             .arg(dir.path().join("config.toml"))
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", &args.stowage_log)
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()
@@ -370,9 +399,21 @@ impl Env {
         let _ = self.child.wait();
         let log = std::fs::read_to_string(self.dir.path().join("stowage.log")).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
-        println!("stowage log: {} lines at warn or above", lines.len());
-        for l in lines.iter().take(5) {
-            println!("  {l}");
+        println!("stowage log: {} lines", lines.len());
+        let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+        for l in &lines {
+            // `<time> <LEVEL> <span/target>: message`: count by level and message.
+            let key: String = l
+                .split_whitespace()
+                .skip(1)
+                .filter(|w| !w.contains('='))
+                .take(8)
+                .collect::<Vec<_>>()
+                .join(" ");
+            *kinds.entry(key).or_default() += 1;
+        }
+        for (k, n) in kinds.iter().take(20) {
+            println!("  {n} x {k}");
         }
     }
 }
@@ -428,12 +469,15 @@ async fn connections(args: &Args, ca: &TestCa) {
         .ramp
         .unwrap_or(Duration::from_secs((args.connections as u64 / 500).max(3)));
     println!(
-        "{} connections (set up over {}s), {}s idle, {}s held + {}s soak; mix: 80% hits (64 KiB), 10% misses, 10% tunnels; stowage RSS {} (VmRSS), {} fds, load {}",
+        "{} connections (set up over {}s), {}s idle, {}s held + {}s soak; mix: 80% hits (64 KiB), 10% misses, 10% tunnels, think {}-{} ms (offered ~{:.0} req/s); stowage RSS {} (VmRSS), {} fds, load {}",
         args.connections,
         ramp.as_secs(),
         args.idle.as_secs(),
         args.duration.as_secs(),
         args.soak.as_secs(),
+        args.think.0,
+        args.think.1,
+        args.connections as f64 * 2000.0 / (args.think.0 + args.think.1) as f64,
         mib(rss_start),
         open_fds(pid),
         load()
@@ -459,10 +503,11 @@ async fn connections(args: &Args, ca: &TestCa) {
             failed.clone(),
         );
         let mut go = go_rx.clone();
+        let think = args.think;
         let stagger = ramp.as_millis() as u64 * w as u64 / args.connections as u64;
         workers.push(tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(stagger)).await;
-            let session = match session(&client, registry.port(), "load/hot").await {
+            let mut session = match session(&client, registry.port(), "load/hot").await {
                 Ok(s) => s,
                 Err(e) => {
                     failed.fetch_add(1, Ordering::Relaxed);
@@ -471,6 +516,8 @@ async fn connections(args: &Args, ca: &TestCa) {
             };
             held.fetch_add(1, Ordering::Relaxed);
             let _ = go.wait_for(|go| *go).await;
+            // Spread the first requests over one think time, not all at the same instant.
+            tokio::time::sleep(Duration::from_millis((w as u64 * 7919) % think.1)).await;
             let mut x = w as u64 + 1;
             while !stop.load(Ordering::Relaxed) {
                 x = x
@@ -503,6 +550,14 @@ async fn connections(args: &Args, ca: &TestCa) {
                             r.body.len(),
                             r.body_error
                         )),
+                        Err(e) if e.contains("not ready: channel closed") => {
+                            // Closed while idle, before this request was sent: redial.
+                            stats.redials.fetch_add(1, Ordering::Relaxed);
+                            match self::session(&client, registry.port(), "load/hot").await {
+                                Ok(s) => session = s,
+                                Err(e) => stats.error(format!("redial: {e}")),
+                            }
+                        }
                         Err(e) => stats.error(format!("hit: {e}")),
                     }
                 } else if roll < 90 {
@@ -526,6 +581,13 @@ async fn connections(args: &Args, ca: &TestCa) {
                             r.body.len(),
                             r.body_error
                         )),
+                        Err(e) if e.contains("not ready: channel closed") => {
+                            stats.redials.fetch_add(1, Ordering::Relaxed);
+                            match self::session(&client, registry.port(), "load/hot").await {
+                                Ok(s) => session = s,
+                                Err(e) => stats.error(format!("redial: {e}")),
+                            }
+                        }
                         Err(e) => stats.error(format!("miss: {e}")),
                     }
                     // Fetched once; the fake registry need not keep it (its memory would grow).
@@ -554,7 +616,8 @@ async fn connections(args: &Args, ca: &TestCa) {
                     }
                 }
                 // Think time keeps every connection open and busy without saturating 2 cores.
-                tokio::time::sleep(Duration::from_millis(150 + (x >> 50) % 300)).await;
+                let (lo, hi) = think;
+                tokio::time::sleep(Duration::from_millis(lo + (x >> 40) % (hi - lo))).await;
             }
         }));
     }
