@@ -141,6 +141,17 @@ fn main() -> anyhow::Result<()> {
 
 fn run(config: Config) -> anyhow::Result<()> {
     init_logging(config.log.format);
+    match stowage::server::raise_open_file_limit() {
+        Ok(l) => {
+            tracing::info!(soft = l.soft, was = l.was, hard = ?l.hard, "open file limit");
+            if let Some(w) =
+                stowage::server::open_file_warning(config.proxy.max_connections, l.soft)
+            {
+                tracing::warn!("{w}");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

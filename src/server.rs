@@ -358,3 +358,96 @@ impl Server {
         Ok(())
     }
 }
+
+/// The process's open-file limits after [`raise_open_file_limit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpenFileLimit {
+    /// The soft limit before (what the process was started with).
+    pub was: u64,
+    /// The soft limit now: what `accept`, upstream connections and cache files share.
+    pub soft: u64,
+    /// The hard limit (`None`: unlimited).
+    pub hard: Option<u64>,
+}
+
+/// The soft limit to ask for: the hard limit. An unlimited hard limit leaves the soft one
+/// alone, since Linux refuses a soft `RLIMIT_NOFILE` above `fs.nr_open` anyway.
+fn nofile_target(soft: u64, hard: Option<u64>) -> u64 {
+    hard.map_or(soft, |h| h.max(soft))
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, as production proxies do at
+/// start-up: the soft default (often 1024) would make `accept` fail with EMFILE long
+/// before `[proxy] max_connections`. Called once by `main`; process-wide.
+pub fn raise_open_file_limit() -> std::io::Result<OpenFileLimit> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let cur = getrlimit(Resource::Nofile);
+    let was = cur.current.unwrap_or(u64::MAX);
+    let soft = nofile_target(was, cur.maximum);
+    if soft != was {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(soft),
+                maximum: cur.maximum,
+            },
+        )?;
+    }
+    let now = getrlimit(Resource::Nofile);
+    Ok(OpenFileLimit {
+        was,
+        soft: now.current.unwrap_or(u64::MAX),
+        hard: now.maximum,
+    })
+}
+
+/// File descriptors a busy proxy connection holds: the client's, and an upstream
+/// connection, tunnel or cache file.
+const FDS_PER_CONNECTION: u64 = 2;
+
+/// A warning when `max_connections` connections could run the process out of file
+/// descriptors, so that EMFILE (refused accepts, failed upstream connects and cache
+/// reads) does not come before the connection limit's clean 503.
+pub fn open_file_warning(max_connections: usize, soft_limit: u64) -> Option<String> {
+    let need = (max_connections as u64).saturating_mul(FDS_PER_CONNECTION) + 256;
+    (need > soft_limit).then(|| {
+        format!(
+            "[proxy] max_connections = {max_connections} may need up to {need} file descriptors \
+             but the open file limit is {soft_limit}: raise the hard limit (ulimit -Hn, \
+             LimitNOFILE=) or lower max_connections"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nofile_soft_limit_goes_to_the_hard_limit() {
+        assert_eq!(nofile_target(1024, Some(524_288)), 524_288);
+        assert_eq!(nofile_target(20_000, Some(20_000)), 20_000);
+        // Never lowered, and an unlimited hard limit leaves it alone.
+        assert_eq!(nofile_target(4096, Some(1024)), 4096);
+        assert_eq!(nofile_target(1024, None), 1024);
+    }
+
+    #[test]
+    fn raise_open_file_limit_leaves_soft_equal_to_hard() {
+        let l = raise_open_file_limit().expect("setrlimit");
+        assert!(l.soft >= l.was);
+        if let Some(hard) = l.hard {
+            assert_eq!(l.soft, hard);
+        }
+        let cur = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        assert_eq!(cur.current, Some(l.soft));
+    }
+
+    #[test]
+    fn max_connections_above_the_fd_budget_is_warned_about() {
+        assert!(open_file_warning(4096, 1024).is_some());
+        assert!(open_file_warning(4096, 1 << 20).is_none());
+        let w = open_file_warning(12_000, 20_000).expect("2 fds a connection");
+        assert!(w.contains("max_connections = 12000"), "{w}");
+    }
+}

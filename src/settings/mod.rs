@@ -215,7 +215,8 @@ pub struct ProxyConfig {
     /// Ports that blind tunnels (non-registry hosts) may reach. Registries themselves are
     /// reachable on any port, since only the registry API is spoken to them.
     pub tunnel_ports: Vec<u16>,
-    /// Most client connections at once (all listeners); more are closed at accept.
+    /// Most client connections at once (all listeners); more are closed at accept. Each
+    /// may hold two file descriptors (see `server::open_file_warning`).
     pub max_connections: usize,
 }
 

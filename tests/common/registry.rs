@@ -182,6 +182,9 @@ struct RegState {
     mode: BlobMode,
     corrupt: HashSet<String>,
     pace: Pace,
+    /// How manifest `GET` bodies are sent (`None`: in one frame); see
+    /// [`FakeRegistry::set_manifest_chunking`].
+    manifest_pace: Option<Pace>,
     /// Repositories that anonymous tokens cannot read (see [`FakeRegistry::make_private`]).
     private: HashSet<String>,
     /// Token-service accounts: username → (password, private repositories it may pull).
@@ -279,6 +282,7 @@ impl<'a> FakeRegistryBuilder<'a> {
                     mode,
                     corrupt: HashSet::new(),
                     pace: Pace::plain(),
+                    manifest_pace: None,
                     private: HashSet::new(),
                     users: HashMap::new(),
                     manifest_failure: None,
@@ -484,6 +488,16 @@ impl FakeRegistry {
         let mut st = self.shared.state.lock().unwrap();
         st.pace.chunk = chunk.max(1);
         st.pace.pause = pause;
+    }
+
+    /// Manifest bodies are sent in `chunk`-byte frames with `pause` between them (a slow
+    /// upstream for large manifests, as the load tool's `--slow-manifest-fills`).
+    pub fn set_manifest_chunking(&self, chunk: usize, pause: Duration) {
+        self.shared.state.lock().unwrap().manifest_pace = Some(Pace {
+            chunk: chunk.max(1),
+            pause,
+            ..Pace::plain()
+        });
     }
 
     /// Blob bodies end `tail` after their last byte.
@@ -832,10 +846,11 @@ impl Shared {
         };
         let digest = sha256_digest(&bytes);
         let len = bytes.len();
-        let mut r = Response::new(if req.method() == Method::HEAD {
-            body_full(Bytes::new())
-        } else {
-            body_full(bytes)
+        let pace = self.state.lock().unwrap().manifest_pace.clone();
+        let mut r = Response::new(match pace {
+            _ if req.method() == Method::HEAD => body_full(Bytes::new()),
+            Some(pace) => paced_body(bytes, pace),
+            None => body_full(bytes),
         });
         let h = r.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_str(&media_type).unwrap());
@@ -1079,6 +1094,24 @@ impl Pace {
 fn blob_get(data: Bytes, digest: &str, pace: Pace) -> Response<Body> {
     let len = data.len();
     let sized = pace.sized;
+    let mut r = Response::new(paced_body(data, pace));
+    let h = r.headers_mut();
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if sized {
+        h.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    h.insert(
+        "docker-content-digest",
+        HeaderValue::from_str(digest).unwrap(),
+    );
+    r
+}
+
+/// `data` as a body sent the way `pace` says.
+fn paced_body(data: Bytes, pace: Pace) -> Body {
     let stream = futures_util::stream::unfold(
         (data, 0usize, pace),
         move |(data, pos, mut pace)| async move {
@@ -1101,20 +1134,7 @@ fn blob_get(data: Bytes, digest: &str, pace: Pace) -> Response<Body> {
             Some((Ok::<_, BoxError>(frame), (data, end, pace)))
         },
     );
-    let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
-    let h = r.headers_mut();
-    h.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    if sized {
-        h.insert(CONTENT_LENGTH, HeaderValue::from(len));
-    }
-    h.insert(
-        "docker-content-digest",
-        HeaderValue::from_str(digest).unwrap(),
-    );
-    r
+    StreamBody::new(stream).boxed_unsync()
 }
 
 pub struct StorageShared {

@@ -160,9 +160,11 @@ impl TlsServer {
                                 let handler = handler.clone();
                                 async move { Ok::<_, Infallible>(handler(req).await) }
                             });
-                            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                                .serve_connection(TokioIo::new(tls), svc)
-                                .await;
+                            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                            // More than hyper's 200 h2 streams: the load tool's hundreds of
+                            // concurrent fills share one upstream connection.
+                            builder.http2().max_concurrent_streams(1024);
+                            let _ = builder.serve_connection(TokioIo::new(tls), svc).await;
                         });
                     }
                     Some(_) = conns.join_next(), if !conns.is_empty() => {}
