@@ -57,10 +57,22 @@ pub struct Server {
     grace: Duration,
 }
 
+/// Pending connections the kernel queues per listener before Stowage accepts them
+/// (capped by `net.core.somaxconn`). tokio's default of 1024 overflowed when 10,000 clients
+/// connected at once on a busy 2-core box (bench/LOAD.md); a burst of nodes starting
+/// together looks the same.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
-    let l = TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { addr, source })?;
+    let bind_error = |source| Error::Bind { addr, source };
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .map_err(bind_error)?;
+    socket.set_reuseaddr(true).map_err(bind_error)?;
+    socket.bind(addr).map_err(bind_error)?;
+    let l = socket.listen(LISTEN_BACKLOG).map_err(bind_error)?;
     let local = l
         .local_addr()
         .map_err(|source| Error::Bind { addr, source })?;
