@@ -17,6 +17,9 @@
 use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
+
+#[path = "common/stale.rs"]
+mod stale;
 use stowage::cache::{BlobStore, StoreError, TagRow};
 use stowage::oci::{Algorithm, Digest};
 
@@ -35,6 +38,7 @@ fn store() -> &'static (Arc<BlobStore>, std::path::PathBuf) {
             .into_iter()
             .find(|p| std::path::Path::new(p).is_dir())
             .unwrap();
+        stale::remove_stale(std::path::Path::new(base));
         let dir = std::path::Path::new(base)
             .join(format!("stowage-fuzz-manifest-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);

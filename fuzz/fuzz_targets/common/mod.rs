@@ -39,6 +39,9 @@ use stowage::upstream::Transport;
 use stowage::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+mod stale;
+use stale::remove_stale;
+
 pub fn sha256(b: &[u8]) -> Digest {
     Digest::from_bytes(
         Algorithm::Sha256,
@@ -528,6 +531,7 @@ pub fn harness() -> &'static Harness {
             .into_iter()
             .find(|p| Path::new(p).is_dir())
             .unwrap();
+        remove_stale(Path::new(base));
         let dir = Path::new(base).join(format!("stowage-fuzz-request-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
