@@ -41,7 +41,7 @@ for t in $targets; do
     -detect_leaks=0 -timeout=30 -rss_limit_mb=3072 -artifact_prefix="$work/$t/crash-" \
     >"$work/$t.log" 2>&1
   rc=$?
-  e=$(awk -F: '/^stat::number_of_executed_units/ { gsub(/ /, "", $2); print $2 }' "$work/$t.log" | tail -n 1)
+  e=$(awk '/^stat::number_of_executed_units:/ { print $2 }' "$work/$t.log" | tail -n 1)
   execs=$((execs + ${e:-0}))
   if ((rc != 0)); then
     crashes=$((crashes + 1))
