@@ -32,7 +32,7 @@ use crate::registry_api::{Accounts, RegistryApi};
 use crate::settings::{self, AuthCheck, BackendKind, Config, ConfigError};
 use crate::telemetry::Metrics;
 use crate::upstream::token_auth::Account;
-use crate::upstream::Upstream;
+use crate::upstream::{Transport, Upstream};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -159,6 +159,23 @@ fn catalog_and_accounts(
 
 impl Server {
     pub async fn bind(config: Config) -> Result<Server, Error> {
+        Server::bind_inner(config, None).await
+    }
+
+    /// [`Server::bind`], with every upstream request carried by `transport` instead of the
+    /// network: for in-process harnesses (the fuzz targets in `fuzz/`). Names still resolve
+    /// through `[upstream.resolve]` pins or DNS (the loop guard and the redirect checks).
+    pub async fn bind_with_transport(
+        config: Config,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Server, Error> {
+        Server::bind_inner(config, Some(transport)).await
+    }
+
+    async fn bind_inner(
+        config: Config,
+        transport: Option<Arc<dyn Transport>>,
+    ) -> Result<Server, Error> {
         // aws-lc seeds its random generator from CPU jitter on first use: ~100 ms that the
         // first client's TLS handshake (and leaf key) would otherwise wait for. Done before
         // any listener exists, so no client can arrive during it.
@@ -180,9 +197,12 @@ impl Server {
         );
         let (catalog, accounts) = catalog_and_accounts(&config)?;
         let metrics = Arc::new(Metrics::new(catalog.keys().cloned()));
-        let upstream = Arc::new(
-            Upstream::new(&config.upstream, Some(metrics.clone())).map_err(Error::Upstream)?,
-        );
+        let upstream = Arc::new(match transport {
+            Some(t) => Upstream::with_transport(&config.upstream, t, Some(metrics.clone())),
+            None => {
+                Upstream::new(&config.upstream, Some(metrics.clone())).map_err(Error::Upstream)?
+            }
+        });
         let shared: Option<Arc<dyn Backend>> = match config.storage.backend {
             BackendKind::Local => None,
             BackendKind::Dir => Some(Arc::new(FsBackend::new(
@@ -321,6 +341,42 @@ impl Server {
 
     pub fn ca_cert_pem(&self) -> String {
         self.ingress.ca.cert_pem().to_owned()
+    }
+
+    /// Serves one connection of listener `kind` over `io` as its accept loop would, once
+    /// the client passed the allow list, the connection limit and the first-byte deadline
+    /// (none of which apply here); `peer` is the client, `local` the address it reached.
+    /// Runs until the connection ends. For in-process harnesses (`fuzz/`), without `run`.
+    pub fn serve_connection<IO>(
+        &self,
+        kind: Listener,
+        io: IO,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> impl Future<Output = ()> + Send + 'static
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let ingress = self.ingress.clone();
+        async move {
+            match kind {
+                Listener::Proxy => {
+                    crate::ingress::forward_proxy::serve_connection(ingress, io, peer).await
+                }
+                Listener::Mirror => {
+                    crate::ingress::mirror::serve_connection(ingress, io, peer, Some(local)).await
+                }
+                Listener::Direct => {
+                    crate::ingress::direct::serve_connection(ingress, io, peer).await
+                }
+            }
+        }
+    }
+
+    /// Background work still running (fills, probes, CONNECT tunnels, connections served
+    /// by `run`): a harness waits for zero before it inspects the cache.
+    pub fn tasks_in_flight(&self) -> usize {
+        self.ingress.tasks.len()
     }
 
     /// Serves until `shutdown` resolves, then drains.

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The one test command: installs what the tests need (tests/deps.sh), checks formatting
 # (cargo fmt --check), runs every Rust test (cargo test --all-targets: unit, property,
-# hermetic integration), and runs the
+# hermetic integration), runs every fuzz target briefly (fuzz/run.sh, 20 s each), and runs the
 # end-to-end scenarios with real clients and a real registry (tests/e2e/). Prints a summary
 # line per suite and exits non-zero if anything failed. `.ci/run` calls exactly this.
 #
 #   bash tests/run.sh            everything
-#   SKIP_E2E=1 bash tests/run.sh Rust tests only
+#   SKIP_E2E=1 bash tests/run.sh Rust tests (and the short fuzz run) only
+#   SKIP_FUZZ=1 bash tests/run.sh without the short fuzz run
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,6 +38,17 @@ summary=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^pass
 rm -f "$log"
 [[ $cargo_status -eq 0 ]] || status=1
 
+# A short, bounded run of each fuzz target (fuzz/README.md); a crash fails the suite.
+fuzz_summary="fuzz: skipped (SKIP_FUZZ)"
+if [[ -z ${SKIP_FUZZ:-} ]]; then
+  fuzz_log=$(mktemp /tmp/stowage-fuzz-run.XXXXXX)
+  bash fuzz/run.sh "${FUZZ_SECONDS:-20}" 2>&1 | tee "$fuzz_log"
+  [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+  fuzz_summary=$(grep -E '^fuzz: ([0-9]+ targets|build FAILED|cargo install)' "$fuzz_log" | tail -n 1)
+  [[ -n $fuzz_summary ]] || fuzz_summary="fuzz: FAILED (no summary)"
+  rm -f "$fuzz_log"
+fi
+
 e2e_summary="e2e: skipped (SKIP_E2E)"
 if [[ -z ${SKIP_E2E:-} ]]; then
   e2e_log=$(mktemp /tmp/stowage-e2e.XXXXXX)
@@ -50,6 +62,7 @@ echo
 echo "== summary ($(($(date +%s) - start))s) =="
 echo "$fmt_summary"
 echo "$summary"
+echo "$fuzz_summary"
 echo "$e2e_summary"
 [[ $status -eq 0 ]] && echo "RESULT: ok" || echo "RESULT: FAILED"
 exit $status

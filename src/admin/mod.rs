@@ -49,8 +49,10 @@ pub struct TagListing {
     pub last_used_ms: u64,
 }
 
-/// Digests a manifest (or index) references, with the sizes it declares.
-fn references(bytes: &[u8]) -> Vec<Digest> {
+/// Digests a manifest (or index) references: its config, layers and child manifests.
+/// Anything that is not such JSON, and descriptors whose digest does not parse, give
+/// nothing. Public for the fuzz targets (`fuzz/`).
+pub fn references(bytes: &[u8]) -> Vec<Digest> {
     #[derive(Deserialize)]
     struct Desc {
         digest: String,

@@ -130,7 +130,11 @@ pub fn percent_decode(s: &str) -> Option<String> {
     while let Some(b) = bytes.next() {
         match b {
             b'%' => {
+                // Two hex digits exactly: `from_str_radix` alone also takes a sign ("%+A").
                 let hex = [bytes.next()?, bytes.next()?];
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
                 out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
             }
             b'+' => out.push(b' '),
@@ -166,6 +170,19 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("authorization"));
+    }
+
+    #[test]
+    fn percent_escapes_need_two_hex_digits() {
+        // Found by fuzz/headers: `%+A` decoded to a newline.
+        assert_eq!(
+            percent_decode("quay.io%3A5443").as_deref(),
+            Some("quay.io:5443")
+        );
+        assert_eq!(percent_decode("a%2fb+c").as_deref(), Some("a/b c"));
+        for bad in ["%+A", "%+1", "%-1", "% 1", "%3", "%zz", "%%41"] {
+            assert_eq!(percent_decode(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

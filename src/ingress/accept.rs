@@ -68,7 +68,8 @@ pub async fn run(ingress: Arc<Ingress>, kind: Listener, listener: TcpListener) {
                                 .await
                         }
                         Listener::Mirror => {
-                            mirror::serve_connection(this, stream, peer)
+                            let local = stream.local_addr().ok();
+                            mirror::serve_connection(this, stream, peer, local)
                                 .instrument(tracing::info_span!("mirror", %peer))
                                 .await
                         }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::tls::{self, Choice};
 use super::{HostKind, Ingress};
@@ -15,7 +15,10 @@ use crate::oci::{Host, Registry, Scheme};
 use crate::registry_api::Target;
 
 /// Serves one connection on the direct listener.
-pub async fn serve_connection(ingress: Arc<Ingress>, stream: TcpStream, peer: SocketAddr) {
+pub async fn serve_connection<IO>(ingress: Arc<Ingress>, stream: IO, peer: SocketAddr)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let chosen = std::sync::Mutex::new(None::<(Host, HostKind)>);
     let choose = |sni: Option<String>| {
         let chosen = &chosen;

@@ -16,7 +16,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use super::tls::{self, Choice};
@@ -28,7 +27,10 @@ use crate::settings::OtherHosts;
 use crate::upstream::destination::Refused;
 
 /// Serves one client connection to the proxy listener until it closes or shutdown ends it.
-pub async fn serve_connection(ingress: Arc<Ingress>, stream: TcpStream, peer: SocketAddr) {
+pub async fn serve_connection<IO>(ingress: Arc<Ingress>, stream: IO, peer: SocketAddr)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let this = ingress.clone();
     let svc = service_fn(move |req| {
         let ingress = this.clone();

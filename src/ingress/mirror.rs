@@ -16,7 +16,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::loop_guard::canonical_ip;
 use super::tls::{self, Choice};
@@ -198,8 +198,16 @@ fn mints_for(ingress: &Ingress, hostname: &str, local_ip: Option<IpAddr>, name: 
     }
 }
 
-/// Serves one connection on the mirror listener (plain HTTP or TLS).
-pub async fn serve_connection(ingress: Arc<Ingress>, stream: TcpStream, peer: SocketAddr) {
+/// Serves one connection on the mirror listener (plain HTTP or TLS); `local` is the address
+/// the client connected to (`tls = "ca"` mints for it).
+pub async fn serve_connection<IO>(
+    ingress: Arc<Ingress>,
+    stream: IO,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let this = ingress.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         let ingress = this.clone();
@@ -212,7 +220,7 @@ pub async fn serve_connection(ingress: Arc<Ingress>, stream: TcpStream, peer: So
         }
     });
     let (limits, shutdown) = (ingress.limits, &ingress.shutdown);
-    let local_ip = stream.local_addr().ok().map(|a| canonical_ip(a.ip()));
+    let local_ip = local.map(|a| canonical_ip(a.ip()));
     let choose = |sni: Option<String>| async {
         match &ingress.mirror.tls {
             MirrorTls::Files(c) => Choice::Serve(c.clone()),

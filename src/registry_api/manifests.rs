@@ -256,8 +256,9 @@ pub(super) async fn fetch_manifest(
     ))
 }
 
-/// Whether `content_type` is a manifest or index media type (OCI or Docker).
-fn is_manifest_type(content_type: &str) -> bool {
+/// Whether `content_type` is a manifest or index media type (OCI or Docker): only such a
+/// response is stored as a manifest.
+pub fn is_manifest_type(content_type: &str) -> bool {
     let t = content_type
         .split(';')
         .next()
@@ -271,7 +272,7 @@ fn is_manifest_type(content_type: &str) -> bool {
 
 /// The media types a client accepts, normalised (sorted, parameters dropped) so the same
 /// client always hits the same tag entry.
-pub(super) fn accept_key(headers: &HeaderMap) -> String {
+pub fn accept_key(headers: &HeaderMap) -> String {
     let mut types: Vec<String> = headers
         .get_all(ACCEPT)
         .iter()

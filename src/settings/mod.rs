@@ -906,6 +906,10 @@ pub fn valid_host(h: &str) -> bool {
     Host::parse(h).is_ok_and(|n| n.as_str() == h || h.parse::<IpAddr>().is_ok())
 }
 
+/// The longest duration a configuration may hold: a century. Every duration becomes a
+/// deadline (`Instant + d`) or a cache TTL, and moka panics on a TTL over 1000 years.
+const MAX_DURATION_MS: u64 = 36_500 * 86_400_000;
+
 /// A duration written as people write them: `250ms`, `30s`, `10m`, `2h`, `7d`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
@@ -930,7 +934,8 @@ impl FromStr for HumanDuration {
         };
         let total = n
             .checked_mul(ms)
-            .ok_or_else(|| format!("{s:?} is too long"))?;
+            .filter(|&t| t <= MAX_DURATION_MS)
+            .ok_or_else(|| format!("{s:?} is too long (at most 36500d)"))?;
         Ok(HumanDuration(Duration::from_millis(total)))
     }
 }
@@ -1012,6 +1017,24 @@ mod tests {
         assert_eq!(c.ca.dir, d.ca.dir);
         assert_eq!(c.upstream.connect_timeout, d.upstream.connect_timeout);
         assert_eq!(c.proxy.other_hosts, OtherHosts::Tunnel);
+    }
+
+    #[test]
+    fn durations_beyond_a_century_are_config_errors() {
+        // Found by fuzz/config: `auth_ttl = "99999999999d"` validated, then moka panicked
+        // in `Server::bind` ("time_to_live is longer than 1000 years").
+        for key in [
+            "[cache]\nauth_ttl",
+            "[cache]\npublic_ttl",
+            "[upstream]\ndns_ttl",
+            "[proxy]\nheader_timeout",
+        ] {
+            let text = format!("{key} = \"99999999999d\"\n");
+            let e = Config::from_toml_str(&text).unwrap_err().to_string();
+            assert!(e.contains("too long"), "{text}: {e}");
+            assert!(Config::from_toml_str(&format!("{key} = \"36500d\"\n")).is_ok());
+            assert!(Config::from_toml_str(&format!("{key} = \"36501d\"\n")).is_err());
+        }
     }
 
     #[test]
