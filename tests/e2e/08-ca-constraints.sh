@@ -57,14 +57,13 @@ forge() {
   openssl x509 -req -in "$WORK/leaf-$name.csr" -CA "$cadir/ca.crt" -CAkey "$cadir/ca.key" \
     -CAcreateserial -days 1 -extfile "$WORK/leaf-$name.cnf" -out "$WORK/leaf-$name.crt" 2>/dev/null
 }
-# serve NAME → a port where s_server presents leaf NAME.
+# serve NAME → SERVED_PORT, where s_server presents leaf NAME. Not called in $(...): the
+# server must be spawned by this shell, so cleanup stops it.
 serve() {
-  local p
-  p=$(free_port)
-  spawn "$WORK/s_server-$1.log" openssl s_server -quiet -www -accept "$p" \
+  SERVED_PORT=$(free_port)
+  spawn "$WORK/s_server-$1.log" openssl s_server -quiet -www -accept "$SERVED_PORT" \
     -cert "$WORK/leaf-$1.crt" -key "$WORK/leaf-$1.key" >/dev/null
-  wait_port "$p" 127.0.0.1 "${PIDS[-1]}"
-  echo "$p"
+  wait_port "$SERVED_PORT" 127.0.0.1 "${PIDS[-1]}"
 }
 mkdir -p "$WORK/trust-constrained" "$WORK/trust-open"
 cp "$ca" "$WORK/trust-constrained/ca.crt"
@@ -92,9 +91,12 @@ skopeo_says() {
 forge "$certs" quay.io "DNS:quay.io"
 forge "$certs" accounts.google.com "DNS:accounts.google.com"
 forge "$certs" 127.0.0.1 "IP:127.0.0.1"
-p_quay=$(serve quay.io)
-p_google=$(serve accounts.google.com)
-p_ip=$(serve 127.0.0.1)
+serve quay.io
+p_quay=$SERVED_PORT
+serve accounts.google.com
+p_google=$SERVED_PORT
+serve 127.0.0.1
+p_ip=$SERVED_PORT
 
 r=$(curl_says "$WORK/trust-constrained" "https://quay.io:$p_quay/")
 [[ $r == accepted ]] || fail "curl refused the quay.io leaf: $r"
@@ -115,7 +117,8 @@ done
 # Control: the same names under an unconstrained CA are accepted, so the constraints are
 # what refused them above.
 forge "$open" accounts.google.com "DNS:accounts.google.com"
-p_open=$(serve accounts.google.com)
+serve accounts.google.com
+p_open=$SERVED_PORT
 r=$(curl_says "$WORK/trust-open" "https://accounts.google.com:$p_open/")
 [[ $r == accepted ]] || fail "control: curl refused a leaf of an unconstrained CA: $r"
 r=$(skopeo_says "$WORK/trust-open" "accounts.google.com:$p_open")
