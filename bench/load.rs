@@ -813,18 +813,17 @@ async fn slow_manifest_fills(args: &Args, ca: &TestCa) {
                 Ok(r) => r.status == 200 && r.body_error.is_none() && sha256_digest(&r.body) == d,
                 Err(_) => false,
             };
-            if !ok {
-                if errors.fetch_add(1, Ordering::Relaxed) < 5 {
-                    match r {
-                        Ok(r) => println!(
-                            "  error: m{i}: status {} x-cache {} body {} {:?}",
-                            r.status,
-                            r.x_cache(),
-                            r.body.len(),
-                            r.body_error
-                        ),
-                        Err(e) => println!("  error: m{i}: {e}"),
-                    }
+            // Every error counts; the first five are printed.
+            if !ok && errors.fetch_add(1, Ordering::Relaxed) < 5 {
+                match r {
+                    Ok(r) => println!(
+                        "  error: m{i}: status {} x-cache {} body {} {:?}",
+                        r.status,
+                        r.x_cache(),
+                        r.body.len(),
+                        r.body_error
+                    ),
+                    Err(e) => println!("  error: m{i}: {e}"),
                 }
             }
             done.fetch_add(1, Ordering::Relaxed);

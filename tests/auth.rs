@@ -1450,7 +1450,7 @@ async fn configured_credentials_go_only_to_the_registrys_own_realms() {
             ));
         }
     }
-    let stolen = |reg: &FakeRegistry| reg.token_authorizations().iter().any(|a| *a == basic);
+    let stolen = |reg: &FakeRegistry| reg.token_authorizations().contains(&basic);
     if stolen(&thief) {
         violations.push("quay.io: a realm on another port got the account".into());
     }
