@@ -2,7 +2,7 @@
 //! here?" (a `HEAD` of the object with the client's credentials) and, in the background,
 //! "does upstream serve this repository to anyone?" (the same without credentials).
 
-use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_RANGE, RANGE, WWW_AUTHENTICATE};
+use http::header::{ACCEPT, RANGE, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 
 use super::policy::Reply;
@@ -68,20 +68,10 @@ pub async fn ask(
         true,
     )
     .await?;
-    let size = match resp.status() {
-        StatusCode::PARTIAL_CONTENT => resp
-            .headers()
-            .get(CONTENT_RANGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit_once('/'))
-            .and_then(|(_, total)| total.parse::<u64>().ok()),
-        StatusCode::OK => resp
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok()),
-        _ => return Ok(reply_of(&resp)),
-    };
+    if !matches!(resp.status(), StatusCode::PARTIAL_CONTENT | StatusCode::OK) {
+        return Ok(reply_of(&resp));
+    }
+    let size = crate::http_util::size_from_ranged_answer(&resp);
     let matches = match (len, size) {
         (Some(want), Some(got)) => want == got,
         (None, _) => true,

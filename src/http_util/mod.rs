@@ -196,6 +196,23 @@ mod tests {
     }
 }
 
+/// The whole object's size from the answer to a `Range: bytes=0-0` request: the total in
+/// `Content-Range` of a `206`, or `Content-Length` of a `200` (the range ignored); `None`
+/// for any other status or a missing or malformed header.
+pub fn size_from_ranged_answer<B>(resp: &http::Response<B>) -> Option<u64> {
+    let header = |name| resp.headers().get(name).and_then(|v| v.to_str().ok());
+    match resp.status() {
+        http::StatusCode::PARTIAL_CONTENT => header(http::header::CONTENT_RANGE)?
+            .rsplit_once('/')?
+            .1
+            .trim()
+            .parse()
+            .ok(),
+        http::StatusCode::OK => header(http::header::CONTENT_LENGTH)?.trim().parse().ok(),
+        _ => None,
+    }
+}
+
 /// A body that fails once `idle` passes without a frame, so no peer can hold a task and
 /// its connection forever by going silent after the head.
 pub struct IdleTimeout<B> {

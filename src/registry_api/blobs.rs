@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use http::header::{ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE};
+use http::header::{ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, RANGE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use tracing::Instrument;
@@ -269,29 +269,15 @@ pub(super) fn spawn_fill(
 ) {
     let upload = grant.is_some();
     let digest = leader.digest().clone();
-    let span = tracing::info_span!("fill", %digest);
+    // Every line of the fill (a disk that gives out included) names what it was for.
+    let span = tracing::info_span!("fill", registry = %target.registry, %repo, %digest);
     let st = api.clone();
-    let (registry, repo) = (target.registry.clone(), repo.clone());
     api.tasks.spawn(
         async move {
             let idle = st.upstream.idle_timeout();
             // Once per fill, at the moment the disk gives out: the readers go on from upstream.
             let on_store_error = |e: &crate::cache::StoreError| {
-                if e.is_disk_full() {
-                    st.metrics.write_error("disk_full");
-                    st.cache.pause_until_space();
-                    tracing::warn!(
-                        %registry, %repo, %digest, error = %e,
-                        "cache disk full: caching paused until space is freed; this blob streams on from upstream, uncached"
-                    );
-                } else {
-                    st.metrics.write_error("write");
-                    st.cache.pause_caching();
-                    tracing::warn!(
-                        %registry, %repo, %digest, error = %e,
-                        "cache write failed: caching paused for a while; this blob streams on from upstream, uncached"
-                    );
-                }
+                cache_write_failed(&st, e, "this blob streams on from upstream, uncached");
             };
             let mut leader = leader;
             if let Some(g) = grant {
@@ -323,21 +309,32 @@ pub(super) fn spawn_fill(
                 Err(e @ (FillError::Relayed { .. } | FillError::NoReaders(_))) => {
                     tracing::debug!(error = %e, "not stored")
                 }
-                Err(FillError::Store(e)) if e.is_disk_full() => {
-                    st.metrics.write_error("disk_full");
-                    st.cache.pause_until_space();
-                    tracing::warn!(error = %e, "cache disk full while storing a verified blob; caching paused until space is freed")
-                }
                 Err(FillError::Store(e)) => {
-                    st.metrics.write_error("write");
-                    st.cache.pause_caching();
-                    tracing::error!(error = %e, "cache write failed; caching paused for a while")
+                    cache_write_failed(
+                        &st,
+                        &e,
+                        "the verified blob reached its readers, not the cache",
+                    );
                 }
                 Err(e) => tracing::warn!(error = %e, "fill failed"),
             }
         }
         .instrument(span),
     );
+}
+
+/// A cache write failed: counted, and caching paused (until space is back for a full disk,
+/// for a while otherwise), with a line that says which and what became of the content.
+fn cache_write_failed(api: &RegistryApi, e: &crate::cache::StoreError, outcome: &str) {
+    if e.is_disk_full() {
+        api.metrics.write_error("disk_full");
+        api.cache.pause_until_space();
+        tracing::warn!(error = %e, "cache disk full: caching paused until space is freed; {outcome}");
+    } else {
+        api.metrics.write_error("write");
+        api.cache.pause_caching();
+        tracing::warn!(error = %e, "cache write failed: caching paused for a while; {outcome}");
+    }
 }
 
 pub(super) fn fill_response(
@@ -404,23 +401,10 @@ async fn head_uncached_blob(
         Err(e) => return (CacheStatus::Miss, Err(e)),
     };
     let status = probe.status();
-    let header_u64 = |name: http::HeaderName| {
-        probe
-            .headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
-    let len = match status {
-        // `bytes 0-0/<len>`
-        StatusCode::PARTIAL_CONTENT => header_u64(CONTENT_RANGE).and_then(|v| {
-            v.rsplit_once('/')
-                .and_then(|(_, n)| n.trim().parse::<u64>().ok())
-        }),
-        // Storage ignored the range: its length is the blob's; the body is not read.
-        StatusCode::OK => header_u64(CONTENT_LENGTH).and_then(|v| v.trim().parse::<u64>().ok()),
-        _ => return (CacheStatus::Miss, Ok(relay(probe))),
-    };
+    if !matches!(status, StatusCode::PARTIAL_CONTENT | StatusCode::OK) {
+        return (CacheStatus::Miss, Ok(relay(probe)));
+    }
+    let len = crate::http_util::size_from_ranged_answer(&probe);
     let Some(len) = len else {
         tracing::warn!(%digest, %status, "storage gave no blob length for a HEAD");
         return (CacheStatus::Miss, Ok(relay(probe)));
