@@ -2,16 +2,13 @@
 //! kept) and by tag (a row per `Accept` variant with a TTL; revalidated with `HEAD`, which
 //! Docker Hub does not count against pull limits; served stale when upstream fails).
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, WARNING};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
-use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 
 use super::errors::revalidation_answer;
 use super::errors::ServeError;
@@ -23,8 +20,7 @@ use crate::access::UpstreamNow;
 use crate::cache::{StoreError, TagRow, TagVariant};
 use crate::clock::now_ms;
 use crate::http_util::{
-    collect_limited, full, set_len, strip_hop_by_hop, Body, BoxError, CollectError,
-    DOCKER_CONTENT_DIGEST,
+    collect_limited, full, set_len, strip_hop_by_hop, Body, CollectError, DOCKER_CONTENT_DIGEST,
 };
 use crate::oci::{Algorithm, Digest, RepoName, Tag, TagKey};
 use crate::telemetry::CacheStatus;
@@ -106,32 +102,6 @@ pub(super) fn manifest_budget(max_manifest_size: u64) -> Arc<Semaphore> {
     Arc::new(Semaphore::new(
         permits.min(Semaphore::MAX_PERMITS as u64) as usize
     ))
-}
-
-/// A body that keeps its share of the manifest budget until it is sent or dropped.
-struct Budgeted {
-    body: Body,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl http_body::Body for Budgeted {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
 }
 
 pub(super) enum Fetch {
@@ -246,10 +216,11 @@ pub(super) async fn fetch_manifest(
         HeaderValue::from_str(&digest.to_string()).expect("ascii"),
     );
     set_len(&mut parts.headers, bytes.len() as u64);
-    let body = Budgeted {
-        body: full(bytes),
-        _permit: permit,
-    };
+    // The body keeps its share of the budget until it is sent or dropped.
+    let body = full(bytes).map_frame(move |frame| {
+        let _held = &permit;
+        frame
+    });
     Ok(Fetch::Stored(
         Response::from_parts(parts, body.boxed_unsync()),
         digest,
