@@ -32,7 +32,7 @@ use crate::registry_api::{Accounts, RegistryApi};
 use crate::settings::{self, AuthCheck, BackendKind, Config, ConfigError};
 use crate::telemetry::Metrics;
 use crate::upstream::token_auth::Account;
-use crate::upstream::{Transport, Upstream};
+use crate::upstream::{Offline, Transport, Upstream};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -134,6 +134,7 @@ fn catalog_and_accounts(
     for (i, r) in registries.iter().enumerate() {
         for a in r.auth_origins() {
             hosts.insert(a.host().clone(), HostKind::AuthHost);
+            accounts.auth_hosts.entry(a).or_default().push(r.registry());
         }
         let index = config
             .registry
@@ -236,9 +237,21 @@ impl Server {
             config.cache.public_ttl.0,
         ));
         let tasks = TaskTracker::new();
+        // Offline, registry requests go nowhere (the shared tier above keeps the real client):
+        // every answer is the one an unreachable upstream gets.
+        let registries = if config.cache.offline {
+            tracing::info!("[cache] offline = true: no request goes to any registry");
+            Arc::new(Upstream::with_transport(
+                &config.upstream,
+                Arc::new(Offline),
+                Some(metrics.clone()),
+            ))
+        } else {
+            upstream
+        };
         let api = Arc::new(RegistryApi::new(
             cache,
-            upstream,
+            registries,
             access,
             metrics,
             accounts,

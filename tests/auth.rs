@@ -765,29 +765,60 @@ async fn offline_mode_serves_the_cache_without_asking_upstream() {
         "v1",
         &[pseudo_random(150_000, 81), pseudo_random(3_000, 82)],
     );
-    // A TTL that is over at once: only `offline` keeps Stowage from revalidating.
-    let stowage = Stowage::builder()
-        .trust(&ca)
-        .cache("manifest_ttl = \"1ms\"")
-        .cache("offline = true")
+    let cache = tempfile::tempdir().unwrap();
+    // A TTL that is over at once: offline, the tag is served stale, never revalidated.
+    let start = |offline: bool| {
+        let b = Stowage::builder()
+            .trust(&ca)
+            .cache_dir(cache.path())
+            .cache("manifest_ttl = \"1ms\"");
+        if offline {
+            b.cache("offline = true")
+        } else {
+            b
+        }
         .start()
-        .await;
-    let client = stowage.client();
-    let s = Session::login(&client, "quay.io", quay.port(), "team/app", Alpn::Http11).await;
+    };
+    let online = start(false).await;
+    let s = Session::login(
+        &online.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        Alpn::Http11,
+    )
+    .await;
     assert_eq!(pull_image(&s, "v1", &img).await, ["miss", "miss", "miss"]);
     for d in img.blobs() {
-        eventually("blobs stored", || stowage.is_cached(&d)).await;
+        eventually("blobs stored", || online.is_cached(&d)).await;
     }
     probe_done(&quay, "team/app", 200).await;
-    quay.fail_manifests(Some(StatusCode::INTERNAL_SERVER_ERROR));
+    let token = s.token.clone();
+    online.stop().await.expect("online instance stops");
+    // Upstream moves the tag: an offline Stowage never learns it.
     quay.push_image("team/app", "v1", &[pseudo_random(1_000, 83)]);
 
+    let stowage = start(true).await;
+    let client = stowage.client();
     let seen = quay.requests().len();
+    // The client still holds the token it had (offline, `/v2/` answers 200 and no token
+    // service is asked).
+    let s = Session {
+        tunnel: client
+            .tunnel("quay.io", quay.port(), Alpn::Http11)
+            .await
+            .unwrap(),
+        token,
+        repo: "team/app".into(),
+    };
     for _ in 0..2 {
         assert_eq!(pull_image(&s, "v1", &img).await, ["hit", "hit", "hit"]);
         let m = s.manifest("v1").await;
-        assert_eq!(m.x_cache(), "hit");
-        assert!(m.header("warning").is_none());
+        assert_eq!(m.x_cache(), "stale");
+        assert_eq!(
+            m.header("warning"),
+            Some(r#"110 stowage "Response is Stale""#)
+        );
     }
     // A client without credentials gets the public repository too.
     let t = client
@@ -799,6 +830,14 @@ async fn offline_mode_serves_the_cache_without_asking_upstream() {
         .await;
     assert_eq!(m.status, StatusCode::OK, "{}", m.text());
     assert_eq!(m.body, img.manifest_bytes);
+    // A miss is not fetched: upstream is not asked.
+    let miss = t
+        .get(
+            &format!("/v2/team/app/blobs/{}", sha256_digest(b"not cached")),
+            &[],
+        )
+        .await;
+    assert_eq!(miss.status, StatusCode::BAD_GATEWAY, "{}", miss.text());
     let after: Vec<_> = quay.requests()[seen..].to_vec();
     assert!(
         after.is_empty(),

@@ -705,6 +705,217 @@ async fn a_private_digest_is_not_served_under_a_public_repository() {
     assert_none(&bad, "a private digest under a public repository");
 }
 
+/// `GET path` (with `headers`) for the registry on `port` through every way into
+/// `stowage`: `CONNECT` tunnel, mirror with `?ns=`, mirror with the path prefix (for
+/// `/v2/` paths), direct SNI listener.
+async fn every_way_in_with(
+    stowage: &Stowage,
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Vec<(&'static str, Resp)> {
+    let mut out = Vec::new();
+    let t = stowage
+        .client()
+        .tunnel(REG_HOST, port, Alpn::Http11)
+        .await
+        .expect("tunnel");
+    out.push(("CONNECT tunnel", t.get(path, headers).await));
+    let mirror = stowage.mirror_addr.expect("mirror listener");
+    let ns = percent_encode(&registry_name(port));
+    let sep = if path.contains('?') { '&' } else { '?' };
+    out.push((
+        "mirror ?ns=",
+        http_request(mirror, Method::GET, &format!("{path}{sep}ns={ns}"), headers).await,
+    ));
+    if let Some(tail) = path.strip_prefix("/v2/").filter(|t| !t.is_empty()) {
+        let prefixed = format!("/v2/{}/{tail}", registry_name(port));
+        out.push((
+            "mirror path prefix",
+            http_request(mirror, Method::GET, &prefixed, headers).await,
+        ));
+    }
+    let direct = stowage.direct_addr.expect("direct listener");
+    let d = ProxyClient::direct(&stowage.ca_pem)
+        .tunnel(REG_HOST, direct.port(), Alpn::Http11)
+        .await
+        .expect("direct TLS");
+    out.push(("direct SNI", d.get(path, headers).await));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_answers_every_way_in_as_an_unreachable_upstream_does() {
+    let ca = TestCa::new();
+    let reg = FakeRegistry::builder(&ca).host(REG_HOST).build().await;
+    let port = reg.port();
+    let public = reg.push_image("library/pub", "1", &[pseudo_random(30_000, 1611)]);
+    let private = reg.push_image("team/private", "1", &[pseudo_random(40_000, 1612)]);
+    reg.make_private("team/private");
+    reg.add_user("alice", "alice-pw", &["team/private"]);
+    let cache = tempfile::tempdir().unwrap();
+    let ways = format!(
+        "[mirror]\nlisten = \"127.0.0.1:0\"\n\n[direct]\nlisten = \"127.0.0.1:0\"\nupstream_port = {port}\n"
+    );
+    let start = |offline: bool| {
+        let mut b = Stowage::builder()
+            .trust(&ca)
+            .cache_dir(cache.path())
+            .toml(&ways);
+        if offline {
+            b = b.cache("offline = true");
+        }
+        b.start()
+    };
+
+    // Online: alice pulls the private image, an anonymous client the public one.
+    let online = start(false).await;
+    let client = online.client();
+    let alice = login_as(&client, port, "team/private", Some(("alice", "alice-pw"))).await;
+    assert_eq!(alice.manifest("1").await.status, StatusCode::OK);
+    for d in private.blobs() {
+        assert_eq!(
+            alice.blob(&d).await.status,
+            StatusCode::OK,
+            "alice's blob {d}"
+        );
+    }
+    let pulled = pull(&client, REG_HOST, port, "library/pub", "1", Alpn::Http11).await;
+    assert_eq!(pulled.manifest_digest, public.manifest);
+    for d in private.blobs().iter().chain(public.blobs().iter()) {
+        eventually("blobs stored", || online.is_cached(d)).await;
+    }
+    probe_answered(&reg, "team/private", 401).await;
+    probe_answered(&reg, "library/pub", 200).await;
+    let public_blob = format!("/v2/library/pub/blobs/{}", public.layers[0]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while every_way_in_with(&online, port, &public_blob, &[]).await[0]
+        .1
+        .status
+        != StatusCode::OK
+    {
+        assert!(Instant::now() < deadline, "library/pub never became public");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    online.stop().await.expect("online instance stops");
+
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("alice:alice-pw")
+    );
+    let alice_h = [("authorization", basic.as_str())];
+    let accept = [("accept", ACCEPT)];
+    let alice_accept = [("authorization", basic.as_str()), ("accept", ACCEPT)];
+    let never = sha256_digest(b"never pushed");
+    let asks: Vec<(String, &[(&str, &str)])> = vec![
+        ("/v2/".into(), &[]),
+        ("/v2/library/pub/manifests/1".into(), &accept),
+        (
+            format!("/v2/library/pub/manifests/{}", public.manifest),
+            &[],
+        ),
+        (public_blob.clone(), &[]),
+        ("/v2/library/pub/manifests/2".into(), &[]),
+        (format!("/v2/library/pub/blobs/{never}"), &[]),
+        ("/v2/team/private/manifests/1".into(), &alice_accept),
+        (
+            format!("/v2/team/private/blobs/{}", private.layers[0]),
+            &alice_h,
+        ),
+        (format!("/v2/library/pub/blobs/{}", private.layers[0]), &[]),
+        (
+            "/token?service=x&scope=repository%3Alibrary%2Fpub%3Apull".into(),
+            &[],
+        ),
+        (
+            "/token?service=x&scope=repository%3Ateam%2Fprivate%3Apull".into(),
+            &[],
+        ),
+    ];
+    // What each way in answers: status, X-Cache, and for a 200 the body's digest.
+    let answers = |stowage: Stowage| {
+        let asks = &asks;
+        async move {
+            let mut out = Vec::new();
+            for (path, headers) in asks {
+                for (way, r) in every_way_in_with(&stowage, port, path, headers).await {
+                    let body = (r.status == StatusCode::OK).then(|| sha256_digest(&r.body));
+                    out.push(format!(
+                        "{way} {path}: {} {} {body:?}",
+                        r.status.as_u16(),
+                        r.x_cache()
+                    ));
+                }
+            }
+            stowage.stop().await.expect("instance stops");
+            out
+        }
+    };
+
+    // Offline while upstream is up: nothing is asked of it.
+    let seen = reg.requests().len();
+    let offline = answers(start(true).await).await;
+    let asked: Vec<_> = reg.requests()[seen..].to_vec();
+    assert!(
+        asked.is_empty(),
+        "offline Stowage asked upstream: {asked:#?}"
+    );
+    // Upstream down.
+    drop(reg);
+    let down = answers(start(false).await).await;
+    let differ: Vec<_> = offline
+        .iter()
+        .zip(&down)
+        .filter(|(a, b)| a != b)
+        .map(|(a, b)| format!("offline: {a}\n   down: {b}"))
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "offline and upstream-down answers differ:\n{}",
+        differ.join("\n")
+    );
+    // Not vacuous: the public image and the version check are served, nothing private is.
+    let line = |way: &str, path: &str| {
+        offline
+            .iter()
+            .find(|l| l.starts_with(&format!("{way} {path}: ")))
+            .cloned()
+            .unwrap_or_default()
+    };
+    for way in ["CONNECT tunnel", "mirror ?ns=", "direct SNI"] {
+        // (The mirror answers its own version check, online or not.)
+        assert!(
+            line(way, "/v2/").contains(": 200 "),
+            "{way}: {}",
+            line(way, "/v2/")
+        );
+        let tag = line(way, "/v2/library/pub/manifests/1");
+        assert!(
+            tag.contains(&format!("200 hit Some({:?})", public.manifest)),
+            "{tag}"
+        );
+        assert!(line(way, &public_blob).contains(": 200 hit"), "{way}");
+        for path in [
+            "/v2/team/private/manifests/1".to_string(),
+            format!("/v2/team/private/blobs/{}", private.layers[0]),
+        ] {
+            let l = line(way, &path);
+            assert!(l.contains(": 503 "), "{l}");
+        }
+    }
+    assert!(line("CONNECT tunnel", "/v2/").contains(": 200 stale"));
+    let token = line(
+        "CONNECT tunnel",
+        "/token?service=x&scope=repository%3Alibrary%2Fpub%3Apull",
+    );
+    assert!(token.contains(": 200 stale"), "{token}");
+    let token = line(
+        "CONNECT tunnel",
+        "/token?service=x&scope=repository%3Ateam%2Fprivate%3Apull",
+    );
+    assert!(token.contains(": 502 "), "{token}");
+}
+
 /// Through every way in, without credentials: library/pub's own layer is served (the
 /// control), team/private's layer and manifest asked for under library/pub are not.
 async fn check_private_digest(

@@ -32,11 +32,12 @@ use stowage::access::Access;
 use stowage::cache::{BlobStore, Cache, Limits};
 use stowage::http_util::{empty, full, Body, BoxError};
 use stowage::oci::{Algorithm, Digest, Registry, RepoKey, TagKey};
+use stowage::registry_api::pass_through::PLACEHOLDER_TOKEN;
 use stowage::registry_api::{Accounts, RegistryApi, TagTtl, Target};
 use stowage::settings::{AuthCheck, Credentials, UpstreamConfig};
 use stowage::telemetry::Metrics;
 use stowage::upstream::token_auth::Account;
-use stowage::upstream::{Transport, Upstream};
+use stowage::upstream::{Offline, Transport, Upstream};
 
 /// `Basic alice:secret`: the one credential private repositories accept.
 const ALICE: &str = "Basic YWxpY2U6c2VjcmV0";
@@ -571,6 +572,8 @@ struct Opts {
     public_ttl: Duration,
     /// Configured upstream accounts, by registry.
     accounts: Vec<(&'static str, Credentials)>,
+    /// Configured auth hosts: (auth host, the registry that names it).
+    auth_hosts: Vec<(&'static str, &'static str)>,
     max_concurrent_fills: usize,
     /// `[cache] max_manifest_size`.
     max_manifest_size: u64,
@@ -584,6 +587,7 @@ impl Default for Opts {
             auth_ttl: Duration::from_secs(300),
             public_ttl: Duration::from_secs(3600),
             accounts: Vec::new(),
+            auth_hosts: Vec::new(),
             max_concurrent_fills: 16,
             max_manifest_size: 1 << 20,
         }
@@ -626,6 +630,7 @@ impl Resp {
     }
 
     /// A complete `200` with exactly `bytes`.
+    #[track_caller]
     fn assert_ok(&self, bytes: &[u8], x_cache: &str) {
         assert_eq!(self.status, StatusCode::OK, "{self:?}");
         assert_eq!(self.error, None, "{self:?}");
@@ -634,6 +639,7 @@ impl Resp {
     }
 
     /// Refused with `status`, and none of `secret` in the answer.
+    #[track_caller]
     fn assert_refused(&self, status: u16, secret: &[u8]) {
         assert_eq!(self.status.as_u16(), status, "{self:?}");
         assert!(
@@ -646,9 +652,15 @@ impl Resp {
 fn build(fake: &Fake, dir: &std::path::Path, opts: &Opts) -> Arc<RegistryApi> {
     let store = BlobStore::open(dir).expect("cache opens");
     let metrics = Arc::new(Metrics::default());
+    // As the composition root does: offline, registry requests go nowhere.
+    let transport: Arc<dyn Transport> = if opts.offline {
+        Arc::new(Offline)
+    } else {
+        Arc::new(fake.clone())
+    };
     let upstream = Arc::new(Upstream::with_transport(
         &UpstreamConfig::default(),
-        Arc::new(fake.clone()),
+        transport,
         Some(metrics.clone()),
     ));
     let cache = Arc::new(Cache::new(
@@ -669,6 +681,13 @@ fn build(fake: &Fake, dir: &std::path::Path, opts: &Opts) -> Arc<RegistryApi> {
         opts.public_ttl,
     ));
     let mut accounts = Accounts::default();
+    for (auth, r) in &opts.auth_hosts {
+        accounts
+            .auth_hosts
+            .entry(reg(auth))
+            .or_default()
+            .push(reg(r));
+    }
     for (r, c) in &opts.accounts {
         accounts
             .credentials
@@ -734,9 +753,25 @@ impl Harness {
         registry: &str,
         path: &str,
         headers: &[(&str, &str)],
-        mirror: bool,
+        answers_challenges: bool,
     ) -> Resp {
-        let registry = reg(registry);
+        let target = Target {
+            registry: reg(registry),
+            auth_host: false,
+            answers_challenges,
+        };
+        self.send_to(method, target, path, headers).await
+    }
+
+    /// [`Harness::send`] for any target (an auth host's, say).
+    async fn send_to(
+        &self,
+        method: Method,
+        target: Target,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Resp {
+        let registry = target.registry.clone();
         let mut req = Request::builder()
             .method(method)
             .uri(path)
@@ -752,12 +787,7 @@ impl Harness {
                 HeaderValue::from_str(value).expect("header value"),
             );
         }
-        let target = Arc::new(Target {
-            registry,
-            auth_host: false,
-            mirror,
-        });
-        let resp = self.api.serve(target, req).await;
+        let resp = self.api.serve(Arc::new(target), req).await;
         let (parts, mut body) = resp.into_parts();
         let mut bytes = BytesMut::new();
         let mut error = None;
@@ -1501,11 +1531,12 @@ async fn a_tag_resolved_with_head_is_recorded_when_its_manifest_is_fetched() {
 #[tokio::test]
 async fn a_stale_tag_is_served_while_upstream_fails_to_a_granted_client_only() {
     // One registry per way of failing: (registry, failure, what the refused client gets,
-    // what upstream's log shows).
+    // what upstream's log shows). Upstream's own answer is relayed; unreachable, the
+    // refusal says why (503, as for a blob).
     let cases = [
         ("quay.io:5001", Failure::Status(503), 503, "503"),
         ("quay.io:5002", Failure::Status(429), 429, "429"),
-        ("quay.io:5003", Failure::Unreachable, 502, "err"),
+        ("quay.io:5003", Failure::Unreachable, 503, "err"),
     ];
     let fake = Fake::default();
     let h = Harness::new(&fake, Opts::stale_tags());
@@ -1583,10 +1614,12 @@ async fn offline_after_a_restart_serves_members_of_public_repositories_only() {
     fake.fail("quay.io", Some(Failure::Unreachable));
     let m = fake.mark();
 
-    // A public member: served, stale tag and blob alike.
-    h.get("quay.io", &manifest_path("library/pub", "1"), &[])
-        .await
-        .assert_ok(&public.manifest, "hit");
+    // A public member: served, the tag marked stale (it cannot be revalidated).
+    let tag = h
+        .get("quay.io", &manifest_path("library/pub", "1"), &[])
+        .await;
+    tag.assert_ok(&public.manifest, "stale");
+    assert!(tag.header("warning").is_some_and(|w| w.starts_with("110 ")));
     h.get(
         "quay.io",
         &blob_path("library/pub", &public.layer_digest),
@@ -1616,10 +1649,10 @@ async fn offline_after_a_restart_serves_members_of_public_repositories_only() {
 }
 
 #[tokio::test]
-async fn offline_serves_a_private_repository_to_a_granted_client() {
+async fn offline_asks_nobody_even_for_a_miss() {
     let fake = Fake::default();
-    fake.repo("quay.io", "team/private", Visibility::Private);
-    let img = fake.image("quay.io", "team/private", "1", "private");
+    fake.repo("quay.io", "library/app", Visibility::Public);
+    let img = fake.image("quay.io", "library/app", "1", "public");
     let h = Harness::new(
         &fake,
         Opts {
@@ -1627,23 +1660,151 @@ async fn offline_serves_a_private_repository_to_a_granted_client() {
             ..Opts::default()
         },
     );
-    let path = blob_path("team/private", &img.layer_digest);
-    // A miss still goes upstream; what it returns grants alice.
-    h.get("quay.io", &path, &as_alice())
-        .await
-        .assert_ok(&img.layer, "miss");
-
     let m = fake.mark();
-    h.get("quay.io", &path, &as_alice())
-        .await
-        .assert_ok(&img.layer, "hit");
-    for auth in [None, Some(BOB)] {
-        let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
-        h.get("quay.io", &path, &headers)
-            .await
-            .assert_refused(503, &img.layer);
+    for path in [
+        blob_path("library/app", &img.layer_digest),
+        manifest_path("library/app", "1"),
+        manifest_path("library/app", &img.digest.to_string()),
+    ] {
+        let r = h.get("quay.io", &path, &as_alice()).await;
+        let text = String::from_utf8_lossy(&r.body);
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{path}: {text}");
+        assert!(text.contains("offline"), "{path}: {text}");
+        assert!(!h.stored(&img.layer_digest));
     }
-    assert_eq!(fake.since(m), Vec::<String>::new());
+    assert_eq!(fake.since(m), Vec::<String>::new(), "offline asks nobody");
+}
+
+#[tokio::test]
+async fn a_token_endpoint_that_cannot_answer_gets_a_placeholder_for_public_repositories_only() {
+    let opts = Opts {
+        auth_hosts: vec![("auth.quay.test", "quay.io")],
+        ..Opts::stale_tags()
+    };
+    let (h, public, private) = public_and_private(opts).await;
+    let fake = h.fake.clone();
+    let auth = |host: &str| Target {
+        registry: reg(host),
+        auth_host: true,
+        answers_challenges: false,
+    };
+    let token = |host: &'static str, scopes: &'static str, headers: &'static [(&str, &str)]| {
+        let h = &h;
+        let target = auth(host);
+        async move {
+            let path = format!("/token?service=quay.io&{scopes}");
+            h.send_to(Method::GET, target, &path, headers).await
+        }
+    };
+    let placeholder = |r: &Resp| {
+        r.status == StatusCode::OK
+            && serde_json::from_slice::<serde_json::Value>(&r.body).is_ok_and(|v| {
+                v["token"] == PLACEHOLDER_TOKEN && v["access_token"] == PLACEHOLDER_TOKEN
+            })
+    };
+    // Online, upstream's own answer is relayed (the fake's registry has no token service:
+    // 404), and no placeholder is made.
+    let r = h
+        .get(
+            "quay.io",
+            "/v2/auth?scope=repository%3Alibrary%2Fpub%3Apull",
+            &[],
+        )
+        .await;
+    assert_eq!((r.status.as_u16(), placeholder(&r)), (404, false), "{r:?}");
+
+    // The registry is down and its auth host (which the fake does not know) too.
+    fake.fail("quay.io", Some(Failure::Unreachable));
+    const PUBLIC: &str = "scope=repository%3Alibrary%2Fpub%3Apull";
+    let r = token("auth.quay.test", PUBLIC, &[]).await;
+    assert!(placeholder(&r), "{r:?}");
+    assert_eq!(r.x_cache(), "stale");
+    // The same from a token endpoint on the registry's own host, with scopes written in
+    // every way clients do (repeated, space-separated, `+` for the space).
+    for scopes in [
+        "scope=repository:library/pub:pull",
+        "scope=repository%3Alibrary%2Fpub%3Apull&scope=repository%3Alibrary%2Fpub%3Apull",
+        "scope=repository:library/pub:pull+repository:library/pub:pull",
+    ] {
+        let r = h
+            .get(
+                "quay.io",
+                &format!("/v2/auth?service=quay.io&{scopes}"),
+                &[],
+            )
+            .await;
+        assert!(placeholder(&r), "{scopes}: {r:?}");
+    }
+    // Not for: a private repository, alone or with a public one; anything beyond pull;
+    // no scope; a client that brings credentials; an auth host no registry names.
+    for (host, scopes, headers) in [
+        (
+            "auth.quay.test",
+            "scope=repository:team/private:pull",
+            &[][..],
+        ),
+        (
+            "auth.quay.test",
+            "scope=repository:library/pub:pull&scope=repository:team/private:pull",
+            &[],
+        ),
+        (
+            "auth.quay.test",
+            "scope=repository:library/pub:pull,push",
+            &[],
+        ),
+        ("auth.quay.test", "scope=repository:library/pub:*", &[]),
+        ("auth.quay.test", "scope=registry:catalog:*", &[]),
+        ("auth.quay.test", "account=alice", &[]),
+        ("auth.quay.test", PUBLIC, &[("authorization", ALICE)][..]),
+        ("auth.other.test", PUBLIC, &[]),
+    ] {
+        let r = token(host, scopes, headers).await;
+        assert!(!placeholder(&r), "{host} {scopes} {headers:?}: {r:?}");
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{host} {scopes}: {r:?}");
+    }
+
+    // The placeholder opens what anonymous clients may read, and never leaves Stowage.
+    let bearer = format!("Bearer {PLACEHOLDER_TOKEN}");
+    let with_it = [("authorization", bearer.as_str())];
+    let m = fake.mark();
+    let tag = h
+        .get("quay.io", &manifest_path("library/pub", "1"), &with_it)
+        .await;
+    tag.assert_ok(&public.manifest, "stale");
+    h.get(
+        "quay.io",
+        &blob_path("library/pub", &public.layer_digest),
+        &with_it,
+    )
+    .await
+    .assert_ok(&public.layer, "hit");
+    h.get(
+        "quay.io",
+        &blob_path("team/private", &private.layer_digest),
+        &with_it,
+    )
+    .await
+    .assert_refused(503, &private.layer);
+    h.get("quay.io", &manifest_path("team/private", "1"), &with_it)
+        .await
+        .assert_refused(503, &private.manifest);
+    // Online again: the placeholder client is anonymous upstream too.
+    fake.fail("quay.io", None);
+    h.get("quay.io", &manifest_path("team/private", "1"), &with_it)
+        .await
+        .assert_refused(401, &private.manifest);
+    h.get("quay.io", &manifest_path("library/pub", "1"), &with_it)
+        .await
+        .assert_ok(&public.manifest, "hit");
+    let sent = fake.state().seen[m..]
+        .iter()
+        .filter_map(|s| s.authorization.clone())
+        .collect::<Vec<_>>();
+    assert!(
+        sent.iter().all(|a| !a.contains(PLACEHOLDER_TOKEN)),
+        "the placeholder went upstream: {sent:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -2227,17 +2388,17 @@ async fn the_version_check_is_answered_when_upstream_cannot() {
     fake.fail("quay.io", Some(Failure::Status(401)));
     let r = h.get("quay.io", "/v2/", &[]).await;
     assert_eq!((r.status.as_u16(), r.x_cache()), (401, "pass"));
-    // Offline mode answers the same: misses (and the check) still go upstream there.
+    // Offline answers as an unreachable upstream does, even while upstream is up: the
+    // check never goes there.
+    fake.fail("quay.io", None);
     let h = h
         .reopen(Opts {
             offline: true,
             ..Opts::default()
         })
         .await;
-    fake.fail("quay.io", Some(Failure::Unreachable));
+    let m = fake.mark();
     let r = h.get("quay.io", "/v2/", &[]).await;
     assert_eq!((r.status, r.x_cache()), (StatusCode::OK, "stale"));
-    fake.fail("quay.io", None);
-    let r = h.get("quay.io", "/v2/", &[]).await;
-    assert_eq!(r.x_cache(), "pass");
+    assert_eq!(fake.since(m), Vec::<String>::new(), "offline asks nobody");
 }

@@ -230,6 +230,12 @@ impl Access {
         }
     }
 
+    /// Whether `repo` was once seen public (what lets its members be served while upstream
+    /// cannot be asked).
+    pub fn known_public(&self, repo: &RepoKey) -> bool {
+        self.store.public_since(repo).ok().flatten().is_some()
+    }
+
     /// Upstream let `credential` read `repo` just now (a `2xx`).
     pub fn grant(&self, repo: &RepoKey, credential: [u8; 32]) {
         self.recent.insert((repo.clone(), credential), ());
@@ -266,11 +272,10 @@ impl Access {
         since_ms.is_some_and(|t| now_ms().saturating_sub(t) < self.public_ttl.as_millis() as u64)
     }
 
-    /// True once per `public_ttl` per repository (and never with `auth_check = "none"`):
-    /// whether to run an anonymous probe now. Offline mode probes too: what it learns is
-    /// what lets it serve public repositories while upstream is not asked.
+    /// True once per `public_ttl` per repository (and never with `auth_check = "none"`
+    /// or offline, where upstream is not asked): whether to run an anonymous probe now.
     pub fn should_probe(&self, repo: &RepoKey) -> bool {
-        if self.check == AuthCheck::None {
+        if self.check == AuthCheck::None || self.offline {
             return false;
         }
         let mut first = false;

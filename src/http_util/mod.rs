@@ -122,6 +122,11 @@ pub async fn collect_limited(mut body: Body, limit: usize) -> Result<Bytes, Coll
     Ok(buf.freeze())
 }
 
+/// `Warning: 110`: an answer from the cache that upstream could not confirm (RFC 7234).
+pub fn stale_warning() -> HeaderValue {
+    HeaderValue::from_static("110 stowage \"Response is Stale\"")
+}
+
 /// Decodes `%XX` escapes (and `+` as a space, as in form encoding); `None` for a broken
 /// escape or a result that is not UTF-8.
 pub fn percent_decode(s: &str) -> Option<String> {

@@ -55,7 +55,7 @@ where
     let target = Arc::new(Target {
         registry: Registry::new(Scheme::Https, host, ingress.direct.upstream_port),
         auth_host: kind == HostKind::AuthHost,
-        mirror: false,
+        answers_challenges: false,
     });
     ingress.serve_registry(TokioIo::new(tls), target).await;
 }

@@ -204,7 +204,7 @@ where
     let target = Arc::new(Target {
         registry,
         auth_host: kind == HostKind::AuthHost,
-        mirror: false,
+        answers_challenges: false,
     });
     ingress.serve_registry(TokioIo::new(tls), target).await
 }
@@ -295,7 +295,7 @@ async fn absolute_form(
     let target = Arc::new(Target {
         registry,
         auth_host: kind != Some(HostKind::Registry),
-        mirror: false,
+        answers_challenges: false,
     });
     ingress.api.serve(target, req.map(boxed)).await
 }

@@ -173,7 +173,7 @@ async fn mirror_request(
     let target = Arc::new(Target {
         registry: routed.registry,
         auth_host: false,
-        mirror: true,
+        answers_challenges: true,
     });
     ingress.api.serve(target, req.map(boxed)).await
 }

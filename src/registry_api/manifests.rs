@@ -396,7 +396,7 @@ pub(super) async fn manifest_by_tag(
     if let Some((variant, file, len)) = cached {
         let digest = variant.digest.clone();
         let ttl = api.tag_ttl.ttl(&target.registry, tag.as_str());
-        if api.access.offline() || variant.is_fresh(now_ms(), ttl) {
+        if variant.is_fresh(now_ms(), ttl) {
             let authorized = match authorize(
                 api,
                 target,
@@ -470,29 +470,24 @@ pub(super) async fn manifest_by_tag(
                     Some(len),
                 )
                 .await;
-                if let Ok(authorized) = decided {
-                    tracing::warn!(tag = %key, %why, "serving a stale manifest");
-                    let mut resp = match serve_stored(
-                        authorized,
-                        file,
-                        len,
-                        &variant.media_type,
-                        &method,
-                        None,
-                    ) {
+                let authorized = match (decided, other) {
+                    (Ok(authorized), _) => authorized,
+                    // Upstream's own answer (a 429's Retry-After, say) is the better one.
+                    (Err(_), Ok(r)) => {
+                        return (CacheStatus::Miss, Ok(revalidation_answer(&method, r)))
+                    }
+                    // Unreachable: why the cached manifest is not served (as for a blob).
+                    (Err(refused), Err(_)) => return (CacheStatus::Miss, Ok(refused)),
+                };
+                tracing::warn!(tag = %key, %why, "serving a stale manifest");
+                let mut resp =
+                    match serve_stored(authorized, file, len, &variant.media_type, &method, None) {
                         Ok(r) => r,
                         Err(e) => return (CacheStatus::Stale, Err(e)),
                     };
-                    resp.headers_mut().insert(
-                        WARNING,
-                        HeaderValue::from_static("110 stowage \"Response is Stale\""),
-                    );
-                    return (CacheStatus::Stale, Ok(resp));
-                }
-                return match other {
-                    Ok(r) => (CacheStatus::Miss, Ok(revalidation_answer(&method, r))),
-                    Err(e) => (CacheStatus::Miss, Err(e)),
-                };
+                resp.headers_mut()
+                    .insert(WARNING, crate::http_util::stale_warning());
+                return (CacheStatus::Stale, Ok(resp));
             }
         }
     }

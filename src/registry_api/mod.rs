@@ -44,9 +44,10 @@ pub struct Target {
     pub registry: Registry,
     /// A registry's auth host (token service): everything is forwarded.
     pub auth_host: bool,
-    /// Served through the mirror listener: clients bring no upstream credentials, so
-    /// Stowage answers upstream challenges itself (its account, or anonymously).
-    pub mirror: bool,
+    /// Clients bring no upstream credentials (the mirror listener; a request holding
+    /// Stowage's placeholder token), so Stowage answers upstream challenges itself (its
+    /// account, or anonymously).
+    pub answers_challenges: bool,
 }
 impl Target {
     fn uri(&self, path_and_query: &str) -> Result<Uri, ServeError> {
@@ -80,9 +81,12 @@ pub struct RegistryApi {
     manifest_budget: Arc<tokio::sync::Semaphore>,
 }
 
-/// Configured upstream accounts, by the exact registry (scheme, host, port) they are for.
+/// Configured upstream accounts, by the exact registry (scheme, host, port) they are for,
+/// and which registries send clients to which configured auth host.
 #[derive(Default)]
 pub struct Accounts {
+    /// Auth host origin → the registries whose configuration names it (`auth_hosts`).
+    pub auth_hosts: HashMap<Registry, Vec<Registry>>,
     /// Registry → account used for clients without credentials of their own.
     pub credentials: HashMap<Registry, Account>,
     /// Auth host origin → account added to clients' anonymous token requests.
@@ -122,7 +126,7 @@ impl RegistryApi {
     pub fn answer(&self, target: &Target) -> Answer<'_> {
         match self.accounts.credentials.get(&target.registry) {
             Some(c) => Answer::With(Some(c)),
-            None if target.mirror => Answer::With(None),
+            None if target.answers_challenges => Answer::With(None),
             None => Answer::No,
         }
     }
@@ -160,6 +164,17 @@ impl RegistryApi {
     ) -> Response<Body> {
         let api = self;
         let started = Instant::now();
+        let mut req = req;
+        let target = if pass_through::holds_placeholder(req.headers()) {
+            // Stowage's own stand-in for "no credentials": it never goes upstream.
+            req.headers_mut().remove(http::header::AUTHORIZATION);
+            Arc::new(Target {
+                answers_challenges: true,
+                ..(*target).clone()
+            })
+        } else {
+            target
+        };
         let route = if target.auth_host {
             Route::Other
         } else {
@@ -205,6 +220,7 @@ impl RegistryApi {
                     ) => Some("timeout"),
                     ServeError::Upstream(UpstreamError::Body(_)) => Some("body"),
                     ServeError::Upstream(UpstreamError::Refused { .. }) => Some("refused"),
+                    ServeError::Upstream(UpstreamError::Offline) => None,
                     ServeError::Upstream(_) => Some("connect"),
                     ServeError::DigestMismatch => Some("digest"),
                     _ => None,

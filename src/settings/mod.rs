@@ -285,7 +285,8 @@ pub struct CacheConfig {
     pub manifest_ttl: HumanDuration,
     /// Per-tag overrides of `manifest_ttl`; the first matching rule wins.
     pub ttl: Vec<TtlRule>,
-    /// Serve everything cached without asking upstream (tags never revalidated).
+    /// Ask no registry anything: every request is answered as when upstream is unreachable
+    /// (the shared tier is still used).
     pub offline: bool,
     /// Who may read cached content: `upstream` (upstream must have let this client read the
     /// repository) or `none` (UNSAFE: anyone who reaches the proxy gets every cached object).

@@ -43,6 +43,24 @@ pub trait Transport: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>>;
 }
 
+/// The transport of `[cache] offline = true` for registry requests: nothing leaves, and
+/// every request fails at once the way an unreachable upstream does, so every way in
+/// answers exactly as it does when the registry cannot be reached.
+pub struct Offline;
+
+#[derive(Debug, thiserror::Error)]
+#[error("not asked: [cache] offline = true")]
+struct NotAsked;
+
+impl Transport for Offline {
+    fn send(
+        &self,
+        _req: Request<Body>,
+    ) -> Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>> {
+        Box::pin(async { Err(BoxError::from(NotAsked)) })
+    }
+}
+
 /// The real transport: hyper's pooled client over rustls, through the upstream proxy when
 /// one applies.
 struct HyperTransport {
@@ -85,6 +103,9 @@ pub enum UpstreamError {
     Body(String),
     #[error("upstream body stalled for {0:?}")]
     BodyStalled(Duration),
+    /// `[cache] offline = true`: the request was not sent.
+    #[error("upstream not asked: [cache] offline = true")]
+    Offline,
 }
 
 impl UpstreamError {
@@ -95,10 +116,14 @@ impl UpstreamError {
             UpstreamError::Connect { .. }
                 | UpstreamError::Timeout { .. }
                 | UpstreamError::BodyStalled(_)
+                | UpstreamError::Offline
         )
     }
 
     fn from_transport(host: &str, e: BoxError) -> UpstreamError {
+        if e.is::<NotAsked>() {
+            return UpstreamError::Offline;
+        }
         // Walk the source chain for the innermost message: "connection refused", a TLS alert, ...
         let mut message = e.to_string();
         let mut source = e.source();

@@ -15,6 +15,6 @@ pub mod proxy_chain;
 pub mod resolver;
 pub mod token_auth;
 
-pub use client::{empty, redact, Fetched, Transport, Upstream, UpstreamError};
+pub use client::{empty, redact, Fetched, Offline, Transport, Upstream, UpstreamError};
 pub use resolver::Resolver;
 pub use token_auth::{credential_id, Answer, Tokens};
