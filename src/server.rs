@@ -28,7 +28,7 @@ use crate::ingress::{
     ProxySettings,
 };
 use crate::oci::Registry;
-use crate::registry_api::{Accounts, RegistryApi};
+use crate::registry_api::{Accounts, RegistryApi, Rules};
 use crate::settings::{self, AuthCheck, BackendKind, Config, ConfigError};
 use crate::telemetry::Metrics;
 use crate::upstream::token_auth::Account;
@@ -255,7 +255,11 @@ impl Server {
             access,
             metrics,
             accounts,
-            config.tag_ttls(),
+            Rules {
+                tag_ttl: config.tag_ttls(),
+                negative_ttl: config.cache.negative_ttl.0,
+                filters: config.repo_filters(),
+            },
             tasks.clone(),
         ));
 

@@ -916,6 +916,64 @@ async fn offline_answers_every_way_in_as_an_unreachable_upstream_does() {
     assert!(token.contains(": 502 "), "{token}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repository_filters_hold_through_every_way_in() {
+    let ca = TestCa::new();
+    let reg = FakeRegistry::builder(&ca).host(REG_HOST).build().await;
+    let port = reg.port();
+    let allowed = reg.push_image("library/pub", "1", &[pseudo_random(20_000, 1621)]);
+    let denied = reg.push_image("myorg/secret/app", "1", &[pseudo_random(20_000, 1622)]);
+    let stowage = Stowage::builder()
+        .trust(&ca)
+        .toml(&format!(
+            "[mirror]\nlisten = \"127.0.0.1:0\"\n\n[direct]\nlisten = \"127.0.0.1:0\"\nupstream_port = {port}\n\n\
+             [[registry]]\nhost = \"{REG_HOST}:{port}\"\nallow = [\"library/*\", \"myorg/**\"]\ndeny = [\"myorg/secret/**\"]\n"
+        ))
+        .start()
+        .await;
+    let seen = reg.requests().len();
+    let accept = [("accept", ACCEPT)];
+    let mut bad = Vec::new();
+    for path in [
+        "/v2/myorg/secret/app/manifests/1".to_string(),
+        format!("/v2/myorg/secret/app/manifests/{}", denied.manifest),
+        format!("/v2/myorg/secret/app/blobs/{}", denied.layers[0]),
+        "/v2/myorg/secret/app/tags/list".to_string(),
+        "/v2/other/app/manifests/1".to_string(),
+    ] {
+        for (way, r) in every_way_in_with(&stowage, port, &path, &accept).await {
+            if r.status != StatusCode::FORBIDDEN
+                || r.x_cache() != "denied"
+                || !r.text().contains("DENIED")
+            {
+                bad.push(format!(
+                    "{way} {path}: {} {} {}",
+                    r.status,
+                    r.x_cache(),
+                    r.text()
+                ));
+            }
+        }
+    }
+    let asked: Vec<_> = reg.requests()[seen..].to_vec();
+    assert!(
+        asked.is_empty(),
+        "denied requests went upstream: {asked:#?}"
+    );
+    // The control: an allowed repository is served through every way in (through the
+    // tunnel, the anonymous client is asked to log in upstream, as ever).
+    let tag = "/v2/library/pub/manifests/1";
+    for (way, r) in every_way_in_with(&stowage, port, tag, &accept).await {
+        let served = r.status == StatusCode::OK && sha256_digest(&r.body) == allowed.manifest;
+        let challenged = way == "CONNECT tunnel" && r.status == StatusCode::UNAUTHORIZED;
+        if !(served || challenged) {
+            bad.push(format!("{way} {tag}: {} {}", r.status, r.text()));
+        }
+    }
+    assert_none(&bad, "a repository filter not applied");
+    stowage.stop().await.expect("stops");
+}
+
 /// Through every way in, without credentials: library/pub's own layer is served (the
 /// control), team/private's layer and manifest asked for under library/pub are not.
 async fn check_private_digest(

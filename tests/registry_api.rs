@@ -33,7 +33,7 @@ use stowage::cache::{BlobStore, Cache, Limits};
 use stowage::http_util::{empty, full, Body, BoxError};
 use stowage::oci::{Algorithm, Digest, Registry, RepoKey, TagKey};
 use stowage::registry_api::pass_through::PLACEHOLDER_TOKEN;
-use stowage::registry_api::{Accounts, RegistryApi, TagTtl, Target};
+use stowage::registry_api::{Accounts, RegistryApi, RepoFilter, Rules, TagTtl, Target};
 use stowage::settings::{AuthCheck, Credentials, UpstreamConfig};
 use stowage::telemetry::Metrics;
 use stowage::upstream::token_auth::Account;
@@ -183,6 +183,8 @@ struct State {
     hold: Option<watch::Receiver<bool>>,
     /// The same for manifest bodies.
     hold_manifests: Option<watch::Receiver<bool>>,
+    /// How long every `HEAD` answer takes to arrive.
+    head_delay: Duration,
 }
 
 /// An in-process upstream: any number of registries, each a map of repositories.
@@ -550,7 +552,15 @@ impl Transport for Fake {
         req: Request<Body>,
     ) -> Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>> {
         let answer = self.answer(&req);
-        Box::pin(async move { answer })
+        let delay = if req.method() == Method::HEAD {
+            self.state().head_delay
+        } else {
+            Duration::ZERO
+        };
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            answer
+        })
     }
 }
 
@@ -574,6 +584,14 @@ struct Opts {
     accounts: Vec<(&'static str, Credentials)>,
     /// Configured auth hosts: (auth host, the registry that names it).
     auth_hosts: Vec<(&'static str, &'static str)>,
+    /// `[cache] negative_ttl`.
+    negative_ttl: Duration,
+    /// Repository filters: (registry, allow, deny).
+    filters: Vec<(
+        &'static str,
+        &'static [&'static str],
+        &'static [&'static str],
+    )>,
     max_concurrent_fills: usize,
     /// `[cache] max_manifest_size`.
     max_manifest_size: u64,
@@ -588,6 +606,8 @@ impl Default for Opts {
             public_ttl: Duration::from_secs(3600),
             accounts: Vec::new(),
             auth_hosts: Vec::new(),
+            negative_ttl: Duration::ZERO,
+            filters: Vec::new(),
             max_concurrent_fills: 16,
             max_manifest_size: 1 << 20,
         }
@@ -693,10 +713,25 @@ fn build(fake: &Fake, dir: &std::path::Path, opts: &Opts) -> Arc<RegistryApi> {
             .credentials
             .insert(reg(r), Account::new(c.clone(), reg(r), Vec::new()));
     }
-    let tag_ttl = TagTtl {
-        rules: Vec::new(),
-        per_registry: HashMap::new(),
-        default: opts.tag_ttl,
+    let rules = Rules {
+        tag_ttl: TagTtl {
+            rules: Vec::new(),
+            per_registry: HashMap::new(),
+            default: opts.tag_ttl,
+        },
+        negative_ttl: opts.negative_ttl,
+        filters: opts
+            .filters
+            .iter()
+            .map(|(r, allow, deny)| {
+                let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+                let filter = RepoFilter {
+                    allow: strings(allow),
+                    deny: strings(deny),
+                };
+                (reg(r), filter)
+            })
+            .collect(),
     };
     Arc::new(RegistryApi::new(
         cache,
@@ -704,7 +739,7 @@ fn build(fake: &Fake, dir: &std::path::Path, opts: &Opts) -> Arc<RegistryApi> {
         access,
         metrics,
         accounts,
-        tag_ttl,
+        rules,
         TaskTracker::new(),
     ))
 }
@@ -1805,6 +1840,218 @@ async fn a_token_endpoint_that_cannot_answer_gets_a_placeholder_for_public_repos
         sent.iter().all(|a| !a.contains(PLACEHOLDER_TOKEN)),
         "the placeholder went upstream: {sent:?}"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Repository filters
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn repository_filters_deny_before_anything_is_asked() {
+    let fake = Fake::default();
+    for repo in ["library/alpine", "myorg/app", "myorg/secret/x", "other/app"] {
+        fake.repo("quay.io", repo, Visibility::Public);
+        fake.repo("quay.io:5000", repo, Visibility::Public);
+    }
+    let images: HashMap<&str, Image> =
+        ["library/alpine", "myorg/app", "myorg/secret/x", "other/app"]
+            .into_iter()
+            .map(|r| (r, fake.image("quay.io", r, "1", r)))
+            .collect();
+    for r in ["myorg/secret/x", "other/app"] {
+        fake.image("quay.io:5000", r, "1", r);
+    }
+    let h = Harness::new(
+        &fake,
+        Opts {
+            filters: vec![("quay.io", &["library/*", "myorg/**"], &["myorg/secret/**"])],
+            ..Opts::default()
+        },
+    );
+    // Allowed: served as ever.
+    for repo in ["library/alpine", "myorg/app"] {
+        let img = &images[repo];
+        h.get("quay.io", &manifest_path(repo, "1"), &[])
+            .await
+            .assert_ok(&img.manifest, "miss");
+        h.get("quay.io", &blob_path(repo, &img.layer_digest), &[])
+            .await
+            .assert_ok(&img.layer, "miss");
+    }
+    // Denied, whatever the request: 403 DENIED naming the rule, and upstream never asked.
+    let m = fake.mark();
+    for (repo, rule) in [
+        ("myorg/secret/x", r#"deny = \"myorg/secret/**\""#),
+        ("other/app", "not in allow"),
+    ] {
+        let img = &images[repo];
+        let paths = [
+            manifest_path(repo, "1"),
+            manifest_path(repo, &img.digest.to_string()),
+            blob_path(repo, &img.layer_digest),
+            format!("/v2/{repo}/tags/list"),
+            format!("/v2/{repo}/blobs/uploads/"),
+        ];
+        for path in &paths {
+            for method in [Method::GET, Method::HEAD] {
+                let r = h
+                    .send(method.clone(), "quay.io", path, &as_alice(), false)
+                    .await;
+                assert_eq!(r.status, StatusCode::FORBIDDEN, "{method} {path}: {r:?}");
+                assert_eq!(r.x_cache(), "denied", "{method} {path}");
+                if method == Method::GET {
+                    let text = String::from_utf8_lossy(&r.body);
+                    assert!(
+                        text.contains("DENIED") && text.contains(rule),
+                        "{path}: {text}"
+                    );
+                }
+            }
+        }
+        let r = h.send(Method::POST, "quay.io", &paths[4], &[], false).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "a push to {repo}: {r:?}");
+        // Through the mirror too.
+        let r = h.mirror_get("quay.io", &manifest_path(repo, "1")).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "mirror: {r:?}");
+    }
+    // A path whose repository cannot be read is denied where a filter applies: upstream
+    // could decode it into a denied repository.
+    for path in [
+        "/v2/myorg/secret%2Fx/manifests/1",
+        "/v2/myorg%2Fsecret%2Fx/tags/list",
+    ] {
+        let r = h.get("quay.io", path, &[]).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{path}: {r:?}");
+    }
+    assert_eq!(
+        fake.since(m),
+        Vec::<String>::new(),
+        "a denied request went upstream"
+    );
+    assert!(!h.stored(&images["myorg/secret/x"].layer_digest));
+    // The version check and another registry (another port) are not filtered.
+    let r = h.get("quay.io", "/v2/", &[]).await;
+    assert_eq!((r.status, r.x_cache()), (StatusCode::OK, "pass"), "{r:?}");
+    let r = h
+        .get("quay.io:5000", &manifest_path("other/app", "1"), &[])
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+}
+
+#[tokio::test]
+async fn concurrent_revalidations_of_one_tag_are_one_upstream_head() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "library/app", Visibility::Public);
+    fake.repo("quay.io", "team/private", Visibility::Private);
+    let public = fake.image("quay.io", "library/app", "1", "public");
+    let private = fake.image("quay.io", "team/private", "1", "private");
+    let h = Harness::new(&fake, Opts::stale_tags());
+    let tag = manifest_path("library/app", "1");
+    let private_tag = manifest_path("team/private", "1");
+    h.get("quay.io", &tag, &[])
+        .await
+        .assert_ok(&public.manifest, "miss");
+    h.get("quay.io", &private_tag, &as_alice())
+        .await
+        .assert_ok(&private.manifest, "miss");
+    fake.state().head_delay = Duration::from_millis(200);
+
+    let m = fake.mark();
+    let crowd = (0..100).map(|_| h.send(Method::GET, "quay.io", &tag, &[], false));
+    for r in futures_util::future::join_all(crowd).await {
+        r.assert_ok(&public.manifest, "hit");
+    }
+    assert_eq!(fake.since(m), ["HEAD manifest library/app anon 200"]);
+    // One per credential: alice's revalidation is hers, and bob's answer is not alice's.
+    let m = fake.mark();
+    let as_alice = as_alice();
+    let alice = (0..20).map(|_| h.send(Method::GET, "quay.io", &private_tag, &as_alice, false));
+    let bob = (0..20).map(|_| {
+        h.send(
+            Method::GET,
+            "quay.io",
+            &private_tag,
+            &[("authorization", BOB)],
+            false,
+        )
+    });
+    let (alice, bob) = tokio::join!(
+        futures_util::future::join_all(alice),
+        futures_util::future::join_all(bob)
+    );
+    for r in alice {
+        r.assert_ok(&private.manifest, "hit");
+    }
+    for r in bob {
+        r.assert_refused(401, &private.manifest);
+    }
+    let mut seen = fake.since(m);
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            "HEAD manifest team/private alice 200",
+            "HEAD manifest team/private bob 401"
+        ]
+    );
+    // Shared only while in flight: the next revalidation asks again.
+    let m = fake.mark();
+    h.get("quay.io", &tag, &[])
+        .await
+        .assert_ok(&public.manifest, "hit");
+    assert_eq!(fake.since(m), ["HEAD manifest library/app anon 200"]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Negative answers
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_404_storm_makes_one_upstream_request_within_negative_ttl() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "library/app", Visibility::Public);
+    fake.repo("quay.io", "team/private", Visibility::Private);
+    let h = Harness::new(
+        &fake,
+        Opts {
+            negative_ttl: Duration::from_millis(400),
+            ..Opts::default()
+        },
+    );
+    let missing = manifest_path("library/app", "misspelled");
+    let m = fake.mark();
+    let storm: Vec<_> = (0..100)
+        .map(|_| h.send(Method::GET, "quay.io", &missing, &[], false))
+        .collect();
+    // Sequentially first (a storm arrives over time), then 100 at once.
+    let first = h.get("quay.io", &missing, &[]).await;
+    assert_eq!((first.status.as_u16(), first.x_cache()), (404, "miss"));
+    for r in futures_util::future::join_all(storm).await {
+        assert_eq!((r.status.as_u16(), r.x_cache()), (404, "hit"), "{r:?}");
+    }
+    for _ in 0..3 {
+        let r = h.head("quay.io", &missing, &[]).await;
+        assert_eq!(r.status.as_u16(), 404);
+    }
+    assert_eq!(fake.since(m), ["GET manifest library/app anon 404"]);
+    // Per credential: alice asks upstream once for herself.
+    let r = h.get("quay.io", &missing, &as_alice()).await;
+    assert_eq!(r.x_cache(), "miss");
+    // Never for other statuses: a 401 is asked every time.
+    let m = fake.mark();
+    for _ in 0..3 {
+        let r = h
+            .get("quay.io", &manifest_path("team/private", "1"), &[])
+            .await;
+        assert_eq!(r.status.as_u16(), 401);
+    }
+    assert_eq!(fake.since(m).len(), 3, "{:?}", fake.since(m));
+    // After the TTL, upstream is asked again, and a tag pushed meanwhile is found.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let img = fake.image("quay.io", "library/app", "misspelled", "now it exists");
+    h.get("quay.io", &missing, &[])
+        .await
+        .assert_ok(&img.manifest, "miss");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -9,4 +9,4 @@ pub mod route;
 pub use keys::{RepoKey, TagKey};
 pub use names::{Algorithm, Digest, ParseError, Reference, RepoName, Tag};
 pub use origin::{Host, OriginError, Registry, Scheme};
-pub use route::Route;
+pub use route::{PathRepo, Route};

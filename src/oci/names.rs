@@ -198,6 +198,15 @@ pub enum Reference {
     Tag(Tag),
 }
 
+impl fmt::Display for Reference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reference::Digest(d) => d.fmt(f),
+            Reference::Tag(t) => f.write_str(t.as_str()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,6 +19,17 @@ pub enum Route {
     Other,
 }
 
+/// Which repository a request path is about ([`Route::repository_in`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathRepo {
+    /// No repository: `/v2/`, `_catalog`, token endpoints, paths outside `/v2/`.
+    None,
+    Named(RepoName),
+    /// A repository path whose name cannot be read as one (percent-encoded, malformed):
+    /// upstream may decode it into any repository.
+    Unknown,
+}
+
 impl Route {
     /// Classifies a request path (without query). Percent-encoded or otherwise odd paths
     /// fall through to `Other`: they are forwarded, never used for the cache.
@@ -49,6 +60,25 @@ impl Route {
             }
         }
         Route::Other
+    }
+
+    /// The repository any registry API path names, for requests that are not blobs or
+    /// manifests too (tags lists, uploads, referrers): [`PathRepo`].
+    pub fn repository_in(path: &str) -> PathRepo {
+        let Some(rest) = path.strip_prefix("/v2/") else {
+            return PathRepo::None;
+        };
+        if path.contains('%') {
+            return PathRepo::Unknown;
+        }
+        let marker = ["/blobs/", "/manifests/", "/tags/", "/referrers/"]
+            .iter()
+            .filter_map(|m| rest.rfind(m))
+            .max();
+        match marker {
+            None => PathRepo::None,
+            Some(i) => rest[..i].parse().map_or(PathRepo::Unknown, PathRepo::Named),
+        }
     }
 
     /// The repository a route is about, for logs.
@@ -112,5 +142,40 @@ mod tests {
         );
         assert_eq!(Route::classify("/v2/a/blobs/uploads/"), Route::Other);
         assert_eq!(Route::classify("/token"), Route::Other);
+    }
+
+    #[test]
+    fn paths_name_their_repository() {
+        let named = |s: &str| PathRepo::Named(s.parse().unwrap());
+        assert_eq!(Route::repository_in("/v2/"), PathRepo::None);
+        assert_eq!(Route::repository_in("/v2/_catalog"), PathRepo::None);
+        assert_eq!(Route::repository_in("/v2/auth"), PathRepo::None);
+        assert_eq!(Route::repository_in("/token"), PathRepo::None);
+        assert_eq!(Route::repository_in("/v2/a/b/tags/list"), named("a/b"));
+        assert_eq!(Route::repository_in("/v2/a/blobs/uploads/"), named("a"));
+        assert_eq!(
+            Route::repository_in("/v2/a/blobs/uploads/1234-ab"),
+            named("a")
+        );
+        assert_eq!(
+            Route::repository_in("/v2/x/tags/y/blobs/uploads/"),
+            named("x/tags/y")
+        );
+        assert_eq!(
+            Route::repository_in(&format!("/v2/a/referrers/sha256:{HEX}")),
+            named("a")
+        );
+        assert_eq!(
+            Route::repository_in("/v2/a%2Fb/manifests/1"),
+            PathRepo::Unknown
+        );
+        assert_eq!(
+            Route::repository_in("/v2/a/secret%2Fmanifests%2F1"),
+            PathRepo::Unknown
+        );
+        assert_eq!(
+            Route::repository_in("/v2/../manifests/1"),
+            PathRepo::Unknown
+        );
     }
 }

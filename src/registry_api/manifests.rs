@@ -304,6 +304,52 @@ pub(super) fn negotiate<'a>(row: &'a TagRow, accept: &str) -> Option<&'a TagVari
         .max_by_key(|v| (is_index(&v.media_type), v.checked_at_ms))
 }
 
+/// The key concurrent revalidations of one tag share: the same tag, `Accept` list,
+/// credential and way of answering challenges get the same upstream answer.
+pub(super) type RevalidationKey = (TagKey, String, [u8; 32], bool);
+
+/// What a revalidation `HEAD` got: its status and headers, or why it failed.
+pub(super) type Revalidation = Arc<Result<(StatusCode, HeaderMap), String>>;
+
+/// The revalidation `HEAD` of a stale tag, one upstream request for every concurrent
+/// revalidation of the same [`RevalidationKey`] (a fleet whose tags expire together asks
+/// once). The answer is shared while it is in flight only: a later revalidation asks anew.
+async fn revalidate(
+    api: &RegistryApi,
+    target: &Target,
+    key: &TagKey,
+    accept: &str,
+    pq: &str,
+    headers: &HeaderMap,
+) -> Result<Response<Body>, String> {
+    let k = (
+        key.clone(),
+        accept.to_owned(),
+        credential_id(headers),
+        target.answers_challenges,
+    );
+    let shared = api
+        .revalidations
+        .get_with(k.clone(), async {
+            let r = upstream_fetch(api, target, Method::HEAD, pq, headers, false).await;
+            Arc::new(
+                r.map(|r| (r.status(), r.headers().clone()))
+                    .map_err(|e| e.to_string()),
+            )
+        })
+        .await;
+    api.revalidations.invalidate(&k).await;
+    match &*shared {
+        Ok((status, headers)) => {
+            let mut r = Response::new(crate::http_util::empty());
+            *r.status_mut() = *status;
+            *r.headers_mut() = headers.clone();
+            Ok(r)
+        }
+        Err(e) => Err(e.clone()),
+    }
+}
+
 /// A tag resolved with `HEAD` (containerd does this, then fetches by digest): `HEAD` stays
 /// `HEAD` upstream, so the manifest is not here yet and the tag cannot be recorded (a tag
 /// row is only written once its content is stored). It is recorded now if the content is
@@ -395,7 +441,7 @@ pub(super) async fn manifest_by_tag(
         .and_then(|v| stored_manifest(api, &v.digest).map(|(f, len, _)| (v.clone(), f, len)));
     if let Some((variant, file, len)) = cached {
         let digest = variant.digest.clone();
-        let ttl = api.tag_ttl.ttl(&target.registry, tag.as_str());
+        let ttl = api.rules.tag_ttl.ttl(&target.registry, tag.as_str());
         if variant.is_fresh(now_ms(), ttl) {
             let authorized = match authorize(
                 api,
@@ -418,7 +464,7 @@ pub(super) async fn manifest_by_tag(
             );
         }
         // Stale: revalidate with HEAD, which Docker Hub does not count against pull limits.
-        let head = upstream_fetch(api, target, Method::HEAD, &pq, req.headers(), false).await;
+        let head = revalidate(api, target, &key, &accept, &pq, req.headers()).await;
         match head {
             Ok(r) if r.status() == StatusCode::OK => {
                 let upstream_digest = r

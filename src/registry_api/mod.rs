@@ -30,8 +30,8 @@ use crate::cache::{Cache, TagVariant};
 use crate::http_util::{
     empty, head_without_body, set_len, strip_hop_by_hop, Body, DOCKER_CONTENT_DIGEST, X_CACHE,
 };
-use crate::oci::{Digest, Reference, Registry, RepoKey, RepoName, Route, TagKey};
-pub use crate::settings::TagTtl;
+use crate::oci::{Digest, PathRepo, Reference, Registry, RepoKey, RepoName, Route, TagKey};
+pub use crate::settings::{RepoFilter, TagTtl};
 use crate::telemetry::{CacheStatus, LogLine, Logged, Metrics};
 use crate::upstream::token_auth::{self, credential_id, Account, Answer};
 use crate::upstream::{Upstream, UpstreamError};
@@ -71,7 +71,7 @@ pub struct RegistryApi {
     pub access: Arc<Access>,
     pub metrics: Arc<Metrics>,
     pub accounts: Accounts,
-    pub tag_ttl: TagTtl,
+    pub rules: Rules,
     /// Fills and probes run here, so shutdown waits for them.
     pub tasks: TaskTracker,
     /// (repository, manifest digest) → tag rows waiting for that manifest to be stored
@@ -79,6 +79,32 @@ pub struct RegistryApi {
     pending_tags: moka::sync::Cache<(RepoKey, Digest), Vec<(TagKey, TagVariant)>>,
     /// Bounds the manifest bytes fills hold in memory (`manifests::manifest_budget`).
     manifest_budget: Arc<tokio::sync::Semaphore>,
+    /// Manifests upstream answered `404` for, per (repository, reference, credential), for
+    /// `[cache] negative_ttl`.
+    negative: moka::sync::Cache<(RepoKey, String, [u8; 32]), ()>,
+    /// Revalidation `HEAD`s in flight (`manifests::revalidate`).
+    revalidations: moka::future::Cache<manifests::RevalidationKey, manifests::Revalidation>,
+}
+
+/// What the operator decided about requests, parsed once by `settings`.
+pub struct Rules {
+    pub tag_ttl: TagTtl,
+    /// `[cache] negative_ttl` (zero: upstream `404`s are not remembered).
+    pub negative_ttl: std::time::Duration,
+    /// `[[registry]] allow` / `deny`, for the registries that have them.
+    pub filters: HashMap<Registry, RepoFilter>,
+}
+
+impl Rules {
+    /// Rules with the given tag freshness and nothing else (no negative answers, every
+    /// repository allowed).
+    pub fn tags_only(tag_ttl: TagTtl) -> Rules {
+        Rules {
+            tag_ttl,
+            negative_ttl: std::time::Duration::ZERO,
+            filters: HashMap::new(),
+        }
+    }
 }
 
 /// Configured upstream accounts, by the exact registry (scheme, host, port) they are for,
@@ -100,17 +126,27 @@ impl RegistryApi {
         access: Arc<Access>,
         metrics: Arc<Metrics>,
         accounts: Accounts,
-        tag_ttl: TagTtl,
+        rules: Rules,
         tasks: TaskTracker,
     ) -> RegistryApi {
+        let negative = moka::sync::Cache::builder()
+            .max_capacity(if rules.negative_ttl.is_zero() {
+                0
+            } else {
+                10_000
+            })
+            .time_to_live(rules.negative_ttl.max(std::time::Duration::from_millis(1)))
+            .build();
         RegistryApi {
+            negative,
+            revalidations: moka::future::Cache::builder().max_capacity(10_000).build(),
             manifest_budget: manifests::manifest_budget(cache.limits.max_manifest_size),
             cache,
             upstream,
             access,
             metrics,
             accounts,
-            tag_ttl,
+            rules,
             tasks,
             pending_tags: moka::sync::Cache::builder()
                 .max_capacity(10_000)
@@ -156,6 +192,33 @@ impl RegistryApi {
         }
     }
 
+    /// The `403 DENIED` for a request about a repository `[[registry]] allow` / `deny`
+    /// does not let Stowage proxy, if it is one. A path whose repository cannot be read is
+    /// denied too where a filter applies (upstream might decode it into any repository).
+    fn denied(&self, target: &Target, route: &Route, path: &str) -> Option<Response<Body>> {
+        let filter = self.rules.filters.get(&target.registry)?;
+        if target.auth_host {
+            return None;
+        }
+        let named = match route.repo() {
+            Some(name) => PathRepo::Named(name.clone()),
+            None => Route::repository_in(path),
+        };
+        let why = match named {
+            PathRepo::None => return None,
+            PathRepo::Named(name) => match filter.check(name.as_str()) {
+                Ok(()) => return None,
+                Err(rule) => format!("repository {name} is not proxied here ({rule})"),
+            },
+            PathRepo::Unknown => {
+                "this path names no repository Stowage can check against the repository filter"
+                    .to_owned()
+            }
+        };
+        tracing::info!(registry = %target.registry, %why, "request denied");
+        Some(registry_error(StatusCode::FORBIDDEN, "DENIED", &why))
+    }
+
     /// Serves one registry request for `target`.
     pub async fn serve(
         self: &Arc<Self>,
@@ -181,7 +244,45 @@ impl RegistryApi {
             Route::classify(req.uri().path())
         };
         let method = req.method().clone();
+        if let Some(denied) = api.denied(&target, &route, req.uri().path()) {
+            let line = LogLine {
+                registry: target.registry.clone(),
+                repo: route.repo().map(|r| r.to_string()).unwrap_or_default(),
+                kind: route.kind(),
+                method: method.to_string(),
+                outcome: CacheStatus::Denied,
+                status: denied.status().as_u16(),
+                started,
+                metrics: api.metrics.clone(),
+            };
+            let mut denied = head_without_body(&method, denied);
+            denied.headers_mut().insert(
+                X_CACHE,
+                HeaderValue::from_static(CacheStatus::Denied.as_str()),
+            );
+            return Logged::wrap(denied, line);
+        }
+        // An upstream 404 for this manifest, remembered (`[cache] negative_ttl`).
+        let negative_key = match &route {
+            Route::Manifest { name, reference } if !api.rules.negative_ttl.is_zero() => Some((
+                target.repo(name),
+                reference.to_string(),
+                credential_id(req.headers()),
+            )),
+            _ => None,
+        };
+        let remembered = negative_key
+            .as_ref()
+            .is_some_and(|k| api.negative.contains_key(k));
         let (outcome, resp) = match (&route, &method) {
+            _ if remembered => (
+                CacheStatus::Hit,
+                Ok(registry_error(
+                    StatusCode::NOT_FOUND,
+                    "MANIFEST_UNKNOWN",
+                    "manifest unknown (upstream answered 404 within [cache] negative_ttl)",
+                )),
+            ),
             (Route::Blob { name, digest }, &Method::GET | &Method::HEAD) => {
                 blobs::blob(api, &target, req, name, digest).await
             }
@@ -201,6 +302,11 @@ impl RegistryApi {
             ) => manifests::manifest_by_tag(api, &target, req, name, tag).await,
             _ => pass_through::pass(api, &target, req).await,
         };
+        if let (Some(key), CacheStatus::Miss, Ok(r)) = (negative_key, outcome, &resp) {
+            if r.status() == StatusCode::NOT_FOUND {
+                api.negative.insert(key, ());
+            }
+        }
         let resp = match resp {
             Ok(r) => {
                 let from_upstream = matches!(outcome, CacheStatus::Miss | CacheStatus::Pass);

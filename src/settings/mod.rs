@@ -285,6 +285,10 @@ pub struct CacheConfig {
     pub manifest_ttl: HumanDuration,
     /// Per-tag overrides of `manifest_ttl`; the first matching rule wins.
     pub ttl: Vec<TtlRule>,
+    /// How long an upstream `404` for a manifest (by tag or digest) is answered without
+    /// asking again, per (registry, repository, reference, credential). `0s`: never.
+    /// Default `30s`.
+    pub negative_ttl: HumanDuration,
     /// Ask no registry anything: every request is answered as when upstream is unreachable
     /// (the shared tier is still used).
     pub offline: bool,
@@ -308,6 +312,7 @@ impl Default for CacheConfig {
             max_concurrent_fills: 64,
             manifest_ttl: HumanDuration(Duration::from_secs(300)),
             ttl: Vec::new(),
+            negative_ttl: HumanDuration(Duration::from_secs(30)),
             offline: false,
             auth_check: AuthCheck::Upstream,
             auth_ttl: HumanDuration(Duration::from_secs(300)),
@@ -353,6 +358,57 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
         }
     }
     true
+}
+
+/// A repository pattern: `/`-separated components of lowercase name characters and `*`,
+/// or `**` alone as a component.
+fn valid_repo_pattern(p: &str) -> bool {
+    !p.is_empty()
+        && p.split('/').all(|c| {
+            c == "**"
+                || (!c.is_empty()
+                    && !c.contains("**")
+                    && c.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-*".contains(&b)
+                    }))
+        })
+}
+
+/// Whether repository `name` matches `pattern`: `*` matches within one path component,
+/// `**` any number of whole components (none included).
+pub fn repo_glob(pattern: &str, name: &str) -> bool {
+    fn go(p: &[&str], n: &[&str]) -> bool {
+        match p.split_first() {
+            None => n.is_empty(),
+            Some((&"**", rest)) => (0..=n.len()).any(|i| go(rest, &n[i..])),
+            Some((c, rest)) => n
+                .split_first()
+                .is_some_and(|(m, tail)| glob_match(c, m) && go(rest, tail)),
+        }
+    }
+    let p: Vec<&str> = pattern.split('/').collect();
+    let n: Vec<&str> = name.split('/').collect();
+    go(&p, &n)
+}
+
+/// Which repositories of one registry may be proxied (`[[registry]] allow` / `deny`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RepoFilter {
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
+}
+
+impl RepoFilter {
+    /// `Err(rule)` when `repo` may not be proxied, naming the rule that says so.
+    pub fn check(&self, repo: &str) -> Result<(), String> {
+        if let Some(p) = self.deny.iter().find(|p| repo_glob(p, repo)) {
+            return Err(format!("deny = {p:?}"));
+        }
+        if !self.allow.is_empty() && !self.allow.iter().any(|p| repo_glob(p, repo)) {
+            return Err(format!("not in allow = {:?}", self.allow));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -444,6 +500,13 @@ pub struct RegistryConfig {
     /// Overrides `[cache] manifest_ttl` for this registry.
     #[serde(default)]
     pub manifest_ttl: Option<HumanDuration>,
+    /// Repository patterns that may be proxied (`*` within a path component, `**` across
+    /// components); empty: every repository. `deny` wins over `allow`.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Repository patterns that are never proxied.
+    #[serde(default)]
+    pub deny: Vec<String>,
 }
 
 /// A registry account. The password never appears in `Debug` output or logs.
@@ -554,6 +617,8 @@ pub fn builtin_registries() -> Vec<RegistryConfig> {
         password_file: None,
         inject_credentials: None,
         manifest_ttl: None,
+        allow: Vec::new(),
+        deny: Vec::new(),
     };
     vec![
         r("registry-1.docker.io", &["auth.docker.io"]),
@@ -620,6 +685,14 @@ impl Config {
                     return Err(invalid(
                         format!("registry[{i}].auth_hosts"),
                         format!("{h:?} is not a lowercase host name (optionally with :port)"),
+                    ));
+                }
+            }
+            for (field, patterns) in [("allow", &r.allow), ("deny", &r.deny)] {
+                if let Some(p) = patterns.iter().find(|p| !valid_repo_pattern(p)) {
+                    return Err(invalid(
+                        format!("registry[{i}].{field}"),
+                        format!("{p:?} is not a repository pattern like \"library/*\" or \"myorg/**\" (lowercase path components; * within one, ** for any number)"),
                     ));
                 }
             }
@@ -795,6 +868,8 @@ impl Config {
                 password_file: u.password_file.clone(),
                 inject_credentials: None,
                 manifest_ttl: None,
+                allow: Vec::new(),
+                deny: Vec::new(),
             };
             let c = r.credentials(i).map_err(|e| match e {
                 ConfigError::Invalid { key, message } => {
@@ -840,6 +915,21 @@ impl Config {
             }
         }
         all
+    }
+
+    /// The repository filters of every registry that has one.
+    pub fn repo_filters(&self) -> std::collections::HashMap<Registry, RepoFilter> {
+        self.registries()
+            .into_iter()
+            .filter(|r| !r.allow.is_empty() || !r.deny.is_empty())
+            .map(|r| {
+                let filter = RepoFilter {
+                    allow: r.allow.clone(),
+                    deny: r.deny.clone(),
+                };
+                (r.registry(), filter)
+            })
+            .collect()
     }
 
     /// The tag TTL rules, parsed once (validated: every rule's registry parses).
@@ -1160,6 +1250,51 @@ mod tests {
         let c = Config::from_toml_str("[[registry]]\nhost = \"quay.io\"\nusername = \"u\"\npassword_env = \"STOWAGE_TEST_UNSET_VAR\"\n").unwrap();
         let e = c.registry[0].credentials(0).unwrap_err();
         assert!(e.to_string().contains("STOWAGE_TEST_UNSET_VAR"), "{e}");
+    }
+
+    #[test]
+    fn repository_patterns_match_by_path_component() {
+        for (p, n, m) in [
+            ("library/*", "library/alpine", true),
+            ("library/*", "library/a/b", false),
+            ("library/*", "library", false),
+            ("myorg/**", "myorg/a/b/c", true),
+            ("myorg/**", "myorg", true),
+            ("myorg/**", "myorgx/a", false),
+            ("**/base", "a/b/base", true),
+            ("**/base", "base", true),
+            ("**", "anything/at/all", true),
+            ("team-*/app", "team-red/app", true),
+            ("team-*/app", "team-red/x/app", false),
+            ("exact/name", "exact/name", true),
+            ("exact/name", "exact/name2", false),
+        ] {
+            assert_eq!(repo_glob(p, n), m, "{p} vs {n}");
+        }
+        let f = RepoFilter {
+            allow: vec!["library/*".into(), "myorg/**".into()],
+            deny: vec!["myorg/secret/**".into()],
+        };
+        assert_eq!(f.check("library/alpine"), Ok(()));
+        assert_eq!(f.check("myorg/a/b"), Ok(()));
+        assert_eq!(
+            f.check("myorg/secret/x").unwrap_err(),
+            r#"deny = "myorg/secret/**""#
+        );
+        assert!(f.check("other/x").unwrap_err().starts_with("not in allow"));
+        assert_eq!(RepoFilter::default().check("any/thing"), Ok(()));
+        for bad in ["", "a//b", "Upper/x", "a/**b", "a b"] {
+            let toml = format!("[[registry]]\nhost = \"quay.io\"\ndeny = [{bad:?}]\n");
+            let e = Config::from_toml_str(&toml).unwrap_err().to_string();
+            assert!(e.contains("registry[0].deny"), "{bad:?}: {e}");
+        }
+        let c = Config::from_toml_str(
+            "[[registry]]\nhost = \"registry-1.docker.io\"\nallow = [\"library/*\"]\n",
+        )
+        .unwrap();
+        let hub: Registry = "registry-1.docker.io".parse().unwrap();
+        assert_eq!(c.repo_filters()[&hub].allow, ["library/*"]);
+        assert_eq!(c.repo_filters().len(), 1);
     }
 
     #[test]

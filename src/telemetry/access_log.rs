@@ -29,6 +29,8 @@ pub enum CacheStatus {
     Stale,
     /// Forwarded without caching.
     Pass,
+    /// Refused by a repository filter (`[[registry]] allow` / `deny`): nothing fetched.
+    Denied,
 }
 
 impl CacheStatus {
@@ -39,6 +41,7 @@ impl CacheStatus {
             CacheStatus::Coalesced => "coalesced",
             CacheStatus::Stale => "stale",
             CacheStatus::Pass => "pass",
+            CacheStatus::Denied => "denied",
         }
     }
 }
@@ -148,7 +151,10 @@ impl Drop for Logged {
             })
             .inc();
         let source = match l.outcome {
-            CacheStatus::Hit | CacheStatus::Coalesced | CacheStatus::Stale => "cache",
+            CacheStatus::Hit
+            | CacheStatus::Coalesced
+            | CacheStatus::Stale
+            | CacheStatus::Denied => "cache",
             CacheStatus::Miss | CacheStatus::Pass => "upstream",
         };
         l.metrics
@@ -166,6 +172,7 @@ impl Drop for Logged {
                 CacheStatus::Coalesced => t.coalesced.fetch_add(1, Relaxed),
                 CacheStatus::Stale => t.stale.fetch_add(1, Relaxed),
                 CacheStatus::Pass => t.passed.fetch_add(1, Relaxed),
+                CacheStatus::Denied => 0,
             };
         }
         if source == "cache" {
