@@ -291,3 +291,84 @@ fn the_command_line_check_can_fail() {
     let unknown = ["/usr/local/bin/stowage", "serve"].map(String::from);
     binary_accepts(&unknown).expect_err("an unknown subcommand was accepted");
 }
+
+/// The compose file with its commented-out YAML lines put back, as a user who follows its
+/// comments would: indented comments that are a list item (`# - item`) or an environment
+/// variable (`# UPPER_CASE: value`); prose comments stay.
+fn uncomment_yaml_lines(text: &str) -> String {
+    text.lines()
+        .map(|l| {
+            let indent = l.len() - l.trim_start().len();
+            let Some(rest) = l.trim_start().strip_prefix("# ") else {
+                return l.to_owned();
+            };
+            let key = rest.split_once(": ").map(|(k, _)| k).unwrap_or("");
+            let is_yaml = rest.starts_with("- ")
+                || (!key.is_empty()
+                    && key
+                        .chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'));
+            if indent > 0 && is_yaml {
+                format!("{}{rest}", &l[..indent])
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn compose_example_is_valid_as_shipped_and_uncommented() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/docker-compose.yml");
+    let text = std::fs::read_to_string(&path).expect("read");
+    let image = Config::from_toml_str(&repo("docker/config.toml")).expect("docker/config.toml");
+    let dockerfile = repo("Dockerfile");
+    let config_path = config_arg(&dockerfile_exec(&dockerfile, "ENTRYPOINT"))
+        .expect("ENTRYPOINT --config")
+        .to_owned();
+
+    let uncommented = uncomment_yaml_lines(&text);
+    assert_ne!(
+        uncommented, text,
+        "the compose file has no commented lines to try"
+    );
+    for (what, yaml) in [("as shipped", &text), ("uncommented", &uncommented)] {
+        let doc: serde_norway::Value = serde_norway::from_str(yaml)
+            .unwrap_or_else(|e| panic!("examples/docker-compose.yml {what}: {e}\n{yaml}"));
+        let svc = &doc["services"]["stowage"];
+        let volumes = strings(&svc["volumes"]);
+        let targets: Vec<&str> = volumes.iter().filter_map(|v| v.split(':').nth(1)).collect();
+        // The named volumes hold what the image's configuration writes: cache and CA.
+        for dir in [&image.cache.dir, &image.ca.dir] {
+            assert!(
+                targets.iter().any(|t| Path::new(t) == dir.as_path()),
+                "{what}: no volume at {} ({volumes:?})",
+                dir.display()
+            );
+        }
+        assert_eq!(svc["read_only"], true, "{what}: read_only");
+        if what == "uncommented" {
+            assert!(
+                volumes
+                    .iter()
+                    .any(|v| v.split(':').nth(1) == Some(config_path.as_str())),
+                "{what}: the optional config mount does not land on the ENTRYPOINT's {config_path} ({volumes:?})"
+            );
+            assert!(
+                svc["environment"].get("DOCKERHUB_TOKEN").is_some(),
+                "{what}: DOCKERHUB_TOKEN"
+            );
+        }
+    }
+}
+
+#[test]
+fn uncommenting_keeps_prose_comments() {
+    let text =
+        "a:\n  # Prose: not yaml\n  # - item\n  # KEY: v\n  # in a mounted config): no\n# - top\n";
+    assert_eq!(
+        uncomment_yaml_lines(text),
+        "a:\n  # Prose: not yaml\n  - item\n  KEY: v\n  # in a mounted config): no\n# - top"
+    );
+}
