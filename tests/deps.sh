@@ -18,6 +18,8 @@ declare -A PROBES=(
   [python3]=/usr/bin/python3
   [iproute2]=/usr/sbin/ip
   [apache2-utils]=/usr/bin/htpasswd
+  [docker.io]=/usr/sbin/dockerd
+  [busybox-static]=/bin/busybox
 )
 
 missing=()
