@@ -372,3 +372,63 @@ fn uncommenting_keeps_prose_comments() {
         "a:\n  # Prose: not yaml\n  - item\n  KEY: v\n  # in a mounted config): no\n# - top"
     );
 }
+
+/// With GitLab's Docker executor the job container is linked to its services, but services
+/// reach each other (dind → stowage) only when `FF_NETWORK_PER_BUILD` is set; without it
+/// dind falls back from the mirror to Docker Hub without an error. Every job of the example
+/// whose dind uses the stowage service as its mirror sets it, no job names an image that
+/// nothing publishes, and `stowage setup gitlab` says the same.
+#[test]
+fn gitlab_dind_jobs_share_a_network_with_stowage() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/gitlab-ci.yml");
+    let docs = yaml_docs(&path);
+    let ci = docs.first().expect("a YAML document");
+    let set = |v: &serde_norway::Value| v == "true" || v == &serde_norway::Value::Bool(true);
+    let mut dind_jobs = 0;
+    for (name, job) in ci.as_mapping().expect("jobs") {
+        let Some(services) = job["services"].as_sequence() else {
+            continue;
+        };
+        for s in services {
+            assert!(
+                !s["name"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("stowage/stowage"),
+                "{name:?}: no image stowage/stowage is published"
+            );
+        }
+        let mirrors_to_stowage = services.iter().any(|s| {
+            s["command"].as_sequence().is_some_and(|c| {
+                c.iter().any(|a| {
+                    a.as_str()
+                        .unwrap_or("")
+                        .starts_with("--registry-mirror=http://stowage:")
+                })
+            })
+        });
+        if mirrors_to_stowage {
+            assert!(
+                set(&job["variables"]["FF_NETWORK_PER_BUILD"])
+                    || set(&ci["variables"]["FF_NETWORK_PER_BUILD"]),
+                "{name:?}: dind mirrors to the stowage service without FF_NETWORK_PER_BUILD"
+            );
+            dind_jobs += 1;
+        }
+    }
+    assert!(dind_jobs >= 1, "no dind job in {}", path.display());
+
+    let config = Config::from_toml_str("[mirror]\nlisten = \"0.0.0.0:5000\"\n").unwrap();
+    let snippet =
+        stowage::admin::setup::snippet("gitlab", "10.1.2.3:3128", &config, "PEM").unwrap();
+    let doc: serde_norway::Value = serde_norway::from_str(&snippet)
+        .unwrap_or_else(|e| panic!("setup gitlab is not YAML ({e}):\n{snippet}"));
+    assert!(
+        set(&doc["variables"]["FF_NETWORK_PER_BUILD"]),
+        "setup gitlab:\n{snippet}"
+    );
+    assert!(
+        !snippet.contains("stowage/stowage"),
+        "setup gitlab:\n{snippet}"
+    );
+}
