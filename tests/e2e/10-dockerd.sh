@@ -15,8 +15,9 @@
 #    registry-1.docker.io:<port> pinned to the test registry. The second pull is a hit.
 # 3. The GitLab dind pattern (examples/gitlab-ci.yml): a second, empty dockerd with only the
 #    service's `--registry-mirror=` flag pulls what the first pulled: zero upstream blob GETs.
-# With no network here, a dockerd that bypassed Stowage could not pull at all. (dockerd 20.10
-# keeps its ID key in /etc/docker/key.json whatever its other paths; it creates one there.)
+# With no network here, a dockerd that bypassed Stowage could not pull at all. (Whatever its
+# other paths, dockerd 20.10 keeps its ID key in /etc/docker/key.json, makes
+# /run/docker/plugins, and its containerd puts shim sockets under /run/containerd/s.)
 source "$(dirname "$0")/lib.sh"
 
 [[ $(id -u) -eq 0 ]] || fail "dockerd needs root"
