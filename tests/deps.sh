@@ -18,12 +18,16 @@ declare -A PROBES=(
   [python3]=/usr/bin/python3
   [iproute2]=/usr/sbin/ip
   [apache2-utils]=/usr/bin/htpasswd
+  [docker.io]=/usr/sbin/dockerd
+  [busybox-static]=/bin/busybox
 )
 
 missing=()
 for pkg in "${!PROBES[@]}"; do
   [[ -e ${PROBES[$pkg]} ]] || missing+=("$pkg")
 done
+# Debian's python3 makes venvs only with python3-venv (it ships ensurepip).
+/usr/bin/python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
 
 if ((${#missing[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
@@ -46,10 +50,16 @@ else
   echo "deps: all present"
 fi
 
-# moto (a local S3 server) for the shared-store end-to-end test, from PyPI.
-if ! python3 -c 'import moto.server' 2>/dev/null; then
-  echo "deps: installing moto[server]"
-  python3 -m pip install -q 'moto[server]>=5' >/dev/null
+# moto (a local S3 server) for the shared-store end-to-end test, from PyPI, into a venv of
+# its own made with Debian's python3: the system Python is externally managed (PEP 668),
+# so pip refuses to install into it. The venv lives outside the work tree and is kept, so a
+# warm machine (and a fresh clone on it) skips this. tests/e2e/lib.sh uses the same path.
+venv=${STOWAGE_TEST_VENV:-/opt/stowage-test-venv}
+if ! "$venv/bin/python" -c 'import moto.server, boto3' 2>/dev/null; then
+  echo "deps: installing moto[server] into $venv"
+  /usr/bin/python3 -m venv --clear "$venv" ||
+    { echo "deps: cannot make a venv at $venv (set STOWAGE_TEST_VENV to a writable path)" >&2; exit 1; }
+  "$venv/bin/python" -m pip install -q 'moto[server]>=5' >/dev/null
 fi
 
 if ! command -v cargo >/dev/null; then

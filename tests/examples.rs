@@ -1,7 +1,9 @@
 //! The configuration files shipped in the repository are valid Stowage configurations:
 //! the embedded default, the container image's, and every `config.toml` embedded in a
-//! Kubernetes manifest under `examples/`. A typo there would only show up on a user's
-//! cluster; here it fails the build.
+//! Kubernetes manifest under `examples/`. The command lines the image and the Kubernetes
+//! examples start the binary with (ENTRYPOINT, CMD, `command`, `args`) are ones the real
+//! binary accepts, naming a config file the image or a ConfigMap mount provides. A typo
+//! there would only show up on a user's cluster; here it fails the build.
 
 use std::path::Path;
 
@@ -89,4 +91,344 @@ fn embedded_config_extraction_finds_the_block() {
     assert!(found[0].starts_with("[proxy]\nlisten"), "{:?}", found[0]);
     assert!(found[0].contains("[cache]\ndir = \"/c\""), "{:?}", found[0]);
     assert!(!found[0].contains("other"), "{:?}", found[0]);
+}
+
+/// The exec-form (JSON array) value of the last `KEYWORD` instruction in the Dockerfile's
+/// final stage, as the container runtime sees it.
+fn dockerfile_exec(dockerfile: &str, keyword: &str) -> Vec<String> {
+    let last_stage = dockerfile
+        .rsplit_once("\nFROM ")
+        .map(|(_, stage)| stage)
+        .expect("Dockerfile has a FROM");
+    let line = last_stage
+        .lines()
+        .rfind(|l| l.starts_with(&format!("{keyword} ")))
+        .unwrap_or_else(|| panic!("Dockerfile: no {keyword} in the final stage"));
+    serde_json::from_str(line[keyword.len()..].trim())
+        .unwrap_or_else(|e| panic!("Dockerfile: {keyword} is not in exec form ({e}): {line}"))
+}
+
+fn strings(v: &serde_norway::Value) -> Vec<String> {
+    v.as_sequence()
+        .expect("a list")
+        .iter()
+        .map(|s| s.as_str().expect("a string").to_owned())
+        .collect()
+}
+
+/// Every YAML document in a file.
+fn yaml_docs(path: &Path) -> Vec<serde_norway::Value> {
+    use serde::Deserialize;
+    let text = std::fs::read_to_string(path).expect("read");
+    serde_norway::Deserializer::from_str(&text)
+        .map(|doc| {
+            serde_norway::Value::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        })
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// The file a pod sees at `path`, when a volume mount puts a ConfigMap key there (a
+/// directory mount of the ConfigMap, or a `subPath` mount of one key).
+fn mounted_config_map_file(
+    docs: &[serde_norway::Value],
+    pod: &serde_norway::Value,
+    container: &serde_norway::Value,
+    path: &str,
+) -> Option<String> {
+    for mount in container["volumeMounts"].as_sequence()? {
+        let mount_path = mount["mountPath"].as_str()?;
+        let key = match mount["subPath"].as_str() {
+            Some(sub) if mount_path == path => sub,
+            Some(_) => continue,
+            None => match path
+                .strip_prefix(mount_path)
+                .and_then(|r| r.strip_prefix('/'))
+            {
+                Some(rest) => rest,
+                None => continue,
+            },
+        };
+        let volume = pod["volumes"]
+            .as_sequence()?
+            .iter()
+            .find(|v| v["name"] == mount["name"])?;
+        let map_name = volume["configMap"]["name"].as_str()?;
+        let map = docs
+            .iter()
+            .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == map_name)?;
+        return map["data"][key].as_str().map(str::to_owned);
+    }
+    None
+}
+
+/// Runs the real binary with a container's command line, `--print-default-config` put
+/// before its arguments so nothing starts: clap parses and validates the whole command line
+/// (a repeated `--config`, an unknown flag or subcommand fails with exit 2), then the binary
+/// prints the default configuration and exits. (`--help` would not do: clap answers it
+/// before it checks for repeated arguments.)
+fn binary_accepts(argv: &[String]) -> Result<(), String> {
+    if argv.first().map(String::as_str) != Some("/usr/local/bin/stowage") {
+        return Err(format!(
+            "{argv:?} does not run the image's /usr/local/bin/stowage"
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .arg("--print-default-config")
+        .args(&argv[1..])
+        .current_dir(dir.path())
+        .output()
+        .expect("run stowage");
+    if !out.status.success() {
+        return Err(format!(
+            "stowage rejects {argv:?} ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        stowage::settings::DEFAULT_TOML,
+        "the check must stop after parsing the arguments"
+    );
+    Ok(())
+}
+
+/// The value after `--config` (or `-c`) in a command line.
+fn config_arg(argv: &[String]) -> Option<&str> {
+    argv.windows(2)
+        .find(|w| w[0] == "--config" || w[0] == "-c")
+        .map(|w| w[1].as_str())
+}
+
+#[test]
+fn dockerfile_command_line_starts_the_binary() {
+    let dockerfile = repo("Dockerfile");
+    let mut argv = dockerfile_exec(&dockerfile, "ENTRYPOINT");
+    argv.extend(dockerfile_exec(&dockerfile, "CMD"));
+    binary_accepts(&argv).unwrap_or_else(|e| panic!("Dockerfile ENTRYPOINT + CMD: {e}"));
+    // The file it names is the one the image copies in.
+    let config = config_arg(&argv).expect("the ENTRYPOINT names a config file");
+    assert!(
+        dockerfile
+            .lines()
+            .any(|l| l == format!("COPY docker/config.toml {config}")),
+        "the Dockerfile does not COPY docker/config.toml to {config}"
+    );
+}
+
+/// Every Stowage container in the Kubernetes examples, run as Kubernetes runs it: the
+/// image's ENTRYPOINT (unless `command` replaces it) followed by `args` (or, without
+/// them, the image's CMD). The binary must accept that command line, and the config file
+/// it names must be a valid configuration that a ConfigMap mounts there.
+#[test]
+fn kubernetes_command_lines_start_the_binary() {
+    let dockerfile = repo("Dockerfile");
+    let entrypoint = dockerfile_exec(&dockerfile, "ENTRYPOINT");
+    let cmd = dockerfile_exec(&dockerfile, "CMD");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/kubernetes");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples/kubernetes") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let docs = yaml_docs(&path);
+        for doc in &docs {
+            let pod = &doc["spec"]["template"]["spec"];
+            let Some(containers) = pod["containers"].as_sequence() else {
+                continue;
+            };
+            for c in containers {
+                if !c["image"].as_str().unwrap_or("").contains("stowage") {
+                    continue;
+                }
+                let what = format!(
+                    "{} container {}",
+                    path.display(),
+                    c["name"].as_str().unwrap_or("?")
+                );
+                let mut argv = match c.get("command") {
+                    Some(command) => strings(command),
+                    None => entrypoint.clone(),
+                };
+                match c.get("args") {
+                    Some(args) => argv.extend(strings(args)),
+                    None if c.get("command").is_none() => argv.extend(cmd.clone()),
+                    None => {}
+                }
+                binary_accepts(&argv).unwrap_or_else(|e| panic!("{what}: {e}"));
+                let config = config_arg(&argv).expect("the command line names a config file");
+                let toml = mounted_config_map_file(&docs, pod, c, config)
+                    .unwrap_or_else(|| panic!("{what}: no ConfigMap is mounted at {config}"));
+                Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("{what}: {config}: {e}"));
+                checked += 1;
+            }
+        }
+    }
+    assert!(
+        checked >= 2,
+        "expected the Stowage containers of deployment.yaml and replicas.yaml, found {checked}"
+    );
+}
+
+#[test]
+fn the_command_line_check_can_fail() {
+    // What the Kubernetes examples used to pass: --config twice (ENTRYPOINT and args).
+    let argv = [
+        "/usr/local/bin/stowage",
+        "--config",
+        "/etc/stowage/config.toml",
+        "--config",
+        "/etc/stowage/config.toml",
+        "run",
+    ]
+    .map(String::from);
+    let err = binary_accepts(&argv).expect_err("a repeated --config was accepted");
+    assert!(err.contains("cannot be used multiple times"), "{err}");
+    let unknown = ["/usr/local/bin/stowage", "serve"].map(String::from);
+    binary_accepts(&unknown).expect_err("an unknown subcommand was accepted");
+}
+
+/// The compose file with its commented-out YAML lines put back, as a user who follows its
+/// comments would: indented comments that are a list item (`# - item`) or an environment
+/// variable (`# UPPER_CASE: value`); prose comments stay.
+fn uncomment_yaml_lines(text: &str) -> String {
+    text.lines()
+        .map(|l| {
+            let indent = l.len() - l.trim_start().len();
+            let Some(rest) = l.trim_start().strip_prefix("# ") else {
+                return l.to_owned();
+            };
+            let key = rest.split_once(": ").map(|(k, _)| k).unwrap_or("");
+            let is_yaml = rest.starts_with("- ")
+                || (!key.is_empty()
+                    && key
+                        .chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'));
+            if indent > 0 && is_yaml {
+                format!("{}{rest}", &l[..indent])
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn compose_example_is_valid_as_shipped_and_uncommented() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/docker-compose.yml");
+    let text = std::fs::read_to_string(&path).expect("read");
+    let image = Config::from_toml_str(&repo("docker/config.toml")).expect("docker/config.toml");
+    let dockerfile = repo("Dockerfile");
+    let config_path = config_arg(&dockerfile_exec(&dockerfile, "ENTRYPOINT"))
+        .expect("ENTRYPOINT --config")
+        .to_owned();
+
+    let uncommented = uncomment_yaml_lines(&text);
+    assert_ne!(
+        uncommented, text,
+        "the compose file has no commented lines to try"
+    );
+    for (what, yaml) in [("as shipped", &text), ("uncommented", &uncommented)] {
+        let doc: serde_norway::Value = serde_norway::from_str(yaml)
+            .unwrap_or_else(|e| panic!("examples/docker-compose.yml {what}: {e}\n{yaml}"));
+        let svc = &doc["services"]["stowage"];
+        let volumes = strings(&svc["volumes"]);
+        let targets: Vec<&str> = volumes.iter().filter_map(|v| v.split(':').nth(1)).collect();
+        // The named volumes hold what the image's configuration writes: cache and CA.
+        for dir in [&image.cache.dir, &image.ca.dir] {
+            assert!(
+                targets.iter().any(|t| Path::new(t) == dir.as_path()),
+                "{what}: no volume at {} ({volumes:?})",
+                dir.display()
+            );
+        }
+        assert_eq!(svc["read_only"], true, "{what}: read_only");
+        if what == "uncommented" {
+            assert!(
+                volumes
+                    .iter()
+                    .any(|v| v.split(':').nth(1) == Some(config_path.as_str())),
+                "{what}: the optional config mount does not land on the ENTRYPOINT's {config_path} ({volumes:?})"
+            );
+            assert!(
+                svc["environment"].get("DOCKERHUB_TOKEN").is_some(),
+                "{what}: DOCKERHUB_TOKEN"
+            );
+        }
+    }
+}
+
+#[test]
+fn uncommenting_keeps_prose_comments() {
+    let text =
+        "a:\n  # Prose: not yaml\n  # - item\n  # KEY: v\n  # in a mounted config): no\n# - top\n";
+    assert_eq!(
+        uncomment_yaml_lines(text),
+        "a:\n  # Prose: not yaml\n  - item\n  KEY: v\n  # in a mounted config): no\n# - top"
+    );
+}
+
+/// With GitLab's Docker executor the job container is linked to its services, but services
+/// reach each other (dind → stowage) only when `FF_NETWORK_PER_BUILD` is set; without it
+/// dind falls back from the mirror to Docker Hub without an error. Every job of the example
+/// whose dind uses the stowage service as its mirror sets it, no job names an image that
+/// nothing publishes, and `stowage setup gitlab` says the same.
+#[test]
+fn gitlab_dind_jobs_share_a_network_with_stowage() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/gitlab-ci.yml");
+    let docs = yaml_docs(&path);
+    let ci = docs.first().expect("a YAML document");
+    let set = |v: &serde_norway::Value| v == "true" || v == &serde_norway::Value::Bool(true);
+    let mut dind_jobs = 0;
+    for (name, job) in ci.as_mapping().expect("jobs") {
+        let Some(services) = job["services"].as_sequence() else {
+            continue;
+        };
+        for s in services {
+            assert!(
+                !s["name"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("stowage/stowage"),
+                "{name:?}: no image stowage/stowage is published"
+            );
+        }
+        let mirrors_to_stowage = services.iter().any(|s| {
+            s["command"].as_sequence().is_some_and(|c| {
+                c.iter().any(|a| {
+                    a.as_str()
+                        .unwrap_or("")
+                        .starts_with("--registry-mirror=http://stowage:")
+                })
+            })
+        });
+        if mirrors_to_stowage {
+            assert!(
+                set(&job["variables"]["FF_NETWORK_PER_BUILD"])
+                    || set(&ci["variables"]["FF_NETWORK_PER_BUILD"]),
+                "{name:?}: dind mirrors to the stowage service without FF_NETWORK_PER_BUILD"
+            );
+            dind_jobs += 1;
+        }
+    }
+    assert!(dind_jobs >= 1, "no dind job in {}", path.display());
+
+    let config = Config::from_toml_str("[mirror]\nlisten = \"0.0.0.0:5000\"\n").unwrap();
+    let snippet =
+        stowage::admin::setup::snippet("gitlab", "10.1.2.3:3128", &config, "PEM").unwrap();
+    let doc: serde_norway::Value = serde_norway::from_str(&snippet)
+        .unwrap_or_else(|e| panic!("setup gitlab is not YAML ({e}):\n{snippet}"));
+    assert!(
+        set(&doc["variables"]["FF_NETWORK_PER_BUILD"]),
+        "setup gitlab:\n{snippet}"
+    );
+    assert!(
+        !snippet.contains("stowage/stowage"),
+        "setup gitlab:\n{snippet}"
+    );
 }

@@ -106,7 +106,7 @@ pub fn snippet(
             s
         }
         "gitlab" => format!(
-            "# .gitlab-ci.yml: Stowage as a service for docker:dind jobs\nvariables:\n  DOCKER_TLS_CERTDIR: \"\"\nservices:\n  - name: stowage/stowage:latest\n    alias: stowage\n  - name: docker:dind\n    command: [\"--registry-mirror=http://stowage:5000\"]\n# or for every registry, HTTPS_PROXY=http://stowage:3128 with the CA from http://stowage:3128/ca.crt\n# This instance: proxy {proxy}, mirror {mirror}\n"
+            "# .gitlab-ci.yml: Stowage as a service for docker:dind jobs\n# The image: build Stowage's Dockerfile and push it where your runners pull from (none is\n# published); registry.example.com/stowage is a placeholder for that.\nvariables:\n  DOCKER_TLS_CERTDIR: \"\"\n  # Services reach each other (dind -> stowage) only with a network per build; without it\n  # dind cannot resolve stowage and falls back to Docker Hub without an error.\n  FF_NETWORK_PER_BUILD: \"true\"\nservices:\n  - name: registry.example.com/stowage:latest\n    alias: stowage\n  - name: docker:dind\n    command: [\"--registry-mirror=http://stowage:5000\"]\n# or for every registry, HTTPS_PROXY=http://stowage:3128 with the CA from http://stowage:3128/ca.crt\n# This instance: proxy {proxy}, mirror {mirror}\n"
         ),
         "etc-hosts" => {
             let ip = address.rsplit_once(':').map(|(h, _)| h).unwrap_or(address);

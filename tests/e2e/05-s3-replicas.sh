@@ -7,7 +7,8 @@
 # bytes (each object downloaded and hashed against the digest in its key).
 source "$(dirname "$0")/lib.sh"
 
-python3 -c 'import moto.server, boto3' 2>/dev/null || fail "moto[server] is not installed (tests/deps.sh installs it)"
+py="$TEST_VENV/bin/python"
+"$py" -c 'import moto.server, boto3' 2>/dev/null || fail "moto[server] is not installed in $TEST_VENV (tests/deps.sh installs it)"
 
 reg_port=$(free_port)
 s3_port=$(free_port)
@@ -23,12 +24,12 @@ pushed_gets=$(registry_blob_gets registry)
 
 # Dummy keys: moto accepts any. Stowage reads them from the variables named in its config.
 export E2E_S3_KEY=AKIDE2ESTOWAGE E2E_S3_SECRET="e2e-secret-$(openssl rand -hex 8)"
-spawn "$WORK/moto.log" python3 -m moto.server -H 127.0.0.1 -p "$s3_port" >/dev/null
+spawn "$WORK/moto.log" "$py" -m moto.server -H 127.0.0.1 -p "$s3_port" >/dev/null
 wait_port "$s3_port"
 
 # s3 OP [ARGS]: a tiny boto3 client for moto (create | list | fetch KEY FILE).
 s3() {
-  python3 - "$@" <<EOF
+  "$py" - "$@" <<EOF
 import sys, boto3
 c = boto3.client("s3", endpoint_url="http://127.0.0.1:$s3_port", region_name="us-east-1",
                  aws_access_key_id="$E2E_S3_KEY", aws_secret_access_key="$E2E_S3_SECRET")

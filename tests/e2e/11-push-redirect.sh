@@ -10,7 +10,8 @@
 #     through); both tags then name the pushed manifests.
 source "$(dirname "$0")/lib.sh"
 [[ $(id -u) -eq 0 ]] || fail "needs root (a private mount namespace for the registry's /etc/hosts)"
-python3 -c 'import moto.server, boto3' 2>/dev/null || fail "moto[server] is not installed (tests/deps.sh installs it)"
+py="$TEST_VENV/bin/python"
+"$py" -c 'import moto.server, boto3' 2>/dev/null || fail "moto[server] is not installed in $TEST_VENV (tests/deps.sh installs it)"
 for tool in skopeo curl unshare; do command -v "$tool" >/dev/null || fail "needs $tool"; done
 
 reg_port=$(free_port)
@@ -23,10 +24,10 @@ make_cert "$WORK/upstream" quay.io "$s3_host" "$bucket.$s3_host"
 
 export E2E_S3_KEY=AKIDE2EPUSH E2E_S3_SECRET="e2e-secret-$(openssl rand -hex 8)"
 MOTO_S3_CUSTOM_ENDPOINTS="https://$s3_host:$s3_port" \
-  spawn "$WORK/moto.log" python3 -m moto.server -H 127.0.0.1 -p "$s3_port" \
+  spawn "$WORK/moto.log" "$py" -m moto.server -H 127.0.0.1 -p "$s3_port" \
   -c "$WORK/upstream/server.crt" -k "$WORK/upstream/server.key" >/dev/null
 wait_port "$s3_port"
-python3 - <<EOF || fail "cannot create the bucket in moto"
+"$py" - <<EOF || fail "cannot create the bucket in moto"
 import boto3
 boto3.client("s3", endpoint_url="https://127.0.0.1:$s3_port", region_name="us-east-1",
              verify="$WORK/upstream/ca.crt", aws_access_key_id="$E2E_S3_KEY",

@@ -10,6 +10,8 @@ STOWAGE_BIN=${STOWAGE_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/debug/stowage}
 SCENARIO=$(basename "$0" .sh)
 WORK=$(mktemp -d "/tmp/stowage-e2e-$SCENARIO.XXXXXX")
 PIDS=()
+# The venv tests/deps.sh installs moto into (Debian's python3 takes no pip installs).
+TEST_VENV=${STOWAGE_TEST_VENV:-/opt/stowage-test-venv}
 
 # The machine sets AWS_CA_BUNDLE, which makes docker-registry's S3 driver panic; none of
 # the processes here need it.
