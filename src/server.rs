@@ -259,6 +259,7 @@ impl Server {
                 tag_ttl: config.tag_ttls(),
                 negative_ttl: config.cache.negative_ttl.0,
                 filters: config.repo_filters(),
+                quota_reserve: config.upstream.quota_reserve.0,
             },
             tasks.clone(),
         ));

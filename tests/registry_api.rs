@@ -185,6 +185,8 @@ struct State {
     hold_manifests: Option<watch::Receiver<bool>>,
     /// How long every `HEAD` answer takes to arrive.
     head_delay: Duration,
+    /// Rate-limit headers on every manifest answer: (limit, remaining, window seconds).
+    ratelimit: Option<(u64, u64, u64)>,
 }
 
 /// An in-process upstream: any number of registries, each a map of repositories.
@@ -523,6 +525,17 @@ impl State {
             };
             let body = held_body(bytes.clone(), self.hold_manifests.clone());
             let mut resp = content(StatusCode::OK, &media_type, bytes, body);
+            if let Some((limit, remaining, w)) = self.ratelimit {
+                let h = resp.headers_mut();
+                h.insert(
+                    "ratelimit-limit",
+                    HeaderValue::from_str(&format!("{limit};w={w}")).unwrap(),
+                );
+                h.insert(
+                    "ratelimit-remaining",
+                    HeaderValue::from_str(&format!("{remaining};w={w}")).unwrap(),
+                );
+            }
             resp.headers_mut().insert(
                 "docker-content-digest",
                 HeaderValue::from_str(&digest.to_string()).unwrap(),
@@ -586,6 +599,8 @@ struct Opts {
     auth_hosts: Vec<(&'static str, &'static str)>,
     /// `[cache] negative_ttl`.
     negative_ttl: Duration,
+    /// `[upstream] quota_reserve` as a share.
+    quota_reserve: f64,
     /// Repository filters: (registry, allow, deny).
     filters: Vec<(
         &'static str,
@@ -607,6 +622,7 @@ impl Default for Opts {
             accounts: Vec::new(),
             auth_hosts: Vec::new(),
             negative_ttl: Duration::ZERO,
+            quota_reserve: 0.1,
             filters: Vec::new(),
             max_concurrent_fills: 16,
             max_manifest_size: 1 << 20,
@@ -732,6 +748,7 @@ fn build(fake: &Fake, dir: &std::path::Path, opts: &Opts) -> Arc<RegistryApi> {
                 (reg(r), filter)
             })
             .collect(),
+        quota_reserve: opts.quota_reserve,
     };
     Arc::new(RegistryApi::new(
         cache,
@@ -2000,6 +2017,65 @@ async fn concurrent_revalidations_of_one_tag_are_one_upstream_head() {
         .await
         .assert_ok(&public.manifest, "hit");
     assert_eq!(fake.since(m), ["HEAD manifest library/app anon 200"]);
+}
+
+#[tokio::test]
+async fn the_quota_guard_stops_revalidations_below_the_reserve_until_the_window_passes() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "library/app", Visibility::Public);
+    let img = fake.image("quay.io", "library/app", "1", "public");
+    let h = Harness::new(&fake, Opts::stale_tags());
+    let tag = manifest_path("library/app", "1");
+    let gauge = || {
+        h.api
+            .metrics
+            .render()
+            .lines()
+            .find(|l| l.starts_with("stowage_quota_guard_engaged{"))
+            .map(str::to_owned)
+    };
+    // Plenty left: every stale tag is revalidated.
+    fake.state().ratelimit = Some((100, 50, 2));
+    h.get("quay.io", &tag, &[])
+        .await
+        .assert_ok(&img.manifest, "miss");
+    let m = fake.mark();
+    h.get("quay.io", &tag, &[])
+        .await
+        .assert_ok(&img.manifest, "hit");
+    assert_eq!(fake.since(m), ["HEAD manifest library/app anon 200"]);
+    // The revalidation that learns 5 of 100 are left (below 10%) engages the guard ...
+    fake.state().ratelimit = Some((100, 5, 2));
+    h.get("quay.io", &tag, &[])
+        .await
+        .assert_ok(&img.manifest, "hit");
+    assert!(gauge().is_some_and(|l| l.ends_with(" 1")), "{:?}", gauge());
+    // ... and for the rest of the window nothing is asked: served stale.
+    let m = fake.mark();
+    for _ in 0..5 {
+        let r = h.get("quay.io", &tag, &[]).await;
+        r.assert_ok(&img.manifest, "stale");
+        assert!(r.header("warning").is_some_and(|w| w.starts_with("110 ")));
+    }
+    assert_eq!(fake.since(m), Vec::<String>::new());
+    // Another account is not this one.
+    let m = fake.mark();
+    h.get("quay.io", &tag, &as_alice())
+        .await
+        .assert_ok(&img.manifest, "hit");
+    assert_eq!(fake.since(m), ["HEAD manifest library/app alice 200"]);
+    // After the window: revalidated again, and released once upstream has pulls left.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    fake.state().ratelimit = Some((100, 100, 2));
+    let m = fake.mark();
+    h.get("quay.io", &tag, &[])
+        .await
+        .assert_ok(&img.manifest, "hit");
+    h.get("quay.io", &tag, &[])
+        .await
+        .assert_ok(&img.manifest, "hit");
+    assert_eq!(fake.since(m).len(), 2, "{:?}", fake.since(m));
+    assert!(gauge().is_some_and(|l| l.ends_with(" 0")), "{:?}", gauge());
 }
 
 // ---------------------------------------------------------------------------------------

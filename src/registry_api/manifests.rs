@@ -442,7 +442,13 @@ pub(super) async fn manifest_by_tag(
     if let Some((variant, file, len)) = cached {
         let digest = variant.digest.clone();
         let ttl = api.rules.tag_ttl.ttl(&target.registry, tag.as_str());
-        if variant.is_fresh(now_ms(), ttl) {
+        let fresh = variant.is_fresh(now_ms(), ttl);
+        // The quota guard: this account's pulls left are below the reserve (see `quota`).
+        let guarded = !fresh
+            && api
+                .quota
+                .engaged(&target.registry, credential_id(req.headers()));
+        if fresh || guarded {
             let authorized = match authorize(
                 api,
                 target,
@@ -458,9 +464,17 @@ pub(super) async fn manifest_by_tag(
                 Ok(a) => a,
                 Err(refused) => return (CacheStatus::Hit, Ok(refused)),
             };
+            let served = serve_stored(authorized, file, len, &variant.media_type, &method, None);
+            if !guarded {
+                return (CacheStatus::Hit, served);
+            }
             return (
-                CacheStatus::Hit,
-                serve_stored(authorized, file, len, &variant.media_type, &method, None),
+                CacheStatus::Stale,
+                served.map(|mut r| {
+                    r.headers_mut()
+                        .insert(WARNING, crate::http_util::stale_warning());
+                    r
+                }),
             );
         }
         // Stale: revalidate with HEAD, which Docker Hub does not count against pull limits.

@@ -14,6 +14,7 @@ pub mod blobs;
 pub mod errors;
 pub mod manifests;
 pub mod pass_through;
+pub mod quota;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -82,6 +83,8 @@ pub struct RegistryApi {
     /// Manifests upstream answered `404` for, per (repository, reference, credential), for
     /// `[cache] negative_ttl`.
     negative: moka::sync::Cache<(RepoKey, String, [u8; 32]), ()>,
+    /// Accounts whose pulls left are below `[upstream] quota_reserve` (`quota`).
+    pub quota: quota::QuotaGuard,
     /// Revalidation `HEAD`s in flight (`manifests::revalidate`).
     revalidations: moka::future::Cache<manifests::RevalidationKey, manifests::Revalidation>,
 }
@@ -93,6 +96,8 @@ pub struct Rules {
     pub negative_ttl: std::time::Duration,
     /// `[[registry]] allow` / `deny`, for the registries that have them.
     pub filters: HashMap<Registry, RepoFilter>,
+    /// `[upstream] quota_reserve` as a share (0.1 for `10%`; 0: no guard).
+    pub quota_reserve: f64,
 }
 
 impl Rules {
@@ -103,6 +108,7 @@ impl Rules {
             tag_ttl,
             negative_ttl: std::time::Duration::ZERO,
             filters: HashMap::new(),
+            quota_reserve: 0.0,
         }
     }
 }
@@ -138,6 +144,7 @@ impl RegistryApi {
             .time_to_live(rules.negative_ttl.max(std::time::Duration::from_millis(1)))
             .build();
         RegistryApi {
+            quota: quota::QuotaGuard::new(rules.quota_reserve, metrics.clone()),
             negative,
             revalidations: moka::future::Cache::builder().max_capacity(10_000).build(),
             manifest_budget: manifests::manifest_budget(cache.limits.max_manifest_size),
@@ -400,6 +407,11 @@ async fn upstream_fetch(
         follow,
     )
     .await?;
+    api.quota.observe(
+        &target.registry,
+        credential_id(headers),
+        fetched.response.headers(),
+    );
     Ok(fetched.response)
 }
 

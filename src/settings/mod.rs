@@ -435,6 +435,30 @@ pub struct UpstreamConfig {
     pub no_proxy: String,
     /// How long system DNS answers are reused. Default `60s`.
     pub dns_ttl: HumanDuration,
+    /// When an account's share of pulls left (Docker Hub's `ratelimit-remaining` of
+    /// `ratelimit-limit`) drops below this, tags are served from the cache without
+    /// revalidation until the window has passed. `"0%"`: never. Default `"10%"`.
+    pub quota_reserve: Percent,
+}
+
+/// A share written as a percentage, `"10%"` (0 to 100).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Percent(pub f64);
+
+impl<'de> Deserialize<'de> for Percent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.trim()
+            .strip_suffix('%')
+            .and_then(|n| n.trim().parse::<f64>().ok())
+            .filter(|n| (0.0..=100.0).contains(n))
+            .map(|n| Percent(n / 100.0))
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "{s:?} is not a percentage from \"0%\" to \"100%\", like \"10%\""
+                ))
+            })
+    }
 }
 
 /// One address or a list of them.
@@ -467,6 +491,7 @@ impl Default for UpstreamConfig {
             response_timeout: HumanDuration(Duration::from_secs(60)),
             idle_timeout: HumanDuration(Duration::from_secs(60)),
             max_redirects: 5,
+            quota_reserve: Percent(0.1),
             resolve: BTreeMap::new(),
             proxy: None,
             no_proxy: String::new(),
@@ -1250,6 +1275,17 @@ mod tests {
         let c = Config::from_toml_str("[[registry]]\nhost = \"quay.io\"\nusername = \"u\"\npassword_env = \"STOWAGE_TEST_UNSET_VAR\"\n").unwrap();
         let e = c.registry[0].credentials(0).unwrap_err();
         assert!(e.to_string().contains("STOWAGE_TEST_UNSET_VAR"), "{e}");
+    }
+
+    #[test]
+    fn quota_reserve_is_a_percentage() {
+        let c = Config::from_toml_str("[upstream]\nquota_reserve = \"25%\"\n").unwrap();
+        assert_eq!(c.upstream.quota_reserve, Percent(0.25));
+        assert_eq!(Config::default().upstream.quota_reserve, Percent(0.1));
+        for bad in ["10", "\"10\"", "\"101%\"", "\"-1%\"", "\"x%\""] {
+            let toml = format!("[upstream]\nquota_reserve = {bad}\n");
+            assert!(Config::from_toml_str(&toml).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -73,6 +73,7 @@ pub struct Metrics {
     pub evictions: Counter,
     pub evicted_bytes: Counter,
     pub ratelimit_remaining: Family<RegistryLabels, Gauge>,
+    pub quota_guard: Family<RegistryLabels, Gauge>,
     pub certificates_minted: Counter,
     pub cache_write_errors: Family<ReasonLabels, Counter>,
     pub digest_mismatches: Counter,
@@ -106,6 +107,7 @@ impl Metrics {
             evictions: Counter::default(),
             evicted_bytes: Counter::default(),
             ratelimit_remaining: Family::default(),
+            quota_guard: Family::default(),
             certificates_minted: Counter::default(),
             cache_write_errors: Family::default(),
             digest_mismatches: Counter::default(),
@@ -165,6 +167,11 @@ impl Metrics {
             "upstream_ratelimit_remaining",
             "Pulls left in the upstream rate-limit window (the ratelimit-remaining header, as Docker Hub sends it)",
             m.ratelimit_remaining.clone(),
+        );
+        registry.register(
+            "quota_guard_engaged",
+            "1 while the quota guard serves this registry's tags without revalidation for some account ([upstream] quota_reserve)",
+            m.quota_guard.clone(),
         );
         registry.register(
             "certificates_minted",
