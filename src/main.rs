@@ -90,9 +90,39 @@ enum CaCommand {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     limit_malloc_arenas();
     let cli = Cli::parse();
+    match run_cli(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its causes on one line, joined by ": ", for people. Printed with
+/// `Display` only: anyhow's `Debug` (what `fn main() -> Result` uses) adds a backtrace
+/// whenever `RUST_BACKTRACE` is set, which says nothing to someone who mistyped a flag. A
+/// cause whose text is already part of the message before it (an `io::Error` its wrapper
+/// quotes) is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+fn run_cli(cli: Cli) -> anyhow::Result<()> {
     if cli.print_default_config {
         print!("{}", stowage::settings::DEFAULT_TOML);
         return Ok(());
@@ -233,13 +263,9 @@ fn ask_server(config: &Config, method: &str, path: &str) -> anyhow::Result<Optio
     })
 }
 
+/// Opens the cache directly; its errors name the directory (and a Stowage that holds it).
 fn open_store(config: &Config) -> anyhow::Result<std::sync::Arc<stowage::cache::BlobStore>> {
-    stowage::cache::BlobStore::open(&config.cache.dir).with_context(|| {
-        format!(
-            "opening the cache at {} (is a Stowage server using it on another address?)",
-            config.cache.dir.display()
-        )
-    })
+    Ok(stowage::cache::BlobStore::open(&config.cache.dir)?)
 }
 
 fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {

@@ -30,6 +30,12 @@ pub enum ConfigError {
     Parse(String),
     #[error("invalid config: {key}: {message}")]
     Invalid { key: String, message: String },
+    /// Any of the above, found in this file.
+    #[error("{path}: {error}")]
+    InFile {
+        path: PathBuf,
+        error: Box<ConfigError>,
+    },
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -579,7 +585,10 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Config::from_toml_str(&text)
+        Config::from_toml_str(&text).map_err(|error| ConfigError::InFile {
+            path: path.to_owned(),
+            error: Box::new(error),
+        })
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {

@@ -1,0 +1,276 @@
+//! The `stowage` command as a user meets it (issue 20): each test runs the real binary
+//! (`CARGO_BIN_EXE_stowage`) in a temporary working directory, so the repository's own
+//! `config.toml` and `./cache` are never picked up, with `RUST_BACKTRACE=1` set as it is on
+//! many developer machines. Servers are the binary too, on `127.0.0.1:0`; their address is
+//! read from the `listening` log line.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// `stowage` run in `cwd`, with a backtrace asked for.
+fn stowage(cwd: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_stowage"));
+    c.current_dir(cwd)
+        .env("RUST_BACKTRACE", "1")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    c
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A user error: exit code 1, one `error: ...` message, nothing for developers.
+fn assert_user_error(o: &Output, what: &str) -> String {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "{what}: {err}");
+    assert!(err.contains("error: "), "{what}: {err}");
+    for noise in ["backtrace", "Backtrace", "Caused by", "panicked"] {
+        assert!(!err.contains(noise), "{what} printed {noise:?}:\n{err}");
+    }
+    err
+}
+
+fn toml_path(p: &Path) -> String {
+    format!("{:?}", p.to_str().expect("utf-8 temp path"))
+}
+
+/// A config file in `dir` with the proxy on `127.0.0.1:0`, cache and CA inside `dir`, and
+/// `extra` appended (it may name further tables).
+fn config(dir: &Path, proxy_lines: &str, extra: &str) -> PathBuf {
+    let text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n{proxy_lines}\n[ca]\ndir = {}\n\n[cache]\ndir = {}\n\n{extra}\n",
+        toml_path(&dir.join("certs")),
+        toml_path(&dir.join("cache")),
+    );
+    let path = dir.join("stowage.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A `stowage` server process; killed when dropped.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// Starts `stowage --config config` in `cwd` and waits for its proxy listener.
+    fn start(cwd: &Path, config: &Path) -> Server {
+        Self::start_with(cwd, config, &[])
+    }
+
+    fn start_with(cwd: &Path, config: &Path, env: &[(&str, &str)]) -> Server {
+        let mut cmd = stowage(cwd);
+        cmd.arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn stowage");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if line.contains("listening") && line.contains("proxy") {
+                    if let Some(addr) = first_addr(&line) {
+                        let _ = tx.send(addr);
+                    }
+                }
+                l.lock().unwrap().push(line);
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("stowage did not start:\n{}", log.lock().unwrap().join("\n"));
+            }
+        };
+        Server { child, addr, log }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits until a log line holds `needle`; returns it.
+    fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(l) = self.log.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {needle:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The first `127.0.0.1:<port>` in a log line.
+fn first_addr(line: &str) -> Option<SocketAddr> {
+    let i = line.find("127.0.0.1:")?;
+    let port: String = line[i + 10..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    format!("127.0.0.1:{port}").parse().ok()
+}
+
+/// A plain HTTP/1.1 GET on loopback: (status, body).
+fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+// --- 1. Errors ----------------------------------------------------------------------------
+
+#[test]
+fn user_errors_print_one_line_and_no_backtrace() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = stowage(dir.path())
+        .args(["setup", "bogus"])
+        .output()
+        .unwrap();
+    let err = assert_user_error(&o, "setup bogus");
+    assert!(err.contains("unknown runtime \"bogus\""), "{err}");
+
+    let o = stowage(dir.path())
+        .args(["cache", "prune"])
+        .output()
+        .unwrap();
+    let err = assert_user_error(&o, "cache prune");
+    assert!(err.contains("--max-size"), "{err}");
+
+    // An unknown key: named, with the file it is in.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[proxy]\nlisen = \"127.0.0.1:1\"\n").unwrap();
+    let o = stowage(dir.path())
+        .arg("--config")
+        .arg(&bad)
+        .args(["cache", "stats"])
+        .output()
+        .unwrap();
+    let err = assert_user_error(&o, "unknown key");
+    assert!(err.contains("lisen"), "{err}");
+    assert!(err.contains(bad.to_str().unwrap()), "names the file: {err}");
+
+    // An I/O error is said once, not again as its own cause.
+    let missing = dir.path().join("missing.toml");
+    let o = stowage(dir.path())
+        .arg("--config")
+        .arg(&missing)
+        .output()
+        .unwrap();
+    let err = assert_user_error(&o, "missing config");
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+    assert!(err.contains(missing.to_str().unwrap()), "{err}");
+}
+
+#[test]
+fn a_bind_error_names_the_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let cfg = config(
+        dir.path(),
+        "",
+        &format!("[mirror]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    let o = stowage(dir.path())
+        .arg("--config")
+        .arg(&cfg)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = assert_user_error(&o, "mirror port taken");
+    assert!(
+        err.contains(&format!(
+            "[mirror] listen 127.0.0.1:{port}: address already in use"
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("os error 98"), "{err}");
+}
+
+#[test]
+fn a_ca_dir_that_is_a_file_is_said_plainly() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("certs");
+    std::fs::write(&file, "not a directory").unwrap();
+    let o = stowage(dir.path())
+        .arg("--ca-dir")
+        .arg(&file)
+        .args(["ca", "export"])
+        .output()
+        .unwrap();
+    let err = assert_user_error(&o, "ca dir is a file");
+    assert!(err.contains("not a directory"), "{err}");
+    assert!(err.contains(file.to_str().unwrap()), "{err}");
+    assert!(!err.contains("os error"), "{err}");
+}
+
+#[test]
+fn a_second_server_on_one_cache_names_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "", "");
+    let first = Server::start(dir.path(), &cfg);
+    let o = stowage(dir.path())
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = assert_user_error(&o, "second server");
+    assert!(
+        err.contains(&format!("in use by another Stowage (pid {})", first.pid())),
+        "{err}"
+    );
+    assert!(!err.contains("Cannot acquire lock"), "{err}");
+}
