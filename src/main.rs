@@ -263,9 +263,10 @@ fn ask_server(config: &Config, method: &str, path: &str) -> anyhow::Result<Optio
     })
 }
 
-/// Opens the cache directly; its errors name the directory (and a Stowage that holds it).
+/// Opens the cache directly, only when it exists (the commands that call this inspect a
+/// cache; they never create one). Its errors name the directory (and a Stowage holding it).
 fn open_store(config: &Config) -> anyhow::Result<std::sync::Arc<stowage::cache::BlobStore>> {
-    Ok(stowage::cache::BlobStore::open(&config.cache.dir)?)
+    Ok(stowage::cache::BlobStore::open_existing(&config.cache.dir)?)
 }
 
 fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {

@@ -274,3 +274,32 @@ fn a_second_server_on_one_cache_names_the_first() {
     );
     assert!(!err.contains("Cannot acquire lock"), "{err}");
 }
+
+// --- 2. Read-only commands do not write -------------------------------------------------
+
+#[test]
+fn inspecting_a_missing_cache_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    for cmd in [
+        &["cache", "stats"][..],
+        &["cache", "ls"],
+        &["cache", "verify"],
+    ] {
+        // No config: the built-in defaults, `./cache` in the working directory, and no
+        // server on 127.0.0.1:3128 is assumed; --listen points at a closed port to be sure.
+        let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let o = stowage(dir.path())
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(cmd)
+            .output()
+            .unwrap();
+        let err = assert_user_error(&o, &cmd.join(" "));
+        assert!(err.contains("no cache at cache"), "{cmd:?}: {err}");
+        assert!(
+            !dir.path().join("cache").exists(),
+            "{cmd:?} created ./cache: {err}"
+        );
+    }
+}

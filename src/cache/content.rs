@@ -57,6 +57,8 @@ pub enum StoreError {
     /// The metadata store admits one process at a time (redb's file lock).
     #[error("the cache {} is in use by another Stowage{}: stop it, or use `stowage cache ...` on its address (--listen) to go through it", dir.display(), pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
     InUse { dir: PathBuf, pid: Option<u32> },
+    #[error("no cache at {}: nothing was ever cached there (check --cache-dir or [cache] dir; the server creates it when it starts)", dir.display())]
+    NoCache { dir: PathBuf },
 }
 
 impl StoreError {
@@ -101,6 +103,17 @@ pub struct VerifyReport {
 }
 
 impl BlobStore {
+    /// Opens a cache that exists, for the commands that inspect one (`stowage cache ...`):
+    /// a missing cache is an error, never created.
+    pub fn open_existing(dir: &Path) -> Result<Arc<BlobStore>, StoreError> {
+        if !dir.join("meta.redb").is_file() {
+            return Err(StoreError::NoCache {
+                dir: dir.to_owned(),
+            });
+        }
+        Self::open(dir)
+    }
+
     /// Opens (creating as needed) the cache at `dir` and clears leftovers of interrupted fills.
     pub fn open(dir: &Path) -> Result<Arc<BlobStore>, StoreError> {
         let blobs = dir.join("blobs");
