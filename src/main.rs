@@ -229,38 +229,86 @@ fn client_address(config: &Config) -> Option<SocketAddr> {
     Some(a)
 }
 
-/// Asks the running server, if there is one. `Ok(None)`: nothing listens there.
-fn ask_server(config: &Config, method: &str, path: &str) -> anyhow::Result<Option<String>> {
+/// Who answers for the configured cache.
+enum Found {
+    /// A Stowage listens at the configured address and serves this cache.
+    Serving(Admin),
+    /// Nothing listens there: the cache is opened directly.
+    NotRunning,
+    /// A Stowage listens there but serves another cache directory: this one is opened
+    /// directly, since that server's numbers would not be about it.
+    OtherCache { addr: SocketAddr, dir: PathBuf },
+}
+
+/// The running server's `/admin/*` endpoints.
+struct Admin {
+    rt: tokio::runtime::Runtime,
+    addr: SocketAddr,
+}
+
+/// Finds the server at the configured address and asks which cache it serves
+/// (`/admin/info`), so that a `--cache-dir` the user gave is honoured.
+fn find_server(config: &Config) -> anyhow::Result<Found> {
     let Some(addr) = client_address(config) else {
-        return Ok(None);
+        return Ok(Found::NotRunning);
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let stream = match tokio::net::TcpStream::connect(addr).await {
-            Ok(s) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        let req = http::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", addr.to_string())
-            .body(http_body_util::Empty::<bytes::Bytes>::new())?;
-        let resp = send.send_request(req).await?;
-        let status = resp.status();
-        use http_body_util::BodyExt;
-        let body =
-            String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).into_owned();
-        if !status.is_success() {
-            bail!("the server at {addr} answered {status}: {}", body.trim());
-        }
-        Ok(Some(body))
-    })
+    let admin = Admin {
+        rt: tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        addr,
+    };
+    let Some(body) = admin.call("GET", "/admin/info")? else {
+        return Ok(Found::NotRunning);
+    };
+    let info: admin::ServerInfo = serde_json::from_str(&body)?;
+    let ours = std::fs::canonicalize(&config.cache.dir).ok();
+    if ours.as_deref() != Some(info.cache_dir.as_path()) {
+        return Ok(Found::OtherCache {
+            addr,
+            dir: info.cache_dir,
+        });
+    }
+    Ok(Found::Serving(admin))
+}
+
+impl Admin {
+    /// One request. `Ok(None)`: nothing listens there.
+    fn call(&self, method: &str, path: &str) -> anyhow::Result<Option<String>> {
+        let addr = self.addr;
+        self.rt.block_on(async {
+            let stream = match tokio::net::TcpStream::connect(addr).await {
+                Ok(s) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            let (mut send, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            let req = http::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", addr.to_string())
+                .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+            let resp = send.send_request(req).await?;
+            let status = resp.status();
+            use http_body_util::BodyExt;
+            let body =
+                String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).into_owned();
+            if !status.is_success() {
+                bail!("the server at {addr} answered {status}: {}", body.trim());
+            }
+            Ok(Some(body))
+        })
+    }
+}
+
+/// The server to ask for `path`, or `None` to open the cache directly.
+fn ask(found: &Found, method: &str, path: &str) -> anyhow::Result<Option<String>> {
+    match found {
+        Found::Serving(admin) => admin.call(method, path),
+        Found::NotRunning | Found::OtherCache { .. } => Ok(None),
+    }
 }
 
 /// Opens the cache directly, only when it exists (the commands that call this inspect a
@@ -272,7 +320,8 @@ fn open_store(config: &Config) -> anyhow::Result<std::sync::Arc<stowage::cache::
 fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
     match cmd {
         CacheCommand::Stats { json } => {
-            let stats: admin::Stats = match ask_server(config, "GET", "/admin/stats")? {
+            let found = find_server(config)?;
+            let stats: admin::Stats = match ask(&found, "GET", "/admin/stats")? {
                 Some(body) => serde_json::from_str(&body)?,
                 None => admin::stats(&*open_store(config)?, config.cache.max_size.0),
             };
@@ -283,10 +332,13 @@ fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
             println!(
                 "cache:    {} ({})",
                 config.cache.dir.display(),
-                if stats.since_start.is_some() {
-                    "server running"
-                } else {
-                    "server not running"
+                match &found {
+                    Found::Serving(a) => format!("server running at {}", a.addr),
+                    Found::NotRunning => "server not running".to_owned(),
+                    Found::OtherCache { addr, dir } => format!(
+                        "read directly; the server at {addr} serves {}",
+                        dir.display()
+                    ),
                 }
             );
             println!(
@@ -314,7 +366,8 @@ fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
             Ok(())
         }
         CacheCommand::Ls { json } => {
-            let list: Vec<admin::TagListing> = match ask_server(config, "GET", "/admin/ls")? {
+            let list: Vec<admin::TagListing> = match ask(&find_server(config)?, "GET", "/admin/ls")?
+            {
                 Some(body) => serde_json::from_str(&body)?,
                 None => admin::list(&*open_store(config)?)?,
             };
@@ -351,7 +404,7 @@ fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
         }
         CacheCommand::Verify => {
             let report: stowage::cache::VerifyReport =
-                match ask_server(config, "POST", "/admin/verify")? {
+                match ask(&find_server(config)?, "POST", "/admin/verify")? {
                     Some(body) => serde_json::from_str(&body)?,
                     None => {
                         let store = open_store(config)?;
@@ -409,15 +462,18 @@ fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
             if let Some(d) = older_than {
                 q.push(format!("older_than={}ms", d.0.as_millis()));
             }
-            let report: admin::PruneReport =
-                match ask_server(config, "POST", &format!("/admin/prune?{}", q.join("&")))? {
-                    Some(body) => serde_json::from_str(&body)?,
-                    None => admin::prune(
-                        &*open_store(config)?,
-                        max_size.map(|s| s.0),
-                        older_than.map(|d| d.0),
-                    )?,
-                };
+            let report: admin::PruneReport = match ask(
+                &find_server(config)?,
+                "POST",
+                &format!("/admin/prune?{}", q.join("&")),
+            )? {
+                Some(body) => serde_json::from_str(&body)?,
+                None => admin::prune(
+                    &*open_store(config)?,
+                    max_size.map(|s| s.0),
+                    older_than.map(|d| d.0),
+                )?,
+            };
             println!(
                 "removed {} objects ({})",
                 report.objects,

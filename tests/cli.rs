@@ -303,3 +303,74 @@ fn inspecting_a_missing_cache_creates_nothing() {
         );
     }
 }
+
+// --- 3. Flags are honoured --------------------------------------------------------------
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref())
+}
+
+/// A cache at `cache` holding `n` small objects (written as files; the index is a scan),
+/// the first `corrupt` of them with bytes that do not hash to their names. Returns their
+/// digests.
+fn fill_cache(cache: &Path, n: usize, corrupt: usize) -> Vec<String> {
+    drop(stowage::cache::BlobStore::open(cache).unwrap());
+    (0..n)
+        .map(|i| {
+            let data = format!("object {i}");
+            let hex = sha256_hex(data.as_bytes());
+            let dir = cache.join("blobs/sha256").join(&hex[..2]);
+            std::fs::create_dir_all(&dir).unwrap();
+            let bytes = if i < corrupt {
+                format!("bit rot {i}")
+            } else {
+                data
+            };
+            std::fs::write(dir.join(&hex), bytes).unwrap();
+            format!("sha256:{hex}")
+        })
+        .collect()
+}
+
+#[test]
+fn cache_dir_is_honoured_while_a_server_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "", "");
+    let server = Server::start(dir.path(), &cfg);
+    let other = dir.path().join("other");
+    fill_cache(&other, 3, 0);
+    let listen = server.addr.to_string();
+    let run = |extra: &[&str]| {
+        stowage(dir.path())
+            .arg("--config")
+            .arg(&cfg)
+            .args(["--listen", &listen])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let other_flag = other.to_str().unwrap();
+    let o = run(&["--cache-dir", other_flag, "cache", "stats", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(stats["objects"], 3, "{stats}");
+    assert!(
+        stats["since_start"].is_null(),
+        "the server's numbers: {stats}"
+    );
+
+    let o = run(&["--cache-dir", other_flag, "cache", "stats"]);
+    let text = stdout(&o);
+    assert!(text.contains("objects:  3"), "{text}");
+    assert!(
+        text.contains("read directly") && !text.contains("(server running"),
+        "{text}"
+    );
+
+    // The server's own cache still goes through the server.
+    let o = run(&["cache", "stats", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(stats["objects"], 0, "{stats}");
+    assert!(!stats["since_start"].is_null(), "{stats}");
+}

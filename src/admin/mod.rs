@@ -6,6 +6,7 @@
 //! (the metadata store admits one process at a time).
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub mod setup;
@@ -16,6 +17,25 @@ use crate::cache::{BlobStore, StoreError, VerifyReport};
 use crate::clock::now_ms;
 use crate::oci::Digest;
 pub use crate::telemetry::metrics::Traffic;
+
+/// What `GET /admin/info` answers: that this is Stowage, and which cache it serves, so that
+/// `stowage cache ...` goes through a running server only for the cache it was asked about.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerInfo {
+    /// The server's version.
+    pub stowage: String,
+    /// Its cache directory, absolute.
+    pub cache_dir: PathBuf,
+}
+
+impl ServerInfo {
+    pub fn new(cache_dir: &Path) -> ServerInfo {
+        ServerInfo {
+            stowage: env!("CARGO_PKG_VERSION").to_owned(),
+            cache_dir: std::fs::canonicalize(cache_dir).unwrap_or_else(|_| cache_dir.to_owned()),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Stats {

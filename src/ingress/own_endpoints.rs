@@ -116,6 +116,7 @@ async fn admin(ingress: &Arc<Ingress>, req: &Request<Incoming>) -> Response<Body
     let result = tokio::task::spawn_blocking(move || -> Result<Response<Body>, String> {
         let store = &st.api.cache.store;
         Ok(match (method, path.as_str()) {
+            (Method::GET, "/admin/info") => json(&admin::ServerInfo::new(&st.config.cache.dir)),
             (Method::GET, "/admin/stats") => {
                 let mut s = admin::stats(store, st.api.cache.limits.max_size);
                 s.since_start = Some(st.api.metrics.traffic());
@@ -146,7 +147,7 @@ async fn admin(ingress: &Arc<Ingress>, req: &Request<Incoming>) -> Response<Body
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "admin: GET stats, GET ls, POST verify, POST prune?max_size=&older_than=",
+                "admin: GET info, GET stats, GET ls, POST verify, POST prune?max_size=&older_than=",
             ),
         })
     })
