@@ -258,10 +258,9 @@ fn find_server(config: &Config) -> anyhow::Result<Found> {
             .build()?,
         addr,
     };
-    let Some(body) = admin.call("GET", "/admin/info")? else {
+    let Some(info) = admin.info()? else {
         return Ok(Found::NotRunning);
     };
-    let info: admin::ServerInfo = serde_json::from_str(&body)?;
     let ours = std::fs::canonicalize(&config.cache.dir).ok();
     if ours.as_deref() != Some(info.cache_dir.as_path()) {
         return Ok(Found::OtherCache {
@@ -272,15 +271,28 @@ fn find_server(config: &Config) -> anyhow::Result<Found> {
     Ok(Found::Serving(admin))
 }
 
+/// How long `stowage cache ...` waits for the server: to connect and answer, and between
+/// two progress lines of a verify.
+const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A response from the address the server should be at.
+struct Reply {
+    status: http::StatusCode,
+    content_type: String,
+    body: String,
+}
+
 impl Admin {
-    /// One request. `Ok(None)`: nothing listens there.
-    fn call(&self, method: &str, path: &str) -> anyhow::Result<Option<String>> {
+    /// One request, bounded by [`ADMIN_TIMEOUT`]. `Ok(None)`: nothing listens there.
+    fn request(&self, method: &str, path: &str) -> anyhow::Result<Option<Reply>> {
         let addr = self.addr;
-        self.rt.block_on(async {
+        let exchange = async {
             let stream = match tokio::net::TcpStream::connect(addr).await {
                 Ok(s) => s,
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(None),
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!("connecting to {addr}")))
+                }
             };
             let (mut send, conn) =
                 hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
@@ -292,14 +304,71 @@ impl Admin {
                 .body(http_body_util::Empty::<bytes::Bytes>::new())?;
             let resp = send.send_request(req).await?;
             let status = resp.status();
+            let content_type = resp
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
             use http_body_util::BodyExt;
             let body =
                 String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).into_owned();
-            if !status.is_success() {
-                bail!("the server at {addr} answered {status}: {}", body.trim());
-            }
-            Ok(Some(body))
-        })
+            anyhow::Ok(Some(Reply {
+                status,
+                content_type,
+                body,
+            }))
+        };
+        match self
+            .rt
+            .block_on(async { tokio::time::timeout(ADMIN_TIMEOUT, exchange).await })
+        {
+            Ok(r) => r.with_context(|| format!("asking {addr} for {path}")),
+            Err(_) => bail!(
+                "{addr} did not answer {method} {path} within {}s: is that a Stowage, and is it stuck? (--listen / [proxy] listen say where the server is)",
+                ADMIN_TIMEOUT.as_secs()
+            ),
+        }
+    }
+
+    /// What the server at this address says about itself; an error when it is not Stowage.
+    fn info(&self) -> anyhow::Result<Option<admin::ServerInfo>> {
+        let Some(reply) = self.request("GET", "/admin/info")? else {
+            return Ok(None);
+        };
+        let info = (reply.status == http::StatusCode::OK
+            && reply.content_type.starts_with("application/json"))
+        .then(|| serde_json::from_str::<admin::ServerInfo>(&reply.body).ok())
+        .flatten();
+        match info {
+            Some(i) => Ok(Some(i)),
+            None => bail!(
+                "{} answers HTTP, but it is not a Stowage admin API (GET /admin/info: {}{}); --listen / [proxy] listen say where the server is",
+                self.addr,
+                reply.status,
+                if reply.content_type.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {}", reply.content_type)
+                }
+            ),
+        }
+    }
+
+    /// One request to a server known to be Stowage; its refusals are plain text.
+    fn call(&self, method: &str, path: &str) -> anyhow::Result<Option<String>> {
+        let Some(reply) = self.request(method, path)? else {
+            return Ok(None);
+        };
+        if !reply.status.is_success() {
+            bail!(
+                "the server at {} answered {}: {}",
+                self.addr,
+                reply.status,
+                reply.body.trim()
+            );
+        }
+        Ok(Some(reply.body))
     }
 }
 

@@ -374,3 +374,78 @@ fn cache_dir_is_honoured_while_a_server_runs() {
     assert_eq!(stats["objects"], 0, "{stats}");
     assert!(!stats["since_start"].is_null(), "{stats}");
 }
+
+// --- 4. A bounded wait, and only Stowage is believed ---------------------------------------
+
+#[test]
+fn a_server_that_never_answers_fails_in_bounded_time() {
+    let dir = tempfile::tempdir().unwrap();
+    // The kernel completes the handshake; nobody ever reads or answers.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let started = Instant::now();
+    let mut child = stowage(dir.path())
+        .args(["--listen", &addr.to_string(), "cache", "stats"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("cache stats still waiting after 30 s on a listener that never answers");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(status.code(), Some(1));
+    let err = assert_user_error(&o, "silent server");
+    assert!(
+        err.contains("did not answer") && err.contains("10s"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    drop(silent);
+}
+
+#[test]
+fn a_foreign_http_server_is_not_taken_for_stowage() {
+    let dir = tempfile::tempdir().unwrap();
+    let web = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = web.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in web.incoming() {
+            let Ok(mut s) = s else { return };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let page = "<html><body>It works!</body></html>";
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                page.len()
+            );
+        }
+    });
+    for cmd in [
+        &["cache", "stats"][..],
+        &["cache", "ls"],
+        &["cache", "verify"],
+    ] {
+        let o = stowage(dir.path())
+            .args(["--listen", &addr.to_string()])
+            .args(cmd)
+            .output()
+            .unwrap();
+        let err = assert_user_error(&o, "foreign server");
+        assert!(err.contains("not a Stowage admin API"), "{cmd:?}: {err}");
+        assert!(err.contains("text/html"), "{cmd:?}: {err}");
+        assert!(
+            !err.contains("<html") && !stdout(&o).contains("<html"),
+            "{err}"
+        );
+    }
+}
