@@ -526,7 +526,7 @@ fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
             }
             let mut q = Vec::new();
             if let Some(s) = max_size {
-                q.push(format!("max_size={}", s.0));
+                q.push(format!("max_size={}B", s.0));
             }
             if let Some(d) = older_than {
                 q.push(format!("older_than={}ms", d.0.as_millis()));

@@ -449,3 +449,47 @@ fn a_foreign_http_server_is_not_taken_for_stowage() {
         );
     }
 }
+
+// --- 5. Sizes ---------------------------------------------------------------------------
+
+#[test]
+fn sizes_need_a_unit_and_may_have_decimals() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("sizes.toml");
+    std::fs::write(&cfg, "[cache]\nmax_size = 50\n").unwrap();
+    let o = stowage(dir.path())
+        .arg("--config")
+        .arg(&cfg)
+        .args(["setup", "ca"])
+        .output()
+        .unwrap();
+    let err = assert_user_error(&o, "max_size = 50");
+    assert!(
+        err.contains("\"50GiB\"") && err.contains("max_size"),
+        "{err}"
+    );
+
+    std::fs::write(&cfg, "[cache]\nmax_size = \"1.5GiB\"\n").unwrap();
+    let o = stowage(dir.path())
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .arg("--listen")
+        .arg("127.0.0.1:1")
+        .args(["cache", "stats", "--json"])
+        .output()
+        .unwrap();
+    // Accepted: the only complaint is that no cache exists yet.
+    let err = stderr(&o);
+    assert!(err.contains("no cache at"), "{err}");
+
+    // The command line reads sizes the same way.
+    let o = stowage(dir.path())
+        .args(["cache", "prune", "--max-size", "20"])
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(err.contains("\"20GiB\""), "{err}");
+    assert_eq!(o.status.code(), Some(2), "a usage error: {err}");
+}

@@ -135,7 +135,12 @@ async fn admin(ingress: &Arc<Ingress>, req: &Request<Incoming>) -> Response<Body
             (Method::POST, "/admin/prune") => {
                 let max = query
                     .get("max_size")
-                    .map(|v| v.parse::<crate::settings::Size>())
+                    // Bytes, or a size with its unit (what `stowage cache prune` sends).
+                    .map(|v| {
+                        v.parse::<u64>()
+                            .map(crate::settings::Size)
+                            .or_else(|_| v.parse::<crate::settings::Size>())
+                    })
                     .transpose()?
                     .map(|s| s.0);
                 let older = query
