@@ -453,20 +453,13 @@ fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
                     println!("{}", t.registry);
                     last_registry = t.registry.clone();
                 }
-                let age = stowage::clock::now_ms().saturating_sub(t.last_used_ms) / 1000;
-                let missing = if t.missing > 0 {
-                    format!(", {} objects not cached", t.missing)
-                } else {
-                    String::new()
-                };
                 println!(
-                    "  {}:{}  {}  {}  last used {} ago{}",
+                    "  {}:{}  {}  {}  last used {}",
                     t.repository,
                     t.tag,
                     &t.digest[..t.digest.len().min(19)],
-                    admin::human_bytes(t.cached_bytes),
-                    human_age(age),
-                    missing
+                    held(t),
+                    last_used(t.last_used_ms),
                 );
             }
             Ok(())
@@ -551,6 +544,27 @@ fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// What the cache holds of a tag's image. Nothing at all (not even its manifest) means
+/// eviction took it: the next pull fetches it again.
+fn held(t: &admin::TagListing) -> String {
+    match (t.cached_bytes, t.missing) {
+        (0, _) => "layers evicted (fetched again on the next pull)".to_owned(),
+        (bytes, 0) => admin::human_bytes(bytes),
+        (bytes, 1) => format!("{}, 1 object not cached", admin::human_bytes(bytes)),
+        (bytes, n) => format!("{}, {n} objects not cached", admin::human_bytes(bytes)),
+    }
+}
+
+/// `3h ago`, or `never` when no object of the image is left to have a last use (the store
+/// says 0, the 1970 epoch).
+fn last_used(ms: u64) -> String {
+    if ms == 0 {
+        return "never".to_owned();
+    }
+    let age = stowage::clock::now_ms().saturating_sub(ms) / 1000;
+    format!("{} ago", human_age(age))
 }
 
 fn human_age(secs: u64) -> String {

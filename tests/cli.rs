@@ -493,3 +493,74 @@ fn sizes_need_a_unit_and_may_have_decimals() {
     assert!(err.contains("\"20GiB\""), "{err}");
     assert_eq!(o.status.code(), Some(2), "a usage error: {err}");
 }
+
+// --- 6. cache ls after a prune ----------------------------------------------------------
+
+/// A cache holding one image (manifest, config, one layer) tagged `quay.io/org/app:v1`.
+fn cache_with_one_image(cache: &Path) {
+    use stowage::oci::Digest;
+    let digest = |b: &[u8]| -> Digest { format!("sha256:{}", sha256_hex(b)).parse().unwrap() };
+    let store = stowage::cache::BlobStore::open(cache).unwrap();
+    let layer = vec![7u8; 5000];
+    let config = b"{}".to_vec();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"digest": digest(&config).to_string(), "size": 2},
+        "layers": [{"digest": digest(&layer).to_string(), "size": 5000}],
+    })
+    .to_string();
+    let md = digest(manifest.as_bytes());
+    store.put(&digest(&layer), &layer).unwrap();
+    store.put(&digest(&config), &config).unwrap();
+    store.put(&md, manifest.as_bytes()).unwrap();
+    store
+        .set_media_type(&md, "application/vnd.oci.image.manifest.v1+json")
+        .unwrap();
+    store
+        .set_tag(
+            &"quay.io/org/app:v1".parse().unwrap(),
+            stowage::cache::TagVariant {
+                accept: "application/vnd.oci.image.manifest.v1+json".into(),
+                digest: md,
+                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                checked_at_ms: 1,
+            },
+        )
+        .unwrap();
+    store.flush_atimes().unwrap();
+}
+
+#[test]
+fn cache_ls_after_a_prune_says_evicted_and_never() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    cache_with_one_image(&cache);
+    let run = |args: &[&str]| {
+        let o = stowage(dir.path())
+            .args(["--listen", "127.0.0.1:1"])
+            .arg("--cache-dir")
+            .arg(&cache)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        stdout(&o)
+    };
+    let before = run(&["cache", "ls"]);
+    assert!(before.contains("org/app:v1"), "{before}");
+    assert!(
+        before.contains("last used 0s ago") || before.contains("last used 1s ago"),
+        "{before}"
+    );
+    let pruned = run(&["cache", "prune", "--max-size", "0B"]);
+    assert!(pruned.contains("removed 3 objects"), "{pruned}");
+    let after = run(&["cache", "ls"]);
+    assert!(after.contains("org/app:v1"), "{after}");
+    assert!(after.contains("layers evicted"), "{after}");
+    assert!(after.contains("last used never"), "{after}");
+    assert!(
+        !after.contains("d ago") && !after.contains("not cached"),
+        "{after}"
+    );
+}
