@@ -173,7 +173,12 @@ fn run(config: Config) -> anyhow::Result<()> {
     init_logging(config.log.format);
     match stowage::server::raise_open_file_limit() {
         Ok(l) => {
-            tracing::info!(soft = l.soft, was = l.was, hard = ?l.hard, "open file limit");
+            tracing::info!(
+                soft = l.soft,
+                was = l.was,
+                hard = %l.hard.map_or("unlimited".to_owned(), |h| h.to_string()),
+                "open file limit"
+            );
             if let Some(w) =
                 stowage::server::open_file_warning(config.proxy.max_connections, l.soft)
             {

@@ -564,3 +564,62 @@ fn cache_ls_after_a_prune_says_evicted_and_never() {
         "{after}"
     );
 }
+
+// --- 7. Logs ----------------------------------------------------------------------------
+
+/// The number of decimals of the `duration_ms` value in an access-log line.
+fn duration_decimals(line: &str) -> usize {
+    let i = line.find("duration_ms").expect("duration_ms") + "duration_ms".len();
+    let value: String = line[i..]
+        .trim_start_matches(['=', '"', ':'])
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    assert!(!value.is_empty(), "{line}");
+    value.split_once('.').map_or(0, |(_, f)| f.len())
+}
+
+#[test]
+fn logs_print_addresses_plainly_and_round_durations() {
+    for format in ["text", "json"] {
+        let dir = tempfile::tempdir().unwrap();
+        // The mirror's default registry is pinned to loopback port 443, where nothing
+        // answers: every request gets a quick upstream error, and an access-log line.
+        let cfg = config(
+            dir.path(),
+            "",
+            &format!(
+                "[log]\nformat = \"{format}\"\n\n[mirror]\nlisten = \"127.0.0.1:0\"\n\n[upstream.resolve]\n\"registry-1.docker.io\" = \"127.0.0.1\"\n"
+            ),
+        );
+        let server = Server::start(dir.path(), &cfg);
+        let mirror_line = server.wait_for_log("mirror");
+        let mirror = first_addr(&mirror_line).expect("mirror address");
+        let listening = server.wait_for_log("listening");
+        for line in [&listening, &mirror_line] {
+            assert!(
+                line.contains(&"listen=127.0.0.1:".to_string())
+                    || line.contains("\"listen\":\"127.0.0.1:"),
+                "{format}: {line}"
+            );
+        }
+        let _ = http_get(mirror, "/v2/library/alpine/manifests/latest");
+        let access = server.wait_for_log("duration_ms");
+        assert!(
+            duration_decimals(&access) <= 3,
+            "{format}: unrounded duration: {access}"
+        );
+        if format == "json" {
+            let v: serde_json::Value = serde_json::from_str(&access).expect("one JSON object");
+            assert!(
+                v["duration_ms"].is_f64() || v["duration_ms"].is_u64(),
+                "{access}"
+            );
+        }
+        let log = server.log();
+        assert!(
+            !log.contains("Some("),
+            "{format}: Debug-printed Option:\n{log}"
+        );
+    }
+}
