@@ -287,27 +287,43 @@ struct Reply {
     body: String,
 }
 
+/// Sends one request to `addr`. `Ok(None)`: nothing listens there.
+async fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+) -> anyhow::Result<Option<http::Response<hyper::body::Incoming>>> {
+    let stream = match tokio::net::TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(None),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("connecting to {addr}"))),
+    };
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    Ok(Some(send.send_request(req).await?))
+}
+
+fn no_answer(addr: SocketAddr, method: &str, path: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{addr} did not answer {method} {path} within {}s: is that a Stowage, and is it stuck? (--listen / [proxy] listen say where the server is)",
+        ADMIN_TIMEOUT.as_secs()
+    )
+}
+
 impl Admin {
     /// One request, bounded by [`ADMIN_TIMEOUT`]. `Ok(None)`: nothing listens there.
     fn request(&self, method: &str, path: &str) -> anyhow::Result<Option<Reply>> {
         let addr = self.addr;
         let exchange = async {
-            let stream = match tokio::net::TcpStream::connect(addr).await {
-                Ok(s) => s,
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(None),
-                Err(e) => {
-                    return Err(anyhow::Error::new(e).context(format!("connecting to {addr}")))
-                }
+            let Some(resp) = send(addr, method, path).await? else {
+                return Ok(None);
             };
-            let (mut send, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-            tokio::spawn(conn);
-            let req = http::Request::builder()
-                .method(method)
-                .uri(path)
-                .header("host", addr.to_string())
-                .body(http_body_util::Empty::<bytes::Bytes>::new())?;
-            let resp = send.send_request(req).await?;
             let status = resp.status();
             let content_type = resp
                 .headers()
@@ -329,11 +345,59 @@ impl Admin {
             .block_on(async { tokio::time::timeout(ADMIN_TIMEOUT, exchange).await })
         {
             Ok(r) => r.with_context(|| format!("asking {addr} for {path}")),
-            Err(_) => bail!(
-                "{addr} did not answer {method} {path} within {}s: is that a Stowage, and is it stuck? (--listen / [proxy] listen say where the server is)",
-                ADMIN_TIMEOUT.as_secs()
-            ),
+            Err(_) => Err(no_answer(addr, method, path)),
         }
+    }
+
+    /// A request whose answer is newline-delimited JSON, each line handed to `on_event` as
+    /// it arrives; the server must say something every [`ADMIN_TIMEOUT`].
+    fn stream<T: serde::de::DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        mut on_event: impl FnMut(T),
+    ) -> anyhow::Result<()> {
+        use http_body_util::BodyExt;
+        let addr = self.addr;
+        self.rt.block_on(async {
+            let resp = match tokio::time::timeout(ADMIN_TIMEOUT, send(addr, method, path)).await {
+                Err(_) => return Err(no_answer(addr, method, path)),
+                Ok(r) => r?.ok_or_else(|| anyhow::anyhow!("the server at {addr} went away"))?,
+            };
+            let status = resp.status();
+            let mut body = resp.into_body();
+            if !status.is_success() {
+                let text = tokio::time::timeout(ADMIN_TIMEOUT, body.collect())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                    .unwrap_or_default();
+                bail!("the server at {addr} answered {status}: {}", text.trim());
+            }
+            let mut pending = Vec::new();
+            loop {
+                let frame = match tokio::time::timeout(ADMIN_TIMEOUT, body.frame()).await {
+                    Err(_) => bail!(
+                        "the server at {addr} said nothing for {}s during {method} {path}: it is stuck",
+                        ADMIN_TIMEOUT.as_secs()
+                    ),
+                    Ok(None) => return Ok(()),
+                    Ok(Some(f)) => f.with_context(|| format!("reading {path} from {addr}"))?,
+                };
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                pending.extend_from_slice(&data);
+                while let Some(i) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=i).collect();
+                    let event = serde_json::from_slice(&line).with_context(|| {
+                        format!("{path} from {addr}: {}", String::from_utf8_lossy(&line).trim())
+                    })?;
+                    on_event(event);
+                }
+            }
+        })
     }
 
     /// What the server at this address says about itself; an error when it is not Stowage.
@@ -470,39 +534,51 @@ fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
             Ok(())
         }
         CacheCommand::Verify => {
-            let report: stowage::cache::VerifyReport =
-                match ask(&find_server(config)?, "POST", "/admin/verify")? {
-                    Some(body) => serde_json::from_str(&body)?,
-                    None => {
-                        let store = open_store(config)?;
-                        let total = store.index.total();
-                        let bar = progress(total);
-                        let mut last_line = std::time::Instant::now();
-                        let r = admin::verify(&store, |bytes, d, ok| {
-                            if let Some(b) = &bar {
-                                b.set_position(bytes);
-                            } else if last_line.elapsed().as_secs() >= 5 {
-                                println!(
-                                    "verified {} of {}",
-                                    admin::human_bytes(bytes),
-                                    admin::human_bytes(total)
-                                );
-                                last_line = std::time::Instant::now();
-                            }
-                            if !ok {
-                                let msg = format!("corrupt: {d} (removed)");
-                                match &bar {
-                                    Some(b) => b.println(msg),
-                                    None => println!("{msg}"),
-                                }
-                            }
-                        })?;
-                        if let Some(b) = bar {
-                            b.finish_and_clear();
+            let report = match find_server(config)? {
+                Found::Serving(server) => {
+                    use admin::VerifyEvent;
+                    let mut view = None;
+                    let mut end = None;
+                    server.stream("POST", "/admin/verify", |event| match event {
+                        VerifyEvent::Start { objects, bytes } => {
+                            view = Some(VerifyView::new(objects, bytes))
                         }
-                        r
+                        VerifyEvent::Progress { checked, bytes } => {
+                            if let Some(v) = &mut view {
+                                v.progress(checked, bytes)
+                            }
+                        }
+                        VerifyEvent::Corrupt { digest } => match &view {
+                            Some(v) => v.corrupt(&digest),
+                            None => println!("corrupt: {digest} (removed)"),
+                        },
+                        VerifyEvent::Done(r) => end = Some(Ok(r)),
+                        VerifyEvent::Failed { message } => end = Some(Err(message)),
+                    })?;
+                    if let Some(v) = view {
+                        v.finish();
                     }
-                };
+                    match end {
+                        Some(Ok(r)) => r,
+                        Some(Err(m)) => bail!("the server's verify failed: {m}"),
+                        None => bail!("the server ended the verify without a report"),
+                    }
+                }
+                Found::NotRunning | Found::OtherCache { .. } => {
+                    let store = open_store(config)?;
+                    let mut view = VerifyView::new(store.index.len() as u64, store.index.total());
+                    let mut checked = 0;
+                    let r = admin::verify(&store, |bytes, d, ok| {
+                        checked += 1;
+                        if !ok {
+                            view.corrupt(&d.to_string());
+                        }
+                        view.progress(checked, bytes);
+                    })?;
+                    view.finish();
+                    r
+                }
+            };
             println!(
                 "verified {} objects ({}), {} corrupt and removed",
                 report.checked,
@@ -578,6 +654,56 @@ fn human_age(secs: u64) -> String {
         s if s < 7200 => format!("{}m", s / 60),
         s if s < 172_800 => format!("{}h", s / 3600),
         s => format!("{}d", s / 86_400),
+    }
+}
+
+/// What `cache verify` shows while it runs, from the server's events or the local verify:
+/// a progress bar on a terminal, else a line every `VERIFY_PROGRESS_EVERY` objects; each
+/// corrupt object as it is found.
+struct VerifyView {
+    bar: Option<indicatif::ProgressBar>,
+    objects: u64,
+    bytes: u64,
+    next_line: u64,
+}
+
+impl VerifyView {
+    fn new(objects: u64, bytes: u64) -> VerifyView {
+        VerifyView {
+            bar: progress(bytes),
+            objects,
+            bytes,
+            next_line: admin::VERIFY_PROGRESS_EVERY,
+        }
+    }
+
+    fn progress(&mut self, checked: u64, bytes: u64) {
+        if let Some(b) = &self.bar {
+            b.set_position(bytes);
+        } else if checked >= self.next_line {
+            println!(
+                "verified {checked} of {} objects ({} of {})",
+                self.objects,
+                admin::human_bytes(bytes),
+                admin::human_bytes(self.bytes)
+            );
+            self.next_line =
+                (checked / admin::VERIFY_PROGRESS_EVERY + 1) * admin::VERIFY_PROGRESS_EVERY;
+        }
+    }
+
+    fn corrupt(&self, digest: &str) {
+        let msg = format!("corrupt: {digest} (removed)");
+        match &self.bar {
+            Some(b) => b.println(msg),
+            None => println!("{msg}"),
+        }
+    }
+
+    fn finish(self) {
+        if let Some(b) = self.bar {
+            b.finish_and_clear();
+        }
     }
 }
 

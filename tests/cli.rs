@@ -623,3 +623,52 @@ fn logs_print_addresses_plainly_and_round_durations() {
         );
     }
 }
+
+// --- 9. cache verify through a server ---------------------------------------------------
+
+#[test]
+fn verify_through_the_server_shows_progress_and_the_removed_digests() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "", "");
+    let digests = fill_cache(&dir.path().join("cache"), 2100, 2);
+    let server = Server::start(dir.path(), &cfg);
+    let o = stowage(dir.path())
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--listen", &server.addr.to_string(), "cache", "verify"])
+        .output()
+        .unwrap();
+    let text = stdout(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "corruption found: {text}{}",
+        stderr(&o)
+    );
+    // Not a terminal: one line per 1000 objects, as they are checked.
+    assert!(text.contains("verified 1000 of 2100 objects"), "{text}");
+    assert!(text.contains("verified 2000 of 2100 objects"), "{text}");
+    for d in &digests[..2] {
+        assert!(text.contains(&format!("corrupt: {d} (removed)")), "{text}");
+    }
+    assert!(
+        text.contains("verified 2100 objects") && text.contains("2 corrupt and removed"),
+        "{text}"
+    );
+    let last = text.lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("verified 2100 objects"),
+        "the summary comes last: {text}"
+    );
+    // The server removed them.
+    for d in &digests[..2] {
+        let hex = &d[7..];
+        assert!(!dir
+            .path()
+            .join("cache/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .exists());
+    }
+    drop(server);
+}

@@ -167,6 +167,23 @@ pub fn prune(
     Ok(PruneReport { objects, bytes })
 }
 
+/// Progress lines of a verify, for a person: one every this many objects when the output
+/// is not a terminal; the server reports at least this often, and every second.
+pub const VERIFY_PROGRESS_EVERY: u64 = 1000;
+
+/// One line of `POST /admin/verify`'s answer (newline-delimited JSON): the totals first,
+/// progress as it goes, each corrupt object as it is found, then the report (or the error
+/// that stopped it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerifyEvent {
+    Start { objects: u64, bytes: u64 },
+    Progress { checked: u64, bytes: u64 },
+    Corrupt { digest: String },
+    Done(VerifyReport),
+    Failed { message: String },
+}
+
 pub fn verify(
     store: &BlobStore,
     progress: impl FnMut(u64, &Digest, bool),
