@@ -49,7 +49,7 @@ enum Command {
     /// Print a configuration snippet for a container runtime, filled in for this instance.
     Setup {
         /// One of: docker, docker-mirror, containerd, containerd-proxy, k3s, kind, podman,
-        /// gitlab, etc-hosts, compose, kubernetes.
+        /// gitlab, etc-hosts, compose, kubernetes, ca.
         runtime: String,
         /// The address clients use to reach Stowage (default: the proxy listener's).
         #[arg(long)]
@@ -61,11 +61,13 @@ enum Command {
 enum CacheCommand {
     /// Size, objects, and (when running) hit ratio and bytes saved.
     Stats {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Cached repositories and tags per registry, with sizes and last use.
     Ls {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -73,8 +75,10 @@ enum CacheCommand {
     Verify,
     /// Remove least recently used objects down to a size, and/or those unused for a time.
     Prune {
+        /// Evict least recently used objects until the cache is at most this size, e.g. 20GiB.
         #[arg(long, value_name = "SIZE")]
         max_size: Option<Size>,
+        /// Remove objects not used for this long, e.g. 30d.
         #[arg(long, value_name = "DURATION")]
         older_than: Option<HumanDuration>,
     },

@@ -672,3 +672,215 @@ fn verify_through_the_server_shows_progress_and_the_removed_digests() {
     }
     drop(server);
 }
+
+// --- 10. Docs that match ----------------------------------------------------------------
+
+fn repo_file(path: &str) -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn help(args: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let o = stowage(dir.path()).args(args).output().unwrap();
+    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    stdout(&o)
+}
+
+/// The entries of a `--help` section (`Commands:` or `Options:`): subcommand names, or
+/// long flags; `help`, `--help` and `--version` left out.
+fn help_section(text: &str, section: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut inside = false;
+    for line in text.lines() {
+        if line.ends_with(':') && !line.starts_with(' ') {
+            inside = line == section;
+            continue;
+        }
+        if !inside || !line.starts_with("  ") {
+            continue;
+        }
+        // An option's own line starts with its flag; wrapped text does not.
+        if section == "Options:" && !line.trim_start().starts_with('-') {
+            continue;
+        }
+        let entry = line.split_whitespace().find(|w| {
+            if section == "Options:" {
+                w.starts_with("--")
+            } else {
+                true
+            }
+        });
+        if let Some(e) = entry {
+            let e = e.trim_end_matches(',');
+            if !["help", "--help", "--version"].contains(&e)
+                && (section != "Commands:" || line.starts_with("  ") && !line.starts_with("   "))
+            {
+                out.insert(e.to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// Every long flag in `text`.
+fn flags(text: &str) -> std::collections::BTreeSet<String> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_readme_command_list_matches_help() {
+    let readme = repo_file("README.md");
+    let block: Vec<&str> = readme
+        .split("```")
+        .find(|b| b.starts_with("sh\nstowage "))
+        .expect("the README's command block")
+        .lines()
+        .skip(1)
+        .filter(|l| l.starts_with("stowage"))
+        .collect();
+    let top = help(&["--help"]);
+    let global = help_section(&top, "Options:");
+    // Top level: the subcommands and the global flags.
+    let mut readme_commands = std::collections::BTreeSet::new();
+    let mut readme_global = std::collections::BTreeSet::new();
+    for line in &block {
+        let (usage, comment) = line.split_once('#').unwrap_or((line, ""));
+        let second = usage.split_whitespace().nth(1).unwrap_or("");
+        if second.starts_with('-') || second.starts_with('[') {
+            readme_global.extend(flags(usage));
+            if comment.contains("run (default command)") {
+                readme_commands.insert("run".to_owned());
+            }
+        } else {
+            readme_commands.insert(second.to_owned());
+        }
+    }
+    assert_eq!(readme_commands, help_section(&top, "Commands:"), "{top}");
+    assert_eq!(readme_global, global, "{top}");
+
+    // Each subcommand (and each of `cache`'s and `ca`'s): the same flags as its --help.
+    for line in &block {
+        let usage = line.split_once('#').map_or(*line, |(u, _)| u);
+        let words: Vec<&str> = usage.split_whitespace().collect();
+        match words.get(1).copied() {
+            Some(group @ ("cache" | "ca")) => {
+                let rest = usage.split_once(group).unwrap().1;
+                let mut listed = std::collections::BTreeSet::new();
+                for part in rest.split('|') {
+                    let name = part.split_whitespace().next().unwrap().to_owned();
+                    let sub = help(&[group, &name, "--help"]);
+                    let own: std::collections::BTreeSet<String> = help_section(&sub, "Options:")
+                        .difference(&global)
+                        .cloned()
+                        .collect();
+                    assert_eq!(flags(part), own, "stowage {group} {name}: {sub}");
+                    listed.insert(name);
+                }
+                let group_help = help(&[group, "--help"]);
+                assert_eq!(
+                    listed,
+                    help_section(&group_help, "Commands:"),
+                    "{group_help}"
+                );
+            }
+            Some("setup") => {
+                let sub = help(&["setup", "--help"]);
+                let own: std::collections::BTreeSet<String> = help_section(&sub, "Options:")
+                    .difference(&global)
+                    .cloned()
+                    .collect();
+                assert_eq!(flags(usage), own, "stowage setup: {sub}");
+            }
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn help_names_every_setup_runtime_and_every_flag_says_what_it_does() {
+    let readme = repo_file("README.md");
+    let listed = readme
+        .split_once("`stowage setup <runtime>`, with runtime one")
+        .expect("the README's runtime list")
+        .1;
+    let listed = &listed[..listed.find('.').unwrap()];
+    let runtimes: Vec<&str> = listed.split('`').skip(1).step_by(2).collect();
+    assert!(
+        runtimes.contains(&"ca") && runtimes.len() > 10,
+        "{runtimes:?}"
+    );
+    let setup = help(&["help", "setup"]);
+    let one_of = setup
+        .lines()
+        .find_map(|l| l.split_once("One of: "))
+        .expect("help setup lists the runtimes")
+        .1;
+    let in_help: Vec<&str> = one_of.trim_end_matches('.').split(", ").collect();
+    assert_eq!(in_help, runtimes, "stowage help setup: {setup}");
+    // Every runtime it names has a snippet.
+    let dir = tempfile::tempdir().unwrap();
+    for r in &runtimes {
+        let o = stowage(dir.path()).args(["setup", r]).output().unwrap();
+        assert!(o.status.success(), "setup {r}: {}", stderr(&o));
+    }
+
+    for args in [
+        &["cache", "prune", "--help"][..],
+        &["cache", "stats", "--help"],
+        &["cache", "ls", "--help"],
+        &["setup", "--help"],
+        &["ca", "export", "--help"],
+        &["--help"],
+    ] {
+        let text = help(args);
+        for line in text.lines().filter(|l| l.trim_start().starts_with('-')) {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let described = words
+                .iter()
+                .skip_while(|w| w.starts_with('-') || w.starts_with('<'))
+                .count();
+            assert!(described > 0, "{args:?}: no help text for {line:?}");
+        }
+    }
+}
+
+#[test]
+fn docs_point_at_what_exists() {
+    let readme = repo_file("README.md");
+    let headings: Vec<&str> = readme
+        .lines()
+        .filter(|l| l.starts_with('#'))
+        .map(|l| l.trim_start_matches('#').trim())
+        .collect();
+    for file in ["config.toml", "docker/config.toml"] {
+        let text = repo_file(file);
+        for (_, rest) in text
+            .match_indices("README, \"")
+            .map(|(i, _)| text.split_at(i + 9))
+        {
+            let name = &rest[..rest.find('"').unwrap()];
+            assert!(
+                headings.contains(&name),
+                "{file} names README section {name:?}"
+            );
+        }
+    }
+    assert!(
+        readme.contains("cargo install --path ."),
+        "how to put stowage on PATH"
+    );
+    // The runtime image is Debian with glibc: the binary is not static.
+    assert!(repo_file("Dockerfile").contains("debian:bookworm-slim"));
+    assert!(!readme.contains("static binary") && !readme.contains("static\n  binary"));
+    for doc in ["README.md", "bench/README.md", "docs/architecture.md"] {
+        let text = repo_file(doc);
+        assert!(
+            !text.contains("issue 8"),
+            "{doc} refers to an issue number readers cannot look up"
+        );
+    }
+}
