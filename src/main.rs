@@ -284,6 +284,11 @@ fn find_server(config: &Config) -> anyhow::Result<Found> {
 /// two progress lines of a verify.
 const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// A prune answers when it is done, and removing tens of thousands of files takes a while:
+/// it gets longer, once the server has said (`/admin/info`, within [`ADMIN_TIMEOUT`]) that it
+/// is a Stowage.
+const PRUNE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// A response from the address the server should be at.
 struct Reply {
     status: http::StatusCode,
@@ -313,16 +318,26 @@ async fn send(
     Ok(Some(send.send_request(req).await?))
 }
 
-fn no_answer(addr: SocketAddr, method: &str, path: &str) -> anyhow::Error {
+fn no_answer(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    within: std::time::Duration,
+) -> anyhow::Error {
     anyhow::anyhow!(
         "{addr} did not answer {method} {path} within {}s: is that a Stowage, and is it stuck? (--listen / [proxy] listen say where the server is)",
-        ADMIN_TIMEOUT.as_secs()
+        within.as_secs()
     )
 }
 
 impl Admin {
-    /// One request, bounded by [`ADMIN_TIMEOUT`]. `Ok(None)`: nothing listens there.
-    fn request(&self, method: &str, path: &str) -> anyhow::Result<Option<Reply>> {
+    /// One request, answered within `within`. `Ok(None)`: nothing listens there.
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        within: std::time::Duration,
+    ) -> anyhow::Result<Option<Reply>> {
         let addr = self.addr;
         let exchange = async {
             let Some(resp) = send(addr, method, path).await? else {
@@ -346,10 +361,10 @@ impl Admin {
         };
         match self
             .rt
-            .block_on(async { tokio::time::timeout(ADMIN_TIMEOUT, exchange).await })
+            .block_on(async { tokio::time::timeout(within, exchange).await })
         {
             Ok(r) => r.with_context(|| format!("asking {addr} for {path}")),
-            Err(_) => Err(no_answer(addr, method, path)),
+            Err(_) => Err(no_answer(addr, method, path, within)),
         }
     }
 
@@ -365,7 +380,7 @@ impl Admin {
         let addr = self.addr;
         self.rt.block_on(async {
             let resp = match tokio::time::timeout(ADMIN_TIMEOUT, send(addr, method, path)).await {
-                Err(_) => return Err(no_answer(addr, method, path)),
+                Err(_) => return Err(no_answer(addr, method, path, ADMIN_TIMEOUT)),
                 Ok(r) => r?.ok_or_else(|| anyhow::anyhow!("the server at {addr} went away"))?,
             };
             let status = resp.status();
@@ -406,7 +421,7 @@ impl Admin {
 
     /// What the server at this address says about itself; an error when it is not Stowage.
     fn info(&self) -> anyhow::Result<Option<admin::ServerInfo>> {
-        let Some(reply) = self.request("GET", "/admin/info")? else {
+        let Some(reply) = self.request("GET", "/admin/info", ADMIN_TIMEOUT)? else {
             return Ok(None);
         };
         let info = (reply.status == http::StatusCode::OK
@@ -430,7 +445,12 @@ impl Admin {
 
     /// One request to a server known to be Stowage; its refusals are plain text.
     fn call(&self, method: &str, path: &str) -> anyhow::Result<Option<String>> {
-        let Some(reply) = self.request(method, path)? else {
+        let within = if path.starts_with("/admin/prune") {
+            PRUNE_TIMEOUT
+        } else {
+            ADMIN_TIMEOUT
+        };
+        let Some(reply) = self.request(method, path, within)? else {
             return Ok(None);
         };
         if !reply.status.is_success() {
