@@ -49,7 +49,7 @@ enum Command {
     /// Print a configuration snippet for a container runtime, filled in for this instance.
     Setup {
         /// One of: docker, docker-mirror, containerd, containerd-proxy, k3s, kind, podman,
-        /// gitlab, etc-hosts, compose, kubernetes.
+        /// gitlab, etc-hosts, compose, kubernetes, ca.
         runtime: String,
         /// The address clients use to reach Stowage (default: the proxy listener's).
         #[arg(long)]
@@ -61,11 +61,13 @@ enum Command {
 enum CacheCommand {
     /// Size, objects, and (when running) hit ratio and bytes saved.
     Stats {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Cached repositories and tags per registry, with sizes and last use.
     Ls {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -73,8 +75,10 @@ enum CacheCommand {
     Verify,
     /// Remove least recently used objects down to a size, and/or those unused for a time.
     Prune {
+        /// Evict least recently used objects until the cache is at most this size, e.g. 20GiB.
         #[arg(long, value_name = "SIZE")]
         max_size: Option<Size>,
+        /// Remove objects not used for this long, e.g. 30d.
         #[arg(long, value_name = "DURATION")]
         older_than: Option<HumanDuration>,
     },
@@ -90,9 +94,39 @@ enum CaCommand {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     limit_malloc_arenas();
     let cli = Cli::parse();
+    match run_cli(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its causes on one line, joined by ": ", for people. Printed with
+/// `Display` only: anyhow's `Debug` (what `fn main() -> Result` uses) adds a backtrace
+/// whenever `RUST_BACKTRACE` is set, which says nothing to someone who mistyped a flag. A
+/// cause whose text is already part of the message before it (an `io::Error` its wrapper
+/// quotes) is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+fn run_cli(cli: Cli) -> anyhow::Result<()> {
     if cli.print_default_config {
         print!("{}", stowage::settings::DEFAULT_TOML);
         return Ok(());
@@ -143,7 +177,12 @@ fn run(config: Config) -> anyhow::Result<()> {
     init_logging(config.log.format);
     match stowage::server::raise_open_file_limit() {
         Ok(l) => {
-            tracing::info!(soft = l.soft, was = l.was, hard = ?l.hard, "open file limit");
+            tracing::info!(
+                soft = l.soft,
+                was = l.was,
+                hard = %l.hard.map_or("unlimited".to_owned(), |h| h.to_string()),
+                "open file limit"
+            );
             if let Some(w) =
                 stowage::server::open_file_warning(config.proxy.max_connections, l.soft)
             {
@@ -199,53 +238,252 @@ fn client_address(config: &Config) -> Option<SocketAddr> {
     Some(a)
 }
 
-/// Asks the running server, if there is one. `Ok(None)`: nothing listens there.
-fn ask_server(config: &Config, method: &str, path: &str) -> anyhow::Result<Option<String>> {
-    let Some(addr) = client_address(config) else {
-        return Ok(None);
-    };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let stream = match tokio::net::TcpStream::connect(addr).await {
-            Ok(s) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        let req = http::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", addr.to_string())
-            .body(http_body_util::Empty::<bytes::Bytes>::new())?;
-        let resp = send.send_request(req).await?;
-        let status = resp.status();
-        use http_body_util::BodyExt;
-        let body =
-            String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).into_owned();
-        if !status.is_success() {
-            bail!("the server at {addr} answered {status}: {}", body.trim());
-        }
-        Ok(Some(body))
-    })
+/// Who answers for the configured cache.
+enum Found {
+    /// A Stowage listens at the configured address and serves this cache.
+    Serving(Admin),
+    /// Nothing listens there: the cache is opened directly.
+    NotRunning,
+    /// A Stowage listens there but serves another cache directory: this one is opened
+    /// directly, since that server's numbers would not be about it.
+    OtherCache { addr: SocketAddr, dir: PathBuf },
 }
 
+/// The running server's `/admin/*` endpoints.
+struct Admin {
+    rt: tokio::runtime::Runtime,
+    addr: SocketAddr,
+}
+
+/// Finds the server at the configured address and asks which cache it serves
+/// (`/admin/info`), so that a `--cache-dir` the user gave is honoured.
+fn find_server(config: &Config) -> anyhow::Result<Found> {
+    let Some(addr) = client_address(config) else {
+        return Ok(Found::NotRunning);
+    };
+    let admin = Admin {
+        rt: tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        addr,
+    };
+    let Some(info) = admin.info()? else {
+        return Ok(Found::NotRunning);
+    };
+    let ours = std::fs::canonicalize(&config.cache.dir).ok();
+    if ours.as_deref() != Some(info.cache_dir.as_path()) {
+        return Ok(Found::OtherCache {
+            addr,
+            dir: info.cache_dir,
+        });
+    }
+    Ok(Found::Serving(admin))
+}
+
+/// How long `stowage cache ...` waits for the server: to connect and answer, and between
+/// two progress lines of a verify.
+const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A prune answers when it is done, and removing tens of thousands of files takes a while:
+/// it gets longer, once the server has said (`/admin/info`, within [`ADMIN_TIMEOUT`]) that it
+/// is a Stowage.
+const PRUNE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// A response from the address the server should be at.
+struct Reply {
+    status: http::StatusCode,
+    content_type: String,
+    body: String,
+}
+
+/// Sends one request to `addr`. `Ok(None)`: nothing listens there.
+async fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+) -> anyhow::Result<Option<http::Response<hyper::body::Incoming>>> {
+    let stream = match tokio::net::TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(None),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("connecting to {addr}"))),
+    };
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    Ok(Some(send.send_request(req).await?))
+}
+
+fn no_answer(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    within: std::time::Duration,
+) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{addr} did not answer {method} {path} within {}s: is that a Stowage, and is it stuck? (--listen / [proxy] listen say where the server is)",
+        within.as_secs()
+    )
+}
+
+impl Admin {
+    /// One request, answered within `within`. `Ok(None)`: nothing listens there.
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        within: std::time::Duration,
+    ) -> anyhow::Result<Option<Reply>> {
+        let addr = self.addr;
+        let exchange = async {
+            let Some(resp) = send(addr, method, path).await? else {
+                return Ok(None);
+            };
+            let status = resp.status();
+            let content_type = resp
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            use http_body_util::BodyExt;
+            let body =
+                String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).into_owned();
+            anyhow::Ok(Some(Reply {
+                status,
+                content_type,
+                body,
+            }))
+        };
+        match self
+            .rt
+            .block_on(async { tokio::time::timeout(within, exchange).await })
+        {
+            Ok(r) => r.with_context(|| format!("asking {addr} for {path}")),
+            Err(_) => Err(no_answer(addr, method, path, within)),
+        }
+    }
+
+    /// A request whose answer is newline-delimited JSON, each line handed to `on_event` as
+    /// it arrives; the server must say something every [`ADMIN_TIMEOUT`].
+    fn stream<T: serde::de::DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        mut on_event: impl FnMut(T),
+    ) -> anyhow::Result<()> {
+        use http_body_util::BodyExt;
+        let addr = self.addr;
+        self.rt.block_on(async {
+            let resp = match tokio::time::timeout(ADMIN_TIMEOUT, send(addr, method, path)).await {
+                Err(_) => return Err(no_answer(addr, method, path, ADMIN_TIMEOUT)),
+                Ok(r) => r?.ok_or_else(|| anyhow::anyhow!("the server at {addr} went away"))?,
+            };
+            let status = resp.status();
+            let mut body = resp.into_body();
+            if !status.is_success() {
+                let text = tokio::time::timeout(ADMIN_TIMEOUT, body.collect())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                    .unwrap_or_default();
+                bail!("the server at {addr} answered {status}: {}", text.trim());
+            }
+            let mut pending = Vec::new();
+            loop {
+                let frame = match tokio::time::timeout(ADMIN_TIMEOUT, body.frame()).await {
+                    Err(_) => bail!(
+                        "the server at {addr} said nothing for {}s during {method} {path}: it is stuck",
+                        ADMIN_TIMEOUT.as_secs()
+                    ),
+                    Ok(None) => return Ok(()),
+                    Ok(Some(f)) => f.with_context(|| format!("reading {path} from {addr}"))?,
+                };
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                pending.extend_from_slice(&data);
+                while let Some(i) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=i).collect();
+                    let event = serde_json::from_slice(&line).with_context(|| {
+                        format!("{path} from {addr}: {}", String::from_utf8_lossy(&line).trim())
+                    })?;
+                    on_event(event);
+                }
+            }
+        })
+    }
+
+    /// What the server at this address says about itself; an error when it is not Stowage.
+    fn info(&self) -> anyhow::Result<Option<admin::ServerInfo>> {
+        let Some(reply) = self.request("GET", "/admin/info", ADMIN_TIMEOUT)? else {
+            return Ok(None);
+        };
+        let info = (reply.status == http::StatusCode::OK
+            && reply.content_type.starts_with("application/json"))
+        .then(|| serde_json::from_str::<admin::ServerInfo>(&reply.body).ok())
+        .flatten();
+        match info {
+            Some(i) => Ok(Some(i)),
+            None => bail!(
+                "{} answers HTTP, but it is not a Stowage admin API (GET /admin/info: {}{}); --listen / [proxy] listen say where the server is",
+                self.addr,
+                reply.status,
+                if reply.content_type.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {}", reply.content_type)
+                }
+            ),
+        }
+    }
+
+    /// One request to a server known to be Stowage; its refusals are plain text.
+    fn call(&self, method: &str, path: &str) -> anyhow::Result<Option<String>> {
+        let within = if path.starts_with("/admin/prune") {
+            PRUNE_TIMEOUT
+        } else {
+            ADMIN_TIMEOUT
+        };
+        let Some(reply) = self.request(method, path, within)? else {
+            return Ok(None);
+        };
+        if !reply.status.is_success() {
+            bail!(
+                "the server at {} answered {}: {}",
+                self.addr,
+                reply.status,
+                reply.body.trim()
+            );
+        }
+        Ok(Some(reply.body))
+    }
+}
+
+/// The server to ask for `path`, or `None` to open the cache directly.
+fn ask(found: &Found, method: &str, path: &str) -> anyhow::Result<Option<String>> {
+    match found {
+        Found::Serving(admin) => admin.call(method, path),
+        Found::NotRunning | Found::OtherCache { .. } => Ok(None),
+    }
+}
+
+/// Opens the cache directly, only when it exists (the commands that call this inspect a
+/// cache; they never create one). Its errors name the directory (and a Stowage holding it).
 fn open_store(config: &Config) -> anyhow::Result<std::sync::Arc<stowage::cache::BlobStore>> {
-    stowage::cache::BlobStore::open(&config.cache.dir).with_context(|| {
-        format!(
-            "opening the cache at {} (is a Stowage server using it on another address?)",
-            config.cache.dir.display()
-        )
-    })
+    Ok(stowage::cache::BlobStore::open_existing(&config.cache.dir)?)
 }
 
 fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
     match cmd {
         CacheCommand::Stats { json } => {
-            let stats: admin::Stats = match ask_server(config, "GET", "/admin/stats")? {
+            let found = find_server(config)?;
+            let stats: admin::Stats = match ask(&found, "GET", "/admin/stats")? {
                 Some(body) => serde_json::from_str(&body)?,
                 None => admin::stats(&*open_store(config)?, config.cache.max_size.0),
             };
@@ -256,10 +494,13 @@ fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
             println!(
                 "cache:    {} ({})",
                 config.cache.dir.display(),
-                if stats.since_start.is_some() {
-                    "server running"
-                } else {
-                    "server not running"
+                match &found {
+                    Found::Serving(a) => format!("server running at {}", a.addr),
+                    Found::NotRunning => "server not running".to_owned(),
+                    Found::OtherCache { addr, dir } => format!(
+                        "read directly; the server at {addr} serves {}",
+                        dir.display()
+                    ),
                 }
             );
             println!(
@@ -287,7 +528,8 @@ fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
             Ok(())
         }
         CacheCommand::Ls { json } => {
-            let list: Vec<admin::TagListing> = match ask_server(config, "GET", "/admin/ls")? {
+            let list: Vec<admin::TagListing> = match ask(&find_server(config)?, "GET", "/admin/ls")?
+            {
                 Some(body) => serde_json::from_str(&body)?,
                 None => admin::list(&*open_store(config)?)?,
             };
@@ -304,58 +546,63 @@ fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
                     println!("{}", t.registry);
                     last_registry = t.registry.clone();
                 }
-                let age = stowage::clock::now_ms().saturating_sub(t.last_used_ms) / 1000;
-                let missing = if t.missing > 0 {
-                    format!(", {} objects not cached", t.missing)
-                } else {
-                    String::new()
-                };
                 println!(
-                    "  {}:{}  {}  {}  last used {} ago{}",
+                    "  {}:{}  {}  {}  last used {}",
                     t.repository,
                     t.tag,
                     &t.digest[..t.digest.len().min(19)],
-                    admin::human_bytes(t.cached_bytes),
-                    human_age(age),
-                    missing
+                    held(t),
+                    last_used(t.last_used_ms),
                 );
             }
             Ok(())
         }
         CacheCommand::Verify => {
-            let report: stowage::cache::VerifyReport =
-                match ask_server(config, "POST", "/admin/verify")? {
-                    Some(body) => serde_json::from_str(&body)?,
-                    None => {
-                        let store = open_store(config)?;
-                        let total = store.index.total();
-                        let bar = progress(total);
-                        let mut last_line = std::time::Instant::now();
-                        let r = admin::verify(&store, |bytes, d, ok| {
-                            if let Some(b) = &bar {
-                                b.set_position(bytes);
-                            } else if last_line.elapsed().as_secs() >= 5 {
-                                println!(
-                                    "verified {} of {}",
-                                    admin::human_bytes(bytes),
-                                    admin::human_bytes(total)
-                                );
-                                last_line = std::time::Instant::now();
-                            }
-                            if !ok {
-                                let msg = format!("corrupt: {d} (removed)");
-                                match &bar {
-                                    Some(b) => b.println(msg),
-                                    None => println!("{msg}"),
-                                }
-                            }
-                        })?;
-                        if let Some(b) = bar {
-                            b.finish_and_clear();
+            let report = match find_server(config)? {
+                Found::Serving(server) => {
+                    use admin::VerifyEvent;
+                    let mut view = None;
+                    let mut end = None;
+                    server.stream("POST", "/admin/verify", |event| match event {
+                        VerifyEvent::Start { objects, bytes } => {
+                            view = Some(VerifyView::new(objects, bytes))
                         }
-                        r
+                        VerifyEvent::Progress { checked, bytes } => {
+                            if let Some(v) = &mut view {
+                                v.progress(checked, bytes)
+                            }
+                        }
+                        VerifyEvent::Corrupt { digest } => match &view {
+                            Some(v) => v.corrupt(&digest),
+                            None => println!("corrupt: {digest} (removed)"),
+                        },
+                        VerifyEvent::Done(r) => end = Some(Ok(r)),
+                        VerifyEvent::Failed { message } => end = Some(Err(message)),
+                    })?;
+                    if let Some(v) = view {
+                        v.finish();
                     }
-                };
+                    match end {
+                        Some(Ok(r)) => r,
+                        Some(Err(m)) => bail!("the server's verify failed: {m}"),
+                        None => bail!("the server ended the verify without a report"),
+                    }
+                }
+                Found::NotRunning | Found::OtherCache { .. } => {
+                    let store = open_store(config)?;
+                    let mut view = VerifyView::new(store.index.len() as u64, store.index.total());
+                    let mut checked = 0;
+                    let r = admin::verify(&store, |bytes, d, ok| {
+                        checked += 1;
+                        if !ok {
+                            view.corrupt(&d.to_string());
+                        }
+                        view.progress(checked, bytes);
+                    })?;
+                    view.finish();
+                    r
+                }
+            };
             println!(
                 "verified {} objects ({}), {} corrupt and removed",
                 report.checked,
@@ -377,20 +624,23 @@ fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
             }
             let mut q = Vec::new();
             if let Some(s) = max_size {
-                q.push(format!("max_size={}", s.0));
+                q.push(format!("max_size={}B", s.0));
             }
             if let Some(d) = older_than {
                 q.push(format!("older_than={}ms", d.0.as_millis()));
             }
-            let report: admin::PruneReport =
-                match ask_server(config, "POST", &format!("/admin/prune?{}", q.join("&")))? {
-                    Some(body) => serde_json::from_str(&body)?,
-                    None => admin::prune(
-                        &*open_store(config)?,
-                        max_size.map(|s| s.0),
-                        older_than.map(|d| d.0),
-                    )?,
-                };
+            let report: admin::PruneReport = match ask(
+                &find_server(config)?,
+                "POST",
+                &format!("/admin/prune?{}", q.join("&")),
+            )? {
+                Some(body) => serde_json::from_str(&body)?,
+                None => admin::prune(
+                    &*open_store(config)?,
+                    max_size.map(|s| s.0),
+                    older_than.map(|d| d.0),
+                )?,
+            };
             println!(
                 "removed {} objects ({})",
                 report.objects,
@@ -401,12 +651,83 @@ fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
     }
 }
 
+/// What the cache holds of a tag's image. Nothing at all (not even its manifest) means
+/// eviction took it: the next pull fetches it again.
+fn held(t: &admin::TagListing) -> String {
+    match (t.cached_bytes, t.missing) {
+        (0, _) => "layers evicted (fetched again on the next pull)".to_owned(),
+        (bytes, 0) => admin::human_bytes(bytes),
+        (bytes, 1) => format!("{}, 1 object not cached", admin::human_bytes(bytes)),
+        (bytes, n) => format!("{}, {n} objects not cached", admin::human_bytes(bytes)),
+    }
+}
+
+/// `3h ago`, or `never` when no object of the image is left to have a last use (the store
+/// says 0, the 1970 epoch).
+fn last_used(ms: u64) -> String {
+    if ms == 0 {
+        return "never".to_owned();
+    }
+    let age = stowage::clock::now_ms().saturating_sub(ms) / 1000;
+    format!("{} ago", human_age(age))
+}
+
 fn human_age(secs: u64) -> String {
     match secs {
         s if s < 120 => format!("{s}s"),
         s if s < 7200 => format!("{}m", s / 60),
         s if s < 172_800 => format!("{}h", s / 3600),
         s => format!("{}d", s / 86_400),
+    }
+}
+
+/// What `cache verify` shows while it runs, from the server's events or the local verify:
+/// a progress bar on a terminal, else a line every `VERIFY_PROGRESS_EVERY` objects; each
+/// corrupt object as it is found.
+struct VerifyView {
+    bar: Option<indicatif::ProgressBar>,
+    objects: u64,
+    bytes: u64,
+    next_line: u64,
+}
+
+impl VerifyView {
+    fn new(objects: u64, bytes: u64) -> VerifyView {
+        VerifyView {
+            bar: progress(bytes),
+            objects,
+            bytes,
+            next_line: admin::VERIFY_PROGRESS_EVERY,
+        }
+    }
+
+    fn progress(&mut self, checked: u64, bytes: u64) {
+        if let Some(b) = &self.bar {
+            b.set_position(bytes);
+        } else if checked >= self.next_line {
+            println!(
+                "verified {checked} of {} objects ({} of {})",
+                self.objects,
+                admin::human_bytes(bytes),
+                admin::human_bytes(self.bytes)
+            );
+            self.next_line =
+                (checked / admin::VERIFY_PROGRESS_EVERY + 1) * admin::VERIFY_PROGRESS_EVERY;
+        }
+    }
+
+    fn corrupt(&self, digest: &str) {
+        let msg = format!("corrupt: {digest} (removed)");
+        match &self.bar {
+            Some(b) => b.println(msg),
+            None => println!("{msg}"),
+        }
+    }
+
+    fn finish(self) {
+        if let Some(b) = self.bar {
+            b.finish_and_clear();
+        }
     }
 }
 

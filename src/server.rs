@@ -44,11 +44,28 @@ pub enum Error {
     Store(#[from] StoreError),
     #[error("{0}")]
     Upstream(String),
-    #[error("cannot listen on {addr}: {source}")]
+    /// Says which listener (`[mirror] listen 127.0.0.1:5000: ...`), in words, without the
+    /// `io::Error` again as a cause.
+    #[error("[{}] listen {addr}: {}", listener.as_str(), bind_reason(error))]
     Bind {
+        listener: Listener,
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
+}
+
+fn bind_reason(e: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::AddrInUse => "address already in use (another process listens there)".into(),
+        ErrorKind::AddrNotAvailable => {
+            "address not available (no interface of this host has it)".into()
+        }
+        ErrorKind::PermissionDenied => {
+            "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)".into()
+        }
+        _ => e.to_string(),
+    }
 }
 
 pub struct Server {
@@ -63,8 +80,12 @@ pub struct Server {
 /// together looks the same.
 const LISTEN_BACKLOG: u32 = 4096;
 
-async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
-    let bind_error = |source| Error::Bind { addr, source };
+async fn bind(listener: Listener, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
+    let bind_error = |error| Error::Bind {
+        listener,
+        addr,
+        error,
+    };
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
@@ -73,9 +94,7 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
     socket.set_reuseaddr(true).map_err(bind_error)?;
     socket.bind(addr).map_err(bind_error)?;
     let l = socket.listen(LISTEN_BACKLOG).map_err(bind_error)?;
-    let local = l
-        .local_addr()
-        .map_err(|source| Error::Bind { addr, source })?;
+    let local = l.local_addr().map_err(bind_error)?;
     Ok((l, local))
 }
 
@@ -266,16 +285,16 @@ impl Server {
 
         let mut listeners = Vec::new();
         let mut own = OwnAddresses::default();
-        let (l, local) = bind(proxy_listen).await?;
+        let (l, local) = bind(Listener::Proxy, proxy_listen).await?;
         listeners.push((Listener::Proxy, l));
         own.listeners.push(local);
         if let Some(a) = config.mirror_listen()? {
-            let (l, local) = bind(a).await?;
+            let (l, local) = bind(Listener::Mirror, a).await?;
             listeners.push((Listener::Mirror, l));
             own.listeners.push(local);
         }
         if let Some(a) = config.direct_listen()? {
-            let (l, local) = bind(a).await?;
+            let (l, local) = bind(Listener::Direct, a).await?;
             listeners.push((Listener::Direct, l));
             own.listeners.push(local);
         }

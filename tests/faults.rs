@@ -528,7 +528,7 @@ async fn clients_outside_the_allow_list_get_403() {
     assert_eq!(status, StatusCode::FORBIDDEN);
     let (_, status, _) = connect_with(closed.addr, "tunnel.test:443", "").await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    // Refused at accept, before a request is read: the answer is a plain 403 and a close.
+    // Refused at accept, before Stowage serves anything: the answer is a plain 403 and a close.
     let mut tcp = TcpStream::connect(closed.addr).await.unwrap();
     let _ = tcp
         .write_all(b"GET /ca.crt HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -559,6 +559,52 @@ async fn clients_outside_the_allow_list_get_403() {
     )
     .await;
     assert_eq!(p.manifest_digest, img.manifest);
+}
+
+/// One raw request to `addr`; the whole answer as text.
+async fn raw_answer(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let _ = tcp.write_all(request.as_bytes()).await;
+    let mut resp = Vec::new();
+    let _ = bounded("answer", tcp.read_to_end(&mut resp)).await;
+    String::from_utf8_lossy(&resp).into_owned()
+}
+
+/// A liveness probe comes from wherever the kubelet runs: `/healthz` answers whatever
+/// `allow` says (issue 20), on the proxy and the mirror listener; nothing else does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_answers_outside_the_allow_list_and_nothing_else_does() {
+    let stowage = Stowage::builder()
+        .proxy("allow = [\"10.0.0.0/8\"]")
+        .toml("[mirror]\nlisten = \"127.0.0.1:0\"\nallow = [\"10.0.0.0/8\"]\n")
+        .start()
+        .await;
+    let mirror = stowage.mirror_addr.expect("mirror listener");
+    for addr in [stowage.addr, mirror] {
+        for probe in ["GET /healthz HTTP/1.1", "HEAD /healthz HTTP/1.1"] {
+            let text = raw_answer(
+                addr,
+                &format!("{probe}\r\nHost: 10.1.2.3:3128\r\nUser-Agent: kube-probe/1.31\r\n\r\n"),
+            )
+            .await;
+            assert!(text.starts_with("HTTP/1.1 200"), "{addr} {probe}: {text}");
+        }
+        for other in [
+            "GET /metrics HTTP/1.1",
+            "GET /ca.crt HTTP/1.1",
+            "GET /admin/stats HTTP/1.1",
+            "POST /healthz HTTP/1.1",
+            "GET /v2/ HTTP/1.1",
+            "CONNECT quay.io:443 HTTP/1.1",
+        ] {
+            let text = raw_answer(addr, &format!("{other}\r\nHost: x\r\n\r\n")).await;
+            assert!(text.starts_with("HTTP/1.1 403"), "{addr} {other}: {text}");
+            assert!(
+                !text.contains("stowage_") && !text.contains("BEGIN CERTIFICATE"),
+                "{text}"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

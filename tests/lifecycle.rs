@@ -847,7 +847,7 @@ async fn cache_commands_on_a_stopped_cache() {
     let o = inst.cli(&["cache", "prune"]);
     assert!(!o.status.success(), "prune without a limit must refuse");
     let limit = total_size(&inst.cache()) - 1;
-    let o = inst.cli(&["cache", "prune", "--max-size", &limit.to_string()]);
+    let o = inst.cli(&["cache", "prune", "--max-size", &format!("{limit}B")]);
     assert!(o.status.success());
     assert!(stdout(&o).starts_with("removed "), "{}", stdout(&o));
     assert!(!stdout(&o).starts_with("removed 0 "), "{}", stdout(&o));
@@ -909,7 +909,7 @@ async fn access_times_survive_a_restart() {
 
     // Room for one: the least recently *used* (b) goes, which only persisted access times
     // can tell (file times say a is older).
-    let o = inst.cli(&["cache", "prune", "--max-size", "150000"]);
+    let o = inst.cli(&["cache", "prune", "--max-size", "150000B"]);
     assert!(o.status.success());
     assert!(
         inst.blob_path(&a).is_file(),

@@ -6,6 +6,7 @@
 //! (the metadata store admits one process at a time).
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub mod setup;
@@ -16,6 +17,25 @@ use crate::cache::{BlobStore, StoreError, VerifyReport};
 use crate::clock::now_ms;
 use crate::oci::Digest;
 pub use crate::telemetry::metrics::Traffic;
+
+/// What `GET /admin/info` answers: that this is Stowage, and which cache it serves, so that
+/// `stowage cache ...` goes through a running server only for the cache it was asked about.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerInfo {
+    /// The server's version.
+    pub stowage: String,
+    /// Its cache directory, absolute.
+    pub cache_dir: PathBuf,
+}
+
+impl ServerInfo {
+    pub fn new(cache_dir: &Path) -> ServerInfo {
+        ServerInfo {
+            stowage: env!("CARGO_PKG_VERSION").to_owned(),
+            cache_dir: std::fs::canonicalize(cache_dir).unwrap_or_else(|_| cache_dir.to_owned()),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Stats {
@@ -145,6 +165,23 @@ pub fn prune(
     let cutoff = older_than.map(|d| now_ms().saturating_sub(d.as_millis() as u64));
     let (objects, bytes) = store.evict(max_size.unwrap_or(u64::MAX), cutoff)?;
     Ok(PruneReport { objects, bytes })
+}
+
+/// Progress lines of a verify, for a person: one every this many objects when the output
+/// is not a terminal; the server reports at least this often, and every second.
+pub const VERIFY_PROGRESS_EVERY: u64 = 1000;
+
+/// One line of `POST /admin/verify`'s answer (newline-delimited JSON): the totals first,
+/// progress as it goes, each corrupt object as it is found, then the report (or the error
+/// that stopped it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerifyEvent {
+    Start { objects: u64, bytes: u64 },
+    Progress { checked: u64, bytes: u64 },
+    Corrupt { digest: String },
+    Done(VerifyReport),
+    Failed { message: String },
 }
 
 pub fn verify(

@@ -27,6 +27,22 @@ use super::writer::BlobWriter;
 use super::index::Index;
 use crate::oci::{Algorithm, Digest};
 
+/// Holds the pid of the process that has `meta.redb` open, so that a second one can say
+/// who holds the cache. Written once the lock is taken; stale after a crash, which is why
+/// it is only read while another process holds the lock, and only believed when that
+/// process exists.
+const PID_FILE: &str = "stowage.pid";
+
+/// The process named by `dir`'s pid file, when it is alive and not this one.
+fn holder_pid(dir: &Path) -> Option<u32> {
+    let pid: u32 = fs::read_to_string(dir.join(PID_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    (pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists()).then_some(pid)
+}
+
 /// Page cache for `meta.redb`.
 const META_CACHE_BYTES: usize = 16 << 20;
 
@@ -38,6 +54,11 @@ pub enum StoreError {
     Mismatch { expected: Digest, actual: Digest },
     #[error("metadata store: {0}")]
     Meta(String),
+    /// The metadata store admits one process at a time (redb's file lock).
+    #[error("the cache {} is in use by another Stowage{}: stop it, or use `stowage cache ...` on its address (--listen) to go through it", dir.display(), pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    InUse { dir: PathBuf, pid: Option<u32> },
+    #[error("no cache at {}: nothing was ever cached there (check --cache-dir or [cache] dir; the server creates it when it starts)", dir.display())]
+    NoCache { dir: PathBuf },
 }
 
 impl StoreError {
@@ -82,6 +103,17 @@ pub struct VerifyReport {
 }
 
 impl BlobStore {
+    /// Opens a cache that exists, for the commands that inspect one (`stowage cache ...`):
+    /// a missing cache is an error, never created.
+    pub fn open_existing(dir: &Path) -> Result<Arc<BlobStore>, StoreError> {
+        if !dir.join("meta.redb").is_file() {
+            return Err(StoreError::NoCache {
+                dir: dir.to_owned(),
+            });
+        }
+        Self::open(dir)
+    }
+
     /// Opens (creating as needed) the cache at `dir` and clears leftovers of interrupted fills.
     pub fn open(dir: &Path) -> Result<Arc<BlobStore>, StoreError> {
         let blobs = dir.join("blobs");
@@ -97,7 +129,16 @@ impl BlobStore {
         let meta = redb::Builder::new()
             .set_cache_size(META_CACHE_BYTES)
             .create(&meta_path)
-            .map_err(|e| StoreError::Meta(format!("{}: {e}", meta_path.display())))?;
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse {
+                    dir: dir.to_owned(),
+                    pid: holder_pid(dir),
+                },
+                e => StoreError::Meta(format!("{}: {e}", meta_path.display())),
+            })?;
+        if let Err(e) = fs::write(dir.join(PID_FILE), format!("{}\n", std::process::id())) {
+            tracing::debug!(error = %e, "could not write the cache's pid file");
+        }
         let txn = meta
             .begin_write()
             .map_err(|e| StoreError::Meta(e.to_string()))?;
@@ -403,6 +444,20 @@ impl BlobStore {
             table.insert(key.as_str(), media_type).map_err(|e| m(&e))?;
         }
         txn.commit().map_err(|e| m(&e))
+    }
+}
+
+impl Drop for BlobStore {
+    /// The pid file goes with the lock (when it is still ours).
+    fn drop(&mut self) {
+        if let Some(dir) = self.blobs.parent() {
+            let path = dir.join(PID_FILE);
+            let ours =
+                fs::read_to_string(&path).is_ok_and(|s| s.trim() == std::process::id().to_string());
+            if ours {
+                let _ = fs::remove_file(path);
+            }
+        }
     }
 }
 

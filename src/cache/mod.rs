@@ -84,7 +84,7 @@ impl Cache {
                 Some(f) if f < self.limits.min_free.saturating_mul(2) => return Err("disk_full"),
                 _ => {
                     if self.disk_full.swap(false, Ordering::Relaxed) {
-                        tracing::info!(free = ?free, "free disk space is back: caching resumes");
+                        tracing::info!(free, "free disk space is back: caching resumes");
                     }
                 }
             }

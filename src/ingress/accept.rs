@@ -1,6 +1,7 @@
 //! The accept loops: one per listener, each connection in its own task. Allow lists and
 //! the connection limit are checked here, before any byte is read; refused HTTP clients get
-//! a short answer, refused TLS clients a close.
+//! a short answer (`/healthz` excepted from the allow lists, so that probes work from
+//! anywhere), refused TLS clients a close.
 //!
 //! Every accepted connection has a first-byte deadline (`[proxy] header_timeout`): one
 //! that sends nothing by then is closed, so silent connections hold a place under
@@ -32,13 +33,15 @@ pub async fn run(ingress: Arc<Ingress>, kind: Listener, listener: TcpListener) {
                     Listener::Direct => &ingress.direct.allow,
                 };
                 if !client_auth::allowed(allow, peer.ip()) {
-                    tracing::info!(%peer, listener = kind.as_str(), "client not in the allow list: refused");
                     if kind != Listener::Direct {
-                        ingress.tasks.spawn(refuse(
+                        ingress.tasks.spawn(refuse_all_but_health(
                             stream,
-                            "403 Forbidden",
-                            "your address may not use this proxy",
+                            peer,
+                            kind,
+                            ingress.limits.header_timeout.min(PROBE_DEADLINE),
                         ));
+                    } else {
+                        tracing::info!(%peer, listener = kind.as_str(), "client not in the allow list: refused");
                     }
                     continue;
                 }
@@ -107,6 +110,77 @@ async fn first_byte(
     }
 }
 
+/// How long a client outside the allow list has to send its request: probes send at once,
+/// and these connections hold no `max_connections` slot (outsiders must not be able to take
+/// the slots of allowed clients), so they are kept short instead.
+const PROBE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The largest request head a client outside the allow list may send: enough for a
+/// health probe's `GET /healthz` and its few headers.
+const PROBE_HEAD_LIMIT: usize = 4096;
+
+/// A client outside the allow list: `GET`/`HEAD /healthz` is answered (a liveness probe
+/// comes from wherever the kubelet runs, often outside the networks allowed to pull), every
+/// other request gets 403, and the connection is closed either way. One request, read within
+/// `deadline`; nothing else of Stowage is reached.
+async fn refuse_all_but_health(
+    mut stream: TcpStream,
+    peer: std::net::SocketAddr,
+    kind: Listener,
+    deadline: Duration,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let read = tokio::time::timeout(deadline, async {
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < PROBE_HEAD_LIMIT {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let line = head
+        .split(|&b| b == b'\r' || b == b'\n')
+        .next()
+        .unwrap_or(&[]);
+    let health = read.is_ok() && is_health_probe(line);
+    if health {
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
+                .await;
+            let _ = stream.shutdown().await;
+        })
+        .await;
+        return;
+    }
+    tracing::info!(%peer, listener = kind.as_str(), "client not in the allow list: refused");
+    refuse(
+        stream,
+        "403 Forbidden",
+        "your address may not use this proxy",
+    )
+    .await;
+}
+
+/// `GET /healthz HTTP/1.x` or `HEAD` (a query allowed, as probes may add one).
+fn is_health_probe(request_line: &[u8]) -> bool {
+    let Ok(line) = std::str::from_utf8(request_line) else {
+        return false;
+    };
+    let mut parts = line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    matches!(method, "GET" | "HEAD")
+        && target.split('?').next() == Some("/healthz")
+        && version.starts_with("HTTP/1.")
+}
+
 /// Answers a refused HTTP client with a short response and closes.
 async fn refuse(mut stream: TcpStream, status: &str, message: &str) {
     let body = format!("{message}\n");
@@ -116,4 +190,32 @@ async fn refuse(mut stream: TcpStream, status: &str, message: &str) {
         let _ = stream.shutdown().await;
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_health_probe_passes_the_allow_list() {
+        for ok in [
+            &b"GET /healthz HTTP/1.1"[..],
+            b"HEAD /healthz HTTP/1.0",
+            b"GET /healthz?probe=1 HTTP/1.1",
+        ] {
+            assert!(is_health_probe(ok), "{}", String::from_utf8_lossy(ok));
+        }
+        for no in [
+            &b"GET /metrics HTTP/1.1"[..],
+            b"GET /healthz/../admin/prune HTTP/1.1",
+            b"POST /healthz HTTP/1.1",
+            b"CONNECT quay.io:443 HTTP/1.1",
+            b"GET http://quay.io/healthz HTTP/1.1",
+            b"GET /healthz HTTP/1.1 extra",
+            b"GET /healthzz HTTP/1.1",
+            b"",
+        ] {
+            assert!(!is_health_probe(no), "{}", String::from_utf8_lossy(no));
+        }
+    }
 }

@@ -190,6 +190,11 @@ impl CertificateAuthority {
             dir: dir.to_owned(),
             message,
         };
+        if dir.exists() && !dir.is_dir() {
+            return Err(invalid(
+                "this is a file, not a directory: point [ca] dir (or --ca-dir) at a directory, which is created when missing".into(),
+            ));
+        }
         match (crt.exists(), key.exists()) {
             (true, true) => {
                 let mode = fs::metadata(&key).map_err(io(&key))?.permissions().mode();

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::loop_guard::canonical_ip;
@@ -99,9 +100,87 @@ fn json<T: serde::Serialize>(v: &T) -> Response<Body> {
     r
 }
 
+/// `POST /admin/verify`: the verify runs in the blocking pool and its events stream out as
+/// newline-delimited JSON (`admin::VerifyEvent`), with a progress line at least every second
+/// so that the client can tell a long verify from a stuck server. A client that goes away
+/// does not stop it: corrupt objects are still removed.
+fn verify_stream(ingress: &Arc<Ingress>) -> Response<Body> {
+    use crate::admin::{VerifyEvent, VERIFY_PROGRESS_EVERY};
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    let store = ingress.api.cache.store.clone();
+    let (tx, rx) = tokio::sync::mpsc::channel::<VerifyEvent>(256);
+    let progress = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+    let seen = progress.clone();
+    tokio::task::spawn_blocking(move || {
+        let _ = tx.blocking_send(VerifyEvent::Start {
+            objects: store.index.len() as u64,
+            bytes: store.index.total(),
+        });
+        let mut checked = 0u64;
+        let result = crate::admin::verify(&store, |bytes, d, ok| {
+            checked += 1;
+            seen.0.store(checked, Relaxed);
+            seen.1.store(bytes, Relaxed);
+            if !ok {
+                tracing::warn!(digest = %d, "verify: corrupt object removed");
+                let _ = tx.blocking_send(VerifyEvent::Corrupt {
+                    digest: d.to_string(),
+                });
+            }
+            if checked.is_multiple_of(VERIFY_PROGRESS_EVERY) {
+                let _ = tx.blocking_send(VerifyEvent::Progress { checked, bytes });
+            }
+        });
+        let _ = tx.blocking_send(match result {
+            Ok(report) => VerifyEvent::Done(report),
+            Err(e) => VerifyEvent::Failed {
+                message: e.to_string(),
+            },
+        });
+    });
+    let every = std::time::Duration::from_secs(1);
+    let ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let lines = futures_util::stream::unfold(
+        (rx, ticker, progress, false),
+        |(mut rx, mut ticker, progress, finished)| async move {
+            if finished {
+                return None;
+            }
+            // Events first: a tick never reports a count past one still queued.
+            let event = tokio::select! {
+                biased;
+                e = rx.recv() => e?,
+                _ = ticker.tick() => VerifyEvent::Progress {
+                    checked: progress.0.load(Relaxed),
+                    bytes: progress.1.load(Relaxed),
+                },
+            };
+            let finished = matches!(event, VerifyEvent::Done(_) | VerifyEvent::Failed { .. });
+            let mut line = serde_json::to_vec(&event).unwrap_or_default();
+            line.push(b'\n');
+            let frame = http_body::Frame::data(bytes::Bytes::from(line));
+            Some((
+                Ok::<_, crate::http_util::BoxError>(frame),
+                (rx, ticker, progress, finished),
+            ))
+        },
+    );
+    let mut r = Response::new(BodyExt::boxed_unsync(http_body_util::StreamBody::new(
+        lines,
+    )));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    r
+}
+
 /// `/admin/*`: the running server's side of `stowage cache ...`.
 async fn admin(ingress: &Arc<Ingress>, req: &Request<Incoming>) -> Response<Body> {
     use crate::admin;
+    if req.method() == Method::POST && req.uri().path() == "/admin/verify" {
+        return verify_stream(ingress);
+    }
     let query: std::collections::HashMap<String, String> = req
         .uri()
         .query()
@@ -116,25 +195,22 @@ async fn admin(ingress: &Arc<Ingress>, req: &Request<Incoming>) -> Response<Body
     let result = tokio::task::spawn_blocking(move || -> Result<Response<Body>, String> {
         let store = &st.api.cache.store;
         Ok(match (method, path.as_str()) {
+            (Method::GET, "/admin/info") => json(&admin::ServerInfo::new(&st.config.cache.dir)),
             (Method::GET, "/admin/stats") => {
                 let mut s = admin::stats(store, st.api.cache.limits.max_size);
                 s.since_start = Some(st.api.metrics.traffic());
                 json(&s)
             }
             (Method::GET, "/admin/ls") => json(&admin::list(store).map_err(|e| e.to_string())?),
-            (Method::POST, "/admin/verify") => {
-                let report = admin::verify(store, |_, d, ok| {
-                    if !ok {
-                        tracing::warn!(digest = %d, "verify: corrupt object removed");
-                    }
-                })
-                .map_err(|e| e.to_string())?;
-                json(&report)
-            }
             (Method::POST, "/admin/prune") => {
                 let max = query
                     .get("max_size")
-                    .map(|v| v.parse::<crate::settings::Size>())
+                    // Bytes, or a size with its unit (what `stowage cache prune` sends).
+                    .map(|v| {
+                        v.parse::<u64>()
+                            .map(crate::settings::Size)
+                            .or_else(|_| v.parse::<crate::settings::Size>())
+                    })
                     .transpose()?
                     .map(|s| s.0);
                 let older = query
@@ -146,7 +222,7 @@ async fn admin(ingress: &Arc<Ingress>, req: &Request<Incoming>) -> Response<Body
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "admin: GET stats, GET ls, POST verify, POST prune?max_size=&older_than=",
+                "admin: GET info, GET stats, GET ls, POST verify, POST prune?max_size=&older_than=",
             ),
         })
     })

@@ -30,6 +30,12 @@ pub enum ConfigError {
     Parse(String),
     #[error("invalid config: {key}: {message}")]
     Invalid { key: String, message: String },
+    /// Any of the above, found in this file.
+    #[error("{path}: {error}")]
+    InFile {
+        path: PathBuf,
+        error: Box<ConfigError>,
+    },
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -670,7 +676,10 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Config::from_toml_str(&text)
+        Config::from_toml_str(&text).map_err(|error| ConfigError::InFile {
+            path: path.to_owned(),
+            error: Box::new(error),
+        })
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -1069,22 +1078,36 @@ impl fmt::Display for HumanDuration {
     }
 }
 
-/// A byte count written as `512MiB`, `50GiB`, `10MB` or a plain number of bytes.
+/// A byte count written as `512MiB`, `1.5GiB`, `10MB` or `4096B`. The unit is required:
+/// `max_size = 50` could mean 50 bytes or 50 GiB, so it is refused with a message that
+/// shows `"50GiB"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Size(pub u64);
+
+const SIZE_UNITS: &str = "B, KiB, MiB, GiB, TiB, KB, MB, GB, TB";
+
+/// The refusal of a number without a unit, `n` as written.
+fn size_without_unit(n: &str) -> String {
+    format!("a size needs a unit: write \"{n}GiB\" or \"{n}MiB\" (\"{n}B\" for bytes), in quotes")
+}
 
 impl FromStr for Size {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("{s:?} is not a size like 512MiB or 50GiB"))?;
+        let not_a_size = || format!("{s:?} is not a size like 512MiB, 1.5GiB or 50GiB");
+        let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+        let digits = |t: &str| t.bytes().all(|c| c.is_ascii_digit());
+        if (int.is_empty() && frac.is_empty()) || !digits(int) || !digits(frac) {
+            return Err(not_a_size());
+        }
         let mult: u64 = match unit.trim() {
-            "" | "B" => 1,
+            "B" => 1,
             "KiB" => 1 << 10,
             "MiB" => 1 << 20,
             "GiB" => 1 << 30,
@@ -1093,15 +1116,23 @@ impl FromStr for Size {
             "MB" => 1_000_000,
             "GB" => 1_000_000_000,
             "TB" => 1_000_000_000_000,
-            _ => {
-                return Err(format!(
-                    "{s:?}: unit must be one of B, KiB, MiB, GiB, TiB, KB, MB, GB, TB"
-                ))
+            "" => return Err(format!("{s:?}: {}", size_without_unit(num))),
+            _ => return Err(format!("{s:?}: the unit must be one of {SIZE_UNITS}")),
+        };
+        // Exact: the whole part times the unit, plus the fraction of a unit (rounded down
+        // to a byte). 19 fraction digits are more than any unit here can use.
+        let frac = &frac[..frac.len().min(19)];
+        let whole = int.parse::<u128>().unwrap_or(0) * mult as u128;
+        let part = match frac.is_empty() {
+            true => 0,
+            false => {
+                frac.parse::<u128>().map_err(|_| not_a_size())? * mult as u128
+                    / 10u128.pow(frac.len() as u32)
             }
         };
-        n.checked_mul(mult)
+        u64::try_from(whole + part)
             .map(Size)
-            .ok_or_else(|| format!("{s:?} is too large"))
+            .map_err(|_| format!("{s:?} is too large"))
     }
 }
 
@@ -1111,10 +1142,12 @@ impl<'de> Deserialize<'de> for Size {
         #[serde(untagged)]
         enum Raw {
             N(u64),
+            F(f64),
             S(String),
         }
         match Raw::deserialize(d)? {
-            Raw::N(n) => Ok(Size(n)),
+            Raw::N(n) => Err(serde::de::Error::custom(size_without_unit(&n.to_string()))),
+            Raw::F(f) => Err(serde::de::Error::custom(size_without_unit(&f.to_string()))),
             Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
         }
     }
@@ -1235,8 +1268,26 @@ mod tests {
     fn sizes_and_durations() {
         assert_eq!("50GiB".parse::<Size>().unwrap(), Size(50 << 30));
         assert_eq!("10MB".parse::<Size>().unwrap(), Size(10_000_000));
-        assert_eq!("123".parse::<Size>().unwrap(), Size(123));
-        assert!("5XB".parse::<Size>().is_err());
+        assert_eq!("123B".parse::<Size>().unwrap(), Size(123));
+        assert_eq!("1.5GiB".parse::<Size>().unwrap(), Size(3 << 29));
+        assert_eq!("0.5KiB".parse::<Size>().unwrap(), Size(512));
+        assert_eq!("2.25 MB".parse::<Size>().unwrap(), Size(2_250_000));
+        assert_eq!(".5MiB".parse::<Size>().unwrap(), Size(1 << 19));
+        let e = "123".parse::<Size>().unwrap_err();
+        assert!(e.contains("\"123GiB\""), "{e}");
+        for bad in ["5XB", "1.2.3GiB", ".GiB", "GiB", "", "-1GiB", "1e3B"] {
+            assert!(bad.parse::<Size>().is_err(), "{bad}");
+        }
+        let e = Config::from_toml_str("[cache]\nmax_size = 50\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"50GiB\"") && e.contains("max_size"), "{e}");
+        let e = Config::from_toml_str("[cache]\nmax_size = 1.5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"1.5GiB\""), "{e}");
+        let c = Config::from_toml_str("[cache]\nmax_size = \"1.5GiB\"\n").unwrap();
+        assert_eq!(c.cache.max_size, Size(3 << 29));
         assert!("99999999999TiB".parse::<Size>().is_err());
         assert_eq!(
             "10m".parse::<HumanDuration>().unwrap().0,

@@ -58,6 +58,11 @@ pub struct LogLine {
     pub metrics: std::sync::Arc<crate::telemetry::metrics::Metrics>,
 }
 
+/// Milliseconds to the microsecond, as a log field: `0.129`, not `0.12923300000000001`.
+pub fn millis(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
 /// A response body that counts what it sends and logs the request when it ends.
 pub struct Logged {
     inner: Body,
@@ -138,7 +143,7 @@ impl Drop for Logged {
             status = l.status,
             bytes = self.bytes,
             complete,
-            duration_ms = l.started.elapsed().as_secs_f64() * 1000.0,
+            duration_ms = millis(l.started.elapsed()),
             "request"
         );
         use crate::telemetry::metrics::{RequestLabels, SourceLabels};
@@ -180,5 +185,20 @@ impl Drop for Logged {
         } else {
             t.bytes_upstream.fetch_add(self.bytes, Relaxed)
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_logged_to_the_microsecond() {
+        let d = std::time::Duration::from_nanos(129_233);
+        assert_eq!(millis(d).to_string(), "0.129");
+        assert_eq!(
+            millis(std::time::Duration::from_millis(1500)).to_string(),
+            "1500"
+        );
     }
 }

@@ -495,7 +495,7 @@ dir = "{dir}/ca"
 [cache]
 dir = "{dir}/cache"
 max_size = "256MiB"
-min_free = "0"
+min_free = "0B"
 max_manifest_size = "64KiB"
 manifest_ttl = "1m"
 
