@@ -105,10 +105,15 @@ DOCKER_BUILDKIT=1 dk "$engine" build --target prebuilt \
   -t "$image" "$REPO" >"$WORK/build.log" 2>&1 || { cat "$WORK/build.log" >&2; fail "docker build --target prebuilt"; }
 size=$(dk "$engine" image inspect -f '{{.Size}}' "$image")
 [[ $(dk "$engine" image inspect -f '{{.Config.User}}' "$image") == 10001:10001 ]] || fail "the image does not run as 10001:10001"
-if dk "$engine" run --rm --network none --entrypoint /bin/sh "$image" -c true >/dev/null 2>&1; then
-  fail "the image has a shell"
+cid=$(dk "$engine" create "$image")
+dk "$engine" export "$cid" | tar -t >"$WORK/image-files.txt" || fail "docker export"
+dk "$engine" rm "$cid" >/dev/null
+grep -qx 'etc/ssl/certs/ca-certificates.crt' "$WORK/image-files.txt" || fail "the image has no CA bundle"
+grep -qx 'usr/local/bin/stowage' "$WORK/image-files.txt" || fail "the image has no /usr/local/bin/stowage"
+if grep -qE '^(usr/)?s?bin/([a-z]*sh|busybox)$' "$WORK/image-files.txt"; then
+  fail "the image has a shell: $(grep -E '^(usr/)?s?bin/([a-z]*sh|busybox)$' "$WORK/image-files.txt" | tr '\n' ' ')"
 fi
-ok "docker build --target prebuilt: $image, $((size / 1000000)) MB ($size bytes), user 10001, no /bin/sh"
+ok "docker build --target prebuilt: $image, $((size / 1000000)) MB ($size bytes), $(grep -vc '/$' "$WORK/image-files.txt") files, user 10001, CA bundle, no shell"
 
 # --- 1. as examples/kubernetes/deployment.yaml runs it -----------------------------------------
 proxy_port=$(free_port)
