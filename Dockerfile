@@ -29,14 +29,19 @@ WORKDIR /src
 COPY . .
 RUN cargo build --release --locked --bin stowage && strip target/release/stowage
 
-# The directories the volumes mount on, made without a shell (the runtime base has none).
+# The directories the volumes mount on, made without a shell (the runtime base has none):
+# /var/cache and /var/lib owned by root, what is below them by 10001. (COPY --chown also
+# chowns every directory it creates or finds inside what it copies, hence three steps.)
 FROM scratch AS dirs
-WORKDIR /var/cache/stowage
-WORKDIR /var/lib/stowage/certs
+WORKDIR /parents/var/cache
+WORKDIR /parents/var/lib
+WORKDIR /leaves/cache/stowage
+WORKDIR /leaves/lib/stowage/certs
 
 FROM ${RUNTIME_IMAGE} AS runtime
-COPY --from=dirs --chown=10001:10001 /var/cache/stowage /var/cache/stowage
-COPY --from=dirs --chown=10001:10001 /var/lib/stowage /var/lib/stowage
+COPY --from=dirs /parents/ /
+COPY --from=dirs --chown=10001:10001 /leaves/cache/ /var/cache/
+COPY --from=dirs --chown=10001:10001 /leaves/lib/ /var/lib/
 COPY docker/config.toml /etc/stowage/config.toml
 USER 10001:10001
 EXPOSE 3128 5000

@@ -112,14 +112,22 @@ DOCKER_BUILDKIT=1 dk "$engine" build --target prebuilt \
 size=$(dk "$engine" image inspect -f '{{.Size}}' "$image")
 [[ $(dk "$engine" image inspect -f '{{.Config.User}}' "$image") == 10001:10001 ]] || fail "the image does not run as 10001:10001"
 cid=$(dk "$engine" create "$image")
-dk "$engine" export "$cid" | tar -t >"$WORK/image-files.txt" || fail "docker export"
+dk "$engine" export "$cid" | tar -tv --numeric-owner >"$WORK/image-ls.txt" || fail "docker export"
 dk "$engine" rm "$cid" >/dev/null
+awk '{ print $NF }' "$WORK/image-ls.txt" >"$WORK/image-files.txt"
+owner() { awk -v p="$1" '$NF == p { print $2 }' "$WORK/image-ls.txt"; }
+for d in var/ var/cache/ var/lib/ etc/stowage/; do
+  [[ $(owner "$d") == 0/0 ]] || fail "$d in the image is owned by $(owner "$d"), not root"
+done
+for d in var/cache/stowage/ var/lib/stowage/ var/lib/stowage/certs/; do
+  [[ $(owner "$d") == 10001/10001 ]] || fail "$d in the image is owned by $(owner "$d"), not 10001"
+done
 grep -qx 'etc/ssl/certs/ca-certificates.crt' "$WORK/image-files.txt" || fail "the image has no CA bundle"
 grep -qx 'usr/local/bin/stowage' "$WORK/image-files.txt" || fail "the image has no /usr/local/bin/stowage"
 if grep -qE '^(usr/)?s?bin/([a-z]*sh|busybox)$' "$WORK/image-files.txt"; then
   fail "the image has a shell: $(grep -E '^(usr/)?s?bin/([a-z]*sh|busybox)$' "$WORK/image-files.txt" | tr '\n' ' ')"
 fi
-ok "docker build --target prebuilt: $image, $((size / 1000000)) MB ($size bytes), $(grep -vc '/$' "$WORK/image-files.txt") files, user 10001, CA bundle, no shell"
+ok "docker build --target prebuilt: $image, $((size / 1000000)) MB ($size bytes), $(grep -vc '/$' "$WORK/image-files.txt") files, user 10001 (owns only the volume directories), CA bundle, no shell"
 
 # --- 1. as examples/kubernetes/deployment.yaml runs it -----------------------------------------
 proxy_port=$(free_port)
