@@ -215,13 +215,14 @@ ns="stowage-e2e-$$"
 ip netns add "$ns" || fail "ip netns add $ns"
 AT_EXIT+=("ip netns del $ns")
 ip netns exec "$ns" ip link set lo up
-# nsenter, not `ip netns exec`: that remounts /sys, and dockerd needs the cgroup mounts.
+# nsenter, not `ip netns exec`: that remounts /sys, and dockerd needs the cgroup mounts. (A
+# process to spawn is given nsenter itself, which execs it: its PID is the one recorded.)
 in_ns() { nsenter --net="/run/netns/$ns" "$@"; }
 
 # The same registry storage, served inside the namespace on every address, same port.
 sed -e "s|addr: 127.0.0.1:$reg_port|addr: 0.0.0.0:$reg_port|" "$WORK/registry/config.yml" >"$WORK/registry/config-ns.yml"
 grep -q "0.0.0.0:$reg_port" "$WORK/registry/config-ns.yml" || fail "registry config substitution"
-spawn "$WORK/registry-ns.log" in_ns docker-registry serve "$WORK/registry/config-ns.yml" >/dev/null
+spawn "$WORK/registry-ns.log" nsenter --net="/run/netns/$ns" docker-registry serve "$WORK/registry/config-ns.yml" >/dev/null
 UPSTREAM=registry-ns
 gateway=172.31.254.1
 cdir="$WORK/compose"
