@@ -20,6 +20,8 @@ declare -A PROBES=(
   [apache2-utils]=/usr/bin/htpasswd
   [docker.io]=/usr/sbin/dockerd
   [busybox-static]=/bin/busybox
+  [docker-compose]=/usr/bin/docker-compose
+  [python3-yaml]=/usr/lib/python3/dist-packages/yaml/__init__.py
 )
 
 missing=()

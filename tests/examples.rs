@@ -93,19 +93,40 @@ fn embedded_config_extraction_finds_the_block() {
     assert!(!found[0].contains("other"), "{:?}", found[0]);
 }
 
-/// The exec-form (JSON array) value of the last `KEYWORD` instruction in the Dockerfile's
-/// final stage, as the container runtime sees it.
+/// The exec-form (JSON array) value of the last `KEYWORD` instruction that the Dockerfile's
+/// default (final) stage has, as the container runtime sees it: its own, or else the one it
+/// inherits from the stage it is built `FROM`, and so on up.
 fn dockerfile_exec(dockerfile: &str, keyword: &str) -> Vec<String> {
-    let last_stage = dockerfile
-        .rsplit_once("\nFROM ")
-        .map(|(_, stage)| stage)
-        .expect("Dockerfile has a FROM");
-    let line = last_stage
-        .lines()
-        .rfind(|l| l.starts_with(&format!("{keyword} ")))
-        .unwrap_or_else(|| panic!("Dockerfile: no {keyword} in the final stage"));
-    serde_json::from_str(line[keyword.len()..].trim())
-        .unwrap_or_else(|e| panic!("Dockerfile: {keyword} is not in exec form ({e}): {line}"))
+    // (alias, base, lines) per stage, in order.
+    let mut stages: Vec<(Option<&str>, &str, Vec<&str>)> = Vec::new();
+    for line in dockerfile.lines() {
+        if let Some(from) = line.strip_prefix("FROM ") {
+            let words: Vec<&str> = from.split_whitespace().collect();
+            let alias = match words.as_slice() {
+                [_, as_, alias] if as_.eq_ignore_ascii_case("as") => Some(*alias),
+                _ => None,
+            };
+            stages.push((alias, words[0], Vec::new()));
+        } else if let Some(stage) = stages.last_mut() {
+            stage.2.push(line);
+        }
+    }
+    let mut stage = stages.last().expect("Dockerfile has a FROM");
+    loop {
+        if let Some(line) = stage
+            .2
+            .iter()
+            .rfind(|l| l.starts_with(&format!("{keyword} ")))
+        {
+            return serde_json::from_str(line[keyword.len()..].trim()).unwrap_or_else(|e| {
+                panic!("Dockerfile: {keyword} is not in exec form ({e}): {line}")
+            });
+        }
+        stage = stages
+            .iter()
+            .find(|s| s.0 == Some(stage.1))
+            .unwrap_or_else(|| panic!("Dockerfile: no {keyword} in the default stage's chain"));
+    }
 }
 
 fn strings(v: &serde_norway::Value) -> Vec<String> {

@@ -10,6 +10,8 @@ STOWAGE_BIN=${STOWAGE_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/debug/stowage}
 SCENARIO=$(basename "$0" .sh)
 WORK=$(mktemp -d "/tmp/stowage-e2e-$SCENARIO.XXXXXX")
 PIDS=()
+# Commands cleanup runs (with eval) after every recorded process has stopped.
+AT_EXIT=()
 # The venv tests/deps.sh installs moto into (Debian's python3 takes no pip installs).
 TEST_VENV=${STOWAGE_TEST_VENV:-/opt/stowage-test-venv}
 
@@ -34,6 +36,16 @@ cleanup() {
   for pid in "${PIDS[@]}"; do
     wait "$pid" 2>/dev/null || true
   done
+  local cmd
+  for cmd in "${AT_EXIT[@]}"; do
+    eval "$cmd" || true
+  done
+  # What a stopped process left mounted under $WORK (dockerd leaves exec-root/netns/default
+  # behind once a container used --network host), so the directory can be removed.
+  local mnt
+  while read -r mnt; do
+    umount -l "$mnt" 2>/dev/null || true
+  done < <(awk -v w="$WORK/" 'index($2, w) == 1 { print $2 }' /proc/mounts | sort -r)
   if [[ $status -ne 0 ]]; then
     log "logs kept in $WORK"
     for f in "$WORK"/*.log; do
