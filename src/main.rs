@@ -73,6 +73,30 @@ enum CacheCommand {
     },
     /// Re-hash every object; report and remove corrupt ones.
     Verify,
+    /// Drop a tag's row (its objects stay until evicted), so the next pull asks upstream;
+    /// also forgets a remembered upstream 404 for it.
+    Forget {
+        /// An image reference: alpine:3, quay.io/org/app:1.2, registry:5000/app:tag.
+        image: String,
+    },
+    /// The digests a tag resolved to and when (the last 20).
+    History {
+        /// An image reference with a tag, e.g. quay.io/org/app:1.2.
+        image: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Never evict an image's manifests and blobs (max_size eviction works around it).
+    Pin {
+        /// An image reference: alpine:3, quay.io/org/app@sha256:....
+        image: String,
+    },
+    /// Undo `cache pin`.
+    Unpin {
+        /// An image reference, as pinned.
+        image: String,
+    },
     /// Remove least recently used objects down to a size, and/or those unused for a time.
     Prune {
         /// Evict least recently used objects until the cache is at most this size, e.g. 20GiB.
@@ -510,6 +534,9 @@ fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
                 100.0 * stats.bytes as f64 / stats.max_size.max(1) as f64
             );
             println!("objects:  {}", stats.objects);
+            if stats.pinned_bytes > 0 {
+                println!("pinned:   {}", admin::human_bytes(stats.pinned_bytes));
+            }
             if let Some(t) = stats.since_start {
                 let ratio = t
                     .hit_ratio()
@@ -547,12 +574,13 @@ fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
                     last_registry = t.registry.clone();
                 }
                 println!(
-                    "  {}:{}  {}  {}  last used {}",
+                    "  {}:{}  {}  {}  last used {}{}",
                     t.repository,
                     t.tag,
                     &t.digest[..t.digest.len().min(19)],
                     held(t),
                     last_used(t.last_used_ms),
+                    if t.pinned { "  pinned" } else { "" },
                 );
             }
             Ok(())
@@ -615,6 +643,52 @@ fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        CacheCommand::Forget { image } => {
+            let image = parse_image(&image)?;
+            let path = format!("/admin/forget?ref={}", query_escape(&image.to_string()));
+            let report: admin::ForgetReport = match ask(&find_server(config)?, "POST", &path)? {
+                Some(body) => serde_json::from_str(&body)?,
+                None => admin::forget(&*open_store(config)?, &image).map_err(anyhow::Error::msg)?,
+            };
+            if report.forgotten {
+                println!("forgot {}: the next pull asks upstream", report.image);
+            } else {
+                println!(
+                    "{} was not cached as a tag; nothing to forget",
+                    report.image
+                );
+            }
+            Ok(())
+        }
+        CacheCommand::History { image, json } => {
+            let image = parse_image(&image)?;
+            let path = format!("/admin/history?ref={}", query_escape(&image.to_string()));
+            let changes: Vec<stowage::cache::TagChange> =
+                match ask(&find_server(config)?, "GET", &path)? {
+                    Some(body) => serde_json::from_str(&body)?,
+                    None => {
+                        admin::history(&*open_store(config)?, &image).map_err(anyhow::Error::msg)?
+                    }
+                };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&changes)?);
+                return Ok(());
+            }
+            if changes.is_empty() {
+                println!("{image}: no history (never pulled through this cache)");
+            }
+            for c in &changes {
+                println!(
+                    "{}  {}  ({} ago)",
+                    c.digest,
+                    format_ms(c.at_ms),
+                    human_age(stowage::clock::now_ms().saturating_sub(c.at_ms) / 1000)
+                );
+            }
+            Ok(())
+        }
+        CacheCommand::Pin { image } => pin_command(config, &image, true),
+        CacheCommand::Unpin { image } => pin_command(config, &image, false),
         CacheCommand::Prune {
             max_size,
             older_than,
@@ -649,6 +723,59 @@ fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn parse_image(text: &str) -> anyhow::Result<stowage::oci::ImageRef> {
+    Ok(text.parse::<stowage::oci::ImageRef>()?)
+}
+
+/// `text` as a query value: everything but unreserved characters percent-encoded.
+fn query_escape(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Unix milliseconds as `2026-12-02 07:58:08 UTC`.
+fn format_ms(ms: u64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+fn pin_command(config: &Config, image: &str, pinned: bool) -> anyhow::Result<()> {
+    let image = parse_image(image)?;
+    let op = if pinned { "pin" } else { "unpin" };
+    let path = format!("/admin/{op}?ref={}", query_escape(&image.to_string()));
+    let report: admin::PinReport = match ask(&find_server(config)?, "POST", &path)? {
+        Some(body) => serde_json::from_str(&body)?,
+        None => admin::pin(&*open_store(config)?, &image, pinned)?,
+    };
+    let held = format!(
+        "{} objects, {} cached",
+        report.objects,
+        admin::human_bytes(report.bytes)
+    );
+    match (pinned, report.changed) {
+        (true, true) => println!("pinned {} ({held}): never evicted", report.image),
+        (true, false) => println!("{} was already pinned ({held})", report.image),
+        (false, true) => println!("unpinned {} ({held})", report.image),
+        (false, false) => println!("{} was not pinned", report.image),
+    }
+    Ok(())
 }
 
 /// What the cache holds of a tag's image. Nothing at all (not even its manifest) means

@@ -154,6 +154,7 @@ impl Instance {
         Proc {
             child,
             client: ProxyClient::via_proxy(addr, &ca_pem),
+            addr,
             log,
         }
     }
@@ -180,6 +181,8 @@ impl Instance {
 struct Proc {
     child: Child,
     client: ProxyClient,
+    /// The proxy listener (where `stowage cache ...` finds the server: `--listen`).
+    addr: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -916,4 +919,91 @@ async fn access_times_survive_a_restart() {
         "the recently used blob was pruned: access times were lost"
     );
     assert!(!inst.blob_path(&b).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pins_survive_eviction_and_forget_and_history_follow_a_retag() {
+    let ca = TestCa::new();
+    let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
+    let port = quay.port();
+    let a = quay.push_image("pub/a", "1", &[pseudo_random(200_000, 91)]);
+    let b = quay.push_image("pub/b", "1", &[pseudo_random(200_000, 92)]);
+    let inst = Instance::new(&ca, "");
+    let p = inst.start();
+    let listen = p.addr.to_string();
+    let cli = |args: &[&str]| {
+        let mut all = vec!["--listen", listen.as_str()];
+        all.extend_from_slice(args);
+        let o = inst.cli(&all);
+        assert!(o.status.success(), "stowage {args:?} failed");
+        stdout(&o)
+    };
+    // a first: without its pin, the least recently used image and the first to go.
+    pull(&p.client, "quay.io", port, "pub/a", "1", Alpn::Http11).await;
+    for d in a.blobs() {
+        eventually("a stored", || inst.blob_path(&d).is_file()).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await; // access times: 1 s granularity
+    pull(&p.client, "quay.io", port, "pub/b", "1", Alpn::Http11).await;
+    for d in b.blobs() {
+        eventually("b stored", || inst.blob_path(&d).is_file()).await;
+    }
+    let a_ref = format!("quay.io:{port}/pub/a:1");
+    assert!(cli(&["cache", "pin", &a_ref]).contains("pinned"));
+    assert!(cli(&["cache", "pin", &a_ref]).contains("already pinned"));
+
+    // Room for one image: b (used more recently) is evicted, pinned a stays.
+    cli(&["cache", "prune", "--max-size", "300000B"]);
+    for d in a.blobs() {
+        assert!(inst.blob_path(&d).is_file(), "pinned {d} was evicted");
+    }
+    assert!(
+        !inst.blob_path(&b.layers[0]).exists(),
+        "b's layer was not evicted"
+    );
+    let ls = cli(&["cache", "ls"]);
+    assert!(
+        ls.lines()
+            .any(|l| l.contains("pub/a:1") && l.ends_with("pinned")),
+        "{ls}"
+    );
+    assert!(cli(&["cache", "stats"]).contains("pinned:"));
+    // Unpinned, it goes like any other.
+    assert!(cli(&["cache", "unpin", &a_ref]).contains("unpinned"));
+    cli(&["cache", "prune", "--max-size", "0B"]);
+    assert!(!inst.blob_path(&a.layers[0]).exists());
+
+    // Upstream retags a; forget makes the next pull ask upstream (the tag is fresh for
+    // five minutes otherwise), which gets the new image; history has both digests.
+    let a2 = quay.push_image("pub/a", "1", &[pseudo_random(1_000, 93)]);
+    assert!(cli(&["cache", "forget", &a_ref]).contains("forgot"));
+    let seen = quay.requests().len();
+    let pulled = pull(&p.client, "quay.io", port, "pub/a", "1", Alpn::Http11).await;
+    assert_eq!(pulled.manifest_digest, a2.manifest);
+    assert!(
+        quay.requests()[seen..]
+            .iter()
+            .any(|r| r.method == Method::GET && r.path.ends_with("/pub/a/manifests/1")),
+        "the pull after forget did not ask upstream"
+    );
+    let history = cli(&["cache", "history", &a_ref]);
+    let (first, second) = (
+        history
+            .find(&a.manifest)
+            .expect("the first digest in history"),
+        history
+            .find(&a2.manifest)
+            .expect("the second digest in history"),
+    );
+    assert!(first < second, "{history}");
+    // A digest names no tag: forget refuses it clearly.
+    let o = inst.cli(&[
+        "--listen",
+        &listen,
+        "cache",
+        "forget",
+        &format!("quay.io:{port}/pub/a@{}", a2.manifest),
+    ]);
+    assert!(!o.status.success());
+    p.stop();
 }

@@ -13,9 +13,9 @@ pub mod setup;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cache::{BlobStore, StoreError, VerifyReport};
+use crate::cache::{BlobStore, StoreError, TagChange, VerifyReport};
 use crate::clock::now_ms;
-use crate::oci::Digest;
+use crate::oci::{Digest, ImageRef};
 pub use crate::telemetry::metrics::Traffic;
 
 /// What `GET /admin/info` answers: that this is Stowage, and which cache it serves, so that
@@ -42,6 +42,9 @@ pub struct Stats {
     pub objects: u64,
     pub bytes: u64,
     pub max_size: u64,
+    /// Bytes of pinned images (never evicted).
+    #[serde(default)]
+    pub pinned_bytes: u64,
     /// Present when asked of a running server.
     pub since_start: Option<Traffic>,
 }
@@ -51,8 +54,70 @@ pub fn stats(store: &BlobStore, max_size: u64) -> Stats {
         objects: store.index.len() as u64,
         bytes: store.index.total(),
         max_size,
+        pinned_bytes: store
+            .pinned_objects()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|d| store.index.get(d))
+            .map(|e| e.size)
+            .sum(),
         since_start: None,
     }
+}
+
+/// What `cache pin` / `cache unpin` did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PinReport {
+    pub image: String,
+    /// False when it already was (or was not) pinned.
+    pub changed: bool,
+    /// What the cache holds of the image now.
+    pub objects: u64,
+    pub bytes: u64,
+}
+
+pub fn pin(store: &BlobStore, image: &ImageRef, pinned: bool) -> Result<PinReport, StoreError> {
+    let changed = store.set_pin(image, pinned)?;
+    let objects = store.image_objects(image)?;
+    let held: Vec<u64> = objects
+        .iter()
+        .filter_map(|d| store.index.get(d))
+        .map(|e| e.size)
+        .collect();
+    Ok(PinReport {
+        image: image.to_string(),
+        changed,
+        objects: held.len() as u64,
+        bytes: held.iter().sum(),
+    })
+}
+
+/// What `cache forget` did: whether the tag was known.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ForgetReport {
+    pub image: String,
+    pub forgotten: bool,
+}
+
+/// Drops a tag's row (its objects stay until evicted), so the next pull asks upstream.
+pub fn forget(store: &BlobStore, image: &ImageRef) -> Result<ForgetReport, String> {
+    let key = image.tag_key().ok_or_else(|| {
+        format!("{image} names a digest, which never changes: forget takes a tag")
+    })?;
+    let known = store.tag(&key).map_err(|e| e.to_string())?.is_some();
+    store.remove_tag(&key).map_err(|e| e.to_string())?;
+    Ok(ForgetReport {
+        image: image.to_string(),
+        forgotten: known,
+    })
+}
+
+/// The digests a tag resolved to, oldest first.
+pub fn history(store: &BlobStore, image: &ImageRef) -> Result<Vec<TagChange>, String> {
+    let key = image
+        .tag_key()
+        .ok_or_else(|| format!("{image} names a digest: history is kept for tags"))?;
+    store.tag_history(&key).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,38 +132,16 @@ pub struct TagListing {
     pub missing: u64,
     /// Unix milliseconds of the last use of any of its objects.
     pub last_used_ms: u64,
+    /// Pinned with `cache pin` (never evicted).
+    #[serde(default)]
+    pub pinned: bool,
 }
 
-/// Digests a manifest (or index) references: its config, layers and child manifests.
-/// Anything that is not such JSON, and descriptors whose digest does not parse, give
-/// nothing. Public for the fuzz targets (`fuzz/`).
-pub fn references(bytes: &[u8]) -> Vec<Digest> {
-    #[derive(Deserialize)]
-    struct Desc {
-        digest: String,
-    }
-    #[derive(Deserialize)]
-    struct Manifest {
-        #[serde(default)]
-        config: Option<Desc>,
-        #[serde(default)]
-        layers: Vec<Desc>,
-        #[serde(default)]
-        manifests: Vec<Desc>,
-    }
-    let Ok(m) = serde_json::from_slice::<Manifest>(bytes) else {
-        return Vec::new();
-    };
-    m.config
-        .into_iter()
-        .chain(m.layers)
-        .chain(m.manifests)
-        .filter_map(|d| d.digest.parse().ok())
-        .collect()
-}
+pub use crate::cache::references;
 
 /// Cached tags per registry and repository, with what each holds in the cache.
 pub fn list(store: &BlobStore) -> Result<Vec<TagListing>, StoreError> {
+    let pins: Vec<String> = store.pins()?.iter().map(ImageRef::to_string).collect();
     let mut seen: BTreeMap<(String, String, String), TagListing> = BTreeMap::new();
     for (key, row) in store.tags()? {
         // Several Accept variants of one tag: each is listed once, the most complete wins.
@@ -112,6 +155,7 @@ pub fn list(store: &BlobStore) -> Result<Vec<TagListing>, StoreError> {
                 cached_bytes: 0,
                 missing: 0,
                 last_used_ms: 0,
+                pinned: pins.contains(&format!("{key}")),
             };
             // Walk manifest → (child manifests →) config and layers, bounded.
             let mut queue = vec![root];

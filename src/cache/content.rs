@@ -21,7 +21,9 @@ use std::sync::Arc;
 use aws_lc_rs::digest::{Context, SHA256, SHA512};
 use redb::ReadableTable;
 
-use super::metadata::{drop_portless_rows, ATIMES, MEDIA_TYPES, MEMBERS, PUBLIC_REPOS, TAGS};
+use super::metadata::{
+    drop_portless_rows, ATIMES, HISTORY, MEDIA_TYPES, MEMBERS, PINS, PUBLIC_REPOS, TAGS,
+};
 use super::writer::BlobWriter;
 
 use super::index::Index;
@@ -148,6 +150,8 @@ impl BlobStore {
         txn.open_table(PUBLIC_REPOS).map_err(|e| m(&e))?;
         txn.open_table(ATIMES).map_err(|e| m(&e))?;
         txn.open_multimap_table(MEMBERS).map_err(|e| m(&e))?;
+        txn.open_table(HISTORY).map_err(|e| m(&e))?;
+        txn.open_table(PINS).map_err(|e| m(&e))?;
         let (old_tags, old_public) = drop_portless_rows(&txn)?;
         txn.commit().map_err(|e| m(&e))?;
         if old_tags + old_public > 0 {
@@ -290,10 +294,25 @@ impl BlobStore {
 
     /// Evicts least recently used objects until the total is at most `target` bytes, and
     /// every object unused since `older_than_ms` when given.
+    /// Pinned objects (`cache pin`) are never evicted: the target is met with the others,
+    /// and a warning says so when the pins alone exceed it.
     pub fn evict(&self, target: u64, older_than_ms: Option<u64>) -> Result<(u64, u64), StoreError> {
+        let pinned = self.pinned_objects()?;
+        let pinned_bytes: u64 = pinned
+            .iter()
+            .filter_map(|d| self.index.get(d))
+            .map(|e| e.size)
+            .sum();
+        if pinned_bytes > target && older_than_ms.is_none() {
+            tracing::warn!(
+                pinned_bytes,
+                target,
+                "pinned images alone exceed the cache bound; evicting everything else"
+            );
+        }
         let victims: Vec<Digest> = self
             .index
-            .victims(target, older_than_ms)
+            .victims_except(target, older_than_ms, &pinned)
             .into_iter()
             .map(|(d, _)| d)
             .collect();

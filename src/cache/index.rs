@@ -114,8 +114,23 @@ impl Index {
     /// Least recently used entries whose removal brings the total to `target` or below,
     /// plus every entry last used before `older_than_ms` when given.
     pub fn victims(&self, target: u64, older_than_ms: Option<u64>) -> Vec<(Digest, Entry)> {
+        self.victims_except(target, older_than_ms, &std::collections::HashSet::new())
+    }
+
+    /// [`Index::victims`], never choosing an object in `keep`.
+    pub fn victims_except(
+        &self,
+        target: u64,
+        older_than_ms: Option<u64>,
+        keep: &std::collections::HashSet<Digest>,
+    ) -> Vec<(Digest, Entry)> {
         let i = self.lock();
-        let mut all: Vec<_> = i.entries.iter().map(|(d, e)| (d.clone(), *e)).collect();
+        let mut all: Vec<_> = i
+            .entries
+            .iter()
+            .filter(|(d, _)| !keep.contains(*d))
+            .map(|(d, e)| (d.clone(), *e))
+            .collect();
         all.sort_by_key(|(d, e)| (e.atime_ms, d.clone()));
         let mut total = i.total;
         let mut out = Vec::new();

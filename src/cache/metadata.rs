@@ -7,6 +7,8 @@
 //! - `members_v1`: digest → every `RepoKey` upstream has served it under (a digest is
 //!   served under a repository only where it belongs, as distribution links blobs);
 //! - `public_v2`: `RepoKey` → when upstream last served it without credentials;
+//! - `history_v1`: `TagKey` → the digests it resolved to and when (newest last, bounded);
+//! - `pins_v1`: `ImageRef` → when it was pinned (its objects are never evicted);
 //! - `media_types`, `atimes`: per digest.
 //!
 //! redb commits are atomic and durable, so a crash loses at most a recent row, and rows
@@ -16,7 +18,7 @@
 use redb::{MultimapTableDefinition, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::content::{BlobStore, StoreError};
-use crate::oci::{Digest, RepoKey, TagKey};
+use crate::oci::{Digest, ImageRef, Reference, RepoKey, TagKey};
 
 pub(super) const MEDIA_TYPES: TableDefinition<&str, &str> = TableDefinition::new("media_types");
 /// `TagKey` (`<registry>/<repo>:<tag>`) → JSON `TagRow`.
@@ -30,6 +32,21 @@ pub(super) const PUBLIC_REPOS: TableDefinition<&str, u64> = TableDefinition::new
 /// repositories). Keyed by digest so eviction drops an object's rows at once.
 pub(super) const MEMBERS: MultimapTableDefinition<&str, &str> =
     MultimapTableDefinition::new("members_v1");
+/// `TagKey` → JSON `[{digest, at_ms}]`: what the tag resolved to, oldest first.
+pub(super) const HISTORY: TableDefinition<&str, &str> = TableDefinition::new("history_v1");
+/// `ImageRef` (`<registry>/<repo>:<tag>` or `...@<digest>`) → unix ms when pinned.
+pub(super) const PINS: TableDefinition<&str, u64> = TableDefinition::new("pins_v1");
+/// Most digests remembered per tag in `history_v1`.
+pub const MAX_TAG_HISTORY: usize = 20;
+
+/// One entry of a tag's history.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TagChange {
+    pub digest: Digest,
+    /// Unix milliseconds when the tag was first seen resolving to it.
+    pub at_ms: u64,
+}
+
 /// Written before registries had ports: `<host>/<repo>:<tag>#<accept>` and `<host>/<repo>`.
 /// Which port such a row came from cannot be known, so they are dropped on open.
 pub(super) const TAGS_V1: TableDefinition<&str, &str> = TableDefinition::new("tags");
@@ -114,6 +131,24 @@ impl BlobStore {
                 .and_then(|v| serde_json::from_str(v.value()).ok())
                 .unwrap_or_default();
             let digest = variant.digest.to_string();
+            let mut history = txn.open_table(HISTORY).map_err(|e| m(&e))?;
+            let mut changes: Vec<TagChange> = history
+                .get(k.as_str())
+                .map_err(|e| m(&e))?
+                .and_then(|v| serde_json::from_str(v.value()).ok())
+                .unwrap_or_default();
+            if !changes.iter().any(|c| c.digest == variant.digest) {
+                changes.push(TagChange {
+                    digest: variant.digest.clone(),
+                    at_ms: crate::clock::now_ms(),
+                });
+                let over = changes.len().saturating_sub(MAX_TAG_HISTORY);
+                changes.drain(..over);
+                let json = serde_json::to_string(&changes).map_err(|e| m(&e))?;
+                history
+                    .insert(k.as_str(), json.as_str())
+                    .map_err(|e| m(&e))?;
+            }
             row.put(variant);
             let json = serde_json::to_string(&row).map_err(|e| m(&e))?;
             table.insert(k.as_str(), json.as_str()).map_err(|e| m(&e))?;
@@ -134,6 +169,91 @@ impl BlobStore {
             table.remove(key.to_string().as_str()).map_err(|e| m(&e))?;
         }
         txn.commit().map_err(|e| m(&e))
+    }
+
+    /// The digests `key` resolved to and when, oldest first (the last [`MAX_TAG_HISTORY`]).
+    pub fn tag_history(&self, key: &TagKey) -> Result<Vec<TagChange>, StoreError> {
+        let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
+        let txn = self.meta.begin_read().map_err(|e| m(&e))?;
+        let table = txn.open_table(HISTORY).map_err(|e| m(&e))?;
+        let value = table.get(key.to_string().as_str()).map_err(|e| m(&e))?;
+        Ok(value
+            .and_then(|v| serde_json::from_str(v.value()).ok())
+            .unwrap_or_default())
+    }
+
+    /// Pins (or, with `false`, unpins) an image: its objects are never evicted. Whether
+    /// that changed anything.
+    pub fn set_pin(&self, image: &ImageRef, pinned: bool) -> Result<bool, StoreError> {
+        let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
+        let k = image.to_string();
+        let txn = self.meta.begin_write().map_err(|e| m(&e))?;
+        let changed = {
+            let mut table = txn.open_table(PINS).map_err(|e| m(&e))?;
+            if pinned {
+                table
+                    .insert(k.as_str(), crate::clock::now_ms())
+                    .map_err(|e| m(&e))?
+                    .is_none()
+            } else {
+                table.remove(k.as_str()).map_err(|e| m(&e))?.is_some()
+            }
+        };
+        txn.commit().map_err(|e| m(&e))?;
+        Ok(changed)
+    }
+
+    /// Every pinned image.
+    pub fn pins(&self) -> Result<Vec<ImageRef>, StoreError> {
+        let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
+        let txn = self.meta.begin_read().map_err(|e| m(&e))?;
+        let table = txn.open_table(PINS).map_err(|e| m(&e))?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(|e| m(&e))? {
+            let (k, _) = row.map_err(|e| m(&e))?;
+            if let Ok(r) = k.value().parse() {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The objects of `image` the cache holds: its manifest (every variant of a tag), child
+    /// manifests, configs and layers.
+    pub fn image_objects(
+        &self,
+        image: &ImageRef,
+    ) -> Result<std::collections::HashSet<Digest>, StoreError> {
+        let roots: Vec<Digest> = match (&image.reference, image.tag_key()) {
+            (Reference::Digest(d), _) => vec![d.clone()],
+            (_, Some(key)) => self
+                .tag(&key)?
+                .map(|row| row.variants.into_iter().map(|v| v.digest).collect())
+                .unwrap_or_default(),
+            (_, None) => Vec::new(),
+        };
+        let mut seen = std::collections::HashSet::new();
+        let mut queue = roots;
+        while let Some(d) = queue.pop() {
+            if seen.len() > 10_000 || !seen.insert(d.clone()) {
+                continue;
+            }
+            if self.media_type(&d)?.is_some() {
+                if let Ok(bytes) = std::fs::read(self.path(&d)) {
+                    queue.extend(references(&bytes));
+                }
+            }
+        }
+        Ok(seen)
+    }
+
+    /// Every object of every pinned image.
+    pub fn pinned_objects(&self) -> Result<std::collections::HashSet<Digest>, StoreError> {
+        let mut all = std::collections::HashSet::new();
+        for image in self.pins()? {
+            all.extend(self.image_objects(&image)?);
+        }
+        Ok(all)
     }
 
     /// When upstream last served `repo` without credentials, if it ever did.
@@ -210,6 +330,34 @@ impl BlobStore {
         }
         Ok(out)
     }
+}
+
+/// Digests a manifest (or index) references: its config, layers and child manifests.
+/// Anything that is not such JSON, and descriptors whose digest does not parse, give
+/// nothing. Public for the fuzz targets (`fuzz/`).
+pub fn references(bytes: &[u8]) -> Vec<Digest> {
+    #[derive(serde::Deserialize)]
+    struct Desc {
+        digest: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Manifest {
+        #[serde(default)]
+        config: Option<Desc>,
+        #[serde(default)]
+        layers: Vec<Desc>,
+        #[serde(default)]
+        manifests: Vec<Desc>,
+    }
+    let Ok(m) = serde_json::from_slice::<Manifest>(bytes) else {
+        return Vec::new();
+    };
+    m.config
+        .into_iter()
+        .chain(m.layers)
+        .chain(m.manifests)
+        .filter_map(|d| d.digest.parse().ok())
+        .collect()
 }
 
 /// Deletes the tables of the port-less format, returning how many rows each held.

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 pub use content::{BlobStore, StoreError, VerifyReport};
 pub use fill::{Fills, Join};
-pub use metadata::{TagRow, TagVariant, MAX_TAG_VARIANTS};
+pub use metadata::{references, TagChange, TagRow, TagVariant, MAX_TAG_HISTORY, MAX_TAG_VARIANTS};
 pub use shared_tier::Backend;
 pub use writer::BlobWriter;
 

@@ -202,6 +202,30 @@ async fn admin(ingress: &Arc<Ingress>, req: &Request<Incoming>) -> Response<Body
                 json(&s)
             }
             (Method::GET, "/admin/ls") => json(&admin::list(store).map_err(|e| e.to_string())?),
+            (method, "/admin/forget" | "/admin/history" | "/admin/pin" | "/admin/unpin") => {
+                let image: crate::oci::ImageRef = query
+                    .get("ref")
+                    .and_then(|v| crate::http_util::percent_decode(v))
+                    .ok_or("say which image: ?ref=REF")?
+                    .parse()
+                    .map_err(|e: crate::oci::ImageRefError| e.to_string())?;
+                match (method, path.as_str()) {
+                    (Method::POST, "/admin/forget") => {
+                        if let Some(key) = image.tag_key() {
+                            st.api.forget_negative(&key);
+                        }
+                        json(&admin::forget(store, &image)?)
+                    }
+                    (Method::GET, "/admin/history") => json(&admin::history(store, &image)?),
+                    (Method::POST, "/admin/pin") => {
+                        json(&admin::pin(store, &image, true).map_err(|e| e.to_string())?)
+                    }
+                    (Method::POST, "/admin/unpin") => {
+                        json(&admin::pin(store, &image, false).map_err(|e| e.to_string())?)
+                    }
+                    _ => text(StatusCode::METHOD_NOT_ALLOWED, "history is GET; forget, pin, unpin are POST"),
+                }
+            }
             (Method::POST, "/admin/prune") => {
                 let max = query
                     .get("max_size")
@@ -222,7 +246,7 @@ async fn admin(ingress: &Arc<Ingress>, req: &Request<Incoming>) -> Response<Body
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "admin: GET info, GET stats, GET ls, POST verify, POST prune?max_size=&older_than=",
+                "admin: GET info, GET stats, GET ls, POST verify, POST prune?max_size=&older_than=, POST forget|pin|unpin?ref=, GET history?ref=",
             ),
         })
     })

@@ -136,6 +136,7 @@ impl RegistryApi {
         tasks: TaskTracker,
     ) -> RegistryApi {
         let negative = moka::sync::Cache::builder()
+            .support_invalidation_closures()
             .max_capacity(if rules.negative_ttl.is_zero() {
                 0
             } else {
@@ -197,6 +198,15 @@ impl RegistryApi {
         if self.access.should_probe(repo) {
             spawn_public_probe(self.clone(), target.clone(), repo.clone(), path);
         }
+    }
+
+    /// Forgets the remembered upstream `404`s for a tag (`cache forget`), for every
+    /// credential.
+    pub fn forget_negative(&self, key: &TagKey) {
+        let (repo, tag) = (key.repo.clone(), key.tag.as_str().to_owned());
+        let _ = self
+            .negative
+            .invalidate_entries_if(move |k, _| k.0 == repo && k.1 == tag);
     }
 
     /// The `403 DENIED` for a request about a repository `[[registry]] allow` / `deny`
