@@ -79,6 +79,12 @@ enum CacheCommand {
         /// An image reference: alpine:3, quay.io/org/app:1.2, registry:5000/app:tag.
         image: String,
     },
+    /// Revalidate a tag upstream now and print old → new digest, or "unchanged" (needs the
+    /// running server).
+    Refresh {
+        /// An image reference with a tag, e.g. alpine:3.
+        image: String,
+    },
     /// The digests a tag resolved to and when (the last 20).
     History {
         /// An image reference with a tag, e.g. quay.io/org/app:1.2.
@@ -657,6 +663,28 @@ fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
                     "{} was not cached as a tag; nothing to forget",
                     report.image
                 );
+            }
+            Ok(())
+        }
+        CacheCommand::Refresh { image } => {
+            let image = parse_image(&image)?;
+            let path = format!("/admin/refresh?ref={}", query_escape(&image.to_string()));
+            let Some(body) = ask(&find_server(config)?, "POST", &path)? else {
+                bail!("cache refresh asks upstream through the running server, and none serves {}: start `stowage run`", config.cache.dir.display());
+            };
+            let r: admin::RefreshReport = serde_json::from_str(&body)?;
+            let mut lines: Vec<String> = r
+                .variants
+                .iter()
+                .map(|v| match &v.before {
+                    Some(b) if *b == v.now => format!("{}: unchanged ({})", r.image, v.now),
+                    Some(b) => format!("{}: {b} → {}", r.image, v.now),
+                    None => format!("{}: (not cached) → {}", r.image, v.now),
+                })
+                .collect();
+            lines.dedup();
+            for l in lines {
+                println!("{l}");
             }
             Ok(())
         }

@@ -996,6 +996,29 @@ async fn pins_survive_eviction_and_forget_and_history_follow_a_retag() {
             .expect("the second digest in history"),
     );
     assert!(first < second, "{history}");
+    // refresh: unchanged while upstream agrees; after a retag upstream, old → new, and the
+    // next pull (tag fresh again) gets the new image without asking.
+    let refreshed = cli(&["cache", "refresh", &a_ref]);
+    assert!(
+        refreshed.contains(&format!("unchanged ({})", a2.manifest)),
+        "{refreshed}"
+    );
+    let a3 = quay.push_image("pub/a", "1", &[pseudo_random(1_000, 94)]);
+    let refreshed = cli(&["cache", "refresh", &a_ref]);
+    assert!(
+        refreshed.contains(&format!("{} → {}", a2.manifest, a3.manifest)),
+        "{refreshed}"
+    );
+    let seen = quay.requests().len();
+    let pulled = pull(&p.client, "quay.io", port, "pub/a", "1", Alpn::Http11).await;
+    assert_eq!(pulled.manifest_digest, a3.manifest);
+    assert!(
+        !quay.requests()[seen..]
+            .iter()
+            .any(|r| r.path.ends_with("/pub/a/manifests/1")),
+        "the tag was not refreshed: the pull asked upstream"
+    );
+    assert!(cli(&["cache", "history", &a_ref]).contains(&a3.manifest));
     // A digest names no tag: forget refuses it clearly.
     let o = inst.cli(&[
         "--listen",

@@ -92,6 +92,20 @@ pub fn pin(store: &BlobStore, image: &ImageRef, pinned: bool) -> Result<PinRepor
     })
 }
 
+/// What `cache refresh` found, per stored `Accept` variant of the tag: the digest it named
+/// before and the one upstream names now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RefreshReport {
+    pub image: String,
+    pub variants: Vec<RefreshedVariant>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RefreshedVariant {
+    pub before: Option<String>,
+    pub now: String,
+}
+
 /// What `cache forget` did: whether the tag was known.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ForgetReport {

@@ -175,11 +175,47 @@ fn verify_stream(ingress: &Arc<Ingress>) -> Response<Body> {
     r
 }
 
+/// `POST /admin/refresh?ref=REF`: the tag revalidated upstream now.
+async fn refresh(ingress: &Arc<Ingress>, query: &str) -> Response<Body> {
+    let image = query
+        .split('&')
+        .find_map(|p| p.strip_prefix("ref="))
+        .and_then(crate::http_util::percent_decode)
+        .ok_or_else(|| "say which image: ?ref=REF".to_owned())
+        .and_then(|r| r.parse::<crate::oci::ImageRef>().map_err(|e| e.to_string()));
+    let key = match image.map(|i| (i.tag_key(), i)) {
+        Ok((Some(key), _)) => key,
+        Ok((None, image)) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("{image} names a digest, which never changes: refresh takes a tag"),
+            )
+        }
+        Err(e) => return text(StatusCode::BAD_REQUEST, &e),
+    };
+    match ingress.api.refresh(&key).await {
+        Ok(variants) => json(&crate::admin::RefreshReport {
+            image: key.to_string(),
+            variants: variants
+                .into_iter()
+                .map(|(before, now)| crate::admin::RefreshedVariant {
+                    before: before.map(|d| d.to_string()),
+                    now: now.to_string(),
+                })
+                .collect(),
+        }),
+        Err(e) => text(StatusCode::BAD_GATEWAY, &e),
+    }
+}
+
 /// `/admin/*`: the running server's side of `stowage cache ...`.
 async fn admin(ingress: &Arc<Ingress>, req: &Request<Incoming>) -> Response<Body> {
     use crate::admin;
     if req.method() == Method::POST && req.uri().path() == "/admin/verify" {
         return verify_stream(ingress);
+    }
+    if req.method() == Method::POST && req.uri().path() == "/admin/refresh" {
+        return refresh(ingress, req.uri().query().unwrap_or("")).await;
     }
     let query: std::collections::HashMap<String, String> = req
         .uri()
@@ -246,7 +282,7 @@ async fn admin(ingress: &Arc<Ingress>, req: &Request<Incoming>) -> Response<Body
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "admin: GET info, GET stats, GET ls, POST verify, POST prune?max_size=&older_than=, POST forget|pin|unpin?ref=, GET history?ref=",
+                "admin: GET info, GET stats, GET ls, POST verify, POST prune?max_size=&older_than=, POST forget|pin|unpin|refresh?ref=, GET history?ref=",
             ),
         })
     })

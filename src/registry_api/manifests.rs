@@ -442,9 +442,19 @@ pub(super) async fn manifest_by_tag(
     if let Some((variant, file, len)) = cached {
         let digest = variant.digest.clone();
         let ttl = api.rules.tag_ttl.ttl(&target.registry, tag.as_str());
-        let fresh = variant.is_fresh(now_ms(), ttl);
+        // `Cache-Control: no-cache` (`stowage cache refresh`, or a client that asks):
+        // revalidate now, whatever the TTL and the quota guard say.
+        let no_cache = req
+            .headers()
+            .get_all(http::header::CACHE_CONTROL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|d| d.trim().eq_ignore_ascii_case("no-cache"));
+        let fresh = !no_cache && variant.is_fresh(now_ms(), ttl);
         // The quota guard: this account's pulls left are below the reserve (see `quota`).
         let guarded = !fresh
+            && !no_cache
             && api
                 .quota
                 .engaged(&target.registry, credential_id(req.headers()));

@@ -200,6 +200,60 @@ impl RegistryApi {
         }
     }
 
+    /// Revalidates a tag upstream now (`stowage cache refresh`): every `Accept` variant it
+    /// is stored in (or, when none is, the usual list), as a client without credentials
+    /// of its own: Stowage answers the registry's challenge itself. For each, the digest
+    /// the tag named before and the one it names now; upstream's status when it did not
+    /// answer with a manifest.
+    pub async fn refresh(
+        self: &Arc<Self>,
+        key: &TagKey,
+    ) -> Result<Vec<(Option<Digest>, Digest)>, String> {
+        const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json,application/vnd.docker.distribution.manifest.list.v2+json,application/vnd.oci.image.manifest.v1+json,application/vnd.docker.distribution.manifest.v2+json";
+        let stored: Vec<(String, Option<Digest>)> = match self.cache.store.tag(key) {
+            Ok(Some(row)) if !row.variants.is_empty() => row
+                .variants
+                .into_iter()
+                .map(|v| (v.accept, Some(v.digest)))
+                .collect(),
+            Ok(_) => vec![(ACCEPT_ALL.to_owned(), None)],
+            Err(e) => return Err(e.to_string()),
+        };
+        let mut out = Vec::new();
+        for (accept, before) in stored {
+            let mut b = Request::builder()
+                .method(Method::GET)
+                .uri(format!(
+                    "/v2/{}/manifests/{}",
+                    key.repo.repo,
+                    key.tag.as_str()
+                ))
+                .header(http::header::HOST, key.repo.registry.authority())
+                .header(http::header::CACHE_CONTROL, "no-cache");
+            if !accept.is_empty() {
+                b = b.header(ACCEPT, accept.as_str());
+            }
+            let req = b.body(empty()).map_err(|e| e.to_string())?;
+            let target = Arc::new(Target {
+                registry: key.repo.registry.clone(),
+                auth_host: false,
+                answers_challenges: true,
+            });
+            let resp = self.serve(target, req).await;
+            let status = resp.status();
+            let now = resp
+                .headers()
+                .get(DOCKER_CONTENT_DIGEST)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<Digest>().ok());
+            match now {
+                Some(d) if status.is_success() => out.push((before, d)),
+                _ => return Err(format!("upstream answered {status} for {key}")),
+            }
+        }
+        Ok(out)
+    }
+
     /// Forgets the remembered upstream `404`s for a tag (`cache forget`), for every
     /// credential.
     pub fn forget_negative(&self, key: &TagKey) {
