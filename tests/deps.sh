@@ -20,6 +20,10 @@ declare -A PROBES=(
   [apache2-utils]=/usr/bin/htpasswd
   [docker.io]=/usr/sbin/dockerd
   [busybox-static]=/bin/busybox
+  # promtool: checks and unit-tests the alert rules in examples/prometheus/.
+  [prometheus]=/usr/bin/promtool
+  # The status page in a real browser (tests/e2e/12-status-page.sh).
+  [chromium]=/usr/bin/chromium
 )
 
 missing=()
@@ -37,7 +41,7 @@ if ((${#missing[@]})); then
   echo "deps: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  # policy-rc.d keeps Debian from starting squid/containerd/registry services on install:
+  # policy-rc.d keeps Debian from starting squid/containerd/registry/prometheus services on install:
   # the tests start their own instances on loopback ports.
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d.stowage
   chmod +x /usr/sbin/policy-rc.d.stowage

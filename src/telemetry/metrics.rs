@@ -189,6 +189,9 @@ pub struct Metrics {
     pub coalesced_readers: Counter,
     pub cache_size: Gauge,
     pub cache_objects: Gauge,
+    pub cache_max_size: Gauge,
+    pub disk_free: Gauge,
+    pub min_free: Gauge,
     pub evictions: Counter,
     pub evicted_bytes: Counter,
     pub ratelimit_remaining: Family<RegistryLabels, Gauge>,
@@ -237,6 +240,9 @@ impl Metrics {
             coalesced_readers: Counter::default(),
             cache_size: Gauge::default(),
             cache_objects: Gauge::default(),
+            cache_max_size: Gauge::default(),
+            disk_free: Gauge::default(),
+            min_free: Gauge::default(),
             evictions: Counter::default(),
             evicted_bytes: Counter::default(),
             ratelimit_remaining: Family::default(),
@@ -338,6 +344,24 @@ impl Metrics {
             "stowage_upstream_ratelimit_limit",
             "Pulls allowed in the upstream rate-limit window (the ratelimit-limit header)",
             m.ratelimit_limit.clone(),
+        );
+        registry.register_with_unit(
+            "stowage_cache_max_size",
+            "[cache] max_size: eviction keeps the cache below it",
+            Unit::Bytes,
+            m.cache_max_size.clone(),
+        );
+        registry.register_with_unit(
+            "stowage_cache_disk_free",
+            "Free space on the cache's file system (for unprivileged users)",
+            Unit::Bytes,
+            m.disk_free.clone(),
+        );
+        registry.register_with_unit(
+            "stowage_cache_min_free",
+            "[cache] min_free: below this much free disk, caching pauses",
+            Unit::Bytes,
+            m.min_free.clone(),
         );
         registry.register_with_unit(
             "stowage_request_duration",
