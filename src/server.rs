@@ -217,6 +217,8 @@ impl Server {
         );
         let (catalog, accounts) = catalog_and_accounts(&config)?;
         let metrics = Arc::new(Metrics::new(catalog.keys().cloned()));
+        let registries: Vec<Registry> = config.registries().iter().map(|r| r.registry()).collect();
+        metrics.start_at_zero(&registries, config.proxy.max_connections);
         let upstream = Arc::new(match transport {
             Some(t) => Upstream::with_transport(&config.upstream, t, Some(metrics.clone())),
             None => {

@@ -22,6 +22,8 @@ declare -A PROBES=(
   [busybox-static]=/bin/busybox
   [docker-compose]=/usr/bin/docker-compose
   [python3-yaml]=/usr/lib/python3/dist-packages/yaml/__init__.py
+  # promtool: checks and unit-tests the alert rules in examples/prometheus/.
+  [prometheus]=/usr/bin/promtool
 )
 
 missing=()
@@ -39,7 +41,7 @@ if ((${#missing[@]})); then
   echo "deps: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  # policy-rc.d keeps Debian from starting squid/containerd/registry services on install:
+  # policy-rc.d keeps Debian from starting squid/containerd/registry/prometheus services on install:
   # the tests start their own instances on loopback ports.
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d.stowage
   chmod +x /usr/sbin/policy-rc.d.stowage

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one test command: installs what the tests need (tests/deps.sh), checks formatting
-# (cargo fmt --check), runs every Rust test (cargo test --all-targets: unit, property,
+# (cargo fmt --check), checks and unit-tests the Prometheus alert rules in examples/prometheus
+# (promtool check rules, promtool test rules), runs every Rust test (cargo test --all-targets: unit, property,
 # hermetic integration), runs every fuzz target briefly (fuzz/run.sh, 20 s each), and runs the
 # end-to-end scenarios with real clients and a real registry (tests/e2e/). Prints a summary
 # line per suite and exits non-zero if anything failed. `.ci/run` calls exactly this.
@@ -27,6 +28,21 @@ if cargo fmt --version >/dev/null 2>&1; then
   fi
 else
   fmt_summary="cargo fmt --check: skipped (rustfmt is not installed)"
+fi
+
+# The alert rules: valid, and each alert fires and stays quiet on the series its tests give.
+if command -v promtool >/dev/null; then
+  if (cd examples/prometheus && promtool check rules stowage-alerts.yml >/dev/null &&
+      promtool test rules stowage-alerts.test.yml >/dev/null); then
+    promtool_summary="promtool check/test rules: ok"
+  else
+    (cd examples/prometheus && promtool check rules stowage-alerts.yml; promtool test rules stowage-alerts.test.yml) 2>&1 | head -n 60
+    promtool_summary="promtool check/test rules: FAILED"
+    status=1
+  fi
+else
+  promtool_summary="promtool check/test rules: FAILED (promtool missing; tests/deps.sh installs Debian's prometheus)"
+  status=1
 fi
 
 log=$(mktemp /tmp/stowage-cargo-test.XXXXXX)
@@ -61,6 +77,7 @@ fi
 echo
 echo "== summary ($(($(date +%s) - start))s) =="
 echo "$fmt_summary"
+echo "$promtool_summary"
 echo "$summary"
 echo "$fuzz_summary"
 echo "$e2e_summary"

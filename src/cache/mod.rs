@@ -95,6 +95,17 @@ impl Cache {
         }
     }
 
+    /// Why new objects are not cached now, if they are not: `disk_full` (free space below
+    /// `min_free`, or not yet back after a fill ran out) or `write_error` (for 30 s after
+    /// another write error). The `stowage_caching_paused` reasons.
+    pub fn paused(&self) -> Option<&'static str> {
+        match self.may_cache() {
+            Ok(()) => None,
+            Err("disk_full") => Some("disk_full"),
+            Err(_) => Some("write_error"),
+        }
+    }
+
     /// Pauses new fills until free space is back (see `disk_full`), after a fill ran out.
     pub fn pause_until_space(&self) {
         self.disk_full.store(true, Ordering::Relaxed);

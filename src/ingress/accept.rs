@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
 use super::{client_auth, direct, forward_proxy, mirror, Ingress, Listener};
+use crate::telemetry::metrics::{Metrics, Refusal};
 
 /// Accepts connections on one listener until shutdown.
 pub async fn run(ingress: Arc<Ingress>, kind: Listener, listener: TcpListener) {
@@ -33,20 +34,25 @@ pub async fn run(ingress: Arc<Ingress>, kind: Listener, listener: TcpListener) {
                     Listener::Direct => &ingress.direct.allow,
                 };
                 if !client_auth::allowed(allow, peer.ip()) {
+                    // Counted when refused: a health probe from outside is not a refusal.
+                    let metrics = ingress.api.metrics.clone();
                     if kind != Listener::Direct {
                         ingress.tasks.spawn(refuse_all_but_health(
                             stream,
                             peer,
                             kind,
                             ingress.limits.header_timeout.min(PROBE_DEADLINE),
+                            metrics,
                         ));
                     } else {
+                        metrics.refused(Refusal::AllowList);
                         tracing::info!(%peer, listener = kind.as_str(), "client not in the allow list: refused");
                     }
                     continue;
                 }
                 let Ok(permit) = ingress.connections.clone().try_acquire_owned() else {
                     tracing::warn!(%peer, "connection limit reached: refused");
+                    ingress.api.metrics.refused(Refusal::ConnectionLimit);
                     if kind != Listener::Direct {
                         ingress.tasks.spawn(refuse(
                             stream,
@@ -128,6 +134,7 @@ async fn refuse_all_but_health(
     peer: std::net::SocketAddr,
     kind: Listener,
     deadline: Duration,
+    metrics: Arc<Metrics>,
 ) {
     use tokio::io::AsyncReadExt;
     let mut head = Vec::new();
@@ -157,6 +164,7 @@ async fn refuse_all_but_health(
         return;
     }
     tracing::info!(%peer, listener = kind.as_str(), "client not in the allow list: refused");
+    metrics.refused(Refusal::AllowList);
     refuse(
         stream,
         "403 Forbidden",

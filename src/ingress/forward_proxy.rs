@@ -24,6 +24,7 @@ use crate::http_util::{boxed, empty, text, Body};
 use crate::oci::{Registry, Scheme};
 use crate::registry_api::Target;
 use crate::settings::OtherHosts;
+use crate::telemetry::metrics::Refusal;
 use crate::upstream::destination::Refused;
 
 /// Serves one client connection to the proxy listener until it closes or shutdown ends it.
@@ -59,6 +60,7 @@ async fn proxy_request(
                 .await
             {
                 tracing::info!(%peer, "proxy authentication required or failed");
+                ingress.api.metrics.refused(Refusal::ProxyAuth);
                 let mut r = text(
                     StatusCode::PROXY_AUTHENTICATION_REQUIRED,
                     "proxy authentication required",
@@ -109,6 +111,7 @@ async fn connect(
     let port = target.port();
     if let Some(ip) = target.host().ip() {
         if ingress.own.contains(&SocketAddr::new(ip, port)) {
+            ingress.api.metrics.refused(Refusal::Loop);
             return loop_refused();
         }
     }
@@ -148,6 +151,7 @@ async fn connect(
             };
             if stream.peer_addr().is_ok_and(|a| ingress.own.contains(&a)) {
                 tracing::info!(%peer, %host, port, "CONNECT refused: connected to this proxy");
+                ingress.api.metrics.refused(Refusal::Loop);
                 return loop_refused();
             }
             let span = tracing::info_span!("tunnel", %host, port, mode = "blind");
@@ -221,6 +225,7 @@ fn other_host_refused(
 ) -> Option<Response<Body>> {
     if ingress.proxy.other_hosts == OtherHosts::Deny {
         tracing::info!(%peer, %host, port, "{how} refused: not a registry");
+        ingress.api.metrics.refused(Refusal::OtherHost);
         return Some(text(
             StatusCode::FORBIDDEN,
             "this proxy only serves container registries",
@@ -228,6 +233,7 @@ fn other_host_refused(
     }
     if !ingress.proxy.tunnel_ports.contains(&port) {
         tracing::info!(%peer, %host, port, "{how} refused: port not in proxy.tunnel_ports");
+        ingress.api.metrics.refused(Refusal::TunnelPort);
         return Some(text(
             StatusCode::FORBIDDEN,
             "this port is not allowed for hosts that are not registries (proxy.tunnel_ports)",
@@ -255,6 +261,10 @@ async fn destination_refused(
     let uri = to.uri("/").expect("a Registry is a valid origin");
     let reason = ingress.api.upstream.check_destination(&uri).await.err()?;
     tracing::info!(%peer, %host, port, %reason, "{how} refused");
+    ingress.api.metrics.refused(match reason {
+        Refused::OwnListener(_) => Refusal::Loop,
+        _ => Refusal::Destination,
+    });
     Some(match reason {
         Refused::OwnListener(_) => loop_refused(),
         Refused::Unresolved { .. } => text(StatusCode::BAD_GATEWAY, &reason.to_string()),
@@ -290,6 +300,7 @@ async fn absolute_form(
     // Forwarding to ourselves would loop, and would reach /admin as a loopback client.
     let resolver = ingress.api.upstream.resolver();
     if let Some(refused) = loop_guard::check(&ingress.own, resolver, &registry).await {
+        ingress.api.metrics.refused(Refusal::Loop);
         return refused;
     }
     let target = Arc::new(Target {

@@ -28,6 +28,7 @@ use crate::http_util::{boxed, full, head_without_body, percent_decode, Body};
 use crate::oci::Scheme;
 use crate::oci::{Host, Registry};
 use crate::registry_api::{registry_error, Target};
+use crate::telemetry::metrics::Refusal;
 
 /// Where a mirror request goes, and the path to ask there.
 #[derive(Debug, PartialEq, Eq)]
@@ -108,6 +109,7 @@ async fn mirror_request(
     peer: SocketAddr,
 ) -> Response<Body> {
     if !client_auth::mirror_user_ok(&ingress.mirror.users, req.headers()) {
+        ingress.api.metrics.refused(Refusal::MirrorAuth);
         let mut r = registry_error(
             StatusCode::UNAUTHORIZED,
             "UNAUTHORIZED",
@@ -168,6 +170,7 @@ async fn mirror_request(
     req.headers_mut().remove(AUTHORIZATION);
     let resolver = ingress.api.upstream.resolver();
     if let Some(resp) = loop_guard::check(&ingress.own, resolver, &routed.registry).await {
+        ingress.api.metrics.refused(Refusal::Loop);
         return resp;
     }
     let target = Arc::new(Target {

@@ -37,6 +37,7 @@ use crate::http_util::boxed;
 use crate::oci::{Host, Registry};
 use crate::registry_api::{RegistryApi, Target};
 use crate::settings::{Config, Credentials, OtherHosts};
+use crate::telemetry::metrics::Refusal;
 use ca::CertificateAuthority;
 use client_auth::ProxyUsers;
 use connection::Limits;
@@ -142,6 +143,7 @@ impl Ingress {
                     if let Some(resp) =
                         loop_guard::check(&this.own, &resolver, &target.registry).await
                     {
+                        this.api.metrics.refused(Refusal::Loop);
                         return Ok::<_, Infallible>(resp);
                     }
                 }

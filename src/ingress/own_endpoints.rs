@@ -85,6 +85,15 @@ fn render_metrics(ingress: &Ingress) -> String {
     m.fills_in_flight.set(cache.fills.in_flight() as i64);
     m.cache_size.set(cache.store.index.total() as i64);
     m.cache_objects.set(cache.store.index.len() as i64);
+    m.set_caching_paused(cache.paused());
+    m.cache_max_size.set(cache.limits.max_size as i64);
+    m.min_free.set(cache.limits.min_free as i64);
+    if let Some(free) = cache.store.free_space() {
+        m.disk_free.set(free as i64);
+    }
+    let max = m.connections_max.get().max(0) as usize;
+    let free = ingress.connections.available_permits();
+    m.connections_open.set(max.saturating_sub(free) as i64);
     let minted = ingress.ca.minted();
     let counted = m.certificates_minted.get();
     if minted > counted {

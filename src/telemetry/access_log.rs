@@ -71,6 +71,8 @@ pub struct Logged {
     /// The body's exact length when known: hyper stops polling a body once it has sent
     /// `Content-Length` bytes, so reaching it counts as complete.
     expected: Option<u64>,
+    /// From the request's arrival to its response head being ready to send.
+    first_byte: std::time::Duration,
     line: LogLine,
     span: tracing::Span,
 }
@@ -90,6 +92,7 @@ impl Logged {
             bytes: 0,
             complete: false,
             expected,
+            first_byte: line.started.elapsed(),
             line,
             span: tracing::Span::current(),
         };
@@ -146,15 +149,33 @@ impl Drop for Logged {
             duration_ms = millis(l.started.elapsed()),
             "request"
         );
-        use crate::telemetry::metrics::{RequestLabels, SourceLabels};
+        use crate::telemetry::metrics::{
+            code_label, LatencyLabels, Refusal, RequestLabels, SourceLabels,
+        };
         l.metrics
             .requests
             .get_or_create(&RequestLabels {
                 registry: l.metrics.registry_label(&l.registry),
                 kind: l.kind.into(),
                 outcome: l.outcome.as_str().into(),
+                code: code_label(l.status),
             })
             .inc();
+        let latency = LatencyLabels {
+            kind: l.kind.into(),
+            outcome: l.outcome.as_str().into(),
+        };
+        l.metrics
+            .request_first_byte
+            .get_or_create(&latency)
+            .observe(self.first_byte.as_secs_f64());
+        l.metrics
+            .request_duration
+            .get_or_create(&latency)
+            .observe(l.started.elapsed().as_secs_f64());
+        if l.outcome == CacheStatus::Denied {
+            l.metrics.refused(Refusal::Repository);
+        }
         let source = match l.outcome {
             CacheStatus::Hit
             | CacheStatus::Coalesced

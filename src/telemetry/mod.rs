@@ -3,6 +3,7 @@
 
 pub mod access_log;
 pub mod metrics;
+pub mod process;
 
 pub use access_log::{CacheStatus, LogLine, Logged};
 pub use metrics::Metrics;

@@ -198,6 +198,8 @@ struct RegState {
     anonymous_redirects: HashMap<String, String>,
     /// In [`BlobMode::Redirect`], redirect `HEAD`s too (as distribution with S3 does).
     redirect_heads: bool,
+    /// `ratelimit-limit` and `ratelimit-remaining` on manifest responses, as Docker Hub.
+    ratelimit: Option<(u64, u64)>,
 }
 
 struct Shared {
@@ -289,6 +291,7 @@ impl<'a> FakeRegistryBuilder<'a> {
                     faults: HashMap::new(),
                     anonymous_redirects: HashMap::new(),
                     redirect_heads: false,
+                    ratelimit: None,
                 }),
                 log: Mutex::new(Vec::new()),
                 next_token: AtomicU64::new(1),
@@ -479,6 +482,11 @@ impl FakeRegistry {
 
     /// In [`BlobMode::Redirect`], blob `HEAD`s get the redirect too (distribution's S3
     /// driver does this), instead of a `200` from the registry.
+    /// Sends Docker Hub's `ratelimit-limit` / `ratelimit-remaining` on manifest responses.
+    pub fn set_ratelimit(&self, limit: u64, remaining: u64) {
+        self.shared.state.lock().unwrap().ratelimit = Some((limit, remaining));
+    }
+
     pub fn redirect_heads(&self) {
         self.shared.state.lock().unwrap().redirect_heads = true;
     }
@@ -654,7 +662,7 @@ impl Shared {
             // Never answers; the connection lives until the fake is dropped.
             std::future::pending::<()>().await;
         }
-        let resp = match kind {
+        let mut resp = match kind {
             Kind::Base => self.base(&req),
             Kind::Token => self.token(&req),
             Kind::Manifest => self.manifest(&req),
@@ -665,6 +673,18 @@ impl Shared {
                 error_body("NOT_FOUND", "no such route"),
             ),
         };
+        let ratelimit = self.state.lock().unwrap().ratelimit;
+        if let (Kind::Manifest, Some((limit, left))) = (kind, ratelimit) {
+            let h = resp.headers_mut();
+            h.insert(
+                "ratelimit-limit",
+                format!("{limit};w=21600").parse().unwrap(),
+            );
+            h.insert(
+                "ratelimit-remaining",
+                format!("{left};w=21600").parse().unwrap(),
+            );
+        }
         record(&self.log, &req, kind, resp.status());
         resp
     }
