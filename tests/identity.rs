@@ -518,11 +518,6 @@ async fn metrics_and_the_cache_listing_show_two_registries() {
     assert_none(&bad, "two registries in /metrics and the cache listing");
 }
 
-/// One plain HTTP/1.1 request to `addr` (a mirror listener), as containerd sends it.
-async fn http_get(addr: SocketAddr, path: &str) -> Resp {
-    http_request(addr, Method::GET, path, &[]).await
-}
-
 /// One plain HTTP/1.1 request to `addr`; `target` is sent as the request target as it
 /// is (an absolute `http://` URL makes it a forward-proxy request).
 async fn http_request(
@@ -566,30 +561,7 @@ async fn http_request(
 /// through every way into `stowage`: `CONNECT` tunnel, mirror with `?ns=`, mirror with the
 /// path prefix, direct SNI listener.
 async fn every_way_in(stowage: &Stowage, port: u16, tail: &str) -> Vec<(&'static str, Resp)> {
-    let mut out = Vec::new();
-    let t = stowage
-        .client()
-        .tunnel(REG_HOST, port, Alpn::Http11)
-        .await
-        .expect("tunnel");
-    out.push(("CONNECT tunnel", t.get(&format!("/v2/{tail}"), &[]).await));
-    let mirror = stowage.mirror_addr.expect("mirror listener");
-    let ns = percent_encode(&registry_name(port));
-    out.push((
-        "mirror ?ns=",
-        http_get(mirror, &format!("/v2/{tail}?ns={ns}")).await,
-    ));
-    out.push((
-        "mirror path prefix",
-        http_get(mirror, &format!("/v2/{}/{tail}", registry_name(port))).await,
-    ));
-    let direct = stowage.direct_addr.expect("direct listener");
-    let d = ProxyClient::direct(&stowage.ca_pem)
-        .tunnel(REG_HOST, direct.port(), Alpn::Http11)
-        .await
-        .expect("direct TLS");
-    out.push(("direct SNI", d.get(&format!("/v2/{tail}"), &[]).await));
-    out
+    every_way_in_with(stowage, port, &format!("/v2/{tail}"), &[]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

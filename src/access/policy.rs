@@ -116,10 +116,6 @@ impl Access {
         }
     }
 
-    pub fn offline(&self) -> bool {
-        self.offline
-    }
-
     /// The decision for a cached `digest` asked for under `repo` by a client whose
     /// credential hashes to `credential`. `ask` asks upstream (a `HEAD` of the object with
     /// the client's credentials); it is a future, polled only when nothing known decides.

@@ -171,23 +171,12 @@ pub fn list(store: &BlobStore) -> Result<Vec<TagListing>, StoreError> {
                 last_used_ms: 0,
                 pinned: pins.contains(&format!("{key}")),
             };
-            // Walk manifest → (child manifests →) config and layers, bounded.
-            let mut queue = vec![root];
-            let mut visited = 0;
-            while let Some(d) = queue.pop() {
-                visited += 1;
-                if visited > 10_000 {
-                    break;
-                }
+            // Manifest → (child manifests →) config and layers, each once.
+            for d in store.walk_image(vec![root])? {
                 match store.index.get(&d) {
                     Some(e) => {
                         listing.cached_bytes += e.size;
                         listing.last_used_ms = listing.last_used_ms.max(e.atime_ms);
-                        if store.media_type(&d).ok().flatten().is_some() {
-                            if let Ok(bytes) = std::fs::read(store.path(&d)) {
-                                queue.extend(references(&bytes));
-                            }
-                        }
                     }
                     None => listing.missing += 1,
                 }

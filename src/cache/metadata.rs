@@ -218,8 +218,8 @@ impl BlobStore {
         Ok(out)
     }
 
-    /// The objects of `image` the cache holds: its manifest (every variant of a tag), child
-    /// manifests, configs and layers.
+    /// The objects of `image`: its manifest (every variant of a tag), child manifests,
+    /// configs and layers, as far as the stored manifests tell.
     pub fn image_objects(
         &self,
         image: &ImageRef,
@@ -232,13 +232,22 @@ impl BlobStore {
                 .unwrap_or_default(),
             (_, None) => Vec::new(),
         };
+        self.walk_image(roots)
+    }
+
+    /// Every digest reachable from `roots` through stored manifests and indexes (each
+    /// once, at most 10,000), whether or not the cache still holds it.
+    pub fn walk_image(
+        &self,
+        roots: Vec<Digest>,
+    ) -> Result<std::collections::HashSet<Digest>, StoreError> {
         let mut seen = std::collections::HashSet::new();
         let mut queue = roots;
         while let Some(d) = queue.pop() {
-            if seen.len() > 10_000 || !seen.insert(d.clone()) {
+            if seen.len() >= 10_000 || !seen.insert(d.clone()) {
                 continue;
             }
-            if self.media_type(&d)?.is_some() {
+            if self.index.get(&d).is_some() && self.media_type(&d)?.is_some() {
                 if let Ok(bytes) = std::fs::read(self.path(&d)) {
                     queue.extend(references(&bytes));
                 }

@@ -100,19 +100,6 @@ pub struct Rules {
     pub quota_reserve: f64,
 }
 
-impl Rules {
-    /// Rules with the given tag freshness and nothing else (no negative answers, every
-    /// repository allowed).
-    pub fn tags_only(tag_ttl: TagTtl) -> Rules {
-        Rules {
-            tag_ttl,
-            negative_ttl: std::time::Duration::ZERO,
-            filters: HashMap::new(),
-            quota_reserve: 0.0,
-        }
-    }
-}
-
 /// Configured upstream accounts, by the exact registry (scheme, host, port) they are for,
 /// and which registries send clients to which configured auth host.
 #[derive(Default)]

@@ -47,39 +47,7 @@ app_blobs=4 # config + layers
 UPSTREAM=registry # the registry whose log upstream_gets reads
 upstream_gets() { registry_blob_gets "$UPSTREAM"; }
 
-# --- dockerd helpers (as in 10-dockerd.sh) ---------------------------------------------------
-# start_dockerd NAME [VAR=VALUE...] -- [dockerd flags...]: a dockerd of this test's own, in
-# an environment holding only PATH and the given variables, in network namespace $DK_NETNS
-# when set. Sets DK_SOCK.
-start_dockerd() {
-  local name=$1 d="$WORK/$1" envs=()
-  shift
-  while [[ $1 != -- ]]; do
-    envs+=("$1")
-    shift
-  done
-  shift
-  mkdir -p "$d"
-  echo '{}' >"$d/daemon.json"
-  spawn "$WORK/$name.log" ${DK_NETNS:+nsenter --net=/run/netns/$DK_NETNS} env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin "${envs[@]}" \
-    /usr/sbin/dockerd --config-file "$d/daemon.json" \
-    --data-root "$d/root" --exec-root "$d/exec" -H "unix://$d/docker.sock" --pidfile "$d/pid" \
-    --storage-driver vfs --iptables=false --ip6tables=false --bridge=none --ip-masq=false "$@" >/dev/null
-  local pid=${PIDS[-1]}
-  for _ in $(seq 300); do
-    /usr/bin/docker -H "unix://$d/docker.sock" version >/dev/null 2>&1 && break
-    kill -0 "$pid" 2>/dev/null || fail "dockerd $name exited"
-    sleep 0.1
-  done
-  /usr/bin/docker -H "unix://$d/docker.sock" version >/dev/null 2>&1 || fail "dockerd $name did not come up"
-  DK_SOCK="unix://$d/docker.sock"
-}
-export DOCKER_CONFIG="$WORK/docker-cli"
-dk() {
-  local sock=$1
-  shift
-  /usr/bin/docker -H "$sock" "$@"
-}
+# The dockerd helpers (start_dockerd, dk) are in lib.sh.
 
 # --- the image ---------------------------------------------------------------------------------
 # The runtime base from this machine's files (Debian 12, as the distroless base): the shared

@@ -224,3 +224,39 @@ stop_pid() {
 oci_blobs() {
   jq -r '.config.digest, .layers[].digest' "$1/blobs/sha256/${2#sha256:}"
 }
+
+# Docker engines of a scenario's own (10-dockerd, 12-image).
+# start_dockerd NAME [VAR=VALUE...] -- [dockerd flags...]: a dockerd of this test's own, in
+# an environment holding only PATH and the given variables, in network namespace $DK_NETNS
+# when set. Sets DK_SOCK.
+start_dockerd() {
+  local name=$1 d="$WORK/$1" envs=()
+  shift
+  while [[ $1 != -- ]]; do
+    envs+=("$1")
+    shift
+  done
+  shift
+  mkdir -p "$d"
+  [[ -e $d/daemon.json ]] || echo '{}' >"$d/daemon.json"
+  spawn "$WORK/$name.log" ${DK_NETNS:+nsenter --net=/run/netns/$DK_NETNS} env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin "${envs[@]}" \
+    /usr/sbin/dockerd --config-file "$d/daemon.json" \
+    --data-root "$d/root" --exec-root "$d/exec" -H "unix://$d/docker.sock" --pidfile "$d/pid" \
+    --storage-driver vfs --iptables=false --ip6tables=false --bridge=none --ip-masq=false "$@" >/dev/null
+  local pid=${PIDS[-1]}
+  for _ in $(seq 300); do
+    /usr/bin/docker -H "unix://$d/docker.sock" version >/dev/null 2>&1 && break
+    kill -0 "$pid" 2>/dev/null || fail "dockerd $name exited"
+    sleep 0.1
+  done
+  /usr/bin/docker -H "unix://$d/docker.sock" version >/dev/null 2>&1 || fail "dockerd $name did not come up"
+  DK_SOCK="unix://$d/docker.sock"
+}
+# dk SOCK docker-args...: the docker.io client against one of this test's daemons (its
+# config.json, where proxies for containers could be set, is this test's own too).
+export DOCKER_CONFIG="$WORK/docker-cli"
+dk() {
+  local sock=$1
+  shift
+  /usr/bin/docker -H "$sock" "$@"
+}
