@@ -253,10 +253,10 @@ start_dockerd() {
   DK_SOCK="unix://$d/docker.sock"
 }
 # dk SOCK docker-args...: the docker.io client against one of this test's daemons (its
-# config.json, where proxies for containers could be set, is this test's own too).
-export DOCKER_CONFIG="$WORK/docker-cli"
+# config.json, where proxies for containers could be set, is this test's own too). Only the
+# docker client gets DOCKER_CONFIG: podman and buildah read it too and fail on an empty dir.
 dk() {
   local sock=$1
   shift
-  /usr/bin/docker -H "$sock" "$@"
+  DOCKER_CONFIG="$WORK/docker-cli" /usr/bin/docker -H "$sock" "$@"
 }
