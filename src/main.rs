@@ -46,12 +46,14 @@ enum Command {
     /// The local certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
-    /// Print a configuration snippet for a container runtime, filled in for this instance.
+    /// Print a configuration snippet for a container runtime, filled in by the running server
+    /// (its CA and addresses); refuses when none runs.
     Setup {
         /// One of: docker, docker-mirror, containerd, containerd-proxy, k3s, kind, podman,
         /// gitlab, etc-hosts, compose, kubernetes, ca.
         runtime: String,
-        /// The address clients use to reach Stowage (default: the proxy listener's).
+        /// The address clients use to reach Stowage, HOST[:PORT] (default: the proxy
+        /// listener's address; this machine's name when it listens on 0.0.0.0 or ::).
         #[arg(long)]
         address: Option<String>,
     },
@@ -188,19 +190,33 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Setup { runtime, address } => {
-            let ca = stowage::server::open_ca(&config)?;
-            let address = address.unwrap_or_else(|| {
-                client_address(&config)
-                    .map(|a| a.to_string())
-                    .unwrap_or_default()
-            });
-            let text = stowage::admin::setup::snippet(&runtime, &address, &config, ca.cert_pem())
-                .map_err(anyhow::Error::msg)?;
-            print!("{text}");
-            Ok(())
-        }
+        Command::Setup { runtime, address } => setup_command(&config, &runtime, address),
     }
+}
+
+/// `stowage setup`: the running server renders the snippet (its CA, its configuration, its
+/// bound listeners); with none running this refuses, and never makes a CA of its own.
+fn setup_command(config: &Config, runtime: &str, address: Option<String>) -> anyhow::Result<()> {
+    admin::setup::check_runtime(runtime).map_err(anyhow::Error::msg)?;
+    let addr = client_address(config).context("[proxy] listen")?;
+    let server = Admin::at(addr)?;
+    if server.info()?.is_none() {
+        bail!(
+            "no Stowage is running at {addr}: `stowage setup` prints the running server's CA and addresses, so start it first (`stowage run`), or say where it listens (--listen, or --config with its [proxy] listen); from another machine: curl http://HOST:PORT/setup/{runtime}"
+        );
+    }
+    let mut path = format!("/admin/setup?runtime={}", query_escape(runtime));
+    if let Some(a) = address {
+        path.push_str(&format!("&address={}", query_escape(&a)));
+    }
+    let body = server
+        .call("GET", &path)?
+        .ok_or_else(|| anyhow::anyhow!("the server at {addr} went away"))?;
+    print!("{body}");
+    if !body.ends_with('\n') {
+        println!();
+    }
+    Ok(())
 }
 
 fn run(config: Config) -> anyhow::Result<()> {
@@ -291,12 +307,7 @@ fn find_server(config: &Config) -> anyhow::Result<Found> {
     let Some(addr) = client_address(config) else {
         return Ok(Found::NotRunning);
     };
-    let admin = Admin {
-        rt: tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?,
-        addr,
-    };
+    let admin = Admin::at(addr)?;
     let Some(info) = admin.info()? else {
         return Ok(Found::NotRunning);
     };
@@ -361,6 +372,15 @@ fn no_answer(
 }
 
 impl Admin {
+    fn at(addr: SocketAddr) -> anyhow::Result<Admin> {
+        Ok(Admin {
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+            addr,
+        })
+    }
+
     /// One request, answered within `within`. `Ok(None)`: nothing listens there.
     fn request(
         &self,

@@ -673,6 +673,138 @@ fn verify_through_the_server_shows_progress_and_the_removed_digests() {
     drop(server);
 }
 
+// --- 9b. `stowage setup` tells the truth ----------------------------------------------
+
+/// A loopback port nothing listens on (bound, read back, released).
+fn closed_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+fn listing(dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = walk(dir)
+        .into_iter()
+        .map(|p| p.strip_prefix(dir).unwrap().display().to_string())
+        .collect();
+    out.sort();
+    out
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
+#[test]
+fn setup_without_a_server_refuses_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // A config.toml in the working directory, as in a checkout: still nothing is written.
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "[proxy]\nlisten = \"127.0.0.1:3128\"\n",
+    )
+    .unwrap();
+    let before = listing(dir.path());
+    let port = closed_port();
+    for runtime in ["docker", "ca", "containerd", "bogus"] {
+        let o = stowage(dir.path())
+            .args(["--listen", &format!("127.0.0.1:{port}"), "setup", runtime])
+            .output()
+            .unwrap();
+        let err = assert_user_error(&o, &format!("setup {runtime} with no server"));
+        if runtime == "bogus" {
+            assert!(err.contains("unknown runtime \"bogus\""), "{err}");
+        } else {
+            assert!(
+                err.contains(&format!("no Stowage is running at 127.0.0.1:{port}"))
+                    && err.contains("stowage run"),
+                "{runtime}: {err}"
+            );
+        }
+        assert!(o.stdout.is_empty(), "{runtime} printed {:?}", stdout(&o));
+        assert_eq!(
+            listing(dir.path()),
+            before,
+            "setup {runtime} wrote into the working directory"
+        );
+    }
+}
+
+#[test]
+fn setup_prints_the_running_servers_ca_and_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "", "[mirror]\nlisten = \"127.0.0.1:0\"\n");
+    let server = Server::start(dir.path(), &cfg);
+    let mirror_line = server.wait_for_log("listener=\"mirror\"");
+    let mirror = first_addr(&mirror_line).expect("the mirror's address");
+    // Asked from another working directory, with no configuration: only --listen.
+    let cwd = tempfile::tempdir().unwrap();
+    let setup = |args: &[&str]| {
+        let o = stowage(cwd.path())
+            .args(["--listen", &server.addr.to_string(), "setup"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "setup {args:?}: {}", stderr(&o));
+        stdout(&o)
+    };
+    let ca = setup(&["ca"]);
+    assert_eq!(
+        ca.as_bytes(),
+        std::fs::read(dir.path().join("certs/ca.crt")).unwrap(),
+        "setup ca is not the server's CA"
+    );
+    assert!(
+        listing(cwd.path()).is_empty(),
+        "setup wrote {:?}",
+        listing(cwd.path())
+    );
+
+    // The listener's address, and the snippet says it only works on this machine.
+    let docker = setup(&["docker"]);
+    assert!(
+        docker.contains(&format!("HTTPS_PROXY=http://{}\"", server.addr))
+            && docker.contains(&format!("curl -fsS http://{}/ca.crt", server.addr)),
+        "{docker}"
+    );
+    assert!(docker.contains("this machine only"), "{docker}");
+    // The mirror's bound port (the config says 0), from the server.
+    let mirror_snippet = setup(&["docker-mirror"]);
+    let json = mirror_snippet
+        .split_once("# file: /etc/docker/daemon.json\n")
+        .expect("daemon.json")
+        .1;
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(
+        v["registry-mirrors"],
+        serde_json::json!([format!("http://{mirror}")]),
+        "{mirror_snippet}"
+    );
+    // An address the user gives wins, and is said to be theirs.
+    let given = setup(&["containerd", "--address", "10.9.8.7:3128"]);
+    assert!(
+        given.contains("[host.\"http://10.9.8.7:")
+            && given.contains("--address")
+            && !given.contains("127.0.0.1"),
+        "{given}"
+    );
+    // The HTTP endpoint takes the address from Host, and says so.
+    let (status, body) = http_get(server.addr, "/setup/podman");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("(its Host)")
+            && body.contains(&format!("127.0.0.1:{}/docker.io", mirror.port())),
+        "{body}"
+    );
+}
+
 // --- 10. Docs that match ----------------------------------------------------------------
 
 fn repo_file(path: &str) -> String {
@@ -821,12 +953,17 @@ fn help_names_every_setup_runtime_and_every_flag_says_what_it_does() {
         .1;
     let in_help: Vec<&str> = one_of.trim_end_matches('.').split(", ").collect();
     assert_eq!(in_help, runtimes, "stowage help setup: {setup}");
-    // Every runtime it names has a snippet.
+    // Every runtime it names has a snippet, from the running server.
     let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &config(dir.path(), "", ""));
     for r in &runtimes {
-        let o = stowage(dir.path()).args(["setup", r]).output().unwrap();
+        let o = stowage(dir.path())
+            .args(["--listen", &server.addr.to_string(), "setup", r])
+            .output()
+            .unwrap();
         assert!(o.status.success(), "setup {r}: {}", stderr(&o));
     }
+    drop(server);
 
     for args in [
         &["cache", "prune", "--help"][..],

@@ -440,16 +440,24 @@ fn gitlab_dind_jobs_share_a_network_with_stowage() {
     assert!(dind_jobs >= 1, "no dind job in {}", path.display());
 
     let config = Config::from_toml_str("[mirror]\nlisten = \"0.0.0.0:5000\"\n").unwrap();
-    let snippet =
-        stowage::admin::setup::snippet("gitlab", "10.1.2.3:3128", &config, "PEM").unwrap();
-    let doc: serde_norway::Value = serde_norway::from_str(&snippet)
-        .unwrap_or_else(|e| panic!("setup gitlab is not YAML ({e}):\n{snippet}"));
-    assert!(
-        set(&doc["variables"]["FF_NETWORK_PER_BUILD"]),
-        "setup gitlab:\n{snippet}"
-    );
-    assert!(
-        !snippet.contains("stowage/stowage"),
+    let snippet = stowage::admin::setup::snippet(
+        "gitlab",
+        &stowage::admin::setup::Reach::given(
+            "10.1.2.3:3128",
+            "127.0.0.1:3128".parse().unwrap(),
+            None,
+            "test",
+        ),
+        &config,
+        "PEM",
+    )
+    .unwrap();
+    // The snippet is this file, so the jobs checked above are what it prints.
+    let files = stowage::admin::setup::files(&snippet);
+    assert_eq!(files.len(), 1, "setup gitlab:\n{snippet}");
+    assert_eq!(
+        files[0].1,
+        std::fs::read_to_string(&path).unwrap(),
         "setup gitlab:\n{snippet}"
     );
 }

@@ -49,15 +49,25 @@ pub async fn serve(
         }
         (p, Listener::Proxy) if get && p.starts_with("/setup/") => {
             let runtime = &p["/setup/".len()..];
-            let address = req
+            let (proxy, mirror) = bound(ingress);
+            let reach = match req
                 .headers()
                 .get(http::header::HOST)
                 .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-                .unwrap_or_else(|| ingress.own.listeners[0].to_string());
+            {
+                Some(host) => crate::admin::setup::Reach::given(
+                    host,
+                    proxy,
+                    mirror,
+                    "the address this request was sent to (its Host)",
+                ),
+                None => {
+                    crate::admin::setup::Reach::of_listeners(proxy, mirror, hostname().as_deref())
+                }
+            };
             match crate::admin::setup::snippet(
                 runtime,
-                &address,
+                &reach,
                 &ingress.config,
                 ingress.ca.cert_pem(),
             ) {
@@ -76,6 +86,52 @@ pub async fn serve(
         }
         _ => return None,
     })
+}
+
+/// The bound proxy and mirror listener addresses (bound in the order proxy, mirror, direct).
+fn bound(ingress: &Ingress) -> (SocketAddr, Option<SocketAddr>) {
+    let l = &ingress.own.listeners;
+    let mirror = match ingress.config.mirror_listen() {
+        Ok(Some(_)) => l.get(1).copied(),
+        _ => None,
+    };
+    (l[0], mirror)
+}
+
+/// This machine's name, for snippets when the proxy listens on every address.
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+}
+
+/// `GET /admin/setup?runtime=R[&address=A]`: `stowage setup`'s snippet, rendered by the
+/// server with its own CA, configuration and bound listeners.
+fn setup_for_cli(
+    ingress: &Ingress,
+    query: &std::collections::HashMap<String, String>,
+) -> Result<Response<Body>, String> {
+    let decode = |k: &str| {
+        query
+            .get(k)
+            .and_then(|v| crate::http_util::percent_decode(v))
+    };
+    let runtime = decode("runtime").ok_or("say which runtime: ?runtime=R")?;
+    let (proxy, mirror) = bound(ingress);
+    let reach = match decode("address") {
+        Some(a) => {
+            crate::admin::setup::Reach::given(&a, proxy, mirror, "the address given with --address")
+        }
+        None => crate::admin::setup::Reach::of_listeners(proxy, mirror, hostname().as_deref()),
+    };
+    let s = crate::admin::setup::snippet(&runtime, &reach, &ingress.config, ingress.ca.cert_pem())?;
+    let mut r = Response::new(full(s));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    Ok(r)
 }
 
 /// The metrics text, with live gauges read now.
@@ -246,6 +302,7 @@ async fn admin(ingress: &Arc<Ingress>, req: &Request<Incoming>) -> Response<Body
                 s.since_start = Some(st.api.metrics.traffic());
                 json(&s)
             }
+            (Method::GET, "/admin/setup") => setup_for_cli(&st, &query)?,
             (Method::GET, "/admin/ls") => json(&admin::list(store).map_err(|e| e.to_string())?),
             (method, "/admin/forget" | "/admin/history" | "/admin/pin" | "/admin/unpin") => {
                 let image: crate::oci::ImageRef = query
@@ -291,7 +348,7 @@ async fn admin(ingress: &Arc<Ingress>, req: &Request<Incoming>) -> Response<Body
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "admin: GET info, GET stats, GET ls, POST verify, POST prune?max_size=&older_than=, POST forget|pin|unpin|refresh?ref=, GET history?ref=",
+                "admin: GET info, GET setup?runtime=&address=, GET stats, GET ls, POST verify, POST prune?max_size=&older_than=, POST forget|pin|unpin|refresh?ref=, GET history?ref=",
             ),
         })
     })
