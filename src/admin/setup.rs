@@ -343,6 +343,11 @@ pub fn snippet(
                 if !t.is_empty() {
                     t.push('\n');
                 }
+                if name.contains(':') {
+                    // `host:port/name` is no image reference: podman refuses the mirror.
+                    t.push_str(&format!("# {name}: a registry with a port cannot be a mirror path prefix (podman reads {mirror_authority}/{name}/... as no valid reference); pull it through the proxy.\n"));
+                    continue;
+                }
                 t.push_str(&format!(
                     "[[registry]]\nprefix = \"{name}\"\nlocation = \"{name}\"\n[[registry.mirror]]\nlocation = \"{mirror_authority}/{name}\"\n"
                 ));
