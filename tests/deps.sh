@@ -22,6 +22,8 @@ declare -A PROBES=(
   [busybox-static]=/bin/busybox
   [docker-compose]=/usr/bin/docker-compose
   [python3-yaml]=/usr/lib/python3/dist-packages/yaml/__init__.py
+  # systemd-analyze verify reads `stowage setup docker`'s drop-in (tests/e2e/15-setup-snippets.sh).
+  [systemd]=/usr/bin/systemd-analyze
   # promtool: checks and unit-tests the alert rules in examples/prometheus/.
   [prometheus]=/usr/bin/promtool
 )

@@ -461,3 +461,76 @@ fn gitlab_dind_jobs_share_a_network_with_stowage() {
         "setup gitlab:\n{snippet}"
     );
 }
+
+/// examples/README.md's table names every file in examples/, and every test it says runs
+/// one exists: an e2e scenario, a test file, or a unit test by its name.
+#[test]
+fn the_examples_table_names_every_file_and_tests_that_exist() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let examples = repo.join("examples");
+    let readme = std::fs::read_to_string(examples.join("README.md")).unwrap();
+    fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(&examples, &mut files);
+    let containerd_row = readme
+        .lines()
+        .find(|l| l.starts_with("| `containerd/<registry>/hosts.toml`"))
+        .expect("the containerd row");
+    for f in &files {
+        let rel = f.strip_prefix(&examples).unwrap().to_str().unwrap();
+        if rel.ends_with("README.md") {
+            continue;
+        }
+        let named = match rel.strip_prefix("containerd/") {
+            Some(r) => {
+                let dir = r
+                    .strip_suffix("/hosts.toml")
+                    .expect("containerd/<registry>/hosts.toml");
+                containerd_row.contains(dir)
+            }
+            None => readme.contains(&format!("| `{rel}` |")),
+        };
+        assert!(named, "examples/README.md's table does not name {rel}");
+    }
+    let words = readme
+        .split(|c: char| !(c.is_ascii_alphanumeric() || "._/-".contains(c)))
+        .filter(|w| !w.is_empty());
+    let mut checked = 0;
+    for w in words {
+        let w = w.trim_end_matches('.');
+        let exists = if w.len() > 3
+            && w.as_bytes()[..2].iter().all(u8::is_ascii_digit)
+            && w.ends_with(".sh")
+        {
+            repo.join("tests/e2e")
+                .join(w.trim_start_matches("tests/e2e/"))
+                .exists()
+        } else if w.starts_with("tests/") && (w.ends_with(".rs") || w.ends_with(".sh")) {
+            repo.join(w).exists()
+        } else {
+            continue;
+        };
+        assert!(exists, "examples/README.md names {w}, which does not exist");
+        checked += 1;
+    }
+    let setup_rs = std::fs::read_to_string(repo.join("src/admin/setup.rs")).unwrap();
+    for unit in [
+        "snippets_are_the_examples_filled_in",
+        "tls_mirror_snippets_trust_the_ca",
+    ] {
+        assert!(
+            readme.contains(unit) && setup_rs.contains(&format!("fn {unit}()")),
+            "{unit}"
+        );
+    }
+    assert!(checked > 10, "only {checked} tests named");
+}
