@@ -12,7 +12,10 @@
 #   time (after rmi).
 # - containerd: every hosts.toml parses as TOML; the one for the test registry
 #   (quay.io:<port>, a configured [[registry]]) is used as written by a test containerd:
-#   `ctr images pull --hosts-dir` pulls through the mirror.
+#   `ctr images pull --hosts-dir` pulls through the mirror. Then the TLS form (a second
+#   Stowage, [mirror] tls = "ca"), as printed: its CA command run, its files at the paths it
+#   names and the mirror name it says to resolve, in a mount namespace of this test's own;
+#   ctr pulls through https://stowage.local:<port>.
 # - podman: `podman info` with CONTAINERS_REGISTRIES_CONF set to the file lists its mirrors;
 #   (no pull: the test registry has a port, which a podman mirror path prefix cannot carry).
 # - k3s, kind, gitlab, kubernetes: YAML (python3-yaml), with the keys each runtime reads.
