@@ -743,6 +743,29 @@ async fn the_mirror_mints_leaves_only_for_its_own_names() {
     }
 }
 
+/// A client that reaches the TLS mirror by IP (a `registry-mirrors` entry of
+/// `https://10.0.0.5:5000`) sends no SNI: it must get a leaf for the address it connected
+/// to, which it verifies as an IP SAN, not one for `hostname`, which it would refuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mirror_reached_by_ip_gets_a_leaf_for_that_ip() {
+    let ca = TestCa::new();
+    let stowage = Stowage::builder()
+        .trust(&ca)
+        .toml(&mirror_config(
+            "tls = \"ca\"\nhostname = \"mirror.example.test\"\n",
+        ))
+        .start()
+        .await;
+    let mirror = stowage.mirror_addr.unwrap();
+    let chain = handshake(mirror, None, &stowage.ca_pem)
+        .await
+        .unwrap_or_else(|e| panic!("a client connecting by IP was refused: {e}"));
+    // rustls checked the leaf against the IP; it names only that address, not `hostname`.
+    let names = cert_names(&chain[0]).0;
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(names[0].starts_with("IPAddress"), "{names:?}");
+}
+
 /// A server config check: a TLS handshake to `addr` presenting `sni` (`None`: no SNI, as
 /// when connecting by IP), trusting only `ca_pem`.
 async fn handshake(

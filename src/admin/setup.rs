@@ -115,10 +115,6 @@ impl Reach {
     fn mirror_authority(&self, host: &str) -> String {
         format!("{host}:{}", self.mirror_port.unwrap_or(5000))
     }
-
-    fn is_ip(&self) -> bool {
-        self.host.starts_with('[') || self.host.parse::<std::net::IpAddr>().is_ok()
-    }
 }
 
 fn host_literal(ip: std::net::IpAddr) -> String {
@@ -233,15 +229,9 @@ pub fn snippet(
     }
     let proxy = reach.proxy();
     let tls = config.mirror.tls != MirrorTls::Off;
-    // A client that connects by IP sends no SNI, and the mirror's `tls = "ca"` then mints
-    // for `[mirror] hostname`, not for the IP: by IP the certificate cannot verify, so the
-    // mirror is named by that hostname, which clients must resolve to this address.
-    let by_name = config.mirror.tls == MirrorTls::Ca && reach.is_ip();
-    let mirror_host = if by_name {
-        config.mirror.hostname.as_str()
-    } else {
-        reach.host.as_str()
-    };
+    // By name or by IP: the mirror's `tls = "ca"` mints for the SNI, or, when a client
+    // connects by IP and sends none, for the address it reached.
+    let mirror_host = reach.host.as_str();
     let mirror_authority = reach.mirror_authority(mirror_host);
     let mirror = format!(
         "{}://{mirror_authority}",
@@ -259,13 +249,6 @@ pub fn snippet(
         runtime,
         "docker-mirror" | "containerd" | "k3s" | "kind" | "podman"
     );
-    if needs_mirror && by_name {
-        s.push_str(&format!(
-            "# The mirror's certificate names {mirror_host} ([mirror] hostname; a client connecting by IP sends no name to mint for): on each client make {mirror_host} resolve to {}, e.g. /etc/hosts: {} {mirror_host}\n",
-            reach.host,
-            reach.host.trim_matches(['[', ']'])
-        ));
-    }
     if needs_mirror && reach.mirror_port.is_none() {
         s.push_str("# This Stowage has no mirror listener: set [mirror] listen = \"0.0.0.0:5000\" and restart it (port 5000 assumed below).\n");
     }
@@ -552,25 +535,25 @@ mod tests {
         );
         assert!(files(&s)[0].1.contains("https://box1.lan:5000"), "{s}");
         assert!(!s.contains("stowage.local"), "{s}");
-        // By IP no SNI is sent and the leaf names [mirror] hostname: the snippets use it.
+        // By IP: the mirror mints a leaf for the address (no SNI); no name to resolve.
         let r = reach("10.1.2.3");
         let s = snippet("docker-mirror", &r, &c, "").unwrap();
-        assert!(s.contains("/etc/hosts: 10.1.2.3 stowage.local"), "{s}");
+        assert!(!s.contains("stowage.local"), "{s}");
         assert!(
-            s.contains("/etc/docker/certs.d/stowage.local:5000/ca.crt"),
+            s.contains("/etc/docker/certs.d/10.1.2.3:5000/ca.crt"),
             "{s}"
         );
-        assert!(files(&s)[0].1.contains("https://stowage.local:5000"), "{s}");
+        assert!(files(&s)[0].1.contains("https://10.1.2.3:5000"), "{s}");
         let s = snippet("k3s", &r, &c, "").unwrap();
         let y: serde_norway::Value = serde_norway::from_str(&files(&s)[0].1).unwrap();
         assert_eq!(
-            y["configs"]["stowage.local:5000"]["tls"]["ca_file"], "/etc/rancher/k3s/stowage-ca.crt",
+            y["configs"]["10.1.2.3:5000"]["tls"]["ca_file"], "/etc/rancher/k3s/stowage-ca.crt",
             "{s}"
         );
         assert!(s.contains("-o /etc/rancher/k3s/stowage-ca.crt"), "{s}");
         let s = snippet("podman", &r, &c, "").unwrap();
         assert!(
-            s.contains("/etc/containers/certs.d/stowage.local:5000/ca.crt"),
+            s.contains("/etc/containers/certs.d/10.1.2.3:5000/ca.crt"),
             "{s}"
         );
         assert!(!s.contains("insecure"), "{s}");
@@ -583,7 +566,7 @@ mod tests {
         assert!(
             files(&s)
                 .iter()
-                .all(|(_, b)| b.contains("[host.\"https://stowage.local:5000\"]")),
+                .all(|(_, b)| b.contains("[host.\"https://10.1.2.3:5000\"]")),
             "{s}"
         );
     }

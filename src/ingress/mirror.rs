@@ -228,7 +228,15 @@ pub async fn serve_connection<IO>(
         match &ingress.mirror.tls {
             MirrorTls::Files(c) => Choice::Serve(c.clone()),
             MirrorTls::Ca { hostname } => {
-                let name = sni.unwrap_or_else(|| hostname.clone());
+                // No SNI: the client connected by IP (clients send SNI for every name), so
+                // the leaf names the address it reached, which it checks as an IP SAN.
+                let name = sni
+                    .or_else(|| {
+                        local_ip
+                            .filter(|ip| !ip.is_unspecified())
+                            .map(|ip| ip.to_string())
+                    })
+                    .unwrap_or_else(|| hostname.clone());
                 if !mints_for(&ingress, hostname, local_ip, &name) {
                     tracing::warn!(%peer, sni = name, "mirror TLS for a name that is not the mirror's: refused");
                     return Choice::Refuse;

@@ -15,7 +15,7 @@
 #   `ctr images pull --hosts-dir` pulls through the mirror. Then the TLS form (a second
 #   Stowage, [mirror] tls = "ca"), as printed: its CA command run, its files at the paths it
 #   names and the mirror name it says to resolve, in a mount namespace of this test's own;
-#   ctr pulls through https://stowage.local:<port>.
+#   ctr pulls through https://127.0.0.1:<port> (the mirror mints a leaf for the IP).
 # - podman: `podman info` with CONTAINERS_REGISTRIES_CONF set to the file lists its mirrors;
 #   (no pull: the test registry has a port, which a podman mirror path prefix cannot carry).
 # - k3s, kind, gitlab, kubernetes: YAML (python3-yaml), with the keys each runtime reads.
@@ -183,9 +183,8 @@ ok "containerd: every hosts.toml is TOML (no k8s.gcr.io); ctr --hosts-dir pulled
 
 # containerd with the TLS mirror (tls = "ca"), the snippet as printed: its CA command run,
 # its files at the paths it names (in a mount namespace of this test's own, where a
-# directory of ours is /etc/containerd and a hosts file of ours /etc/hosts), and the name
-# it says to resolve (the mirror's certificate names [mirror] hostname, since ctr connects
-# by IP otherwise and sends no SNI) put in that hosts file.
+# directory of ours is /etc/containerd and a hosts file of ours /etc/hosts). The snippet
+# names the mirror by IP: ctr sends no SNI for it and the mirror's leaf names that IP.
 tls_proxy=$(free_port)
 tls_mirror=$(free_port)
 start_stowage stowage-tls "$tls_proxy" "$WORK/upstream/ca.crt" quay.io <<EOF2
@@ -198,8 +197,9 @@ host = "quay.io:$reg_port"
 EOF2
 wait_port "$tls_mirror"
 "$STOWAGE_BIN" --listen "127.0.0.1:$tls_proxy" setup containerd >"$snip/containerd-tls.txt" || fail "setup containerd (TLS mirror)"
-hosts_line=$(sed -n 's/^# The mirror.s certificate names .*e\.g\. \/etc\/hosts: //p' "$snip/containerd-tls.txt")
-[[ $hosts_line == "127.0.0.1 stowage.local" ]] || fail "setup containerd (TLS, by IP) does not say to resolve the mirror's name: $hosts_line"
+grep -q "host.\"https://127.0.0.1:$tls_mirror\"" "$snip/containerd-tls.txt" ||
+  fail "setup containerd (TLS) does not name the mirror by the address it listens on"
+! grep -q stowage.local "$snip/containerd-tls.txt" || fail "setup containerd (TLS, by IP) names [mirror] hostname"
 ca_cmd=$(sed -n 's/^#    \(curl -fsS .* -o \/etc\/containerd\/certs.d\/stowage-ca.crt\)$/\1/p' "$snip/containerd-tls.txt")
 [[ -n $ca_cmd ]] || fail "setup containerd (TLS) does not say how to fetch the CA"
 mkdir -p "$WORK/etc-containerd"
@@ -218,14 +218,14 @@ for line in text.splitlines(keepends=True):
         open(dest, "a").write(line)
 EOF2
 # quay.io too: should the mirror fail, containerd's fallback to `server` stays on loopback.
-printf '127.0.0.1 localhost quay.io\n%s\n' "$hosts_line" >"$WORK/tls-hosts"
+printf '127.0.0.1 localhost quay.io\n' >"$WORK/tls-hosts"
 ctr -a "$sock" -n e2e images rm --sync "quay.io:$reg_port/e2e/app:v1" >/dev/null
 unshare -m bash -c "mount --bind '$WORK/etc-containerd' /etc/containerd && mount --bind '$WORK/tls-hosts' /etc/hosts &&
   $ca_cmd && ctr -a '$sock' -n e2e images pull --hosts-dir /etc/containerd/certs.d 'quay.io:$reg_port/e2e/app:v1'" \
   >"$WORK/pull-containerd-tls.log" 2>&1 || { cat "$WORK/pull-containerd-tls.log" >&2; fail "ctr pull with setup containerd's TLS hosts.toml"; }
 grep 'stowage::access' "$WORK/stowage-tls.log" | grep 'mirror{' | grep -q "registry=quay.io:$reg_port repo=e2e/app" ||
   fail "containerd did not pull through the TLS mirror"
-ok "containerd, TLS mirror: the snippet's CA command, files and name as printed; ctr pulled through https://stowage.local:$tls_mirror"
+ok "containerd, TLS mirror: the snippet's CA command, files and name as printed; ctr pulled through https://127.0.0.1:$tls_mirror (a leaf for the IP)"
 
 # podman: its own parser, and a pull through the mirror.
 conf="$snip/podman/etc/containers/registries.conf.d/stowage.conf"
