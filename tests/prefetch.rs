@@ -351,3 +351,36 @@ async fn the_warm_list_runs_at_start_up_and_on_its_interval() {
     // Shutdown stops it (stop() bounds run()'s return).
     s.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetch_without_a_running_server_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port nothing listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::create_dir_all(dir.path().join("cache")).unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:{port}\"\n[cache]\ndir = {:?}\n",
+            dir.path().join("cache").to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .arg("--config")
+        .arg(&config)
+        .args(["prefetch", "alpine:3"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("none serves") && err.contains("stowage run"),
+        "{err}"
+    );
+}
