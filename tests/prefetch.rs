@@ -348,6 +348,17 @@ async fn the_warm_list_runs_at_start_up_and_on_its_interval() {
     for d in m.amd64.blobs() {
         assert_eq!(blob_gets(&quay, &d), 1, "{d} fetched again");
     }
+    // `stowage prefetch` without --platform takes `[prefetch] platforms` too.
+    let o = cli(
+        &s,
+        &["prefetch", &format!("quay.io:{port}/pub/warm:1")],
+        &[],
+    )
+    .await;
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("platforms linux/amd64  layers 1"), "{out}");
+    assert!(m2.arm64.blobs().iter().all(|d| !s.is_cached(d)));
     // Shutdown stops it (stop() bounds run()'s return).
     s.stop().await.unwrap();
 }

@@ -497,7 +497,7 @@ pub async fn keep_warm(
                         layers = r.layers,
                         bytes = r.bytes,
                         fetched_bytes = r.fetched_bytes,
-                        seconds = format!("{:.1}", r.seconds),
+                        seconds = (r.seconds * 10.0).round() / 10.0,
                         "prefetch: image kept warm"
                     ),
                     Err(reason) => {

@@ -11,6 +11,9 @@
 #      one survives the eviction that takes the unpinned one; after a retag upstream,
 #      `cache refresh` prints the new digest and the next pull gets it; `cache forget`
 #      makes the next pull ask upstream; `cache history` lists both digests.
+#   3. a third Stowage with `[prefetch] images` and a 2 s interval: it fetches the image
+#      itself and logs a line per image at start-up and again after the interval; a bad REF
+#      in that list is a config error naming `prefetch.images[1]`.
 source "$(dirname "$0")/lib.sh"
 for tool in skopeo jq htpasswd; do command -v "$tool" >/dev/null || fail "needs $tool (tests/deps.sh)"; done
 
@@ -157,3 +160,29 @@ out=$(stowage2_ cache history "$a_ref") || fail "cache history"
 log "cache history: $out"
 [[ $out == *"$old"* && $out == *"$new"* ]] || fail "history does not list both digests"
 ok "cache history lists $old and $new"
+
+# 5. The warm list: a Stowage with [prefetch] images keeps them warm itself, one log line per
+# image at start-up and each interval; a bad REF there is a config error naming its key.
+unset HTTPS_PROXY
+proxy3=$(free_port)
+start_stowage stowage3 "$proxy3" "$WORK/upstream/ca.crt" quay.io <<EOT
+[prefetch]
+images = ["$ref"]
+interval = "2s"
+platforms = ["linux/arm64"]
+EOT
+for _ in $(seq 100); do
+  (($(grep -c 'prefetch: image kept warm' "$WORK/stowage3.log" || true) >= 2)) && break
+  sleep 0.1
+done
+lines=$(grep 'prefetch: image kept warm' "$WORK/stowage3.log" || true)
+(($(grep -c . <<<"$lines") >= 2)) || fail "the warm list did not log a line at start-up and another after its interval"
+grep -q "image=$ref digest=$index platforms=linux/arm64/v8 layers=2" <<<"$lines" || fail "the warm list's line: $lines"
+log "warm list: $(head -n 1 <<<"$lines")"
+for d in $(oci_blobs "$WORK/arm64" "$arm"); do
+  [[ -f $WORK/stowage3/cache/blobs/sha256/${d:7:2}/${d#sha256:} ]] || fail "the warm list did not fetch $d"
+done
+printf '[prefetch]\nimages = ["alpine:3", "Not A Ref"]\n' >"$WORK/bad.toml"
+if "$STOWAGE_BIN" --config "$WORK/bad.toml" run >"$WORK/bad.out" 2>&1; then fail "a bad [prefetch] REF was accepted"; fi
+grep -q 'prefetch.images\[1\]' "$WORK/bad.out" || fail "the config error does not name prefetch.images[1]: $(cat "$WORK/bad.out")"
+ok "the warm list ran at start-up and on its interval (one line per image); a bad REF names prefetch.images[1]"
