@@ -210,7 +210,7 @@ impl RegistryApi {
         };
         let top = get(format!("/v2/{repo}/manifests/{reference}"), true, is_tag).await;
         let (top_digest, top_type, top_body) = self.manifest_body(top, limit).await?;
-        let mut manifests: Vec<(Option<Platform>, Value, u64)> = Vec::new();
+        let mut manifests: Vec<Value> = Vec::new();
         let mut chosen = Vec::new();
         let mut bytes = top_body.len() as u64;
         let top_json: Value = serde_json::from_slice(&top_body)
@@ -275,15 +275,15 @@ impl RegistryApi {
                 let json: Value = serde_json::from_slice(&body)
                     .map_err(|e| format!("{shown} manifest {digest} is not JSON: {e}"))?;
                 bytes += body.len() as u64;
-                manifests.push((shown.parse().ok(), json, body.len() as u64));
+                manifests.push(json);
             }
         } else {
-            manifests.push((None, top_json, 0));
+            manifests.push(top_json);
         }
 
         // Configs and layers, each once.
         let mut blobs: Vec<BlobRef> = Vec::new();
-        for (_, m, _) in &manifests {
+        for m in &manifests {
             let config = m["config"].clone();
             let layers = m["layers"].as_array().cloned().unwrap_or_default();
             if config.is_null() {
