@@ -46,6 +46,32 @@ enum Command {
     /// The local certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Fill the cache with images before anyone pulls them: every manifest, config and
+    /// layer of the chosen platforms, through the running server.
+    Prefetch {
+        /// Image references: alpine:3, quay.io/org/app:1.2, registry:5000/app@sha256:....
+        images: Vec<String>,
+        /// Read more references from FILE, one a line (`#` starts a comment).
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// Platforms to take from an index, e.g. linux/amd64,linux/arm64/v8 (default:
+        /// [prefetch] platforms, or linux/amd64 and linux/arm64).
+        #[arg(
+            long,
+            value_name = "OS/ARCH[/VARIANT],...",
+            conflicts_with = "all_platforms"
+        )]
+        platform: Vec<String>,
+        /// Every platform the index lists.
+        #[arg(long)]
+        all_platforms: bool,
+        /// Upstream credentials for these images' registry, used for this prefetch only.
+        #[arg(long, value_name = "USER:PASS", conflicts_with = "creds_env")]
+        creds: Option<String>,
+        /// Read USER:PASS from this environment variable instead (keeps it out of `ps`).
+        #[arg(long, value_name = "VAR")]
+        creds_env: Option<String>,
+    },
     /// Print a configuration snippet for a container runtime, filled in by the running server
     /// (its CA and addresses); refuses when none runs.
     Setup {
@@ -181,6 +207,22 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(config),
         Command::Cache(c) => cache_command(&config, c),
+        Command::Prefetch {
+            images,
+            file,
+            platform,
+            all_platforms,
+            creds,
+            creds_env,
+        } => prefetch_command(
+            &config,
+            images,
+            file,
+            platform,
+            all_platforms,
+            creds,
+            creds_env,
+        ),
         Command::Ca(CaCommand::Export { out }) => {
             let ca = stowage::server::open_ca(&config)?;
             match out {
@@ -342,6 +384,7 @@ async fn send(
     addr: SocketAddr,
     method: &str,
     path: &str,
+    authorization: Option<&http::HeaderValue>,
 ) -> anyhow::Result<Option<http::Response<hyper::body::Incoming>>> {
     let stream = match tokio::net::TcpStream::connect(addr).await {
         Ok(s) => s,
@@ -351,11 +394,14 @@ async fn send(
     let (mut send, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let req = http::Request::builder()
+    let mut req = http::Request::builder()
         .method(method)
         .uri(path)
-        .header("host", addr.to_string())
-        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        .header("host", addr.to_string());
+    if let Some(v) = authorization {
+        req = req.header(http::header::AUTHORIZATION, v);
+    }
+    let req = req.body(http_body_util::Empty::<bytes::Bytes>::new())?;
     Ok(Some(send.send_request(req).await?))
 }
 
@@ -390,7 +436,7 @@ impl Admin {
     ) -> anyhow::Result<Option<Reply>> {
         let addr = self.addr;
         let exchange = async {
-            let Some(resp) = send(addr, method, path).await? else {
+            let Some(resp) = send(addr, method, path, None).await? else {
                 return Ok(None);
             };
             let status = resp.status();
@@ -424,12 +470,13 @@ impl Admin {
         &self,
         method: &str,
         path: &str,
+        authorization: Option<&http::HeaderValue>,
         mut on_event: impl FnMut(T),
     ) -> anyhow::Result<()> {
         use http_body_util::BodyExt;
         let addr = self.addr;
         self.rt.block_on(async {
-            let resp = match tokio::time::timeout(ADMIN_TIMEOUT, send(addr, method, path)).await {
+            let resp = match tokio::time::timeout(ADMIN_TIMEOUT, send(addr, method, path, authorization)).await {
                 Err(_) => return Err(no_answer(addr, method, path, ADMIN_TIMEOUT)),
                 Ok(r) => r?.ok_or_else(|| anyhow::anyhow!("the server at {addr} went away"))?,
             };
@@ -617,7 +664,7 @@ fn cache_command(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
                     use admin::VerifyEvent;
                     let mut view = None;
                     let mut end = None;
-                    server.stream("POST", "/admin/verify", |event| match event {
+                    server.stream("POST", "/admin/verify", None, |event| match event {
                         VerifyEvent::Start { objects, bytes } => {
                             view = Some(VerifyView::new(objects, bytes))
                         }
@@ -933,4 +980,162 @@ fn limit_malloc_arenas() {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
+}
+
+/// `stowage prefetch`: the server prefetches; this prints its progress (a bar per image on
+/// a terminal, one line per image otherwise) and fails naming each image that failed.
+#[allow(clippy::too_many_arguments)]
+fn prefetch_command(
+    config: &Config,
+    mut images: Vec<String>,
+    file: Option<PathBuf>,
+    platform: Vec<String>,
+    all_platforms: bool,
+    creds: Option<String>,
+    creds_env: Option<String>,
+) -> anyhow::Result<()> {
+    use stowage::registry_api::prefetch::PrefetchEvent;
+    if let Some(f) = &file {
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        images.extend(admin::parse_ref_list(&text));
+    }
+    if images.is_empty() {
+        bail!("say which images: stowage prefetch REF... or --file FILE");
+    }
+    let mut platforms = Vec::new();
+    for p in &platform {
+        platforms.extend(stowage::oci::platform::parse_list(p)?);
+    }
+    let creds =
+        match (creds, creds_env) {
+            (Some(c), _) => Some(c),
+            (None, Some(var)) => Some(std::env::var(&var).with_context(|| {
+                format!("--creds-env {var}: the environment variable is not set")
+            })?),
+            (None, None) => None,
+        };
+    let authorization = match creds {
+        None => None,
+        Some(c) => {
+            let Some((user, pass)) = c.split_once(':') else {
+                bail!("credentials are USER:PASS");
+            };
+            Some(stowage::settings::Credentials::new(user, pass).basic())
+        }
+    };
+    // Each reference is checked here, so a typo is named without asking the server.
+    let mut failed: Vec<(String, String)> = Vec::new();
+    let mut query = Vec::new();
+    for i in &images {
+        match i.parse::<stowage::oci::ImageRef>() {
+            Ok(r) => query.push(format!("ref={}", query_escape(&r.to_string()))),
+            Err(e) => failed.push((i.clone(), e.to_string())),
+        }
+    }
+    for p in &platforms {
+        query.push(format!("platform={}", query_escape(&p.to_string())));
+    }
+    if all_platforms {
+        query.push("all_platforms=1".to_owned());
+    }
+    let asked = query.iter().filter(|q| q.starts_with("ref=")).count();
+    if asked > 0 {
+        let Found::Serving(server) = find_server(config)? else {
+            bail!(
+                "prefetch fills the cache through the running server, and none serves {}: start `stowage run`",
+                config.cache.dir.display()
+            );
+        };
+        let multi = std::io::stderr()
+            .is_terminal()
+            .then(indicatif::MultiProgress::new);
+        let mut bars: std::collections::HashMap<String, indicatif::ProgressBar> =
+            Default::default();
+        let mut layers: std::collections::HashMap<String, u64> = Default::default();
+        let path = format!("/admin/prefetch?{}", query.join("&"));
+        server.stream("POST", &path, authorization.as_ref(), |event| match event {
+            PrefetchEvent::Resolved {
+                image,
+                bytes,
+                layers: n,
+                ..
+            } => {
+                layers.insert(image.clone(), n);
+                if let Some(m) = &multi {
+                    let bar = m.add(indicatif::ProgressBar::new(bytes));
+                    bar.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+                        )
+                        .expect("valid template")
+                        .progress_chars("=> "),
+                    );
+                    bar.set_prefix(image.clone());
+                    bar.set_message(format!("layers 0/{n}"));
+                    bars.insert(image, bar);
+                }
+            }
+            PrefetchEvent::Progress {
+                image,
+                bytes,
+                layers_done,
+            } => {
+                if let Some(bar) = bars.get(&image) {
+                    bar.set_position(bytes);
+                    bar.set_message(format!(
+                        "layers {layers_done}/{}",
+                        layers.get(&image).copied().unwrap_or(0)
+                    ));
+                }
+            }
+            PrefetchEvent::Done(r) => {
+                if let Some(bar) = bars.remove(&r.image) {
+                    bar.finish_and_clear();
+                }
+                let line = format!(
+                    "{}  {}  platforms {}  layers {}  {} ({} fetched)  {:.1}s",
+                    r.image,
+                    r.digest,
+                    if r.platforms.is_empty() {
+                        "(single manifest)".to_owned()
+                    } else {
+                        r.platforms.join(",")
+                    },
+                    r.layers,
+                    admin::human_bytes(r.bytes),
+                    admin::human_bytes(r.fetched_bytes),
+                    r.seconds
+                );
+                match &multi {
+                    Some(m) => {
+                        let _ = m.println(&line);
+                    }
+                    None => println!("{line}"),
+                }
+            }
+            PrefetchEvent::Failed { image, reason } => {
+                if let Some(bar) = bars.remove(&image) {
+                    bar.abandon();
+                }
+                eprintln!("prefetch {image} failed: {reason}");
+                failed.push((image, reason));
+            }
+            PrefetchEvent::Working => {}
+        })?;
+    }
+    std::io::stdout().flush()?;
+    if !failed.is_empty() {
+        let list: Vec<String> = failed
+            .iter()
+            .map(|(i, why)| format!("{i} ({why})"))
+            .collect();
+        bail!(
+            "{} of {} images failed: {}",
+            failed.len(),
+            images.len(),
+            list.join("; ")
+        );
+    }
+    Ok(())
 }

@@ -445,6 +445,18 @@ impl Server {
             ingress.api.metrics.clone(),
             ingress.shutdown.clone(),
         ));
+        let warm = &ingress.config.prefetch;
+        if !warm.images.is_empty() {
+            ingress
+                .tasks
+                .spawn(crate::registry_api::prefetch::keep_warm(
+                    ingress.api.clone(),
+                    warm.image_refs(),
+                    warm.platform_list(),
+                    warm.interval.0,
+                    ingress.shutdown.clone(),
+                ));
+        }
         shutdown.await;
         let tasks = &ingress.tasks;
         tracing::info!(in_flight = tasks.len(), grace = ?grace, "shutting down");

@@ -811,6 +811,7 @@ impl Harness {
             registry: reg(registry),
             auth_host: false,
             answers_challenges,
+            account: None,
         };
         self.send_to(method, target, path, headers).await
     }
@@ -1739,6 +1740,7 @@ async fn a_token_endpoint_that_cannot_answer_gets_a_placeholder_for_public_repos
         registry: reg(host),
         auth_host: true,
         answers_challenges: false,
+        account: None,
     };
     let token = |host: &'static str, scopes: &'static str, headers: &'static [(&str, &str)]| {
         let h = &h;

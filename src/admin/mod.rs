@@ -238,6 +238,16 @@ pub fn verify(
     store.verify(progress)
 }
 
+/// The image references of a `stowage prefetch --file`: one a line, blank lines and
+/// `#` comments (whole lines, or after the reference) ignored.
+pub fn parse_ref_list(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| l.split_once('#').map_or(l, |(before, _)| before).trim())
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// `1.5 GiB` style sizes for people.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -265,6 +275,20 @@ mod tests {
             Algorithm::Sha256,
             aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b).as_ref(),
         )
+    }
+
+    #[test]
+    fn ref_lists_skip_comments_and_blank_lines() {
+        let text = "# images for CI\nalpine:3\n\n   quay.io/org/app:1.2   # pinned by ops\n\t\n#quay.io/x/y:1\nregistry:5000/app@sha256:abc\n";
+        assert_eq!(
+            parse_ref_list(text),
+            vec![
+                "alpine:3",
+                "quay.io/org/app:1.2",
+                "registry:5000/app@sha256:abc"
+            ]
+        );
+        assert!(parse_ref_list("# nothing\n\n").is_empty());
     }
 
     #[test]

@@ -56,6 +56,7 @@ where
         registry: Registry::new(Scheme::Https, host, ingress.direct.upstream_port),
         auth_host: kind == HostKind::AuthHost,
         answers_challenges: false,
+        account: None,
     });
     ingress.serve_registry(TokioIo::new(tls), target).await;
 }

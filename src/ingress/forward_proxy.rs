@@ -209,6 +209,7 @@ where
         registry,
         auth_host: kind == HostKind::AuthHost,
         answers_challenges: false,
+        account: None,
     });
     ingress.serve_registry(TokioIo::new(tls), target).await
 }
@@ -307,6 +308,7 @@ async fn absolute_form(
         registry,
         auth_host: kind != Some(HostKind::Registry),
         answers_challenges: false,
+        account: None,
     });
     ingress.api.serve(target, req.map(boxed)).await
 }

@@ -177,6 +177,7 @@ async fn mirror_request(
         registry: routed.registry,
         auth_host: false,
         answers_challenges: true,
+        account: None,
     });
     ingress.api.serve(target, req.map(boxed)).await
 }

@@ -273,11 +273,132 @@ async fn refresh(ingress: &Arc<Ingress>, query: &str) -> Response<Body> {
     }
 }
 
+/// `POST /admin/prefetch?ref=REF&ref=...[&platform=OS/ARCH[/VARIANT]...|&all_platforms=1]`,
+/// with the upstream credentials, if any, as the request's `Authorization: Basic` (a header,
+/// never the query, which may be logged): the images are prefetched one after another and
+/// the events stream out as newline-delimited JSON (`PrefetchEvent`), a `working` line at
+/// least every two seconds. A client that goes away does not stop it.
+fn prefetch_stream(ingress: &Arc<Ingress>, req: &Request<Incoming>) -> Response<Body> {
+    use crate::registry_api::prefetch::{Platforms, PrefetchEvent};
+    let mut images = Vec::new();
+    let mut platforms = Vec::new();
+    let mut all = false;
+    for (k, v) in req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+    {
+        let Some(v) = crate::http_util::percent_decode(v) else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "a query value is not percent-encoded UTF-8",
+            );
+        };
+        match k {
+            "ref" => images.push(v),
+            "platform" => match crate::oci::platform::parse_list(&v) {
+                Ok(l) => platforms.extend(l),
+                Err(e) => return text(StatusCode::BAD_REQUEST, &e.to_string()),
+            },
+            "all_platforms" => all = v == "1" || v == "true",
+            _ => {}
+        }
+    }
+    if images.is_empty() {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "say which images: ?ref=REF&ref=...",
+        );
+    }
+    let platforms = match (all, platforms.is_empty()) {
+        (true, true) => Platforms::All,
+        (true, false) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "platform and all_platforms exclude each other",
+            )
+        }
+        (false, true) => Platforms::Only(ingress.config.prefetch.platform_list()),
+        (false, false) => Platforms::Only(platforms),
+    };
+    let creds = match req.headers().get(http::header::AUTHORIZATION) {
+        None => None,
+        Some(v) => match basic_credentials(v) {
+            Some(c) => Some(c),
+            None => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "Authorization must be Basic base64(user:password)",
+                )
+            }
+        },
+    };
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<PrefetchEvent>();
+    let api = ingress.api.clone();
+    ingress.tasks.spawn(async move {
+        for image in images {
+            match image.parse::<crate::oci::ImageRef>() {
+                Ok(r) => {
+                    let tx = tx.clone();
+                    let events = move |e: PrefetchEvent| {
+                        let _ = tx.send(e);
+                    };
+                    let _ = api.prefetch(&r, &platforms, creds.clone(), &events).await;
+                }
+                Err(e) => {
+                    let _ = tx.send(PrefetchEvent::Failed {
+                        image,
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+    });
+    let every = std::time::Duration::from_secs(2);
+    let ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let lines = futures_util::stream::unfold((rx, ticker), |(mut rx, mut ticker)| async move {
+        let event = tokio::select! {
+            biased;
+            e = rx.recv() => e?,
+            _ = ticker.tick() => PrefetchEvent::Working,
+        };
+        let mut line = serde_json::to_vec(&event).unwrap_or_default();
+        line.push(b'\n');
+        let frame = http_body::Frame::data(bytes::Bytes::from(line));
+        Some((Ok::<_, crate::http_util::BoxError>(frame), (rx, ticker)))
+    });
+    let mut r = Response::new(BodyExt::boxed_unsync(http_body_util::StreamBody::new(
+        lines,
+    )));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    r
+}
+
+/// `Basic base64(user:password)` as credentials.
+fn basic_credentials(v: &HeaderValue) -> Option<crate::settings::Credentials> {
+    use base64::Engine;
+    let b64 = v.to_str().ok()?.strip_prefix("Basic ")?;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    let raw = String::from_utf8(raw).ok()?;
+    let (user, pass) = raw.split_once(':')?;
+    Some(crate::settings::Credentials::new(user, pass))
+}
+
 /// `/admin/*`: the running server's side of `stowage cache ...`.
 async fn admin(ingress: &Arc<Ingress>, req: &Request<Incoming>) -> Response<Body> {
     use crate::admin;
     if req.method() == Method::POST && req.uri().path() == "/admin/verify" {
         return verify_stream(ingress);
+    }
+    if req.method() == Method::POST && req.uri().path() == "/admin/prefetch" {
+        return prefetch_stream(ingress, req);
     }
     if req.method() == Method::POST && req.uri().path() == "/admin/refresh" {
         return refresh(ingress, req.uri().query().unwrap_or("")).await;
@@ -348,7 +469,7 @@ async fn admin(ingress: &Arc<Ingress>, req: &Request<Incoming>) -> Response<Body
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "admin: GET info, GET setup?runtime=&address=, GET stats, GET ls, POST verify, POST prune?max_size=&older_than=, POST forget|pin|unpin|refresh?ref=, GET history?ref=",
+                "admin: GET info, GET setup?runtime=&address=, GET stats, GET ls, POST verify, POST prune?max_size=&older_than=, POST forget|pin|unpin|refresh?ref=, GET history?ref=, POST prefetch?ref=&platform=|all_platforms=1",
             ),
         })
     })

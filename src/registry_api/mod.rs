@@ -14,6 +14,7 @@ pub mod blobs;
 pub mod errors;
 pub mod manifests;
 pub mod pass_through;
+pub mod prefetch;
 pub mod quota;
 
 use std::collections::HashMap;
@@ -49,6 +50,11 @@ pub struct Target {
     /// Stowage's placeholder token), so Stowage answers upstream challenges itself (its
     /// account, or anonymously).
     pub answers_challenges: bool,
+    /// An account for this request only (`stowage prefetch --creds`): Stowage answers
+    /// upstream challenges with it. The request's `Authorization` is then its stand-in for
+    /// access decisions (what the cache grants is granted to that credential, not to
+    /// anonymous clients) and never goes upstream as it is.
+    pub account: Option<Arc<Account>>,
 }
 impl Target {
     fn uri(&self, path_and_query: &str) -> Result<Uri, ServeError> {
@@ -154,7 +160,10 @@ impl RegistryApi {
     /// own: with the registry's configured account if any; else anonymously for mirror
     /// clients (who cannot log in upstream), and not at all for proxy clients (they do
     /// their own token dance).
-    pub fn answer(&self, target: &Target) -> Answer<'_> {
+    pub fn answer<'a>(&'a self, target: &'a Target) -> Answer<'a> {
+        if let Some(a) = &target.account {
+            return Answer::With(Some(a));
+        }
         match self.accounts.credentials.get(&target.registry) {
             Some(c) => Answer::With(Some(c)),
             None if target.answers_challenges => Answer::With(None),
@@ -225,6 +234,7 @@ impl RegistryApi {
                 registry: key.repo.registry.clone(),
                 auth_host: false,
                 answers_challenges: true,
+                account: None,
             });
             let resp = self.serve(target, req).await;
             let status = resp.status();
@@ -423,6 +433,16 @@ fn upstream_headers(headers: &HeaderMap) -> HeaderMap {
     h
 }
 
+/// [`upstream_headers`] for `target`: a request with an account of its own
+/// ([`Target::account`]) sends no `Authorization` of the client's; the account answers.
+fn upstream_headers_for(target: &Target, headers: &HeaderMap) -> HeaderMap {
+    let mut h = upstream_headers(headers);
+    if target.account.is_some() {
+        h.remove(http::header::AUTHORIZATION);
+    }
+    h
+}
+
 /// An upstream response passed to the client as it is (hop-by-hop headers aside).
 fn relay(resp: Response<Body>) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
@@ -453,7 +473,7 @@ async fn upstream_fetch(
         &api.upstream,
         method,
         uri,
-        upstream_headers(headers),
+        upstream_headers_for(target, headers),
         answer,
         follow,
     )
@@ -518,7 +538,7 @@ async fn authorize(
         }
     };
     let credential = credential_id(&headers);
-    let upstream_view = upstream_headers(&headers);
+    let upstream_view = upstream_headers_for(target, &headers);
     let answer = api.answer(target);
     let ask = Box::pin(probe::ask(
         &api.upstream,

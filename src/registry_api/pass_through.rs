@@ -16,7 +16,9 @@
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, WARNING};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 
-use super::{path_and_query, relay, upstream_fetch, upstream_headers, RegistryApi, Served, Target};
+use super::{
+    path_and_query, relay, upstream_fetch, upstream_headers_for, RegistryApi, Served, Target,
+};
 use crate::http_util::{full, percent_decode, stale_warning, Body};
 use crate::oci::{RepoKey, RepoName};
 use crate::telemetry::CacheStatus;
@@ -161,7 +163,7 @@ async fn forward(api: &RegistryApi, target: &Target, req: Request<Body>) -> Serv
         .uri(uri)
         .body(body)
         .expect("valid parts");
-    *up.headers_mut() = upstream_headers(&parts.headers);
+    *up.headers_mut() = upstream_headers_for(target, &parts.headers);
     if target.auth_host && !up.headers().contains_key(AUTHORIZATION) {
         let account = api.accounts.inject.get(&target.registry);
         if let Some(value) = account.and_then(|a| a.authorization_for(up.uri())) {

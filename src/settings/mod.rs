@@ -58,6 +58,73 @@ pub struct Config {
     pub mirror: MirrorConfig,
     pub direct: DirectConfig,
     pub storage: StorageConfig,
+    pub prefetch: PrefetchConfig,
+}
+
+/// `[prefetch]`: images the server keeps warm itself, and the platforms a prefetch takes
+/// from an index when it is not told which.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrefetchConfig {
+    /// Image references (`alpine:3`, `quay.io/org/app:1.2`) fetched at start-up and again
+    /// every `interval`. Default: none.
+    pub images: Vec<String>,
+    /// How often the images are resolved again (what changed is fetched). Default `6h`.
+    pub interval: HumanDuration,
+    /// Platforms taken from an index (`os/arch[/variant]`), for these images and for
+    /// `stowage prefetch` without `--platform`. Default `linux/amd64`, `linux/arm64`.
+    pub platforms: Vec<String>,
+}
+
+impl Default for PrefetchConfig {
+    fn default() -> Self {
+        PrefetchConfig {
+            images: Vec::new(),
+            interval: HumanDuration(Duration::from_secs(6 * 3600)),
+            platforms: vec!["linux/amd64".into(), "linux/arm64".into()],
+        }
+    }
+}
+
+impl PrefetchConfig {
+    /// The images, parsed (validated).
+    pub fn image_refs(&self) -> Vec<crate::oci::ImageRef> {
+        self.images
+            .iter()
+            .map(|i| i.parse().expect("validated prefetch.images"))
+            .collect()
+    }
+
+    /// The platforms, parsed (validated).
+    pub fn platform_list(&self) -> Vec<crate::oci::Platform> {
+        self.platforms
+            .iter()
+            .map(|p| p.parse().expect("validated prefetch.platforms"))
+            .collect()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (i, image) in self.images.iter().enumerate() {
+            if let Err(e) = image.parse::<crate::oci::ImageRef>() {
+                return Err(invalid(format!("prefetch.images[{i}]"), e.to_string()));
+            }
+        }
+        if self.platforms.is_empty() {
+            return Err(invalid(
+                "prefetch.platforms",
+                "name at least one platform, e.g. [\"linux/amd64\"]",
+            ));
+        }
+        for (i, p) in self.platforms.iter().enumerate() {
+            if let Err(e) = p.parse::<crate::oci::Platform>() {
+                return Err(invalid(format!("prefetch.platforms[{i}]"), e.to_string()));
+            }
+        }
+        if self.interval.0.is_zero() {
+            return Err(invalid("prefetch.interval", "must be greater than zero"));
+        }
+        Ok(())
+    }
 }
 
 /// The shared tier behind the local cache, for replicas that share what they fetch.
@@ -684,6 +751,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.proxy_listen()?;
+        self.prefetch.validate()?;
         for (key, d) in [
             ("proxy.idle_timeout", self.proxy.idle_timeout),
             ("proxy.header_timeout", self.proxy.header_timeout),
@@ -1183,6 +1251,28 @@ mod tests {
             assert!(e.contains("too long"), "{text}: {e}");
             assert!(Config::from_toml_str(&format!("{key} = \"36500d\"\n")).is_ok());
             assert!(Config::from_toml_str(&format!("{key} = \"36501d\"\n")).is_err());
+        }
+    }
+
+    #[test]
+    fn prefetch_images_and_platforms_are_checked_and_named() {
+        let c = Config::from_toml_str(
+            "[prefetch]\nimages = [\"alpine:3\", \"quay.io/org/app:1.2\"]\ninterval = \"1h\"\nplatforms = [\"linux/arm/v7\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.prefetch.image_refs().len(), 2);
+        assert_eq!(c.prefetch.platform_list()[0].to_string(), "linux/arm/v7");
+        assert_eq!(Config::default().prefetch.platform_list().len(), 2);
+        for (text, key) in [
+            ("images = [\"alpine:3\", \"UPPER/x\"]", "prefetch.images[1]"),
+            ("platforms = [\"linux\"]", "prefetch.platforms[0]"),
+            ("platforms = []", "prefetch.platforms"),
+            ("interval = \"0s\"", "prefetch.interval"),
+        ] {
+            let e = Config::from_toml_str(&format!("[prefetch]\n{text}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("{key}:")), "{text}: {e}");
         }
     }
 

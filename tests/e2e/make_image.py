@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes an OCI image layout with real gzipped tar layers of pseudo-random bytes.
 
-usage: make_image.py DIR TAG LAYERS SIZE_KIB SEED [--busybox=PATH]
+usage: make_image.py DIR TAG LAYERS SIZE_KIB SEED [--busybox=PATH] [--platform=OS/ARCH[/VARIANT]]
 
 Deterministic for a given SEED, so two scenarios that want the same layers get the same
 digests, and different seeds give different images.
@@ -10,6 +10,8 @@ With --busybox=PATH (a static busybox, Debian's busybox-static) the first layer 
 runnable root file system instead: bin/busybox with bin/true and bin/sh linking to it (and
 a file naming the seed, so each seed's layer differs), the image's command /bin/true. A
 runtime that runs the image then proves that layer arrived intact.
+With --platform the config names that platform (default linux/amd64); make_index.py puts
+such images into one multi-platform index.
 """
 import gzip
 import hashlib
@@ -65,7 +67,8 @@ def busybox_tar(tar, busybox, seed):
 
 
 def main():
-    args = [a for a in sys.argv[1:] if not a.startswith("--busybox=")]
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    platform = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--platform=")), "linux/amd64").split("/")
     busybox = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--busybox=")), None)
     root, tag, layers, size_kib, seed = args[0], args[1], int(args[2]), int(args[3]), int(args[4])
     os.makedirs(os.path.join(root, "blobs", "sha256"), exist_ok=True)
@@ -84,8 +87,9 @@ def main():
         digest, size = blob(root, gz)
         layer_descs.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": size})
     config = {
-        "architecture": "amd64",
-        "os": "linux",
+        "architecture": platform[1],
+        "os": platform[0],
+        **({"variant": platform[2]} if len(platform) > 2 else {}),
         "config": {"Cmd": ["/bin/true"] if busybox else ["/layer0/data.bin"]},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     }
