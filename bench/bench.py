@@ -784,18 +784,36 @@ http {{
                         f.restart(target, fresh=True)
                     f.settle()
                     before_b, before_log = uplink_bytes(), f.blob_fetches(digests)
+                    cpu0 = f.cpu_s(target)
+                    trace, tracing_done = [], threading.Event()
+                    if os.environ.get("BENCH_FLEET_TRACE"):
+                        # Uplink MB/s and server CPU every 0.5 s, to the log: where a slow run stalls.
+                        def sample():
+                            last_b, last_c, t = uplink_bytes(), f.cpu_s(target), time.monotonic()
+                            while not tracing_done.wait(0.5):
+                                b, c, now = uplink_bytes(), f.cpu_s(target), time.monotonic()
+                                trace.append(f"{(b - last_b) / (now - t) / 1e6:.0f}MB/s,{(c - last_c) / (now - t):.2f}cpu")
+                                last_b, last_c, t = b, c, now
+                        tracer = threading.Thread(target=sample)
+                        tracer.start()
                     wall, times = f.skopeo_fleet(target, repo, n)
+                    cpu = f.cpu_s(target) - cpu0
+                    tracing_done.set()
+                    if trace:
+                        tracer.join()
+                        log("    trace: " + " ".join(trace))
                     f.settle()
                     after_log = f.blob_fetches(digests)
                     per_blob = [after_log[d] - before_log[d] for d in digests]
                     mib = (uplink_bytes() - before_b) / (1 << 20)
                     log(f"  fleet {key} {name}: wall {wall:.1f} s, clients {min(times):.1f}..{max(times):.1f} s, "
-                        f"fetches per blob {min(per_blob)}..{max(per_blob)}, uplink {mib:.0f} MiB")
+                        f"fetches per blob {min(per_blob)}..{max(per_blob)}, uplink {mib:.0f} MiB, server CPU {cpu:.1f} s")
                     self.rec(name, f"fleet_{key}_wall_s", wall)
                     self.rec(name, f"fleet_{key}_spread", max(times) / min(times))
                     self.rec(name, f"fleet_{key}_fetches_max", max(per_blob))
                     self.rec(name, f"fleet_{key}_fetches", sum(per_blob))
                     self.rec(name, f"fleet_{key}_uplink_mib", mib)
+                    self.rec(name, f"fleet_{key}_cpu_s", cpu)
                     if target != "upstream":
                         stop(f.procs[target])
         stop_all()
@@ -900,7 +918,8 @@ http {{
                 for fig, metric, nd in (("wall for all (s)", "wall_s", 1), ("slowest / fastest client", "spread", 2),
                                         ("most upstream fetches of one blob", "fetches_max", 0),
                                         ("upstream blob fetches in all", "fetches", 0),
-                                        ("bytes over the uplink (MiB)", "uplink_mib", 0)):
+                                        ("bytes over the uplink (MiB)", "uplink_mib", 0),
+                                        ("server CPU, whole process tree (s)", "cpu_s", 1)):
                     vals = [self.m(t, f"fleet_{key}_{metric}") for t in ("floor", "direct", "stowage", "nginx", "regproxy")]
                     fleet_lines.append(f"| {label} | {fig} | " + " | ".join(fmt(v, nd) for v in vals) + " |")
 
