@@ -612,6 +612,9 @@ http {{
             dest = self.path(f"pull-{i}")
             shutil.rmtree(dest, ignore_errors=True)
             cmd, env = self.skopeo_cmd(target, repo, dest)
+            if os.environ.get("BENCH_FLEET_CLIENT_NICE"):
+                # Diagnosis only: clients at a lower CPU priority than the servers.
+                cmd = ["nice", "-n", os.environ["BENCH_FLEET_CLIENT_NICE"], *cmd]
             runs.append((dest, cmd, env))
         t0 = time.monotonic()
         procs = [(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env), dest)
