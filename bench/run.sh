@@ -3,16 +3,17 @@
 # loopback only. One command: installs what is missing, builds Stowage (release), runs
 # bench/bench.py, writes bench/RESULTS.md. See bench/README.md.
 #
-#   bench/run.sh                 # 512 MiB layer, 3 interleaved repetitions
-#   BENCH_QUICK=1 bench/run.sh   # 64 MiB layer, 1 repetition (smoke test)
+#   bench/run.sh                 # 256 MiB layer, 3 interleaved repetitions, then the fleet
+#   BENCH_QUICK=1 bench/run.sh   # 64 MiB layer, 1 repetition, a small fleet (smoke test)
 #   BENCH_REPS=5 bench/run.sh    # more repetitions
+#   BENCH_FLEET=0 bench/run.sh   # without the fleet over a slow uplink (needs root: netns, tc)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
 
 need=()
-for pair in docker-registry:docker-registry nginx:nginx skopeo:skopeo curl:curl openssl:openssl python3:python3; do
+for pair in docker-registry:docker-registry nginx:nginx skopeo:skopeo curl:curl openssl:openssl python3:python3 ip:iproute2 tc:iproute2; do
     cmd="${pair%%:*}"
     pkg="${pair##*:}"
     command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
