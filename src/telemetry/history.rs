@@ -157,11 +157,28 @@ struct RegistryState {
 #[derive(Default)]
 struct HourTop {
     hour: u64,
-    /// registry label → repository → (bytes served from cache, bytes from upstream).
-    repos: HashMap<String, HashMap<String, (u64, u64)>>,
-    entries: usize,
-    /// Bytes of repositories past [`TOP_PER_HOUR`].
+    /// Hash of (registry label, repository) → its bytes. Keyed by a hash so a lookup on the
+    /// hot path allocates nothing; the entry keeps the names, and a colliding pair (which
+    /// only a crafted name could cause) is counted as unattributed.
+    repos: HashMap<u64, RepoEntry>,
+    /// Bytes of repositories past [`TOP_PER_HOUR`] (served from cache, from upstream).
     unattributed: (u64, u64),
+}
+
+struct RepoEntry {
+    registry: String,
+    repository: String,
+    cache: u64,
+    upstream: u64,
+}
+
+fn repo_key(registry: &str, repo: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // Fixed keys: the same pair hashes the same in every hour.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    registry.hash(&mut h);
+    repo.hash(&mut h);
+    h.finish()
 }
 
 /// One entry of the error list (`/status.json` `errors[]`).
@@ -276,7 +293,10 @@ fn cut(s: &str, max: usize) -> String {
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}…", &s[..end])
+    let mut out = String::with_capacity(end + '…'.len_utf8());
+    out.push_str(&s[..end]);
+    out.push('…');
+    out
 }
 
 /// An error text with what could be a secret removed: URL queries (presigned URLs carry
@@ -382,31 +402,44 @@ impl History {
         }
         let hour = m / 60;
         let top = &mut inner.hours[(hour % HOURS as u64) as usize];
-        if top.hour != hour || top.entries == 0 {
+        if top.hour != hour || top.repos.is_empty() {
             *top = HourTop {
                 hour,
                 ..HourTop::default()
             };
         }
-        let add = |e: &mut (u64, u64)| {
-            if from_cache(outcome) {
-                e.0 += bytes;
-            } else {
-                e.1 += bytes;
+        let cached = from_cache(outcome);
+        let key = repo_key(registry, repo);
+        let room = top.repos.len() < TOP_PER_HOUR;
+        match top.repos.get_mut(&key) {
+            Some(e) if e.registry == registry && e.repository == repo => {
+                if cached {
+                    e.cache += bytes;
+                } else {
+                    e.upstream += bytes;
+                }
             }
-        };
-        if let Some(e) = top.repos.get_mut(registry).and_then(|r| r.get_mut(repo)) {
-            add(e);
-        } else if top.entries < TOP_PER_HOUR {
-            let mut e = (0, 0);
-            add(&mut e);
-            top.repos
-                .entry(cut(registry, REPO_MAX))
-                .or_default()
-                .insert(cut(repo, REPO_MAX), e);
-            top.entries += 1;
-        } else {
-            add(&mut top.unattributed);
+            None if room => {
+                if top.repos.capacity() == 0 {
+                    top.repos.reserve(TOP_PER_HOUR);
+                }
+                top.repos.insert(
+                    key,
+                    RepoEntry {
+                        registry: cut(registry, REPO_MAX),
+                        repository: cut(repo, REPO_MAX),
+                        cache: if cached { bytes } else { 0 },
+                        upstream: if cached { 0 } else { bytes },
+                    },
+                );
+            }
+            _ => {
+                if cached {
+                    top.unattributed.0 += bytes;
+                } else {
+                    top.unattributed.1 += bytes;
+                }
+            }
         }
     }
 
@@ -528,17 +561,17 @@ impl History {
         let mut repos: HashMap<(&str, &str), (u64, u64)> = HashMap::new();
         let mut unattributed = (0, 0);
         for top in &g.hours {
-            if top.entries == 0 || top.hour > hour_now || top.hour + HOURS as u64 <= hour_now {
+            if top.repos.is_empty() || top.hour > hour_now || top.hour + HOURS as u64 <= hour_now {
                 continue;
             }
             unattributed.0 += top.unattributed.0;
             unattributed.1 += top.unattributed.1;
-            for (reg, rs) in &top.repos {
-                for (repo, (c, u)) in rs {
-                    let e = repos.entry((reg.as_str(), repo.as_str())).or_default();
-                    e.0 += c;
-                    e.1 += u;
-                }
+            for e in top.repos.values() {
+                let t = repos
+                    .entry((e.registry.as_str(), e.repository.as_str()))
+                    .or_default();
+                t.0 += e.cache;
+                t.1 += e.upstream;
             }
         }
         let mut all: Vec<RepoBytes> = repos
@@ -582,20 +615,19 @@ impl History {
     /// the README states. Repository names and error texts are counted at their bounds.
     pub fn memory_bound(registries: usize) -> usize {
         use std::mem::size_of;
+        // Labels past the limit share `other`, which may come on top.
+        let registries = registries + 1;
         let slots = SLOTS * size_of::<Slot>();
         let per_registry = size_of::<String>()
             + REPO_MAX
             + size_of::<RegistryState>()
             + size_of::<ErrorRing>()
             + MAP_ENTRY_OVERHEAD;
-        // A repository entry: its name, the counters, the table's own overhead; and each
-        // registry label an hour names.
-        let repo_entry =
-            size_of::<String>() + REPO_MAX + 4 + size_of::<(u64, u64)>() + MAP_ENTRY_OVERHEAD;
+        // An hour's table: reserved once for TOP_PER_HOUR entries (a hash table of at most
+        // twice as many buckets, a control byte each), and two names per entry.
         let hour = size_of::<HourTop>()
-            + TOP_PER_HOUR * repo_entry
-            + registries.min(TOP_PER_HOUR)
-                * (size_of::<String>() + REPO_MAX + 4 + 48 + MAP_ENTRY_OVERHEAD);
+            + 2 * TOP_PER_HOUR * (size_of::<(u64, RepoEntry)>() + 1)
+            + TOP_PER_HOUR * 2 * (REPO_MAX + 4);
         let error = size_of::<ErrorEntry>() + 3 * (REASON_MAX + 4);
         size_of::<Inner>() + slots + registries * per_registry + HOURS * hour + LAST_ERRORS * error
     }
@@ -615,17 +647,15 @@ impl History {
         }
         for top in &g.hours {
             n += size_of::<HourTop>();
-            for (reg, rs) in &top.repos {
-                n += size_of::<String>() + reg.capacity() + 48 + MAP_ENTRY_OVERHEAD;
-                for repo in rs.keys() {
-                    n += size_of::<String>()
-                        + repo.capacity()
-                        + size_of::<(u64, u64)>()
-                        + MAP_ENTRY_OVERHEAD;
-                }
-                // Hash tables keep spare capacity: count it at the entry size.
-                n += rs.capacity().saturating_sub(rs.len())
-                    * (size_of::<String>() + size_of::<(u64, u64)>());
+            // hashbrown keeps buckets for 8/7 of its capacity, rounded to a power of two.
+            let buckets = if top.repos.capacity() == 0 {
+                0
+            } else {
+                (top.repos.capacity() * 8 / 7).next_power_of_two()
+            };
+            n += buckets * (size_of::<(u64, RepoEntry)>() + 1);
+            for e in top.repos.values() {
+                n += e.registry.capacity() + e.repository.capacity();
             }
         }
         n += g.errors.capacity() * size_of::<ErrorEntry>();
@@ -638,8 +668,8 @@ impl History {
 
 /// Rows of each top table in a snapshot.
 pub const TOP_LISTED: usize = 10;
-/// What a hash-map entry costs beyond its key and value (control byte, hash, slack).
-const MAP_ENTRY_OVERHEAD: usize = 16;
+/// What a map entry costs beyond its key and value (tree nodes, control bytes, slack).
+const MAP_ENTRY_OVERHEAD: usize = 32;
 
 fn registry_state<'a>(
     map: &'a mut BTreeMap<String, RegistryState>,
