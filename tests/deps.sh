@@ -24,6 +24,8 @@ declare -A PROBES=(
   [python3-yaml]=/usr/lib/python3/dist-packages/yaml/__init__.py
   # promtool: checks and unit-tests the alert rules in examples/prometheus/.
   [prometheus]=/usr/bin/promtool
+  # headless browser for the status page end-to-end test (tests/e2e/14-status-page.sh).
+  [chromium]=/usr/bin/chromium
 )
 
 missing=()

@@ -390,6 +390,7 @@ fn memory_stays_under_the_stated_bound() {
         h.upstream_error(now, &registry, &repo, "connect", &format!("{long} {i}"));
     }
     let used = h.approx_bytes();
+    eprintln!("history: {used} bytes held after the flood, bound {bound}");
     assert!(used <= bound, "{used} bytes held, bound {bound}");
     let s = h.snapshot(T0 + 40_000 * 5_000);
     assert_eq!(s.errors.len(), LAST_ERRORS);

@@ -494,14 +494,15 @@ td.reason{{text-align:left;max-width:600px;word-break:break-all}}
         c.min_free,
         &human_bytes(c.min_free),
     );
-    o.push_str(")</td></tr>\n<tr><th>objects</th>");
+    o.push_str(")</td></tr>\n<tr><th>objects</th><td class=\"l\">");
     fig(
         &mut o,
-        "td",
+        "span",
         "cache.objects",
         c.objects,
         &c.objects.to_string(),
     );
+    o.push_str("</td>");
     o.push_str("</tr>\n<tr><th>evictions</th><td class=\"l\">");
     fig(
         &mut o,

@@ -127,7 +127,7 @@ async fn status(ingress: &Arc<Ingress>, path: &str) -> Response<Body> {
             crate::clock::now_ms(),
         );
         if as_json {
-            serde_json::to_string_pretty(&s).unwrap_or_default()
+            serde_json::to_string(&s).unwrap_or_default()
         } else {
             crate::admin::status::html(&s)
         }
