@@ -577,10 +577,13 @@ http {{
         self.make_certs()
         self.start_upstream()
         self.push_image()
+        # BENCH_TARGETS=stowage measures one target alone (a before/after of Stowage).
+        targets = [t for t in os.environ.get("BENCH_TARGETS", "upstream,stowage,nginx,regproxy").split(",") if t]
         self.start_stowage(fresh=True)
-        self.start_nginx(fresh=True)
-        self.start_regproxy(fresh=True)
-        targets = ["upstream", "stowage", "nginx", "regproxy"]
+        if "nginx" in targets:
+            self.start_nginx(fresh=True)
+        if "regproxy" in targets:
+            self.start_regproxy(fresh=True)
         self.suites = {t: self.negotiated_suite(t) for t in targets}
         log(f"TLS 1.3 suites negotiated with curl's OpenSSL offer: {self.suites}")
         t0 = time.monotonic()
