@@ -403,3 +403,74 @@ fn memory_stays_under_the_stated_bound() {
     assert!(s.top_by_bytes_served.len() <= 10);
     let _ = (TOP_PER_HOUR, HOURS);
 }
+
+async fn blob_head_only(s: &Session, digest: &str) -> http::Response<hyper::body::Incoming> {
+    let auth = format!("Bearer {}", s.token);
+    s.tunnel
+        .send(
+            http::Method::GET,
+            &s.blob_path(digest),
+            &[("authorization", &auth)],
+        )
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_in_flight_shows_its_bytes_total_and_readers() {
+    let ca = TestCa::new();
+    let quay = FakeRegistry::builder(&ca).host("quay.io").build().await;
+    let data = pseudo_random(2 << 20, 40);
+    let digest = quay.push_blob("team/app", data.clone());
+    let stowage = Stowage::start(&ca).await;
+    let client = stowage.client();
+    let s1 = Session::login(&client, "quay.io", quay.port(), "team/app", Alpn::Http11).await;
+    let s2 = Session::login(&client, "quay.io", quay.port(), "team/app", Alpn::Http11).await;
+    let gate = quay.hold_blob_bodies();
+    let leader = bounded("leader head", blob_head_only(&s1, &digest)).await;
+    assert_eq!(leader.headers().get("x-cache").unwrap(), "miss");
+    let follower = bounded("follower head", blob_head_only(&s2, &digest)).await;
+    assert_eq!(follower.headers().get("x-cache").unwrap(), "coalesced");
+
+    let v = status_until(
+        &client,
+        "one fill with two readers and its first bytes",
+        |v| {
+            let f = &v["fills"][0];
+            f["readers"] == 2 && f["bytes_done"].as_u64() > Some(0)
+        },
+    )
+    .await;
+    let fills = v["fills"].as_array().unwrap();
+    assert_eq!(fills.len(), 1, "{v:#}");
+    let f = &fills[0];
+    assert_eq!(f["digest"], digest.as_str());
+    assert_eq!(f["repository"], "team/app");
+    assert_eq!(f["registry"], format!("quay.io:{}", quay.port()).as_str());
+    assert_eq!(f["total"].as_u64(), Some(data.len() as u64));
+    assert!(
+        f["bytes_done"].as_u64().unwrap() < data.len() as u64,
+        "{f:#}"
+    );
+    assert!(f["bytes_per_second"].as_f64().unwrap() > 0.0);
+    let html = client.proxy_get("/").await.text();
+    assert_eq!(figure(&html, "fills.length"), Some("1"));
+    assert_eq!(figure(&html, "fills.0.readers"), Some("2"));
+
+    gate.open();
+    let (a, b) = bounded(
+        "both bodies",
+        futures_util::future::join(
+            client::read_response(leader),
+            client::read_response(follower),
+        ),
+    )
+    .await;
+    assert_eq!(sha256_digest(&a.body), digest);
+    assert_eq!(sha256_digest(&b.body), digest);
+    let v = status_until(&client, "no fill in flight", |v| {
+        v["fills"].as_array().is_some_and(|f| f.is_empty())
+    })
+    .await;
+    assert_eq!(v["traffic"]["since_start"]["coalesced"], 1);
+}
