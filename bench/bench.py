@@ -847,13 +847,16 @@ http {{
         self.make_certs()
         t0 = time.monotonic()
         self.suites = {}
+        # BENCH_TARGETS=stowage measures one target alone (a before/after of Stowage).
+        targets = [t for t in os.environ.get("BENCH_TARGETS", "upstream,stowage,nginx,regproxy").split(",") if t]
         if MAIN:
             self.start_upstream()
             self.push_image()
             self.start_stowage(fresh=True)
-            self.start_nginx(fresh=True)
-            self.start_regproxy(fresh=True)
-        targets = ["upstream", "stowage", "nginx", "regproxy"]
+            if "nginx" in targets:
+                self.start_nginx(fresh=True)
+            if "regproxy" in targets:
+                self.start_regproxy(fresh=True)
         if MAIN:
             self.suites = {t: self.negotiated_suite(t) for t in targets}
             log(f"TLS 1.3 suites negotiated with curl's OpenSSL offer: {self.suites}")

@@ -26,6 +26,8 @@ declare -A PROBES=(
   [systemd]=/usr/bin/systemd-analyze
   # promtool: checks and unit-tests the alert rules in examples/prometheus/.
   [prometheus]=/usr/bin/promtool
+  # headless browser for the status page end-to-end test (tests/e2e/14-status-page.sh).
+  [chromium]=/usr/bin/chromium
 )
 
 missing=()

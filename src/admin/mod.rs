@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub mod setup;
+pub mod status;
 
 use serde::{Deserialize, Serialize};
 

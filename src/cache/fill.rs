@@ -81,6 +81,26 @@ pub struct Fill {
     relay: Mutex<Relay>,
     /// Woken when a reader moves on (or leaves), for a leader waiting on a full window.
     drained: Notify,
+    started: std::time::Instant,
+    /// What the fill is for (registry label, repository), for the status page.
+    origin: std::sync::OnceLock<(String, String)>,
+}
+
+/// A fill in flight as the status page shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FillView {
+    pub digest: String,
+    pub registry: String,
+    pub repository: String,
+    /// Bytes received from upstream so far (on disk and relayed).
+    pub bytes_done: u64,
+    /// The announced length, when upstream announced one.
+    pub total: Option<u64>,
+    pub elapsed_seconds: f64,
+    /// bytes_done / elapsed_seconds.
+    pub bytes_per_second: f64,
+    /// Clients reading this fill now.
+    pub readers: usize,
 }
 
 /// Bytes past `on_disk` of a fill the disk could not take, and where each reader is.
@@ -232,6 +252,8 @@ impl Fills {
             state: tx,
             relay: Mutex::new(Relay::default()),
             drained: Notify::new(),
+            started: std::time::Instant::now(),
+            origin: std::sync::OnceLock::new(),
         });
         map.insert(digest.clone(), fill.clone());
         Ok(Join::Leader(Leader {
@@ -252,6 +274,50 @@ impl Fills {
 
     pub fn in_flight(&self) -> usize {
         self.inflight.lock().expect("fills lock").len()
+    }
+
+    /// Every fill in flight now, longest running first (at most `max`).
+    pub fn snapshot(&self, max: usize) -> Vec<FillView> {
+        let fills: Vec<(Digest, Arc<Fill>)> = {
+            let map = self.inflight.lock().expect("fills lock");
+            map.iter().map(|(d, f)| (d.clone(), f.clone())).collect()
+        };
+        let mut out: Vec<FillView> = fills
+            .into_iter()
+            .map(|(digest, f)| {
+                let (done, total) = match &*f.state.borrow() {
+                    FillState::Waiting => (0, None),
+                    FillState::Streaming { written, total } => (*written, *total),
+                    FillState::Verified { len } | FillState::Complete { len } => (*len, Some(*len)),
+                    FillState::Relaying {
+                        on_disk,
+                        relayed,
+                        total,
+                    } => (on_disk + relayed, *total),
+                    FillState::Relayed { len, .. } => (*len, Some(*len)),
+                    FillState::Failed { .. } => (0, None),
+                };
+                let elapsed = f.started.elapsed().as_secs_f64();
+                let (registry, repository) = f.origin.get().cloned().unwrap_or_default();
+                FillView {
+                    digest: digest.to_string(),
+                    registry,
+                    repository,
+                    bytes_done: done,
+                    total,
+                    elapsed_seconds: elapsed,
+                    bytes_per_second: if elapsed > 0.0 {
+                        done as f64 / elapsed
+                    } else {
+                        0.0
+                    },
+                    readers: f.relay.lock().expect("relay lock").readers.len(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| b.elapsed_seconds.total_cmp(&a.elapsed_seconds));
+        out.truncate(max);
+        out
     }
 }
 
@@ -299,6 +365,11 @@ impl Leader {
 
     pub fn fill(&self) -> Arc<Fill> {
         self.fill.clone()
+    }
+
+    /// Names what the fill is for (registry label, repository) on the status page.
+    pub fn set_origin(&self, registry: String, repository: String) {
+        let _ = self.fill.origin.set((registry, repository));
     }
 
     pub fn digest(&self) -> &Digest {

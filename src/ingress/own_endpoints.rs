@@ -1,6 +1,7 @@
 //! The proxy's own endpoints, written once for every listener that serves them:
 //! `/ca.crt` (the CA certificate, never its key), `/healthz`, `/metrics` (Prometheus text),
-//! `/setup/<runtime>` (configuration snippets) and `/admin/*` (the running server's side of
+//! `/setup/<runtime>` (configuration snippets), `/`, `/status` and `/status.json` (the status
+//! page, `admin::status`) and `/admin/*` (the running server's side of
 //! `stowage cache ...`, for local clients only).
 
 use std::net::SocketAddr;
@@ -46,6 +47,10 @@ pub async fn serve(
                 ),
             );
             r
+        }
+        ("/" | "/status" | "/status.json", Listener::Proxy) if get => status(ingress, path).await,
+        ("/" | "/status" | "/status.json", Listener::Proxy) => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "use GET")
         }
         (p, Listener::Proxy) if get && p.starts_with("/setup/") => {
             let runtime = &p["/setup/".len()..];
@@ -156,6 +161,62 @@ fn render_metrics(ingress: &Ingress) -> String {
         m.certificates_minted.inc_by(minted - counted);
     }
     m.render()
+}
+
+/// `/`, `/status` (HTML) and `/status.json`: see `admin::status`.
+async fn status(ingress: &Arc<Ingress>, path: &str) -> Response<Body> {
+    let st = ingress.clone();
+    let max = st.api.metrics.connections_max.get().max(0) as u64;
+    let open = max.saturating_sub(st.connections.available_permits() as u64);
+    let as_json = path == "/status.json";
+    let rendered = tokio::task::spawn_blocking(move || {
+        let registries: Vec<crate::oci::Registry> = st
+            .config
+            .registries()
+            .iter()
+            .map(|r| r.registry())
+            .collect();
+        let s = crate::admin::status::gather(
+            &st.api,
+            &registries,
+            crate::admin::status::Connections { open, max },
+            crate::clock::now_ms(),
+        );
+        if as_json {
+            serde_json::to_string(&s).unwrap_or_default()
+        } else {
+            crate::admin::status::html(&s)
+        }
+    })
+    .await;
+    let Ok(body) = rendered else {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, "status task failed");
+    };
+    let mut r = Response::new(full(body));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(if as_json {
+            "application/json"
+        } else {
+            "text/html; charset=utf-8"
+        }),
+    );
+    // The page is live data: never cached; and it frames nothing, runs nothing.
+    r.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    r.headers_mut().insert(
+        http::header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'",
+        ),
+    );
+    r.headers_mut().insert(
+        http::header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    r
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Response<Body> {

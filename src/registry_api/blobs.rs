@@ -154,6 +154,10 @@ pub(super) async fn blob(
             }
         }
         Join::Leader(leader) => {
+            leader.set_origin(
+                api.metrics.registry_label(&target.registry),
+                repo.to_string(),
+            );
             // The shared tier first: content another replica fetched and verified. It is
             // cached content, so the client must be authorized for it like a hit.
             if let Some(backend) = api.cache.shared.clone() {
@@ -272,6 +276,7 @@ pub(super) fn spawn_fill(
     // Every line of the fill (a disk that gives out included) names what it was for.
     let span = tracing::info_span!("fill", registry = %target.registry, %repo, %digest);
     let st = api.clone();
+    let (registry, repo_name) = (target.registry.clone(), repo.to_string());
     api.tasks.spawn(
         async move {
             let idle = st.upstream.idle_timeout();
@@ -303,7 +308,11 @@ pub(super) fn spawn_fill(
                     }
                 }
                 Err(e) if e.is_mismatch() => {
-                    st.metrics.digest_mismatches.inc();
+                    st.metrics.digest_mismatch(
+                        &registry,
+                        &repo_name,
+                        &format!("blob {digest}: {e}"),
+                    );
                     tracing::error!(error = %e, "digest mismatch: content discarded")
                 }
                 Err(e @ (FillError::Relayed { .. } | FillError::NoReaders(_))) => {

@@ -381,8 +381,17 @@ impl RegistryApi {
                 if from_upstream
                     && (r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS)
                 {
-                    api.metrics
-                        .upstream_error(&target.registry, r.status().as_str());
+                    api.metrics.upstream_failure(
+                        &target.registry,
+                        &route.repo().map(|r| r.to_string()).unwrap_or_default(),
+                        r.status().as_str(),
+                        &format!(
+                            "{} {}: upstream answered {}",
+                            method,
+                            route.kind(),
+                            r.status()
+                        ),
+                    );
                 }
                 r
             }
@@ -400,7 +409,12 @@ impl RegistryApi {
                     _ => None,
                 };
                 if let Some(k) = kind {
-                    api.metrics.upstream_error(&target.registry, k);
+                    api.metrics.upstream_failure(
+                        &target.registry,
+                        &route.repo().map(|r| r.to_string()).unwrap_or_default(),
+                        k,
+                        &format!("{} {}: {e}", method, route.kind()),
+                    );
                 }
                 e.into_response()
             }

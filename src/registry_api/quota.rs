@@ -29,7 +29,34 @@ pub struct QuotaGuard {
     /// Below this share of `limit` left, the guard engages (0: never).
     reserve: f64,
     engaged: Mutex<HashMap<(Registry, [u8; 32]), Window>>,
+    /// The last rate-limit answer per account, for the status page; at most [`SEEN_MAX`].
+    seen: Mutex<HashMap<(Registry, [u8; 32]), Seen>>,
     metrics: Arc<Metrics>,
+}
+
+/// Accounts whose last rate-limit answer the status page shows; the oldest goes first.
+pub const SEEN_MAX: usize = 256;
+
+struct Seen {
+    remaining: u64,
+    limit: u64,
+    at_ms: u64,
+}
+
+/// One account's rate-limit headroom as upstream last stated it (`/status.json`
+/// `registries[].ratelimit[]`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Headroom {
+    /// `anonymous`, or `credential <first 8 hex of its SHA-256>` (never the credential).
+    pub account: String,
+    pub remaining: u64,
+    pub limit: u64,
+    /// remaining / limit, `null` when the limit is 0.
+    pub headroom: Option<f64>,
+    /// When upstream said so (ms since the epoch).
+    pub seen_ms: u64,
+    /// Whether the quota guard serves this account's tags without revalidation now.
+    pub guard_engaged: bool,
 }
 
 /// `76;w=21600` → (76, 21600 s). A value without a window is one for Docker Hub's six hours.
@@ -48,13 +75,14 @@ impl QuotaGuard {
         QuotaGuard {
             reserve,
             engaged: Mutex::new(HashMap::new()),
+            seen: Mutex::new(HashMap::new()),
             metrics,
         }
     }
 
     /// Reads an upstream answer's rate-limit headers for `credential` on `registry`.
     pub fn observe(&self, registry: &Registry, credential: [u8; 32], headers: &HeaderMap) {
-        if self.reserve <= 0.0 {
+        if !headers.contains_key("ratelimit-remaining") {
             return;
         }
         let header = |name: &str| {
@@ -68,6 +96,10 @@ impl QuotaGuard {
         else {
             return;
         };
+        self.remember(registry, credential, remaining, limit);
+        if self.reserve <= 0.0 {
+            return;
+        }
         let low = limit > 0 && (remaining as f64) < self.reserve * limit as f64;
         let key = (registry.clone(), credential);
         let mut engaged = self.engaged.lock().expect("quota lock");
@@ -90,6 +122,64 @@ impl QuotaGuard {
             tracing::info!(%registry, account = %account(&credential), remaining, limit, "quota guard released");
         }
         self.set_gauge(registry, &engaged);
+    }
+
+    fn remember(&self, registry: &Registry, credential: [u8; 32], remaining: u64, limit: u64) {
+        let mut seen = self.seen.lock().expect("quota seen lock");
+        let key = (registry.clone(), credential);
+        if !seen.contains_key(&key) && seen.len() >= SEEN_MAX {
+            if let Some(oldest) = seen
+                .iter()
+                .min_by_key(|(_, s)| s.at_ms)
+                .map(|(k, _)| k.clone())
+            {
+                seen.remove(&oldest);
+            }
+        }
+        seen.insert(
+            key,
+            Seen {
+                remaining,
+                limit,
+                at_ms: crate::clock::now_ms(),
+            },
+        );
+    }
+
+    /// Every account's last stated headroom on `registry`, lowest headroom first.
+    pub fn headroom(&self, registry: &Registry) -> Vec<Headroom> {
+        let rows: Vec<(String, [u8; 32], u64, u64, u64)> = {
+            let seen = self.seen.lock().expect("quota seen lock");
+            seen.iter()
+                .filter(|((r, _), _)| r == registry)
+                .map(|((_, c), s)| (account(c), *c, s.remaining, s.limit, s.at_ms))
+                .collect()
+        };
+        let mut out: Vec<Headroom> = rows
+            .into_iter()
+            .map(|(account, c, remaining, limit, seen_ms)| Headroom {
+                account,
+                remaining,
+                limit,
+                headroom: (limit > 0).then(|| remaining as f64 / limit as f64),
+                seen_ms,
+                guard_engaged: self.engaged(registry, c),
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            a.headroom
+                .unwrap_or(1.0)
+                .total_cmp(&b.headroom.unwrap_or(1.0))
+                .then(a.account.cmp(&b.account))
+        });
+        out
+    }
+
+    /// Whether the guard is engaged for any account of `registry` now.
+    pub fn engaged_anywhere(&self, registry: &Registry) -> bool {
+        let mut engaged = self.engaged.lock().expect("quota lock");
+        self.release_passed(&mut engaged);
+        engaged.keys().any(|(r, _)| r == registry)
     }
 
     /// Whether tags of `registry` are served without revalidation for `credential` now.

@@ -152,10 +152,18 @@ impl Drop for Logged {
         use crate::telemetry::metrics::{
             code_label, LatencyLabels, Refusal, RequestLabels, SourceLabels,
         };
+        let registry = l.metrics.registry_label(&l.registry);
+        l.metrics.history.request(
+            crate::clock::now_ms(),
+            &registry,
+            &l.repo,
+            l.outcome,
+            self.bytes,
+        );
         l.metrics
             .requests
             .get_or_create(&RequestLabels {
-                registry: l.metrics.registry_label(&l.registry),
+                registry,
                 kind: l.kind.into(),
                 outcome: l.outcome.as_str().into(),
                 code: code_label(l.status),

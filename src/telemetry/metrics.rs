@@ -26,6 +26,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
+use super::history::History;
 use super::process;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -214,7 +215,12 @@ pub struct Metrics {
     process_start: Gauge<f64, AtomicU64>,
     /// Hosts that appear as themselves in `registry` labels.
     known: HashSet<crate::oci::Host>,
+    /// The last 24 hours for the status page, recorded by the same hooks.
+    pub history: History,
 }
+
+/// Registry labels the status history tracks apart (the rest are `other`).
+pub const HISTORY_REGISTRIES: usize = 64;
 
 /// The `registry` label of every host that is not a configured registry or auth host.
 pub const OTHER_REGISTRY: &str = "other";
@@ -266,6 +272,7 @@ impl Metrics {
             registry: Registry::default(),
             totals: Totals::default(),
             known: known.into_iter().collect(),
+            history: History::new(crate::clock::now_ms(), HISTORY_REGISTRIES),
         };
         registry.register(
             "stowage_requests",
@@ -477,6 +484,8 @@ impl Metrics {
     }
 
     pub fn refused(&self, why: Refusal) {
+        self.history
+            .error(crate::clock::now_ms(), "refusal", "", "", why.as_str());
         self.refusals
             .get_or_create(&ReasonLabels {
                 reason: why.as_str().to_owned(),
@@ -538,6 +547,38 @@ impl Metrics {
             .inc();
     }
 
+    /// An upstream failure of kind `status` (one of [`UPSTREAM_ERROR_KINDS`] or a status)
+    /// for `repo`, counted and listed on the status page with `detail` (secrets removed).
+    pub fn upstream_failure(
+        &self,
+        registry: &crate::oci::Registry,
+        repo: &str,
+        status: &str,
+        detail: &str,
+    ) {
+        let label = self.registry_label(registry);
+        self.history
+            .upstream_error(crate::clock::now_ms(), &label, repo, status, detail);
+        self.upstream_errors
+            .get_or_create(&ErrorLabels {
+                registry: label,
+                status: status.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A digest mismatch: counted, and listed on the status page.
+    pub fn digest_mismatch(&self, registry: &crate::oci::Registry, repo: &str, detail: &str) {
+        self.digest_mismatches.inc();
+        self.history.error(
+            crate::clock::now_ms(),
+            "digest",
+            &self.registry_label(registry),
+            repo,
+            detail,
+        );
+    }
+
     /// Records `ratelimit-remaining: 76;w=21600` as 76.
     pub fn observe_ratelimit(&self, registry: &crate::oci::Registry, headers: &http::HeaderMap) {
         let Some(v) = headers
@@ -577,6 +618,8 @@ impl Metrics {
     }
 
     pub fn write_error(&self, reason: &str) {
+        self.history
+            .error(crate::clock::now_ms(), "storage", "", "", reason);
         self.cache_write_errors
             .get_or_create(&ReasonLabels {
                 reason: reason.to_owned(),

@@ -2,6 +2,7 @@
 //! access-log line ([`access_log`]). Secrets never reach either.
 
 pub mod access_log;
+pub mod history;
 pub mod metrics;
 pub mod process;
 
