@@ -180,7 +180,50 @@ async fn caching_paused_and_proxy_auth_refusals_show() {
     let client = stowage.client();
     let (_, status) = client.connect_raw("quay.io:443").await.unwrap();
     assert_eq!(status, StatusCode::PROXY_AUTHENTICATION_REQUIRED);
-    let m = client.proxy_get("/metrics").await.text();
+    // With proxy users, what the proxy knows (metrics, the status page and its repository
+    // names and errors) is for them too: a browser or Prometheus sends `Authorization`.
+    use base64::Engine as _;
+    let basic = |u: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(u)
+        )
+    };
+    for path in ["/metrics", "/", "/status", "/status.json"] {
+        let r = client.proxy_get(path).await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNAUTHORIZED,
+            "{path} without credentials"
+        );
+        assert_eq!(
+            r.headers
+                .get("www-authenticate")
+                .map(|v| v.to_str().unwrap()),
+            Some("Basic realm=\"stowage\""),
+            "{path}"
+        );
+        let r = client
+            .proxy_get_with(path, &[("authorization", &basic("alice:wrong"))])
+            .await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNAUTHORIZED,
+            "{path} with a wrong password"
+        );
+        for header in ["authorization", "proxy-authorization"] {
+            let r = client
+                .proxy_get_with(path, &[(header, &basic("alice:pw"))])
+                .await;
+            assert_eq!(r.status, StatusCode::OK, "{path} with {header}");
+        }
+    }
+    assert_eq!(client.proxy_get("/healthz").await.status, StatusCode::OK);
+    assert_eq!(client.proxy_get("/ca.crt").await.status, StatusCode::OK);
+    let m = client
+        .proxy_get_with("/metrics", &[("authorization", &basic("alice:pw"))])
+        .await
+        .text();
     assert_eq!(
         metric(&m, "stowage_caching_paused", &[("reason", "disk_full")]),
         1.0,

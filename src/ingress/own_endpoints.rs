@@ -16,6 +16,27 @@ use super::loop_guard::canonical_ip;
 use super::{Ingress, Listener};
 use crate::http_util::{full, text, Body};
 
+/// Whether this request may read what the proxy knows (`/metrics`, the status page: which
+/// repositories are pulled, what failed): anyone the allow list lets in, unless the proxy
+/// has users; then only they, by `Authorization: Basic` (browsers, Prometheus'
+/// `basic_auth`) or `Proxy-Authorization`. `/healthz` and `/ca.crt` stay open.
+async fn reader_allowed(ingress: &Ingress, req: &Request<Incoming>) -> bool {
+    let Some(users) = &ingress.proxy.users else {
+        return true;
+    };
+    for header in [
+        http::header::AUTHORIZATION,
+        http::header::PROXY_AUTHORIZATION,
+    ] {
+        if let Some(v) = req.headers().get(&header) {
+            if users.check(Some(v)).await {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 /// The endpoint for an origin-form request to `listener`, or `None` when the path is not
 /// one of ours. `/admin/*` answers only clients on this machine that spoke to the listener
 /// directly (never a request that came through the proxy's forwarding path).
@@ -38,6 +59,19 @@ pub async fn serve(
         }
         ("/healthz", _) if get => text(StatusCode::OK, "ok"),
         ("/ca.crt" | "/healthz", _) => text(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+        ("/metrics" | "/" | "/status" | "/status.json", Listener::Proxy)
+            if get && !reader_allowed(ingress, req).await =>
+        {
+            let mut r = text(
+                StatusCode::UNAUTHORIZED,
+                "this Stowage has proxy users: send one's credentials (Authorization: Basic)",
+            );
+            r.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"stowage\""),
+            );
+            r
+        }
         ("/metrics", Listener::Proxy) if get => {
             let mut r = Response::new(full(render_metrics(ingress)));
             r.headers_mut().insert(

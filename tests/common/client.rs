@@ -224,6 +224,11 @@ impl ProxyClient {
 
     /// A plain HTTP/1.1 request to the proxy's own endpoints.
     pub async fn proxy_get(&self, path: &str) -> Resp {
+        self.proxy_get_with(path, &[]).await
+    }
+
+    /// [`Self::proxy_get`] with extra request headers.
+    pub async fn proxy_get_with(&self, path: &str, headers: &[(&str, &str)]) -> Resp {
         let tcp = TcpStream::connect(self.proxy_addr())
             .await
             .expect("connect to proxy");
@@ -233,12 +238,14 @@ impl ProxyClient {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let req = Request::builder()
+        let mut req = Request::builder()
             .uri(path)
             .header(HOST, self.proxy_addr().to_string())
-            .header(USER_AGENT, TEST_USER_AGENT)
-            .body(Empty::<Bytes>::new())
-            .unwrap();
+            .header(USER_AGENT, TEST_USER_AGENT);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Empty::<Bytes>::new()).unwrap();
         let resp = tokio::time::timeout(REQUEST_TIMEOUT, send.send_request(req))
             .await
             .expect("timeout")
