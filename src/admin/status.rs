@@ -15,6 +15,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use super::human_bytes;
 use crate::cache::fill::FillView;
 use crate::registry_api::quota::Headroom;
 use crate::registry_api::RegistryApi;
@@ -210,22 +211,6 @@ pub fn escape(s: &str) -> String {
         }
     }
     out
-}
-
-/// `1.5 GiB`.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 fn ratio(r: Option<f64>) -> String {

@@ -208,6 +208,20 @@ struct Inner {
     errors: VecDeque<ErrorEntry>,
 }
 
+impl Inner {
+    /// Minute `m`'s slot, emptied first when it still holds the minute a day earlier.
+    fn slot(&mut self, m: u64) -> &mut Slot {
+        let slot = &mut self.slots[(m % SLOTS as u64) as usize];
+        if slot.minute != m {
+            *slot = Slot {
+                minute: m,
+                ..Slot::default()
+            };
+        }
+        slot
+    }
+}
+
 pub struct History {
     inner: Mutex<Inner>,
     /// Most registry labels tracked (configured ones plus `other`); more are folded into
@@ -385,13 +399,7 @@ impl History {
         let m = minute(now_ms);
         let mut g = self.lock();
         let inner = &mut *g;
-        let slot = &mut inner.slots[(m % SLOTS as u64) as usize];
-        if slot.minute != m {
-            *slot = Slot {
-                minute: m,
-                ..Slot::default()
-            };
-        }
+        let slot = inner.slot(m);
         slot.count(outcome, bytes);
         inner.since_start.count(outcome, bytes);
         if let Some(r) = registry_state(&mut inner.registries, registry, self.max_registries) {
@@ -457,13 +465,7 @@ impl History {
         let reason = redact(reason);
         let mut g = self.lock();
         let inner = &mut *g;
-        let slot = &mut inner.slots[(m % SLOTS as u64) as usize];
-        if slot.minute != m {
-            *slot = Slot {
-                minute: m,
-                ..Slot::default()
-            };
-        }
+        let slot = inner.slot(m);
         slot.upstream_errors += 1;
         inner.since_start.upstream_errors += 1;
         if let Some(r) = registry_state(&mut inner.registries, registry, self.max_registries) {
