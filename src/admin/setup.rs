@@ -77,7 +77,9 @@ impl Reach {
         mirror: Option<SocketAddr>,
         hostname: Option<&str>,
     ) -> Reach {
-        let ip = proxy.ip();
+        // A listener bound to ::ffff:127.0.0.1 is loopback too (and ::ffff:0.0.0.0 every
+        // IPv4 address): judge, and print, the canonical form.
+        let ip = proxy.ip().to_canonical();
         let (host, how) = if ip.is_unspecified() {
             let name = hostname.filter(|h| !h.is_empty()).unwrap_or(PLACEHOLDER);
             (
@@ -586,6 +588,16 @@ mod tests {
         let r = Reach::of_listeners(lo, Some("127.0.0.1:4001".parse().unwrap()), Some("box1"));
         assert_eq!((r.host.as_str(), r.mirror_port), ("127.0.0.1", Some(4001)));
         assert!(r.how.contains("this machine only"), "{}", r.how);
+        // An IPv4-mapped loopback listener is loopback, printed as IPv4.
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:4000".parse().unwrap();
+        let r = Reach::of_listeners(mapped, None, Some("box1"));
+        assert_eq!(r.host, "127.0.0.1");
+        assert!(r.how.contains("this machine only"), "{}", r.how);
+        let mapped_any: SocketAddr = "[::ffff:0.0.0.0]:4000".parse().unwrap();
+        assert_eq!(
+            Reach::of_listeners(mapped_any, None, Some("box1")).host,
+            "box1"
+        );
         let r = Reach::given("[::1]:9", lo, None, "given");
         assert_eq!((r.host.as_str(), r.proxy_port), ("[::1]", 9));
         let r = Reach::given("proxy.lan", lo, None, "given");

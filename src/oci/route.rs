@@ -81,6 +81,18 @@ impl Route {
         }
     }
 
+    /// The request path of a blob or manifest route, the one [`Route::classify`] reads back
+    /// as this route; `None` for `Other`.
+    pub fn path(&self) -> Option<String> {
+        match self {
+            Route::Blob { name, digest } => Some(format!("/v2/{name}/blobs/{digest}")),
+            Route::Manifest { name, reference } => {
+                Some(format!("/v2/{name}/manifests/{reference}"))
+            }
+            Route::Other => None,
+        }
+    }
+
     /// The repository a route is about, for logs.
     pub fn repo(&self) -> Option<&RepoName> {
         match self {
@@ -108,6 +120,30 @@ impl Route {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn path_is_what_classify_reads_back() {
+        let name: RepoName = "library/alpine".parse().unwrap();
+        let digest: Digest = format!("sha256:{HEX}").parse().unwrap();
+        for route in [
+            Route::Blob {
+                name: name.clone(),
+                digest: digest.clone(),
+            },
+            Route::Manifest {
+                name: name.clone(),
+                reference: Reference::Digest(digest.clone()),
+            },
+            Route::Manifest {
+                name: name.clone(),
+                reference: Reference::Tag("3.20".parse().unwrap()),
+            },
+        ] {
+            let path = route.path().unwrap();
+            assert_eq!(Route::classify(&path), route, "{path}");
+        }
+        assert_eq!(Route::Other.path(), None);
+    }
 
     const HEX: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 

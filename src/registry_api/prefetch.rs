@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{RegistryApi, Target};
 use crate::http_util::{collect_limited, empty, Body, DOCKER_CONTENT_DIGEST};
-use crate::oci::{Digest, ImageRef, Platform, Reference, Registry};
+use crate::oci::{Digest, ImageRef, Platform, Reference, Registry, Route};
 use crate::settings::Credentials;
 use crate::upstream::token_auth::Account;
 
@@ -179,13 +179,14 @@ impl RegistryApi {
             answers_challenges: true,
             account,
         });
-        let get = |path: String, manifest: bool, no_cache: bool| {
+        let get = |route: Route, no_cache: bool| {
             let target = target.clone();
             let stand_in = stand_in.clone();
             async move {
+                let manifest = matches!(route, Route::Manifest { .. });
                 let mut b = Request::builder()
                     .method(Method::GET)
-                    .uri(path)
+                    .uri(route.path().expect("a blob or manifest route"))
                     .header(HOST, target.registry.authority());
                 if manifest {
                     b = b.header(ACCEPT, ACCEPT_ALL);
@@ -203,12 +204,13 @@ impl RegistryApi {
         let repo = &image.repo.repo;
         let limit = self.cache.limits.max_manifest_size as usize;
 
-        // The reference: a tag is asked of upstream now.
-        let (reference, is_tag) = match &image.reference {
-            Reference::Tag(t) => (t.as_str().to_owned(), true),
-            Reference::Digest(d) => (d.to_string(), false),
+        let manifest = |reference: Reference| Route::Manifest {
+            name: repo.clone(),
+            reference,
         };
-        let top = get(format!("/v2/{repo}/manifests/{reference}"), true, is_tag).await;
+        // The reference: a tag is asked of upstream now.
+        let is_tag = matches!(image.reference, Reference::Tag(_));
+        let top = get(manifest(image.reference.clone()), is_tag).await;
         let (top_digest, top_type, top_body) = self.manifest_body(top, limit).await?;
         let mut manifests: Vec<Value> = Vec::new();
         let mut chosen = Vec::new();
@@ -267,7 +269,7 @@ impl RegistryApi {
                 ));
             }
             for (shown, digest) in &chosen {
-                let r = get(format!("/v2/{repo}/manifests/{digest}"), true, false).await;
+                let r = get(manifest(Reference::Digest(digest.clone())), false).await;
                 let (_, _, body) = self
                     .manifest_body(r, limit)
                     .await
@@ -332,7 +334,14 @@ impl RegistryApi {
                 let get = &get;
                 async move {
                     if self.cache.store.index.get(&b.digest).is_none() {
-                        let r = get(format!("/v2/{repo}/blobs/{}", b.digest), false, false).await;
+                        let r = get(
+                            Route::Blob {
+                                name: repo.clone(),
+                                digest: b.digest.clone(),
+                            },
+                            false,
+                        )
+                        .await;
                         self.drain_blob(r, &b.digest, progress).await?;
                     } else {
                         progress.bytes.fetch_add(b.size, Relaxed);

@@ -34,38 +34,8 @@ listen = "127.0.0.1:$mirror_port"
 EOF
 wait_port "$mirror_port"
 
-# containerd: its own root, state and sockets under $WORK; only what pulling needs.
-cd_dir="$WORK/containerd"
-sock="$cd_dir/containerd.sock"
-mkdir -p "$cd_dir"
-cat >"$cd_dir/config.toml" <<EOF
-version = 2
-root = "$cd_dir/root"
-state = "$cd_dir/state"
-disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.tracing.processor.v1.otlp",
-  "io.containerd.internal.v1.tracing",
-]
-[grpc]
-  address = "$sock"
-[ttrpc]
-  address = "$sock.ttrpc"
-[metrics]
-  address = ""
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$cd_dir/opt"
-EOF
-spawn "$WORK/containerd.log" containerd --config "$cd_dir/config.toml" --log-level info >/dev/null
-for _ in $(seq 200); do
-  ctr -a "$sock" version >/dev/null 2>&1 && break
-  sleep 0.05
-done
-ctr -a "$sock" version >/dev/null 2>&1 || fail "containerd did not come up on $sock"
+start_containerd "$WORK/containerd"
+sock=$CD_SOCK
 ok "containerd $(ctr -a "$sock" version 2>/dev/null | awk '/Version:/ {v=$2} END {print v}') running on its own socket"
 
 # The example, as shipped, with the mirror address and the registry's port put in.

@@ -143,37 +143,8 @@ assert "k8s.gcr.io" not in names, names
 print(" ".join(names), file=sys.stderr)
 EOF
 [[ -f $snip/containerd/etc/containerd/certs.d/quay.io:$reg_port/hosts.toml ]] || fail "setup containerd has no file for the configured quay.io:$reg_port"
-cd_dir="$WORK/containerd"
-sock="$cd_dir/containerd.sock"
-mkdir -p "$cd_dir"
-cat >"$cd_dir/config.toml" <<EOF
-version = 2
-root = "$cd_dir/root"
-state = "$cd_dir/state"
-disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.tracing.processor.v1.otlp",
-  "io.containerd.internal.v1.tracing",
-]
-[grpc]
-  address = "$sock"
-[ttrpc]
-  address = "$sock.ttrpc"
-[metrics]
-  address = ""
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$cd_dir/opt"
-EOF
-spawn "$WORK/containerd.log" containerd --config "$cd_dir/config.toml" --log-level info >/dev/null
-for _ in $(seq 200); do
-  ctr -a "$sock" version >/dev/null 2>&1 && break
-  sleep 0.05
-done
-ctr -a "$sock" version >/dev/null 2>&1 || fail "containerd did not come up"
+start_containerd "$WORK/containerd"
+sock=$CD_SOCK
 before=$(registry_blob_gets registry)
 ctr -a "$sock" -n e2e images pull --hosts-dir "$snip/containerd/etc/containerd/certs.d" "quay.io:$reg_port/e2e/app:v1" \
   >"$WORK/pull-containerd.log" 2>&1 || { cat "$WORK/pull-containerd.log" >&2; fail "ctr pull with setup containerd's hosts.toml"; }

@@ -252,6 +252,41 @@ start_dockerd() {
   /usr/bin/docker -H "unix://$d/docker.sock" version >/dev/null 2>&1 || fail "dockerd $name did not come up"
   DK_SOCK="unix://$d/docker.sock"
 }
+# start_containerd DIR: a containerd of this test's own (root, state and sockets under DIR;
+# only what pulling needs), stopped by PID at exit; its socket in CD_SOCK.
+start_containerd() {
+  local cd_dir=$1
+  CD_SOCK="$cd_dir/containerd.sock"
+  mkdir -p "$cd_dir"
+  cat >"$cd_dir/config.toml" <<EOF
+version = 2
+root = "$cd_dir/root"
+state = "$cd_dir/state"
+disabled_plugins = [
+  "io.containerd.grpc.v1.cri",
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+]
+[grpc]
+  address = "$CD_SOCK"
+[ttrpc]
+  address = "$CD_SOCK.ttrpc"
+[metrics]
+  address = ""
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$cd_dir/opt"
+EOF
+  spawn "$WORK/containerd.log" containerd --config "$cd_dir/config.toml" --log-level info >/dev/null
+  for _ in $(seq 200); do
+    ctr -a "$CD_SOCK" version >/dev/null 2>&1 && break
+    sleep 0.05
+  done
+  ctr -a "$CD_SOCK" version >/dev/null 2>&1 || fail "containerd did not come up on $CD_SOCK"
+}
 # dk SOCK docker-args...: the docker.io client against one of this test's daemons (its
 # config.json, where proxies for containers could be set, is this test's own too). Only the
 # docker client gets DOCKER_CONFIG: podman and buildah read it too and fail on an empty dir.
