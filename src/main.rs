@@ -262,7 +262,8 @@ fn setup_command(config: &Config, runtime: &str, address: Option<String>) -> any
 }
 
 fn run(config: Config) -> anyhow::Result<()> {
-    init_logging(config.log.format);
+    // Held until the server has stopped: dropping it writes out the lines still queued.
+    let _log_writer = init_logging(config.log.format);
     match stowage::server::raise_open_file_limit() {
         Ok(l) => {
             tracing::info!(
@@ -293,16 +294,26 @@ fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logging(format: LogFormat) {
+/// Log lines go to stderr from a thread of their own, in batches (see
+/// `telemetry::log_writer`); the guard writes out what is still buffered.
+fn init_logging(format: LogFormat) -> Option<stowage::telemetry::log_writer::Guard> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::stderr().is_terminal();
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
+    let (writer, guard) = match stowage::telemetry::log_writer::spawn(std::io::stderr()) {
+        Ok((w, g)) => (BoxMakeWriter::new(w), Some(g)),
+        // No thread for it: every line is written by the thread that logs it.
+        Err(_) => (BoxMakeWriter::new(std::io::stderr), None),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_writer(writer)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    guard
 }
 
 async fn shutdown_signal() {

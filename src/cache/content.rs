@@ -26,6 +26,7 @@ use super::metadata::{
 };
 use super::writer::BlobWriter;
 
+use super::hot::Hot;
 use super::index::Index;
 use crate::oci::{Algorithm, Digest};
 
@@ -94,7 +95,25 @@ pub struct BlobStore {
     /// Woken when an insert takes the cache past `max_size`.
     pub pressure: tokio::sync::Notify,
     pub(super) max_size: AtomicU64,
+    /// Tag rows by `TagKey` text, public marks by `RepoKey` text, stored manifests by
+    /// digest: what a manifest hit reads, kept in memory (see [`Hot`]).
+    pub(super) hot_tags: Hot<String, Option<super::TagRow>>,
+    pub(super) hot_public: Hot<String, Option<u64>>,
+    hot_manifests: Hot<Digest, Option<Arc<StoredManifest>>>,
 }
+
+/// A stored manifest as a hit serves it: its verified bytes and media type.
+#[derive(Debug)]
+pub struct StoredManifest {
+    pub bytes: bytes::Bytes,
+    pub media_type: String,
+}
+
+/// Bounds of the hot rows (bytes, roughly): tag rows and public marks are small; manifests
+/// are typically a few KiB, and the bound keeps the process's memory flat whatever they are.
+const HOT_TAG_BYTES: u64 = 8 << 20;
+const HOT_PUBLIC_BYTES: u64 = 1 << 20;
+const HOT_MANIFEST_BYTES: u64 = 32 << 20;
 
 /// What `verify` found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -170,6 +189,15 @@ impl BlobStore {
             index: Index::default(),
             pressure: tokio::sync::Notify::new(),
             max_size: AtomicU64::new(u64::MAX),
+            hot_tags: Hot::new(HOT_TAG_BYTES, |k, row| {
+                let variants = row.as_ref().map_or(0, |r| r.variants.len());
+                (k.len() + 64 + 256 * variants) as u32
+            }),
+            hot_public: Hot::new(HOT_PUBLIC_BYTES, |k, _| (k.len() + 32) as u32),
+            hot_manifests: Hot::new(HOT_MANIFEST_BYTES, |_, m| {
+                m.as_ref()
+                    .map_or(96, |m| (m.bytes.len() + m.media_type.len() + 96) as u32)
+            }),
         };
         store.rebuild_index()?;
         Ok(Arc::new(store))
@@ -289,6 +317,9 @@ impl BlobStore {
             }
         }
         txn.commit().map_err(|e| m(&e))?;
+        for d in victims {
+            self.hot_manifests.written(d);
+        }
         Ok((n, bytes))
     }
 
@@ -462,7 +493,40 @@ impl BlobStore {
             let key = digest.to_string();
             table.insert(key.as_str(), media_type).map_err(|e| m(&e))?;
         }
-        txn.commit().map_err(|e| m(&e))
+        txn.commit().map_err(|e| m(&e))?;
+        self.hot_manifests.written(digest);
+        Ok(())
+    }
+
+    /// A stored manifest (content and media type both present), from memory when it was
+    /// served lately. Counts as a use. Manifests are bounded by `[cache] max_manifest_size`
+    /// when they are fetched, so reading one whole is what a fill of it did too.
+    pub fn manifest(&self, digest: &Digest) -> Result<Option<Arc<StoredManifest>>, StoreError> {
+        let found = self.hot_manifests.get_or_read(
+            digest,
+            || digest.clone(),
+            || self.read_manifest(digest),
+        )?;
+        if found.is_some() {
+            self.index.touch(digest);
+        }
+        Ok(found)
+    }
+
+    fn read_manifest(&self, digest: &Digest) -> Result<Option<Arc<StoredManifest>>, StoreError> {
+        let Some(media_type) = self.media_type(digest)? else {
+            return Ok(None);
+        };
+        let path = self.path(digest);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        Ok(Some(Arc::new(StoredManifest {
+            bytes: bytes.into(),
+            media_type,
+        })))
     }
 }
 

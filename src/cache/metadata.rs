@@ -109,12 +109,19 @@ impl BlobStore {
     }
 
     pub fn tag(&self, key: &TagKey) -> Result<Option<TagRow>, StoreError> {
-        let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
-        let txn = self.meta.begin_read().map_err(|e| m(&e))?;
-        let table = txn.open_table(TAGS).map_err(|e| m(&e))?;
-        let value = table.get(key.to_string().as_str()).map_err(|e| m(&e))?;
-        // A row that does not parse is treated as absent: it will be refetched.
-        Ok(value.and_then(|v| serde_json::from_str(v.value()).ok()))
+        let k = key.to_string();
+        self.hot_tags.get_or_read(
+            k.as_str(),
+            || k.clone(),
+            || {
+                let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
+                let txn = self.meta.begin_read().map_err(|e| m(&e))?;
+                let table = txn.open_table(TAGS).map_err(|e| m(&e))?;
+                let value = table.get(k.as_str()).map_err(|e| m(&e))?;
+                // A row that does not parse is treated as absent: it will be refetched.
+                Ok(value.and_then(|v| serde_json::from_str(v.value()).ok()))
+            },
+        )
     }
 
     /// Records what `key` points to for one `Accept` variant, and that the manifest belongs
@@ -157,7 +164,9 @@ impl BlobStore {
                 .insert(digest.as_str(), key.repo.to_string().as_str())
                 .map_err(|e| m(&e))?;
         }
-        txn.commit().map_err(|e| m(&e))
+        txn.commit().map_err(|e| m(&e))?;
+        self.hot_tags.written(k.as_str());
+        Ok(())
     }
 
     /// Forgets a tag (every variant).
@@ -168,7 +177,9 @@ impl BlobStore {
             let mut table = txn.open_table(TAGS).map_err(|e| m(&e))?;
             table.remove(key.to_string().as_str()).map_err(|e| m(&e))?;
         }
-        txn.commit().map_err(|e| m(&e))
+        txn.commit().map_err(|e| m(&e))?;
+        self.hot_tags.written(key.to_string().as_str());
+        Ok(())
     }
 
     /// The digests `key` resolved to and when, oldest first (the last [`MAX_TAG_HISTORY`]).
@@ -267,11 +278,18 @@ impl BlobStore {
 
     /// When upstream last served `repo` without credentials, if it ever did.
     pub fn public_since(&self, repo: &RepoKey) -> Result<Option<u64>, StoreError> {
-        let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
-        let txn = self.meta.begin_read().map_err(|e| m(&e))?;
-        let table = txn.open_table(PUBLIC_REPOS).map_err(|e| m(&e))?;
-        let value = table.get(repo.to_string().as_str()).map_err(|e| m(&e))?;
-        Ok(value.map(|v| v.value()))
+        let k = repo.to_string();
+        self.hot_public.get_or_read(
+            k.as_str(),
+            || k.clone(),
+            || {
+                let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
+                let txn = self.meta.begin_read().map_err(|e| m(&e))?;
+                let table = txn.open_table(PUBLIC_REPOS).map_err(|e| m(&e))?;
+                let value = table.get(k.as_str()).map_err(|e| m(&e))?;
+                Ok(value.map(|v| v.value()))
+            },
+        )
     }
 
     /// Records (`Some`) or forgets (`None`) that a repository is readable anonymously.
@@ -290,7 +308,9 @@ impl BlobStore {
                 }
             }
         }
-        txn.commit().map_err(|e| m(&e))
+        txn.commit().map_err(|e| m(&e))?;
+        self.hot_public.written(k.as_str());
+        Ok(())
     }
 
     /// Whether upstream has served `digest` under `repo`.

@@ -7,6 +7,7 @@
 //! - [`fill`]: one upstream download per digest, any number of readers;
 //! - [`metadata`]: tags, repository membership, public marks, media types, access times;
 //! - [`index`]: sizes and last use per digest, for eviction;
+//! - [`hot`]: tag rows, public marks and manifests kept in memory in front of both;
 //! - [`eviction`]: the background loop that keeps the cache under `max_size`;
 //! - [`shared_tier`]: an S3 bucket or shared directory for replicas.
 //!
@@ -16,6 +17,7 @@
 pub mod content;
 pub mod eviction;
 pub mod fill;
+mod hot;
 pub mod index;
 pub mod metadata;
 pub mod shared_tier;
@@ -25,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use content::{BlobStore, StoreError, VerifyReport};
+pub use content::{BlobStore, StoreError, StoredManifest, VerifyReport};
 pub use fill::{Fills, Join};
 pub use metadata::{references, TagChange, TagRow, TagVariant, MAX_TAG_HISTORY, MAX_TAG_VARIANTS};
 pub use shared_tier::Backend;

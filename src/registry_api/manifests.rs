@@ -14,7 +14,7 @@ use super::errors::revalidation_answer;
 use super::errors::ServeError;
 use super::{
     authorize, blobs::verified_relay, fetch_uncached, path_and_query, relay, serve_stored,
-    upstream_fetch, Object, RegistryApi, Served, Target,
+    upstream_fetch, Object, RegistryApi, Served, Stored, Target,
 };
 use crate::access::UpstreamNow;
 use crate::cache::{StoreError, TagRow, TagVariant};
@@ -27,17 +27,14 @@ use crate::telemetry::CacheStatus;
 use crate::upstream::{credential_id, UpstreamError};
 use http::Response;
 
-/// A stored manifest with its length and media type, if both are present. Synchronous, as
-/// blob hits and tag lookups are: a redb read and an `open` of a small file cost less than
-/// a hop to the blocking pool (removing that hop took manifest `HEAD`s from 0.51x to 0.73x
-/// nginx's rate in bench/RESULTS.md).
+/// A stored manifest (bytes and media type), from the store's hot rows when it was served
+/// lately. Synchronous, as blob hits and tag lookups are: a memory lookup, or on a miss a
+/// redb read and a small file, costs less than a hop to the blocking pool.
 pub(super) fn stored_manifest(
     api: &RegistryApi,
     digest: &Digest,
-) -> Option<(std::fs::File, u64, String)> {
-    let media_type = api.cache.store.media_type(digest).ok()??;
-    let (file, len) = api.cache.store.open_blob(digest).ok()??;
-    Some((file, len, media_type))
+) -> Option<Arc<crate::cache::StoredManifest>> {
+    api.cache.store.manifest(digest).ok()?
 }
 
 pub(super) async fn manifest_by_digest(
@@ -49,7 +46,8 @@ pub(super) async fn manifest_by_digest(
 ) -> Served {
     let method = req.method().clone();
     let pq = path_and_query(&req).to_owned();
-    if let Some((file, len, media_type)) = stored_manifest(api, digest) {
+    if let Some(stored) = stored_manifest(api, digest) {
+        let len = stored.bytes.len() as u64;
         let authorized = match authorize(
             api,
             target,
@@ -67,7 +65,14 @@ pub(super) async fn manifest_by_digest(
         };
         return (
             CacheStatus::Hit,
-            serve_stored(authorized, file, len, &media_type, &method, None),
+            serve_stored(
+                authorized,
+                Stored::Memory(stored.bytes.clone()),
+                len,
+                &stored.media_type,
+                &method,
+                None,
+            ),
         );
     }
     if method == Method::HEAD {
@@ -438,8 +443,10 @@ pub(super) async fn manifest_by_tag(
     let cached = row
         .as_ref()
         .and_then(|r| negotiate(r, &accept))
-        .and_then(|v| stored_manifest(api, &v.digest).map(|(f, len, _)| (v.clone(), f, len)));
-    if let Some((variant, file, len)) = cached {
+        .and_then(|v| stored_manifest(api, &v.digest).map(|m| (v.clone(), m)));
+    if let Some((variant, stored)) = cached {
+        let len = stored.bytes.len() as u64;
+        let file = Stored::Memory(stored.bytes.clone());
         let digest = variant.digest.clone();
         let ttl = api.rules.tag_ttl.ttl(&target.registry, tag.as_str());
         // `Cache-Control: no-cache` (`stowage cache refresh`, or a client that asks):

@@ -30,7 +30,7 @@ use crate::access::{probe, Access, Authorized, Refusal, UpstreamNow};
 use crate::cache::fill::file_stream;
 use crate::cache::{Cache, TagVariant};
 use crate::http_util::{
-    empty, head_without_body, set_len, strip_hop_by_hop, Body, DOCKER_CONTENT_DIGEST, X_CACHE,
+    empty, full, head_without_body, set_len, strip_hop_by_hop, Body, DOCKER_CONTENT_DIGEST, X_CACHE,
 };
 use crate::oci::{Digest, PathRepo, Reference, Registry, RepoKey, RepoName, Route, TagKey};
 pub use crate::settings::{RepoFilter, TagTtl};
@@ -573,10 +573,22 @@ async fn authorize(
         })
 }
 
-/// Serves verified content from disk: whole, a range, or just the headers for `HEAD`.
+/// Verified content to serve: a file on disk (blobs), or bytes in memory (manifests).
+pub(super) enum Stored {
+    File(std::fs::File),
+    Memory(bytes::Bytes),
+}
+
+impl From<std::fs::File> for Stored {
+    fn from(f: std::fs::File) -> Stored {
+        Stored::File(f)
+    }
+}
+
+/// Serves verified content: whole, a range, or just the headers for `HEAD`.
 fn serve_stored(
     authorized: Authorized,
-    file: std::fs::File,
+    content: impl Into<Stored>,
     len: u64,
     content_type: &str,
     method: &Method,
@@ -587,10 +599,12 @@ fn serve_stored(
         Some(Ok((s, e))) => (StatusCode::PARTIAL_CONTENT, s, e),
         Some(Err(e)) => return Err(e),
     };
-    let body = if method == Method::HEAD {
-        empty()
-    } else {
-        StreamBody::new(file_stream(Arc::new(file), start, end)).boxed_unsync()
+    let body = match content.into() {
+        _ if method == Method::HEAD => empty(),
+        Stored::File(file) => {
+            StreamBody::new(file_stream(Arc::new(file), start, end)).boxed_unsync()
+        }
+        Stored::Memory(bytes) => full(bytes.slice(start as usize..end as usize)),
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
