@@ -523,6 +523,23 @@ impl BlobStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(&path)(e)),
         };
+        // What is kept in memory is served for as long as it is kept: check it once here
+        // (a few microseconds for a manifest) so a file changed on disk is never what
+        // memory serves. A mismatch is removed (as `verify` removes it) and is a miss: the
+        // manifest is fetched and stored again.
+        let alg = match digest.algorithm() {
+            Algorithm::Sha256 => &SHA256,
+            Algorithm::Sha512 => &SHA512,
+        };
+        let got = Digest::from_bytes(
+            digest.algorithm(),
+            aws_lc_rs::digest::digest(alg, &bytes).as_ref(),
+        );
+        if got != *digest {
+            tracing::warn!(%digest, path = %path.display(), "stored manifest does not match its digest; removed, it will be fetched again");
+            self.remove_objects(std::slice::from_ref(digest))?;
+            return Ok(None);
+        }
         Ok(Some(Arc::new(StoredManifest {
             bytes: bytes.into(),
             media_type,
@@ -600,6 +617,45 @@ mod tests {
         drop(store);
         let _store = BlobStore::open(dir.path()).unwrap();
         assert_eq!(tmp_entries(dir.path()), 0);
+    }
+
+    #[test]
+    fn a_manifest_changed_on_disk_is_not_served_and_a_served_one_stays_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let oci = "application/vnd.oci.image.manifest.v1+json";
+        let body = br#"{"schemaVersion":2}"#;
+        let d = sha256(body);
+        store.put(&d, body).unwrap();
+        store.set_media_type(&d, oci).unwrap();
+        let m = store.manifest(&d).unwrap().expect("stored");
+        assert_eq!(&m.bytes[..], body);
+        assert_eq!(m.media_type, oci);
+        // Kept: what was read and checked is served even after the file goes.
+        fs::remove_file(store.path(&d)).unwrap();
+        assert!(store.manifest(&d).unwrap().is_some());
+        // A write to it (here: its media type) drops the kept copy; the file is read again,
+        // and a file whose bytes are not the digest's is removed, a miss and not a hit.
+        fs::write(store.path(&d), br#"{"schemaVersion":3}"#).unwrap();
+        store.set_media_type(&d, oci).unwrap();
+        assert!(
+            store.manifest(&d).unwrap().is_none(),
+            "a changed file was served"
+        );
+        assert!(
+            !store.contains(&d) && !store.path(&d).exists(),
+            "the changed file stays"
+        );
+        // So it can be stored again, and is served again.
+        store.put(&d, body).unwrap();
+        store.set_media_type(&d, oci).unwrap();
+        assert!(store.manifest(&d).unwrap().is_some());
+        // Eviction drops it from memory too.
+        store.remove_objects(std::slice::from_ref(&d)).unwrap();
+        assert!(
+            store.manifest(&d).unwrap().is_none(),
+            "an evicted manifest was served"
+        );
     }
 
     #[test]

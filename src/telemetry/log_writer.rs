@@ -198,7 +198,10 @@ mod tests {
         w.write_all(b"alone\n").unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while sink.0.lock().unwrap().is_empty() {
-            assert!(std::time::Instant::now() < deadline, "the line never came out");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the line never came out"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(&*sink.0.lock().unwrap(), b"alone\n");
