@@ -412,6 +412,71 @@ async fn storage_redirects_are_followed_without_the_registry_token() {
     assert_eq!(storage.gets(), 2);
 }
 
+/// Blob bodies go upstream over HTTP/1.1 (their own pool), redirect hops to storage too;
+/// tokens, manifests and `HEAD`s keep h2. Both fakes offer h2 and HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_bodies_are_fetched_over_http1_and_the_rest_over_h2() {
+    let ca = TestCa::new();
+    let storage = FakeStorage::start(&ca).await;
+    let quay = FakeRegistry::builder(&ca)
+        .host("quay.io")
+        .storage(&storage)
+        .build()
+        .await;
+    let img = quay.push_image(
+        "team/app",
+        "1.0",
+        &[pseudo_random(200_000, 21), pseudo_random(90_000, 22)],
+    );
+    let stowage = Stowage::start(&ca).await;
+    let s = Session::login(
+        &stowage.client(),
+        "quay.io",
+        quay.port(),
+        "team/app",
+        Alpn::Http11,
+    )
+    .await;
+    let r = s.manifest("1.0").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let r = s.blob(&img.layers[0]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(sha256_digest(&r.body), img.layers[0]);
+    // A redirected blob: the hop to storage is HTTP/1.1 as well.
+    quay.set_blob_mode(BlobMode::Redirect(Location::Absolute));
+    let r = s.blob(&img.layers[1]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(sha256_digest(&r.body), img.layers[1]);
+    assert_eq!(storage.gets(), 1);
+
+    let seen = quay.requests();
+    let versions = |kind: Kind, method: Method| -> Vec<Version> {
+        seen.iter()
+            .filter(|r| r.kind == kind && r.method == method)
+            .map(|r| r.version)
+            .collect()
+    };
+    let blobs = versions(Kind::Blob, Method::GET);
+    assert_eq!(blobs.len(), 2, "{seen:#?}");
+    assert!(
+        blobs.iter().all(|v| *v == Version::HTTP_11),
+        "blob GETs: {blobs:?}"
+    );
+    let manifests = versions(Kind::Manifest, Method::GET);
+    assert!(!manifests.is_empty(), "{seen:#?}");
+    assert!(
+        manifests.iter().all(|v| *v == Version::HTTP_2),
+        "manifest GETs: {manifests:?}"
+    );
+    let tokens = versions(Kind::Token, Method::GET);
+    assert!(
+        tokens.iter().all(|v| *v == Version::HTTP_2),
+        "token GETs: {tokens:?}"
+    );
+    let hops: Vec<Version> = storage.requests().iter().map(|r| r.version).collect();
+    assert_eq!(hops, vec![Version::HTTP_11], "storage hops");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_hosts_are_tunnelled_untouched_or_denied() {
     let ca = TestCa::new();

@@ -58,6 +58,8 @@ pub struct Recorded {
     pub authorization: Option<String>,
     pub user_agent: Option<String>,
     pub status: u16,
+    /// HTTP/1.1 or HTTP/2, as it came.
+    pub version: http::Version,
 }
 
 impl Recorded {
@@ -115,6 +117,7 @@ fn record(log: &Mutex<Vec<Recorded>>, req: &Request<Incoming>, kind: Kind, statu
         authorization: header(AUTHORIZATION),
         user_agent: header(USER_AGENT),
         status: status.as_u16(),
+        version: req.version(),
     });
 }
 
