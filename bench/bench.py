@@ -46,6 +46,11 @@ FLEET_BIG_MIB = int(os.environ.get("BENCH_FLEET_BIG_MIB", "32" if QUICK else "20
 FLEET_MANY = int(os.environ.get("BENCH_FLEET_MANY", "20"))
 FLEET_MANY_MIB = int(os.environ.get("BENCH_FLEET_MANY_MIB", "2" if QUICK else "10"))
 FLEET_REPS = int(os.environ.get("BENCH_FLEET_REPS", "1"))
+# Where each fleet client writes the image: "own" gives every client a tmpfs of its own (eight
+# nodes, eight disks: the figure the targets judge), "shared" one directory on the work disk
+# for all (eight clients on one box, whose `dir:` destinations fsync every blob to one disk).
+# The shared-disk runs are made for the floor and Stowage only, next to the own-disk ones.
+FLEET_DISKS = os.environ.get("BENCH_FLEET_DISKS", "own,shared").split(",")
 # Addresses inside the two network namespaces the fleet run creates (nothing else uses them).
 FLEET_UP_ADDR = "10.203.0.1"
 FLEET_CLIENT_ADDR = "10.203.0.2"
@@ -58,6 +63,7 @@ MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 
 STARTED = []  # Popen objects, stopped on exit
 NETNS = []  # network namespaces made here, removed on exit
+MOUNTS = []  # tmpfs mounts made here, unmounted on exit
 
 
 def log(*a):
@@ -73,6 +79,8 @@ def remove_netns():
     stop_all()
     while NETNS:
         subprocess.run(["ip", "netns", "del", NETNS.pop()], capture_output=True)
+    while MOUNTS:
+        subprocess.run(["umount", "-l", MOUNTS.pop()], capture_output=True)
 
 
 def stop(p):
@@ -605,11 +613,12 @@ http {{
             raise RuntimeError(f"skopeo via {target}: {r.stderr}")
         return dt
 
-    def skopeo_fleet(self, target, repo, n):
-        """`n` skopeo pulls of `repo` through `target`, started at once: (wall, [each client's s])."""
+    def skopeo_fleet(self, target, repo, n, roots=None):
+        """`n` skopeo pulls of `repo` through `target`, started at once: (wall, [each client's s]).
+        Client i writes under `roots[i]` (its own disk) when given, else under the work dir."""
         runs = []
         for i in range(n):
-            dest = self.path(f"pull-{i}")
+            dest = os.path.join(roots[i], "pull") if roots else self.path(f"pull-{i}")
             shutil.rmtree(dest, ignore_errors=True)
             cmd, env = self.skopeo_cmd(target, repo, dest)
             if os.environ.get("BENCH_FLEET_CLIENT_NICE"):
@@ -765,6 +774,16 @@ http {{
         f.ns, f.up_ns, f.up_addr = fleet_ns, up_ns, FLEET_UP_ADDR
         f.nginx_lock_defaults = True
         f.start_upstream()
+        # One tmpfs per client (see FLEET_DISKS), big enough for the largest image.
+        own_roots = []
+        if "own" in FLEET_DISKS:
+            size_mib = max(FLEET_BIG_MIB, FLEET_MANY * FLEET_MANY_MIB) + 64
+            for i in range(FLEET_N):
+                root = f.path(f"client-disk-{i}")
+                os.makedirs(root)
+                sh("mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", root)
+                MOUNTS.append(root)
+                own_roots.append(root)
 
         def uplink_bytes():
             st = json.loads(sh("ip", "-n", up_ns, "-j", "-s", "link", "show", "dev", up_if))[0]["stats64"]
@@ -782,7 +801,10 @@ http {{
                 runs = [("floor", "upstream", 1), ("direct", "upstream", FLEET_N),
                         ("stowage", "stowage", FLEET_N), ("nginx", "nginx", FLEET_N), ("regproxy", "regproxy", FLEET_N)]
                 runs = [r for r in runs if r[0] in FLEET_TARGETS]
-                for name, target, n in runs:
+                plan = [(name, target, n, "own") for name, target, n in runs if "own" in FLEET_DISKS]
+                plan += [(name, target, n, "shared") for name, target, n in runs
+                         if "shared" in FLEET_DISKS and name in ("floor", "stowage")]
+                for name, target, n, disks in plan:
                     if target != "upstream":
                         f.restart(target, fresh=True)
                     f.settle()
@@ -799,7 +821,7 @@ http {{
                                 last_b, last_c, t = b, c, now
                         tracer = threading.Thread(target=sample)
                         tracer.start()
-                    wall, times = f.skopeo_fleet(target, repo, n)
+                    wall, times = f.skopeo_fleet(target, repo, n, own_roots if disks == "own" else None)
                     cpu = f.cpu_s(target) - cpu0
                     tracing_done.set()
                     if trace:
@@ -809,8 +831,14 @@ http {{
                     after_log = f.blob_fetches(digests)
                     per_blob = [after_log[d] - before_log[d] for d in digests]
                     mib = (uplink_bytes() - before_b) / (1 << 20)
-                    log(f"  fleet {key} {name}: wall {wall:.1f} s, clients {min(times):.1f}..{max(times):.1f} s, "
+                    log(f"  fleet {key} {name} ({disks} disks): wall {wall:.1f} s, clients {min(times):.1f}..{max(times):.1f} s, "
                         f"fetches per blob {min(per_blob)}..{max(per_blob)}, uplink {mib:.0f} MiB, server CPU {cpu:.1f} s")
+                    if disks == "shared":
+                        self.rec(name, f"fleet_{key}_shared_wall_s", wall)
+                        self.rec(name, f"fleet_{key}_shared_spread", max(times) / min(times))
+                        if target != "upstream":
+                            stop(f.procs[target])
+                        continue
                     self.rec(name, f"fleet_{key}_wall_s", wall)
                     self.rec(name, f"fleet_{key}_spread", max(times) / min(times))
                     self.rec(name, f"fleet_{key}_fetches_max", max(per_blob))
@@ -922,6 +950,8 @@ http {{
             for repo, label, _ in self.fleet_images:
                 key = repo.split("/")[1]
                 for fig, metric, nd in (("wall for all (s)", "wall_s", 1), ("slowest / fastest client", "spread", 2),
+                                        ("wall for all, one shared client disk (s)", "shared_wall_s", 1),
+                                        ("slowest / fastest, one shared client disk", "shared_spread", 2),
                                         ("most upstream fetches of one blob", "fetches_max", 0),
                                         ("upstream blob fetches in all", "fetches", 0),
                                         ("bytes over the uplink (MiB)", "uplink_mib", 0),
@@ -1031,7 +1061,10 @@ TLS 1.3 suite each target picks from OpenSSL's default TLS 1.3 offer (curl itsel
 
 {FLEET_N} `skopeo copy` clients started at the same moment, each cache empty, the upstream in a
 network namespace of its own behind a veth pair shaped to {FLEET_RATE} in the download direction
-(`{getattr(self, 'fleet_qdisc', 'not run')}`); caches and clients in a second namespace. nginx with
+(`{getattr(self, 'fleet_qdisc', 'not run')}`); caches and clients in a second namespace. Each client
+writes to a tmpfs of its own (one node, one disk); the "one shared client disk" rows put all
+clients' `dir:` destinations on the work disk (skopeo syncs every blob it writes), floor and
+Stowage only. nginx with
 `proxy_cache_lock on` and the lock's age and timeout at their 5 s defaults, as the nginx registry
 proxies ship it. Fetches from the upstream's access log; uplink bytes from the veth's counters.
 {FLEET_REPS} repetition(s), medians; took {getattr(self, 'fleet_elapsed', 0):.0f} s.
