@@ -2,9 +2,11 @@
 //!
 //! A line costs its request a copy into a shared buffer, not a `write(2)`: one write per
 //! access-log line was 6% of a manifest `HEAD` hit, and a writer thread woken per line (a
-//! futex wake each) cost as much again. The thread is woken when the buffer goes from
-//! empty to not, gathers lines for [`GATHER`], and writes them in one go, so under load
-//! it wakes about 1/GATHER times a second whatever the request rate.
+//! futex wake each) cost as much again. An idle writer is woken by the first line and
+//! writes it at once (a lone line is not held back); after each write it lets lines
+//! gather for [`GATHER`] without being woken, then writes them in one go. Under load it
+//! writes at most 1/GATHER times a second whatever the request rate, and a line waits at
+//! most about GATHER.
 //!
 //! Nothing is dropped: past [`MAX_BUFFERED`] bytes a logging thread waits for the writer
 //! (stderr blocked on a full pipe slows requests as it did before, but never loses lines).
@@ -14,8 +16,8 @@ use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-/// How long the writer lets lines gather once one has arrived.
-const GATHER: Duration = Duration::from_millis(20);
+/// How long the writer lets lines gather after a write before the next.
+const GATHER: Duration = Duration::from_millis(2);
 /// Past this many buffered bytes, wake the writer at once.
 const FLUSH_AT: usize = 256 << 10;
 /// Past this many, a logging thread waits until the writer has taken the buffer.
@@ -25,6 +27,8 @@ const MAX_BUFFERED: usize = 8 << 20;
 struct State {
     buf: Vec<u8>,
     closing: bool,
+    /// The writer is waiting for a first line (not gathering): the next line wakes it.
+    idle: bool,
 }
 
 #[derive(Default)]
@@ -74,19 +78,22 @@ pub fn spawn(out: impl Write + Send + 'static) -> std::io::Result<(LogWriter, Gu
 
 fn run(shared: &Shared, mut out: impl Write) {
     let mut spare = Vec::new();
+    let mut wrote = false;
     loop {
         let mut st = shared.lock();
-        while st.buf.is_empty() && !st.closing {
-            st = shared.lines.wait(st).unwrap_or_else(|e| e.into_inner());
-        }
-        if !st.closing && st.buf.len() < FLUSH_AT {
-            // Let the lines of this moment gather (a wake for a full buffer ends it early).
+        if wrote && !st.closing && st.buf.len() < FLUSH_AT {
+            // Let lines gather after a write (only a full buffer wakes this early).
             st = shared
                 .lines
                 .wait_timeout(st, GATHER)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+        while st.buf.is_empty() && !st.closing {
+            st.idle = true;
+            st = shared.lines.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.idle = false;
         let closing = st.closing;
         std::mem::swap(&mut st.buf, &mut spare);
         drop(st);
@@ -94,6 +101,7 @@ fn run(shared: &Shared, mut out: impl Write) {
         // A write error (stderr closed) has nowhere to be reported: the lines are dropped.
         let _ = out.write_all(&spare).and_then(|()| out.flush());
         spare.clear();
+        wrote = true;
         if closing && shared.lock().buf.is_empty() {
             return;
         }
@@ -110,11 +118,12 @@ impl Write for LogWriter {
                 .wait(st)
                 .unwrap_or_else(|e| e.into_inner());
         }
-        let was_empty = st.buf.is_empty();
+        // One wake per idle spell; a gathering writer is not woken but for a full buffer.
+        let wake = std::mem::replace(&mut st.idle, false);
         st.buf.extend_from_slice(line);
         let full = st.buf.len() >= FLUSH_AT;
         drop(st);
-        if was_empty || full {
+        if wake || full {
             self.shared.lines.notify_one();
         }
         Ok(line.len())

@@ -124,9 +124,8 @@ openssl s_client -connect 127.0.0.1:443 -noservername </dev/null >"$WORK/nosni.l
 grep -q 'no peer certificate available' "$WORK/nosni.log" || fail "a ClientHello without SNI got a certificate"
 openssl s_client -connect 127.0.0.1:443 -servername example.com </dev/null >"$WORK/othersni.log" 2>&1 || true
 grep -q 'no peer certificate available' "$WORK/othersni.log" || fail "a ClientHello for example.com got a certificate"
-sleep 0.2
-grep -q 'direct TLS without SNI' "$WORK/stowage.log" || fail "Stowage did not log the missing SNI"
-grep -q 'direct TLS for a host that is not a configured registry.*example.com' "$WORK/stowage.log" ||
+wait_log "$WORK/stowage.log" 'direct TLS without SNI' || fail "Stowage did not log the missing SNI"
+wait_log "$WORK/stowage.log" 'direct TLS for a host that is not a configured registry.*example.com' ||
   fail "Stowage did not log the unknown SNI"
 ok "handshakes without SNI and for example.com are refused, and logged"
 
@@ -144,7 +143,7 @@ status=$(curl -s --max-time 20 -o "$WORK/loop.body" -w '%{http_code}' --cacert "
   "https://quay.io:$loop_port/v2/e2e/app/manifests/v1") || fail "curl to the looping Stowage did not complete"
 [[ $status == 508 ]] || fail "a request that would loop got $status, expected 508"
 grep -q 'resolves to this Stowage' "$WORK/loop.body" || fail "the 508 does not explain the loop: $(cat "$WORK/loop.body")"
-grep -q 'upstream resolves to this Stowage: refusing a request loop' "$WORK/loop.log" || fail "the loop is not logged"
+wait_log "$WORK/loop.log" 'upstream resolves to this Stowage: refusing a request loop' || fail "the loop is not logged"
 after=$(grep -c '"GET \|"HEAD ' "$WORK/registry.log" || true)
 ((after == before)) || fail "the looping request reached the registry"
 accepted=$(grep -c 'stowage::access' "$WORK/loop.log" || true)

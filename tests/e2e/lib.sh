@@ -28,6 +28,18 @@ fail() {
 }
 ok() { log "ok: $*"; }
 
+# Waits up to 5 s for a line matching the basic regex PATTERN in FILE: Stowage's log lines
+# reach its stderr from a writer thread, a moment after what they record.
+# Usage: wait_log FILE PATTERN
+wait_log() {
+  local i
+  for i in $(seq 50); do
+    grep -q -- "$2" "$1" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
 cleanup() {
   local status=$?
   for pid in "${PIDS[@]}"; do
