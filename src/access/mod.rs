@@ -4,4 +4,4 @@
 pub mod policy;
 pub mod probe;
 
-pub use policy::{Access, Authorized, Refusal, Reply, UpstreamNow};
+pub use policy::{Access, Ask, Authorized, Refusal, Reply, UpstreamNow};

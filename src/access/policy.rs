@@ -117,15 +117,16 @@ impl Access {
     }
 
     /// The decision for a cached `digest` asked for under `repo` by a client whose
-    /// credential hashes to `credential`. `ask` asks upstream (a `HEAD` of the object with
-    /// the client's credentials); it is a future, polled only when nothing known decides.
-    pub async fn authorize(
+    /// credential hashes to `credential`. `ask` makes the question for upstream (a `HEAD`
+    /// of the object with the client's credentials); it is called only when nothing known
+    /// decides, so a hit builds no request.
+    pub async fn authorize<'a>(
         &self,
         repo: &RepoKey,
         digest: &Digest,
         credential: [u8; 32],
         now: UpstreamNow,
-        ask: Ask<'_>,
+        ask: impl FnOnce() -> Ask<'a>,
     ) -> Result<Authorized, Refusal> {
         let yes = || {
             Ok(Authorized {
@@ -161,7 +162,7 @@ impl Access {
                 "this repository is not known to be public, and upstream cannot be asked"
             }));
         }
-        match ask.await {
+        match ask().await {
             Ok(a) if a.status.is_success() => {
                 self.grant(repo, credential);
                 self.remember_member(repo, digest);
@@ -328,11 +329,7 @@ mod tests {
         cred: u8,
         answer: Option<u16>,
     ) -> Result<Authorized, Refusal> {
-        a.authorize(
-            r,
-            dg,
-            [cred; 32],
-            UpstreamNow::Ask,
+        a.authorize(r, dg, [cred; 32], UpstreamNow::Ask, move || {
             Box::pin(async move {
                 match answer {
                     Some(s) => Ok(Reply {
@@ -341,8 +338,8 @@ mod tests {
                     }),
                     None => Err("unreachable".to_string()),
                 }
-            }),
-        )
+            })
+        })
         .await
     }
 

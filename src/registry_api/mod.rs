@@ -541,27 +541,33 @@ async fn authorize(
     len: Option<u64>,
 ) -> Result<Authorized, Response<Body>> {
     let key = target.repo(repo);
-    let (object_path, headers) = match object {
-        Object::Blob => (format!("/v2/{repo}/blobs/{digest}"), headers.clone()),
-        Object::Manifest => {
-            let mut h = headers.clone();
-            if !h.contains_key(ACCEPT) {
-                h.insert(ACCEPT, HeaderValue::from_static(probe::PROBE_ACCEPT));
+    let credential = credential_id(headers);
+    // Built only when upstream must be asked (not on a hit that is known to be allowed).
+    let ask = || -> crate::access::Ask<'_> {
+        let (object_path, headers) = match object {
+            Object::Blob => (format!("/v2/{repo}/blobs/{digest}"), headers.clone()),
+            Object::Manifest => {
+                let mut h = headers.clone();
+                if !h.contains_key(ACCEPT) {
+                    h.insert(ACCEPT, HeaderValue::from_static(probe::PROBE_ACCEPT));
+                }
+                (format!("/v2/{repo}/manifests/{digest}"), h)
             }
-            (format!("/v2/{repo}/manifests/{digest}"), h)
-        }
+        };
+        let upstream_view = upstream_headers_for(target, &headers);
+        let answer = api.answer(target);
+        Box::pin(async move {
+            probe::ask(
+                &api.upstream,
+                &target.registry,
+                answer,
+                &object_path,
+                upstream_view,
+                len,
+            )
+            .await
+        })
     };
-    let credential = credential_id(&headers);
-    let upstream_view = upstream_headers_for(target, &headers);
-    let answer = api.answer(target);
-    let ask = Box::pin(probe::ask(
-        &api.upstream,
-        &target.registry,
-        answer,
-        &object_path,
-        upstream_view,
-        len,
-    ));
     api.access
         .authorize(&key, digest, credential, now, ask)
         .await
