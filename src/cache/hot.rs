@@ -1,7 +1,8 @@
 //! Hot rows kept in memory in front of the metadata database and the manifest files.
 //!
 //! A manifest `HEAD` hit used to cost three redb read transactions (tag, media type, public
-//! mark), an `open` and an `fstat`: a quarter of its CPU in bench/RESULTS.md. The store keeps
+//! mark), an `open` and an `fstat`: a quarter of its CPU in a profile of the `HEAD` bench
+//! (bench/README.md, `BENCH_PERF_HEAD`). The store keeps
 //! what those return here, bounded, and every write to what is kept goes through
 //! [`Hot::written`] after it commits. A miss reads the truth and keeps it only when no
 //! write happened meanwhile, so a row read before a write can never outlive it.
