@@ -631,6 +631,26 @@ http {{
             raise RuntimeError(f"skopeo via {target}: {r.stderr}")
         return dt
 
+    def skopeo_parallel(self, target, repo, n):
+        """Wall time of `n` skopeo pulls of `repo` through `target` started at once (loopback):
+        with the same figure for the upstream itself, what n clients at once cost on their
+        own, whatever the server."""
+        runs = []
+        for i in range(n):
+            dest = self.path(f"par{i}")
+            shutil.rmtree(dest, ignore_errors=True)
+            runs.append((dest, *self.skopeo_cmd(target, repo, dest)))
+        t0 = time.monotonic()
+        ps = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+              for _, cmd, env in runs]
+        errs = [p.communicate()[1] for p in ps]
+        wall = time.monotonic() - t0
+        for (dest, _, _), p, err in zip(runs, ps, errs):
+            shutil.rmtree(dest, ignore_errors=True)
+            if p.returncode != 0:
+                raise RuntimeError(f"skopeo via {target}: {err}")
+        return wall
+
     def skopeo_fleet(self, target, repo, n, roots=None):
         """`n` skopeo pulls of `repo` through `target`, started at once: (wall, [each client's s]).
         Client i writes under `roots[i]` (its own disk) when given, else under the work dir."""
@@ -743,6 +763,7 @@ http {{
         self.skopeo_pull(target, SMALL_REPO)  # cold for the caches the first time
         self.settle()
         self.rec(target, "skopeo_small_s", self.skopeo_pull(target, SMALL_REPO))
+        self.rec(target, "skopeo_small8_s", self.skopeo_parallel(target, SMALL_REPO, FLEET_N))
         # (6) manifest HEAD hits
         self.rec(target, "head_rps", self.head_rps(target))
         # (3) 8 concurrent cold GETs of one blob
@@ -958,6 +979,7 @@ http {{
             ("(4) peak RSS, 8 warm GETs (MiB)", "rss_mib", 1),
             ("(5) warm skopeo pull (s)", "skopeo_s", 2),
             (f"(5) warm skopeo pull, {SMALL_LAYERS} × {SMALL_KIB} KiB layers (s)", "skopeo_small_s", 2),
+            (f"(5) {FLEET_N} warm skopeo pulls at once, {SMALL_LAYERS} × {SMALL_KIB} KiB layers (s)", "skopeo_small8_s", 2),
             ("(6) manifest HEAD hits (req/s)", "head_rps", 0),
         ]
         lines = []
@@ -1132,6 +1154,8 @@ def main():
     ap.add_argument("--head-load", required=True, help="the benches/head_load.rs executable")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()
+    # Absolute: the fleet starts these from inside network namespaces and other directories.
+    args.stowage, args.head_load = os.path.abspath(args.stowage), os.path.abspath(args.head_load)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     b = Bench(args)
