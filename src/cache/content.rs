@@ -28,7 +28,7 @@ use super::writer::BlobWriter;
 
 use super::hot::Hot;
 use super::index::Index;
-use crate::oci::{Algorithm, Digest};
+use crate::oci::{Algorithm, Digest, RepoKey, TagKey};
 
 /// Holds the pid of the process that has `meta.redb` open, so that a second one can say
 /// who holds the cache. Written once the lock is taken; stale after a crash, which is why
@@ -97,8 +97,8 @@ pub struct BlobStore {
     pub(super) max_size: AtomicU64,
     /// Tag rows by `TagKey` text, public marks by `RepoKey` text, stored manifests by
     /// digest: what a manifest hit reads, kept in memory (see [`Hot`]).
-    pub(super) hot_tags: Hot<String, Option<super::TagRow>>,
-    pub(super) hot_public: Hot<String, Option<u64>>,
+    pub(super) hot_tags: Hot<TagKey, Option<super::TagRow>>,
+    pub(super) hot_public: Hot<RepoKey, Option<u64>>,
     hot_manifests: Hot<Digest, Option<Arc<StoredManifest>>>,
 }
 
@@ -114,6 +114,11 @@ pub struct StoredManifest {
 const HOT_TAG_BYTES: u64 = 8 << 20;
 const HOT_PUBLIC_BYTES: u64 = 1 << 20;
 const HOT_MANIFEST_BYTES: u64 = 32 << 20;
+
+/// About the bytes of `k`'s text form, for weighing hot rows.
+fn repo_key_len(k: &RepoKey) -> usize {
+    k.registry.host().as_str().len() + k.repo.as_str().len() + 16
+}
 
 /// What `verify` found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -191,9 +196,9 @@ impl BlobStore {
             max_size: AtomicU64::new(u64::MAX),
             hot_tags: Hot::new(HOT_TAG_BYTES, |k, row| {
                 let variants = row.as_ref().map_or(0, |r| r.variants.len());
-                (k.len() + 64 + 256 * variants) as u32
+                (repo_key_len(&k.repo) + k.tag.as_str().len() + 64 + 256 * variants) as u32
             }),
-            hot_public: Hot::new(HOT_PUBLIC_BYTES, |k, _| (k.len() + 32) as u32),
+            hot_public: Hot::new(HOT_PUBLIC_BYTES, |k, _| (repo_key_len(k) + 32) as u32),
             hot_manifests: Hot::new(HOT_MANIFEST_BYTES, |_, m| {
                 m.as_ref()
                     .map_or(96, |m| (m.bytes.len() + m.media_type.len() + 96) as u32)

@@ -109,11 +109,11 @@ impl BlobStore {
     }
 
     pub fn tag(&self, key: &TagKey) -> Result<Option<TagRow>, StoreError> {
-        let k = key.to_string();
         self.hot_tags.get_or_read(
-            k.as_str(),
-            || k.clone(),
+            key,
+            || key.clone(),
             || {
+                let k = key.to_string();
                 let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
                 let txn = self.meta.begin_read().map_err(|e| m(&e))?;
                 let table = txn.open_table(TAGS).map_err(|e| m(&e))?;
@@ -165,7 +165,7 @@ impl BlobStore {
                 .map_err(|e| m(&e))?;
         }
         txn.commit().map_err(|e| m(&e))?;
-        self.hot_tags.written(k.as_str());
+        self.hot_tags.written(key);
         Ok(())
     }
 
@@ -178,7 +178,7 @@ impl BlobStore {
             table.remove(key.to_string().as_str()).map_err(|e| m(&e))?;
         }
         txn.commit().map_err(|e| m(&e))?;
-        self.hot_tags.written(key.to_string().as_str());
+        self.hot_tags.written(key);
         Ok(())
     }
 
@@ -278,11 +278,11 @@ impl BlobStore {
 
     /// When upstream last served `repo` without credentials, if it ever did.
     pub fn public_since(&self, repo: &RepoKey) -> Result<Option<u64>, StoreError> {
-        let k = repo.to_string();
         self.hot_public.get_or_read(
-            k.as_str(),
-            || k.clone(),
+            repo,
+            || repo.clone(),
             || {
+                let k = repo.to_string();
                 let m = |e: &dyn std::fmt::Display| StoreError::Meta(e.to_string());
                 let txn = self.meta.begin_read().map_err(|e| m(&e))?;
                 let table = txn.open_table(PUBLIC_REPOS).map_err(|e| m(&e))?;
@@ -309,7 +309,7 @@ impl BlobStore {
             }
         }
         txn.commit().map_err(|e| m(&e))?;
-        self.hot_public.written(k.as_str());
+        self.hot_public.written(repo);
         Ok(())
     }
 
