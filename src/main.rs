@@ -310,7 +310,11 @@ fn init_logging(format: LogFormat) -> Option<stowage::telemetry::log_writer::Gua
         .with_writer(writer)
         .with_ansi(ansi);
     match format {
-        LogFormat::Text => builder.init(),
+        // The defaults' output, cheaper (`telemetry::log_format`).
+        LogFormat::Text => builder
+            .fmt_fields(stowage::telemetry::log_format::Fields)
+            .with_timer(stowage::telemetry::log_format::Clock)
+            .init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
     guard

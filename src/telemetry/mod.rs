@@ -3,6 +3,7 @@
 
 pub mod access_log;
 pub mod history;
+pub mod log_format;
 pub mod log_writer;
 pub mod metrics;
 pub mod process;
