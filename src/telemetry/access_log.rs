@@ -164,14 +164,14 @@ impl Drop for Logged {
             .requests
             .get_or_create(&RequestLabels {
                 registry,
-                kind: l.kind.into(),
-                outcome: l.outcome.as_str().into(),
+                kind: l.kind,
+                outcome: l.outcome.as_str(),
                 code: code_label(l.status),
             })
             .inc();
         let latency = LatencyLabels {
-            kind: l.kind.into(),
-            outcome: l.outcome.as_str().into(),
+            kind: l.kind,
+            outcome: l.outcome.as_str(),
         };
         l.metrics
             .request_first_byte
@@ -193,9 +193,7 @@ impl Drop for Logged {
         };
         l.metrics
             .bytes_served
-            .get_or_create(&SourceLabels {
-                source: source.into(),
-            })
+            .get_or_create(&SourceLabels { source })
             .inc_by(self.bytes);
         let t = &l.metrics.totals;
         use std::sync::atomic::Ordering::Relaxed;

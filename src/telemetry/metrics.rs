@@ -32,10 +32,10 @@ use super::process;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub registry: String,
-    pub kind: String,
-    pub outcome: String,
+    pub kind: &'static str,
+    pub outcome: &'static str,
     /// The response status: one of [`STATUS_CODES`], else its class (`2xx`..`5xx`).
-    pub code: String,
+    pub code: &'static str,
 }
 
 /// Statuses a registry proxy answers often enough to be worth a series of their own;
@@ -43,11 +43,14 @@ pub struct RequestLabels {
 pub const STATUS_CODES: &[u16] = &[200, 206, 304, 307, 401, 403, 404, 429, 500, 502, 503, 504];
 
 /// The `code` label of `status`.
-pub fn code_label(status: u16) -> String {
-    if STATUS_CODES.contains(&status) {
-        status.to_string()
-    } else {
-        format!("{}xx", (status / 100).clamp(1, 5))
+pub fn code_label(status: u16) -> &'static str {
+    const NAMES: [&str; 12] = [
+        "200", "206", "304", "307", "401", "403", "404", "429", "500", "502", "503", "504",
+    ];
+    const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+    match STATUS_CODES.iter().position(|&c| c == status) {
+        Some(i) => NAMES[i],
+        None => CLASSES[usize::from((status / 100).clamp(1, 5)) - 1],
     }
 }
 
@@ -55,8 +58,8 @@ pub fn code_label(status: u16) -> String {
 /// by (kind x outcome) only.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LatencyLabels {
-    pub kind: String,
-    pub outcome: String,
+    pub kind: &'static str,
+    pub outcome: &'static str,
 }
 
 /// Latency bucket bounds in seconds: a hit from page cache to a slow upstream layer.
@@ -147,7 +150,7 @@ pub const COMMIT: &str = env!("STOWAGE_GIT_COMMIT");
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
     /// `cache` or `upstream`.
-    pub source: String,
+    pub source: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -659,15 +662,13 @@ mod tests {
         m.requests
             .get_or_create(&RequestLabels {
                 registry: "quay.io".into(),
-                kind: "blob".into(),
-                outcome: "hit".into(),
+                kind: "blob",
+                outcome: "hit",
                 code: code_label(200),
             })
             .inc();
         m.bytes_served
-            .get_or_create(&SourceLabels {
-                source: "cache".into(),
-            })
+            .get_or_create(&SourceLabels { source: "cache" })
             .inc_by(10);
         let mut h = http::HeaderMap::new();
         h.insert("ratelimit-remaining", "76;w=21600".parse().unwrap());
@@ -700,7 +701,10 @@ mod tests {
         assert_eq!(code_label(418), "4xx");
         assert_eq!(code_label(599), "5xx");
         assert_eq!(code_label(101), "1xx");
-        let all: HashSet<String> = (0..1000).map(code_label).collect();
+        for (i, &c) in STATUS_CODES.iter().enumerate() {
+            assert_eq!(code_label(c), c.to_string(), "{i}");
+        }
+        let all: HashSet<&str> = (0..1000).map(code_label).collect();
         assert!(all.len() <= STATUS_CODES.len() + 5, "{all:?}");
     }
 
