@@ -34,7 +34,7 @@ impl Algorithm {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest {
     algorithm: Algorithm,
-    hex: String,
+    hex: std::sync::Arc<str>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -61,7 +61,7 @@ impl Digest {
     pub fn from_bytes(algorithm: Algorithm, bytes: &[u8]) -> Digest {
         Digest {
             algorithm,
-            hex: hex::encode(bytes),
+            hex: hex::encode(bytes).into(),
         }
     }
 }
@@ -85,7 +85,7 @@ impl FromStr for Digest {
         }
         Ok(Digest {
             algorithm,
-            hex: hex.to_owned(),
+            hex: hex.into(),
         })
     }
 }
@@ -112,7 +112,7 @@ impl<'de> serde::Deserialize<'de> for Digest {
 /// A repository name such as `library/alpine`, validated against the distribution grammar:
 /// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*`, at most 255 bytes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RepoName(String);
+pub struct RepoName(std::sync::Arc<str>);
 
 impl RepoName {
     pub fn as_str(&self) -> &str {
@@ -159,13 +159,13 @@ impl FromStr for RepoName {
         if s.is_empty() || s.len() > 255 || !s.split('/').all(valid_component) {
             return Err(ParseError::Name);
         }
-        Ok(RepoName(s.to_owned()))
+        Ok(RepoName(s.into()))
     }
 }
 
 /// A tag, `[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Tag(String);
+pub struct Tag(std::sync::Arc<str>);
 
 impl Tag {
     pub fn as_str(&self) -> &str {
@@ -184,7 +184,7 @@ impl FromStr for Tag {
             && word(b[0])
             && b.iter().all(|&x| word(x) || x == b'.' || x == b'-');
         if valid {
-            Ok(Tag(s.to_owned()))
+            Ok(Tag(s.into()))
         } else {
             Err(ParseError::Tag)
         }

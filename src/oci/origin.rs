@@ -50,7 +50,7 @@ impl Scheme {
 
 /// A DNS name or an IP literal in its one normal form.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Host(String);
+pub struct Host(std::sync::Arc<str>);
 
 impl Host {
     /// Normalises and checks a host as clients write it: any case, an optional trailing
@@ -61,12 +61,12 @@ impl Host {
             .and_then(|h| h.strip_suffix(']'))
             .unwrap_or(s);
         if let Ok(ip) = bare.parse::<IpAddr>() {
-            return Ok(Host(ip.to_string()));
+            return Ok(Host(ip.to_string().into()));
         }
         let lower = bare.to_ascii_lowercase();
         let name = lower.strip_suffix('.').unwrap_or(&lower);
         if valid_dns_name(name) {
-            Ok(Host(name.to_owned()))
+            Ok(Host(name.into()))
         } else {
             Err(OriginError::Host(s.chars().take(80).collect()))
         }
@@ -167,7 +167,7 @@ impl Registry {
             r.host.as_str(),
             "docker.io" | "index.docker.io" | "registry.docker.io"
         ) {
-            r.host = Host(DOCKER_HUB.to_owned());
+            r.host = Host(DOCKER_HUB.into());
         }
         Ok(r)
     }
