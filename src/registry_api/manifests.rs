@@ -249,19 +249,20 @@ pub fn is_manifest_type(content_type: &str) -> bool {
 /// The media types a client accepts, normalised (sorted, parameters dropped) so the same
 /// client always hits the same tag entry.
 pub fn accept_key(headers: &HeaderMap) -> String {
-    let mut types: Vec<String> = headers
+    let mut types: Vec<std::borrow::Cow<'_, str>> = headers
         .get_all(ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|t| {
-            t.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        })
+        .map(|t| t.split(';').next().unwrap_or("").trim())
         .filter(|t| !t.is_empty())
+        .map(|t| {
+            if t.bytes().any(|b| b.is_ascii_uppercase()) {
+                t.to_ascii_lowercase().into()
+            } else {
+                t.into()
+            }
+        })
         .collect();
     types.sort();
     types.dedup();
@@ -599,5 +600,30 @@ pub(super) async fn manifest_by_tag(
         }
         Ok(Fetch::Relayed(resp)) => (CacheStatus::Miss, Ok(resp)),
         Err(e) => (CacheStatus::Miss, Err(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_keys_are_sorted_lowercase_types_without_parameters() {
+        let mut h = HeaderMap::new();
+        assert_eq!(accept_key(&h), "");
+        h.append(
+            ACCEPT,
+            HeaderValue::from_static(
+                "application/vnd.OCI.image.manifest.v1+json; q=0.9, application/json",
+            ),
+        );
+        h.append(
+            ACCEPT,
+            HeaderValue::from_static(" application/vnd.oci.image.manifest.v1+json ,,*/*;q=0.1"),
+        );
+        assert_eq!(
+            accept_key(&h),
+            "*/*,application/json,application/vnd.oci.image.manifest.v1+json"
+        );
     }
 }
