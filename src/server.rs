@@ -44,6 +44,8 @@ pub enum Error {
     Store(#[from] StoreError),
     #[error("{0}")]
     Upstream(String),
+    #[error("starting the connection threads: {0}")]
+    Workers(std::io::Error),
     /// Says which listener (`[mirror] listen 127.0.0.1:5000: ...`), in words, without the
     /// `io::Error` again as a cause.
     #[error("[{}] listen {addr}: {}", listener.as_str(), bind_reason(error))]
@@ -347,6 +349,7 @@ impl Server {
                 allow: config.direct.allow.clone(),
             },
             connections: Arc::new(tokio::sync::Semaphore::new(config.proxy.max_connections)),
+            workers: crate::ingress::workers::Workers::per_core().map_err(Error::Workers)?,
             tasks,
             shutdown: CancellationToken::new(),
             config: Arc::new(config.clone()),
@@ -471,6 +474,7 @@ impl Server {
                 "shutdown grace over; closing remaining connections"
             );
         }
+        ingress.workers.stop();
         let _ = housekeeping.await;
         let store = cache.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.flush_atimes()).await;

@@ -65,7 +65,7 @@ pub async fn run(ingress: Arc<Ingress>, kind: Listener, listener: TcpListener) {
                     continue;
                 };
                 let this = ingress.clone();
-                let conn = async move {
+                let conn = move |stream: TcpStream| async move {
                     if !first_byte(&stream, this.limits.header_timeout, &this.shutdown).await {
                         tracing::debug!(%peer, listener = kind.as_str(), "no first byte in time: closed");
                         return;
@@ -90,7 +90,7 @@ pub async fn run(ingress: Arc<Ingress>, kind: Listener, listener: TcpListener) {
                     }
                     drop(permit);
                 };
-                ingress.tasks.spawn(conn);
+                ingress.workers.spawn(&ingress.tasks, stream, conn);
             }
             Err(e) => {
                 // Out of file descriptors and similar: back off instead of spinning.

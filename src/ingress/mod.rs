@@ -24,6 +24,7 @@ pub mod mirror;
 pub mod own_endpoints;
 pub mod tls;
 pub mod tunnel;
+pub mod workers;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -117,6 +118,8 @@ pub struct Ingress {
     pub config: Arc<Config>,
     /// Bounds client connections across listeners.
     pub connections: Arc<tokio::sync::Semaphore>,
+    /// The threads client connections are served on (`workers`).
+    pub workers: workers::Workers,
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
 }

@@ -432,7 +432,7 @@ fn prefetch_stream(ingress: &Arc<Ingress>, req: &Request<Incoming>) -> Response<
     };
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<PrefetchEvent>();
     let api = ingress.api.clone();
-    ingress.tasks.spawn(async move {
+    ingress.api.spawn_background(async move {
         for image in images {
             match image.parse::<crate::oci::ImageRef>() {
                 Ok(r) => {

@@ -277,7 +277,7 @@ pub(super) fn spawn_fill(
     let span = tracing::info_span!("fill", registry = %target.registry, %repo, %digest);
     let st = api.clone();
     let (registry, repo_name) = (target.registry.clone(), repo.to_string());
-    api.tasks.spawn(
+    api.spawn_background(
         async move {
             let idle = st.upstream.idle_timeout();
             // Once per fill, at the moment the disk gives out: the readers go on from upstream.

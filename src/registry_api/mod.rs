@@ -81,6 +81,9 @@ pub struct RegistryApi {
     pub rules: Rules,
     /// Fills and probes run here, so shutdown waits for them.
     pub tasks: TaskTracker,
+    /// The shared multi-threaded runtime this was built on: background work runs there, not
+    /// on the connection thread that asked for it (`ingress::workers`).
+    background: Option<tokio::runtime::Handle>,
     /// (repository, manifest digest) → tag rows waiting for that manifest to be stored
     /// (tags resolved with `HEAD`; see `manifests::remember_tag_head`).
     pending_tags: moka::sync::Cache<(RepoKey, Digest), Vec<(TagKey, TagVariant)>>,
@@ -119,6 +122,19 @@ pub struct Accounts {
 }
 
 impl RegistryApi {
+    /// Runs `work` (a fill, a probe, a prefetch) on the shared runtime, tracked by `tasks`:
+    /// its blocking file work uses `block_in_place` there, and a connection thread is never
+    /// held by a transfer another client started.
+    pub fn spawn_background<F>(&self, work: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        match &self.background {
+            Some(h) => self.tasks.spawn_on(work, h),
+            None => self.tasks.spawn(work),
+        };
+    }
+
     pub fn new(
         cache: Arc<Cache>,
         upstream: Arc<Upstream>,
@@ -149,6 +165,7 @@ impl RegistryApi {
             accounts,
             rules,
             tasks,
+            background: tokio::runtime::Handle::try_current().ok(),
             pending_tags: moka::sync::Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(manifests::PENDING_TAG_TTL)
@@ -687,8 +704,8 @@ pub fn parse_range(
 
 /// Learns, without credentials, whether upstream serves `repo_key` to anyone.
 fn spawn_public_probe(api: Arc<RegistryApi>, target: Arc<Target>, key: RepoKey, path: String) {
-    let tasks = api.tasks.clone();
-    tasks.spawn(async move {
+    let probing = api.clone();
+    probing.spawn_background(async move {
         if let Some(status) = probe::anonymous(&api.upstream, &target.registry, &path).await {
             api.access.record_probe(&key, status);
         }
