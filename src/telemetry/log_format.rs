@@ -227,7 +227,7 @@ fn write_second(out: &mut String, secs: u64) -> fmt::Result {
 
 /// The proleptic Gregorian date of a day count from 1970-01-01 (Howard Hinnant's
 /// `civil_from_days`).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
