@@ -95,8 +95,8 @@ pub struct BlobStore {
     /// Woken when an insert takes the cache past `max_size`.
     pub pressure: tokio::sync::Notify,
     pub(super) max_size: AtomicU64,
-    /// Tag rows by `TagKey` text, public marks by `RepoKey` text, stored manifests by
-    /// digest: what a manifest hit reads, kept in memory (see [`Hot`]).
+    /// Tag rows by `TagKey`, public marks by `RepoKey`, stored manifests by digest: what a
+    /// manifest hit reads, kept in memory (see [`Hot`]).
     pub(super) hot_tags: Hot<TagKey, Option<super::TagRow>>,
     pub(super) hot_public: Hot<RepoKey, Option<u64>>,
     hot_manifests: Hot<Digest, Option<Arc<StoredManifest>>>,
