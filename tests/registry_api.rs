@@ -2431,6 +2431,57 @@ async fn concurrent_misses_share_one_download() {
     assert!(h.stored(&img.layer_digest));
 }
 
+/// A connection thread (`ingress::workers`: a current-thread runtime of its own) that asks
+/// for a miss hands the fill to the runtime the API was built on
+/// (`RegistryApi::spawn_background`): the fill finishes and stores the blob after that
+/// thread and its runtime are gone, and the next client gets a hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_started_on_a_connection_thread_outlives_the_thread() {
+    let fake = Fake::default();
+    fake.repo("quay.io", "library/app", Visibility::Public);
+    let img = fake.image("quay.io", "library/app", "1", "app");
+    let gate = fake.hold_blobs();
+    let h = Arc::new(Harness::new(&fake, Opts::default()));
+    let path = blob_path("library/app", &img.layer_digest);
+
+    let (on_thread, thread_path) = (h.clone(), path.clone());
+    let timed_out = tokio::task::spawn_blocking(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a connection thread's runtime");
+        // The body waits on the gate: the client gives up while the fill is under way,
+        // and the thread's runtime is dropped with whatever it still runs.
+        let r = rt.block_on(async {
+            let req = on_thread.send(Method::GET, "quay.io", &thread_path, &[], false);
+            tokio::time::timeout(Duration::from_millis(300), req).await
+        });
+        drop(rt);
+        r.is_err()
+    })
+    .await
+    .expect("the connection thread");
+    assert!(timed_out, "the body waited on the gate");
+    assert!(
+        !h.stored(&img.layer_digest),
+        "held upstream: not filled yet"
+    );
+
+    let m = fake.mark();
+    gate.send_replace(true);
+    h.settle().await;
+    assert!(h.stored(&img.layer_digest), "the fill outlived its thread");
+    h.get("quay.io", &path, &[])
+        .await
+        .assert_ok(&img.layer, "hit");
+    let downloads: Vec<_> = fake
+        .since(m)
+        .into_iter()
+        .filter(|s| s.starts_with("GET blob"))
+        .collect();
+    assert_eq!(downloads, Vec::<String>::new(), "no second download");
+}
+
 // ---------------------------------------------------------------------------------------
 // Found here: redirects that end at a login page, on a miss
 // ---------------------------------------------------------------------------------------

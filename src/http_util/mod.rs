@@ -199,6 +199,60 @@ mod tests {
         let r = head_without_body(&http::Method::GET, json_error());
         assert!(!r.body().is_end_stream());
     }
+
+    /// A body whose frames come from `rx`, one per message; it ends when `rx` closes.
+    fn channel_body(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Body {
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            let chunk = rx.recv().await?;
+            Some((Ok::<_, BoxError>(http_body::Frame::data(chunk)), rx))
+        });
+        http_body_util::StreamBody::new(stream).boxed_unsync()
+    }
+
+    fn is_stalled(frame: Option<Result<http_body::Frame<Bytes>, BoxError>>) -> bool {
+        matches!(frame, Some(Err(e)) if e.is::<BodyStalled>())
+    }
+
+    #[tokio::test]
+    async fn an_idle_body_fails_and_each_frame_moves_the_deadline() {
+        let idle = std::time::Duration::from_millis(200);
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let mut body = IdleTimeout::new(channel_body(rx), idle);
+        let t0 = tokio::time::Instant::now();
+        for _ in 0..3 {
+            tokio::time::sleep(idle / 2).await;
+            tx.send(Bytes::from_static(b"x")).await.unwrap();
+            let frame = body.frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), "x");
+        }
+        // 1.5 × idle without failing: every frame gave the body another `idle`.
+        assert!(is_stalled(body.frame().await));
+        assert!(t0.elapsed() >= idle / 2 * 3 + idle, "{:?}", t0.elapsed());
+    }
+
+    /// The head arrives on one runtime (a connection thread) and the body is read on
+    /// another after the first has shut down (a fill on the shared runtime): the timer
+    /// belongs to the runtime that waits, so the stall is reported, not a panic.
+    #[test]
+    fn a_body_made_on_a_runtime_that_is_gone_still_times_out() {
+        let idle = std::time::Duration::from_millis(50);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+        let first = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut body = first.block_on(async { IdleTimeout::new(channel_body(rx), idle) });
+        drop(first);
+        let second = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let frame = second.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(5), body.frame()).await
+        });
+        assert!(is_stalled(frame.expect("the stall within 5 s")));
+        drop(tx);
+    }
 }
 
 /// The whole object's size from the answer to a `Range: bytes=0-0` request: the total in
@@ -220,10 +274,17 @@ pub fn size_from_ranged_answer<B>(resp: &http::Response<B>) -> Option<u64> {
 
 /// A body that fails once `idle` passes without a frame, so no peer can hold a task and
 /// its connection forever by going silent after the head.
+///
+/// The timer is made on the first wait, in the runtime of the task that polls: an upstream
+/// response arrives on the connection thread that sent the request (`ingress::workers`),
+/// but its fill reads the body on the shared runtime and may outlive that thread, so a
+/// timer made with the head would belong to a runtime that can be gone.
 pub struct IdleTimeout<B> {
     inner: B,
     idle: std::time::Duration,
-    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// `idle` after the head, or after the last frame.
+    deadline: tokio::time::Instant,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<B> IdleTimeout<B> {
@@ -231,7 +292,8 @@ impl<B> IdleTimeout<B> {
         IdleTimeout {
             inner,
             idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
+            deadline: tokio::time::Instant::now() + idle,
+            timer: None,
         }
     }
 }
@@ -258,15 +320,23 @@ where
         match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 if frame.is_some() {
-                    let next = tokio::time::Instant::now() + this.idle;
-                    this.timer.as_mut().reset(next);
+                    this.deadline = tokio::time::Instant::now() + this.idle;
                 }
                 Poll::Ready(frame)
             }
-            Poll::Pending => match this.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled(this.idle))))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                let deadline = this.deadline;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if timer.deadline() != deadline {
+                    timer.as_mut().reset(deadline);
+                }
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled(this.idle))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 
