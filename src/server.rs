@@ -316,6 +316,16 @@ impl Server {
                 hostname: config.mirror.hostname.clone(),
             },
         };
+        // The mirror's own name is known now: its leaf is minted before the first client
+        // waits for it in a handshake (other names are minted on first use).
+        if let MirrorTls::Ca { hostname } = &mirror_tls {
+            let serving = listeners.iter().any(|(k, _)| *k == Listener::Mirror);
+            if serving && !hostname.is_empty() {
+                if let Err(e) = ca.server_config(hostname).await {
+                    tracing::warn!(error = %e, "cannot mint the mirror's certificate");
+                }
+            }
+        }
         let ingress = Arc::new(Ingress {
             api,
             ca,

@@ -719,6 +719,14 @@ async fn the_mirror_mints_leaves_only_for_its_own_names() {
         .start()
         .await;
     let mirror = stowage.mirror_addr.unwrap();
+    // Its own name's leaf is minted at start, before any client waits for it.
+    let proxy = ProxyClient::via_proxy(stowage.addr, &stowage.ca_pem);
+    let text = proxy.proxy_get("/metrics").await.text();
+    assert_eq!(
+        metric(&text, "stowage_certificates_minted_total", &[]),
+        1.0,
+        "{text}"
+    );
     // Any other name is refused with unrecognized_name: a leaf for it would let whoever
     // reaches the mirror impersonate that site to every client that trusts the CA.
     for sni in [
