@@ -2,11 +2,15 @@
 //!
 //! Proxy users live in an htpasswd-style file (`user:<bcrypt hash>` per line, as written by
 //! `htpasswd -B`). bcrypt is deliberately slow, so a verified `Proxy-Authorization` value
-//! is remembered (by its SHA-256, never the value) for a few minutes.
+//! is remembered (by its SHA-256, never the value) for a few minutes, and only half the
+//! cores verify at a time: each check costs tens to hundreds of milliseconds of CPU, and a
+//! flood of wrong passwords must queue for those slots, not take every core from the
+//! clients being served.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,10 +54,24 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 pub struct ProxyUsers {
     users: HashMap<String, String>,
     verified: moka::sync::Cache<[u8; 32], ()>,
+    /// bcrypt verifications that may run at once.
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Verifications running now, and the most there have been (for the tests).
+    running: AtomicUsize,
+    peak: AtomicUsize,
+    /// bcrypt verifications run since start.
+    runs: AtomicUsize,
 }
 
 impl ProxyUsers {
+    /// With half the cores (at least one) for bcrypt.
     pub fn load(path: &Path) -> Result<Arc<ProxyUsers>, ConfigError> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        ProxyUsers::load_with_slots(path, (cores / 2).max(1))
+    }
+
+    /// With `slots` concurrent bcrypt verifications at most.
+    pub fn load_with_slots(path: &Path, slots: usize) -> Result<Arc<ProxyUsers>, ConfigError> {
         let bad = |m: String| ConfigError::Invalid {
             key: "proxy.users_file".into(),
             message: m,
@@ -86,6 +104,10 @@ impl ProxyUsers {
                 .max_capacity(10_000)
                 .time_to_live(Duration::from_secs(300))
                 .build(),
+            slots: Arc::new(tokio::sync::Semaphore::new(slots.max(1))),
+            running: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            runs: AtomicUsize::new(0),
         }))
     }
 
@@ -105,14 +127,32 @@ impl ProxyUsers {
         let Some(hash) = self.users.get(&user).cloned() else {
             return false;
         };
-        let ok =
-            tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
-                .await
-                .unwrap_or(false);
-        if ok {
-            self.verified.insert(key, ());
+        let Ok(slot) = self.slots.clone().acquire_owned().await else {
+            return false;
+        };
+        // Clients that sent the same value while this one waited (a fleet starting with one
+        // account) find it verified now, without a bcrypt run of their own.
+        if self.verified.contains_key(&key) {
+            return true;
         }
-        ok
+        // The slot goes with the work, not with this future: a client that hangs up while
+        // its password is checked does not free a slot for the next one early.
+        let users = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            let running = users.running.fetch_add(1, Ordering::SeqCst) + 1;
+            users.peak.fetch_max(running, Ordering::SeqCst);
+            users.runs.fetch_add(1, Ordering::Relaxed);
+            let ok = bcrypt::verify(password, &hash).unwrap_or(false);
+            users.running.fetch_sub(1, Ordering::SeqCst);
+            // Remembered before the slot is free, so the next in line finds it.
+            if ok {
+                users.verified.insert(key, ());
+            }
+            ok
+        })
+        .await
+        .unwrap_or(false)
     }
 }
 
@@ -175,5 +215,90 @@ mod tests {
             .unwrap()
             .to_string()
             .contains("bcrypt"));
+    }
+
+    fn basic(u: &str, p: &str) -> HeaderValue {
+        HeaderValue::from_str(&format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+        ))
+        .unwrap()
+    }
+
+    /// A flood of wrong passwords at once: bcrypt (cost 8, ~20 ms each here) runs in one
+    /// slot at a time, and every answer is still right; without the slots the 6 checks
+    /// run side by side on the blocking pool.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bcrypt_runs_in_its_slots_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("users");
+        let hash = bcrypt::hash("s3cret", 8).unwrap();
+        std::fs::write(&f, format!("alice:{hash}\n")).unwrap();
+        let users = ProxyUsers::load_with_slots(&f, 1).unwrap();
+        let checks: Vec<_> = (0..6)
+            .map(|i| {
+                let users = users.clone();
+                tokio::spawn(async move {
+                    users
+                        .check(Some(&basic("alice", &format!("guess{i}"))))
+                        .await
+                })
+            })
+            .collect();
+        for c in checks {
+            assert!(!c.await.unwrap());
+        }
+        assert_eq!(users.runs.load(Ordering::SeqCst), 6);
+        assert_eq!(
+            users.peak.load(Ordering::SeqCst),
+            1,
+            "one slot, one bcrypt at a time"
+        );
+    }
+
+    /// Many clients with the same account at once (a fleet starting): one bcrypt run, the
+    /// others find the value verified once they get the slot.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_account_sent_at_once_is_verified_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("users");
+        let hash = bcrypt::hash("s3cret", 8).unwrap();
+        std::fs::write(&f, format!("alice:{hash}\n")).unwrap();
+        let users = ProxyUsers::load_with_slots(&f, 1).unwrap();
+        let checks: Vec<_> = (0..6)
+            .map(|_| {
+                let users = users.clone();
+                tokio::spawn(async move { users.check(Some(&basic("alice", "s3cret"))).await })
+            })
+            .collect();
+        for c in checks {
+            assert!(c.await.unwrap());
+        }
+        assert_eq!(users.runs.load(Ordering::SeqCst), 1);
+    }
+
+    /// A client that hangs up during its check keeps its slot busy until bcrypt is done:
+    /// the next check waits for it instead of running beside it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_check_given_up_holds_its_slot_until_bcrypt_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("users");
+        let hash = bcrypt::hash("s3cret", 10).unwrap();
+        std::fs::write(&f, format!("alice:{hash}\n")).unwrap();
+        let users = ProxyUsers::load_with_slots(&f, 1).unwrap();
+        for i in 0..3 {
+            let guess = basic("alice", &format!("guess{i}"));
+            let check = users.check(Some(&guess));
+            // Gone long before a cost-10 bcrypt (~80 ms here) is done.
+            assert!(tokio::time::timeout(Duration::from_millis(10), check)
+                .await
+                .is_err());
+        }
+        assert!(users.check(Some(&basic("alice", "s3cret"))).await);
+        assert_eq!(
+            users.peak.load(Ordering::SeqCst),
+            1,
+            "one slot, one bcrypt at a time"
+        );
     }
 }
