@@ -8,7 +8,8 @@
 //! addresses are only checked against the listeners. Every other name is resolved with the
 //! resolver the connection will use, and every address it has is checked; a name that
 //! does not resolve is refused (it could not be checked), unless an upstream proxy carries
-//! the connection and resolves names itself.
+//! the connection and resolves names itself. The connection then uses the answer the check
+//! accepted, not a second one (`resolver::CHECKED_TTL`).
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -115,9 +116,9 @@ impl Upstream {
                 })
             }
         };
-        for addr in addrs {
-            if own.is_some_and(|o| o.contains(&addr)) {
-                return Err(Refused::OwnListener(addr));
+        for addr in &addrs {
+            if own.is_some_and(|o| o.contains(addr)) {
+                return Err(Refused::OwnListener(*addr));
             }
             if pinned {
                 continue;
@@ -130,6 +131,8 @@ impl Upstream {
                 });
             }
         }
+        // The connection that follows uses exactly these addresses (no second answer).
+        self.resolver.remember_checked(host, &addrs);
         Ok(())
     }
 
@@ -152,6 +155,35 @@ impl Upstream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// DNS rebinding: the check sees a public address; once the DNS cache has let it go,
+    /// the name answers loopback. The connection still gets the checked address, and a
+    /// name that answers loopback at its check is refused.
+    #[tokio::test]
+    async fn the_connection_gets_the_address_the_check_accepted() {
+        let config = crate::settings::UpstreamConfig::default();
+        let mut up =
+            Upstream::with_transport(&config, std::sync::Arc::new(super::super::Offline), None);
+        up.resolver = super::super::resolver::tests::rebinding(std::time::Duration::from_millis(1));
+        let uri: Uri = "https://evil.example/v2/".parse().unwrap();
+        up.check_destination(&uri).await.expect("a public address");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert_eq!(
+            up.resolver.resolve("evil.example", 443).await.unwrap(),
+            vec!["93.184.216.34:443".parse::<SocketAddr>().unwrap()],
+            "the connection resolves to what was checked"
+        );
+
+        let mut up =
+            Upstream::with_transport(&config, std::sync::Arc::new(super::super::Offline), None);
+        up.resolver = super::super::resolver::tests::rebinding(std::time::Duration::from_millis(1));
+        let _ = up.resolver.resolve("evil.example", 443).await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        match up.check_destination(&uri).await {
+            Err(Refused::Internal { class, .. }) => assert_eq!(class, "loopback"),
+            other => panic!("a loopback answer passed its check: {other:?}"),
+        }
+    }
 
     #[test]
     fn own_addresses_match_loopback_and_mapped_forms() {

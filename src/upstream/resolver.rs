@@ -1,5 +1,12 @@
 //! Name resolution for upstream connections: `[upstream.resolve]` pins first (tests,
 //! split-horizon DNS), the system resolver otherwise, answers reused for `dns_ttl`.
+//!
+//! A name someone other than the operator chose (a redirect, a token realm) is checked
+//! before Stowage connects to it (`destination`), and the connection then resolves the name
+//! again. So that the second answer cannot differ from the checked one (DNS rebinding: a
+//! public address for the check, then a loopback one for the connection), the answer a
+//! check accepted is what connections to that name use for [`CHECKED_TTL`], whatever
+//! `dns_ttl` says.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -12,23 +19,66 @@ use std::time::Duration;
 
 use hyper_util::client::legacy::connect::dns::Name;
 
+/// How long the answer a destination check accepted stays the answer for that name: far
+/// longer than a check takes to become a connection, short enough to follow DNS.
+pub const CHECKED_TTL: Duration = Duration::from_secs(30);
+
+/// The system resolver, or a test's.
+type Lookup = Arc<
+    dyn Fn(String) -> Pin<Box<dyn Future<Output = io::Result<Vec<IpAddr>>> + Send>> + Send + Sync,
+>;
+
 /// Resolves names through `[upstream.resolve]` pins first, the system resolver otherwise
 /// (answers reused for `dns_ttl`).
 #[derive(Clone)]
 pub struct Resolver {
     pins: Arc<BTreeMap<String, Vec<IpAddr>>>,
     cache: moka::future::Cache<String, Arc<Vec<IpAddr>>>,
+    /// Answers destination checks accepted ([`Resolver::remember_checked`]).
+    checked: moka::sync::Cache<String, Arc<Vec<IpAddr>>>,
+    lookup: Lookup,
 }
 
 impl Resolver {
     pub fn new(pins: BTreeMap<String, Vec<IpAddr>>, ttl: Duration) -> Resolver {
+        Resolver::with_lookup(
+            pins,
+            ttl,
+            Arc::new(|host: String| {
+                Box::pin(async move {
+                    Ok(tokio::net::lookup_host((host.as_str(), 0))
+                        .await?
+                        .map(|a| a.ip())
+                        .collect())
+                })
+            }),
+        )
+    }
+
+    /// With `lookup` in place of the system resolver.
+    fn with_lookup(pins: BTreeMap<String, Vec<IpAddr>>, ttl: Duration, lookup: Lookup) -> Resolver {
         Resolver {
             pins: Arc::new(pins),
             cache: moka::future::Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(ttl)
                 .build(),
+            checked: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(CHECKED_TTL)
+                .build(),
+            lookup,
         }
+    }
+
+    /// Connections to `host` use `addrs` (the answer a destination check just accepted)
+    /// for the next [`CHECKED_TTL`].
+    pub fn remember_checked(&self, host: &str, addrs: &[SocketAddr]) {
+        if self.pins.contains_key(host) || addrs.is_empty() {
+            return;
+        }
+        let ips: Vec<IpAddr> = addrs.iter().map(|a| a.ip()).collect();
+        self.checked.insert(host.to_owned(), Arc::new(ips));
     }
 
     /// Whether `host` is pinned in `[upstream.resolve]` (an operator's explicit decision).
@@ -47,13 +97,13 @@ impl Resolver {
         {
             return Ok(vec![SocketAddr::new(ip, port)]);
         }
+        if let Some(ips) = self.checked.get(host) {
+            return Ok(ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect());
+        }
         let ips = self
             .cache
             .try_get_with(host.to_owned(), async {
-                let ips: Vec<IpAddr> = tokio::net::lookup_host((host, 0))
-                    .await?
-                    .map(|a| a.ip())
-                    .collect();
+                let ips = (self.lookup)(host.to_owned()).await?;
                 if ips.is_empty() {
                     return Err(io::Error::new(
                         io::ErrorKind::NotFound,
@@ -85,7 +135,7 @@ impl tower_service::Service<Name> for Resolver {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[tokio::test]
@@ -101,5 +151,43 @@ mod tests {
             r.resolve("127.0.0.9", 1).await.unwrap(),
             vec!["127.0.0.9:1".parse().unwrap()]
         );
+    }
+
+    /// A name whose DNS answers a public address once, then loopback: a rebinding attacker.
+    pub(crate) fn rebinding(ttl: Duration) -> Resolver {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        Resolver::with_lookup(
+            BTreeMap::new(),
+            ttl,
+            Arc::new(move |_host: String| {
+                let first = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+                Box::pin(async move {
+                    Ok(vec![if first {
+                        "93.184.216.34".parse().unwrap()
+                    } else {
+                        "127.0.0.1".parse().unwrap()
+                    }])
+                })
+            }),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_checked_answer_outlives_the_dns_cache() {
+        let public: Vec<SocketAddr> = vec!["93.184.216.34:443".parse().unwrap()];
+        // Without a check the second lookup, once the answer has expired, rebinds.
+        let r = rebinding(Duration::from_millis(1));
+        assert_eq!(r.resolve("evil.example", 443).await.unwrap(), public);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            r.resolve("evil.example", 443).await.unwrap(),
+            vec!["127.0.0.1:443".parse::<SocketAddr>().unwrap()]
+        );
+        // With one, the connection gets what the check accepted.
+        let r = rebinding(Duration::from_millis(1));
+        let checked = r.resolve("evil.example", 443).await.unwrap();
+        r.remember_checked("evil.example", &checked);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(r.resolve("evil.example", 443).await.unwrap(), public);
     }
 }
