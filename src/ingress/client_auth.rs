@@ -225,55 +225,51 @@ mod tests {
         .unwrap()
     }
 
+    /// alice with password `s3cret` at bcrypt `cost`, checked in one slot.
+    fn alice_in_one_slot(cost: u32) -> (tempfile::TempDir, Arc<ProxyUsers>) {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("users");
+        let hash = bcrypt::hash("s3cret", cost).unwrap();
+        std::fs::write(&f, format!("alice:{hash}\n")).unwrap();
+        let users = ProxyUsers::load_with_slots(&f, 1).unwrap();
+        (dir, users)
+    }
+
+    /// Checks alice with every one of `passwords` at the same moment.
+    async fn all_at_once(users: &Arc<ProxyUsers>, passwords: Vec<String>) -> Vec<bool> {
+        let checks: Vec<_> = passwords
+            .into_iter()
+            .map(|p| {
+                let users = users.clone();
+                tokio::spawn(async move { users.check(Some(&basic("alice", &p))).await })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for c in checks {
+            answers.push(c.await.unwrap());
+        }
+        answers
+    }
+
     /// A flood of wrong passwords at once: bcrypt (cost 8, ~20 ms each here) runs in one
     /// slot at a time, and every answer is still right; without the slots the 6 checks
     /// run side by side on the blocking pool.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bcrypt_runs_in_its_slots_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("users");
-        let hash = bcrypt::hash("s3cret", 8).unwrap();
-        std::fs::write(&f, format!("alice:{hash}\n")).unwrap();
-        let users = ProxyUsers::load_with_slots(&f, 1).unwrap();
-        let checks: Vec<_> = (0..6)
-            .map(|i| {
-                let users = users.clone();
-                tokio::spawn(async move {
-                    users
-                        .check(Some(&basic("alice", &format!("guess{i}"))))
-                        .await
-                })
-            })
-            .collect();
-        for c in checks {
-            assert!(!c.await.unwrap());
-        }
+        let (_dir, users) = alice_in_one_slot(8);
+        let guesses = (0..6).map(|i| format!("guess{i}")).collect();
+        assert_eq!(all_at_once(&users, guesses).await, [false; 6]);
         assert_eq!(users.runs.load(Ordering::SeqCst), 6);
-        assert_eq!(
-            users.peak.load(Ordering::SeqCst),
-            1,
-            "one slot, one bcrypt at a time"
-        );
+        assert_eq!(users.peak.load(Ordering::SeqCst), 1, "one bcrypt at a time");
     }
 
     /// Many clients with the same account at once (a fleet starting): one bcrypt run, the
     /// others find the value verified once they get the slot.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_account_sent_at_once_is_verified_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("users");
-        let hash = bcrypt::hash("s3cret", 8).unwrap();
-        std::fs::write(&f, format!("alice:{hash}\n")).unwrap();
-        let users = ProxyUsers::load_with_slots(&f, 1).unwrap();
-        let checks: Vec<_> = (0..6)
-            .map(|_| {
-                let users = users.clone();
-                tokio::spawn(async move { users.check(Some(&basic("alice", "s3cret"))).await })
-            })
-            .collect();
-        for c in checks {
-            assert!(c.await.unwrap());
-        }
+        let (_dir, users) = alice_in_one_slot(8);
+        let same = vec!["s3cret".to_string(); 6];
+        assert_eq!(all_at_once(&users, same).await, [true; 6]);
         assert_eq!(users.runs.load(Ordering::SeqCst), 1);
     }
 
@@ -281,11 +277,7 @@ mod tests {
     /// the next check waits for it instead of running beside it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_check_given_up_holds_its_slot_until_bcrypt_ends() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("users");
-        let hash = bcrypt::hash("s3cret", 10).unwrap();
-        std::fs::write(&f, format!("alice:{hash}\n")).unwrap();
-        let users = ProxyUsers::load_with_slots(&f, 1).unwrap();
+        let (_dir, users) = alice_in_one_slot(10);
         for i in 0..3 {
             let guess = basic("alice", &format!("guess{i}"));
             let check = users.check(Some(&guess));
@@ -295,10 +287,6 @@ mod tests {
                 .is_err());
         }
         assert!(users.check(Some(&basic("alice", "s3cret"))).await);
-        assert_eq!(
-            users.peak.load(Ordering::SeqCst),
-            1,
-            "one slot, one bcrypt at a time"
-        );
+        assert_eq!(users.peak.load(Ordering::SeqCst), 1, "one bcrypt at a time");
     }
 }
