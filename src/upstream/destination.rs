@@ -105,7 +105,7 @@ impl Upstream {
             });
         let own = self.own.get();
         let pinned = self.resolver.is_pinned(host);
-        let addrs = match self.resolver.resolve(host, port).await {
+        let addrs = match self.resolver.resolve_for_check(host, port).await {
             Ok(a) => a,
             // The upstream proxy resolves names it carries; Stowage could not check them.
             Err(_) if self.proxy_intercepts(uri) => return Ok(()),
@@ -183,6 +183,38 @@ mod tests {
             Err(Refused::Internal { class, .. }) => assert_eq!(class, "loopback"),
             other => panic!("a loopback answer passed its check: {other:?}"),
         }
+    }
+
+    /// A name checked on every request (a storage host on every miss) still follows DNS:
+    /// its checked answer is judged again once it is `checked_ttl` old, not kept alive by
+    /// the checks themselves; and the connection after each check uses what it accepted.
+    #[tokio::test]
+    async fn a_name_checked_all_the_time_still_follows_dns() {
+        use std::time::Duration;
+        let config = crate::settings::UpstreamConfig::default();
+        let mut up =
+            Upstream::with_transport(&config, std::sync::Arc::new(super::super::Offline), None);
+        up.resolver = super::super::resolver::tests::answers(
+            "93.184.216.34",
+            "93.184.216.35",
+            Duration::from_millis(1),
+            Duration::from_millis(50),
+        );
+        let uri: Uri = "https://storage.example/blob".parse().unwrap();
+        let connect = || async { up.resolver.resolve("storage.example", 443).await.unwrap() };
+        up.check_destination(&uri).await.unwrap();
+        assert_eq!(connect().await, ["93.184.216.34:443".parse().unwrap()]);
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < Duration::from_millis(150) {
+            up.check_destination(&uri).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        up.check_destination(&uri).await.unwrap();
+        assert_eq!(
+            connect().await,
+            ["93.184.216.35:443".parse::<SocketAddr>().unwrap()],
+            "three checked lifetimes later, the new DNS answer"
+        );
     }
 
     #[test]

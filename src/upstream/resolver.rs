@@ -5,8 +5,9 @@
 //! before Stowage connects to it (`destination`), and the connection then resolves the name
 //! again. So that the second answer cannot differ from the checked one (DNS rebinding: a
 //! public address for the check, then a loopback one for the connection), the answer a
-//! check accepted is what connections to that name use for [`CHECKED_TTL`], whatever
-//! `dns_ttl` says.
+//! check accepted is what connections to that name use, whatever `dns_ttl` says. Checks
+//! judge that same answer until it is [`CHECKED_TTL`] old; the first check after that
+//! resolves the name again, so a name checked on every request still follows DNS.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -19,8 +20,9 @@ use std::time::Duration;
 
 use hyper_util::client::legacy::connect::dns::Name;
 
-/// How long the answer a destination check accepted stays the answer for that name: far
-/// longer than a check takes to become a connection, short enough to follow DNS.
+/// How long checks of a name judge the answer a check accepted before resolving it again:
+/// short enough to follow DNS. Connections use the answer for twice as long, far longer
+/// than a check takes to become a connection.
 pub const CHECKED_TTL: Duration = Duration::from_secs(30);
 
 /// The system resolver, or a test's.
@@ -34,8 +36,10 @@ type Lookup = Arc<
 pub struct Resolver {
     pins: Arc<BTreeMap<String, Vec<IpAddr>>>,
     cache: moka::future::Cache<String, Arc<Vec<IpAddr>>>,
-    /// Answers destination checks accepted ([`Resolver::remember_checked`]).
-    checked: moka::sync::Cache<String, Arc<Vec<IpAddr>>>,
+    /// Answers destination checks accepted, with when ([`Resolver::remember_checked`]).
+    checked: moka::sync::Cache<String, (Arc<Vec<IpAddr>>, std::time::Instant)>,
+    /// [`CHECKED_TTL`], or a test's.
+    checked_ttl: Duration,
     lookup: Lookup,
 }
 
@@ -44,6 +48,7 @@ impl Resolver {
         Resolver::with_lookup(
             pins,
             ttl,
+            CHECKED_TTL,
             Arc::new(|host: String| {
                 Box::pin(async move {
                     Ok(tokio::net::lookup_host((host.as_str(), 0))
@@ -56,7 +61,12 @@ impl Resolver {
     }
 
     /// With `lookup` in place of the system resolver.
-    fn with_lookup(pins: BTreeMap<String, Vec<IpAddr>>, ttl: Duration, lookup: Lookup) -> Resolver {
+    fn with_lookup(
+        pins: BTreeMap<String, Vec<IpAddr>>,
+        ttl: Duration,
+        checked_ttl: Duration,
+        lookup: Lookup,
+    ) -> Resolver {
         Resolver {
             pins: Arc::new(pins),
             cache: moka::future::Cache::builder()
@@ -65,20 +75,40 @@ impl Resolver {
                 .build(),
             checked: moka::sync::Cache::builder()
                 .max_capacity(100_000)
-                .time_to_live(CHECKED_TTL)
+                .time_to_live(checked_ttl * 2)
                 .build(),
+            checked_ttl,
             lookup,
         }
     }
 
-    /// Connections to `host` use `addrs` (the answer a destination check just accepted)
-    /// for the next [`CHECKED_TTL`].
+    /// What a destination check of `host` judges: the answer the last check accepted
+    /// while it is younger than [`CHECKED_TTL`], the name resolved again otherwise.
+    pub async fn resolve_for_check(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+        match self.checked.get(host) {
+            Some((ips, at)) if at.elapsed() < self.checked_ttl => {
+                Ok(ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect())
+            }
+            _ => self.resolve_unchecked(host, port).await,
+        }
+    }
+
+    /// Connections to `host` use `addrs`, the answer a destination check just accepted
+    /// (from [`Resolver::resolve_for_check`]). An answer already remembered keeps its age,
+    /// so checks resolve the name again once it is [`CHECKED_TTL`] old.
     pub fn remember_checked(&self, host: &str, addrs: &[SocketAddr]) {
         if self.pins.contains_key(host) || addrs.is_empty() {
             return;
         }
         let ips: Vec<IpAddr> = addrs.iter().map(|a| a.ip()).collect();
-        self.checked.insert(host.to_owned(), Arc::new(ips));
+        let kept = self
+            .checked
+            .get(host)
+            .is_some_and(|(known, at)| *known == ips && at.elapsed() < self.checked_ttl);
+        if !kept {
+            self.checked
+                .insert(host.to_owned(), (Arc::new(ips), std::time::Instant::now()));
+        }
     }
 
     /// Whether `host` is pinned in `[upstream.resolve]` (an operator's explicit decision).
@@ -86,7 +116,17 @@ impl Resolver {
         self.pins.contains_key(host)
     }
 
+    /// The addresses a connection to `host` uses: the answer a destination check accepted
+    /// (of any age the cache keeps), otherwise as [`Resolver::resolve_unchecked`].
     pub async fn resolve(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+        if let Some((ips, _)) = self.checked.get(host) {
+            return Ok(ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect());
+        }
+        self.resolve_unchecked(host, port).await
+    }
+
+    /// Pins, IP literals, then the system resolver through the `dns_ttl` cache.
+    async fn resolve_unchecked(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
         if let Some(ips) = self.pins.get(host) {
             return Ok(ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect());
         }
@@ -96,9 +136,6 @@ impl Resolver {
             .parse::<IpAddr>()
         {
             return Ok(vec![SocketAddr::new(ip, port)]);
-        }
-        if let Some(ips) = self.checked.get(host) {
-            return Ok(ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect());
         }
         let ips = self
             .cache
@@ -153,23 +190,30 @@ pub(crate) mod tests {
         );
     }
 
-    /// A name whose DNS answers a public address once, then loopback: a rebinding attacker.
-    pub(crate) fn rebinding(ttl: Duration) -> Resolver {
+    /// A name whose DNS answers `first` once, then `then` for ever; answers kept `dns_ttl`,
+    /// checked ones judged for `checked_ttl`.
+    pub(crate) fn answers(
+        first: &str,
+        then: &str,
+        dns_ttl: Duration,
+        checked_ttl: Duration,
+    ) -> Resolver {
         let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (first, then): (IpAddr, IpAddr) = (first.parse().unwrap(), then.parse().unwrap());
         Resolver::with_lookup(
             BTreeMap::new(),
-            ttl,
+            dns_ttl,
+            checked_ttl,
             Arc::new(move |_host: String| {
-                let first = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
-                Box::pin(async move {
-                    Ok(vec![if first {
-                        "93.184.216.34".parse().unwrap()
-                    } else {
-                        "127.0.0.1".parse().unwrap()
-                    }])
-                })
+                let once = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+                Box::pin(async move { Ok(vec![if once { first } else { then }]) })
             }),
         )
+    }
+
+    /// A rebinding attacker: a public address once, then loopback.
+    pub(crate) fn rebinding(dns_ttl: Duration) -> Resolver {
+        answers("93.184.216.34", "127.0.0.1", dns_ttl, CHECKED_TTL)
     }
 
     #[tokio::test]
